@@ -1,0 +1,362 @@
+"""Configuration: YAML → a frozen, typed model. Every error names file, line and key path.
+
+The parser collects every problem it can find in one pass (``ConfigError.issues``), so
+``secretless-proxy check`` shows a platform team all of them at once. Unknown keys are errors:
+a misspelled ``alow_plaintext`` must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import yamlsource
+from .errors import ConfigError, ConfigIssue, SecretUnavailable
+from .matching import Glob, HostPattern, WorkloadPattern
+from .secrets import SecretRef
+from .yamlsource import Path_, Source
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_METHOD = re.compile(r"[A-Z]+\Z")
+# Headers the proxy or the HTTP layer own; a rule must not be able to overwrite them.
+_RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
+    "keep-alive", "proxy-connection", "x-secretless-request-id",
+})
+_LISTEN = re.compile(r"(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]+)):(\d{1,5})\Z")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdentityConfig:
+    trust_bundle: Path
+    trust_domains: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credential:
+    name: str
+    kind: str
+    secret: SecretRef
+    owner: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Injection:
+    """How a credential goes into the request: exactly one of header, basic or query."""
+
+    credential: str
+    header: str | None = None
+    format: str = "{secret}"
+    basic_username: str | None = None
+    basic_password: str | None = None
+    query: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Destination:
+    hosts: tuple[HostPattern, ...]
+    ports: frozenset[int]
+    methods: frozenset[str] | None
+    paths: tuple[Glob, ...] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    name: str
+    index: int
+    line: int | None
+    workloads: tuple[WorkloadPattern, ...]
+    to: Destination
+    action: Literal["allow", "inject"]
+    inject: Injection | None
+    allow_plaintext: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    source: Path
+    digest: str  # sha256 of the file, to tell which config is loaded
+    identity: IdentityConfig
+    listen: tuple[str, int] | None
+    interception_ca: Path | None
+    upstream_ca_bundle: Path | None
+    store: str
+    credentials: dict[str, Credential] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+
+
+def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
+    """Read and validate a config file. Raises ConfigError listing every problem found."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError([ConfigIssue(file=str(path), line=None, path="", message="file not found")]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(
+            file=str(path), line=None, path="", message=f"cannot read the file ({type(exc).__name__})"
+        )]) from exc
+    src = yamlsource.load(text, file=path.name)
+    cfg = _parse(src, path.resolve().parent, path, hashlib.sha256(raw).hexdigest())
+    if resolve_secrets and cfg is not None:
+        for cred in cfg.credentials.values():
+            try:
+                cred.secret.resolve()
+            except SecretUnavailable as exc:
+                src.error(("credentials", cred.name, "secret"), f"cannot resolve {cred.secret}: {exc}")
+    src.raise_if_issues()
+    assert cfg is not None
+    return cfg
+
+
+def _parse(src: Source, base: Path, path: Path, digest: str) -> Config | None:
+    top = src.mapping((), src.data, required=("version", "identity", "rules"),
+                      optional=("credentials", "default", "listen", "interception_ca", "upstream", "store"))
+    if top is None:
+        return None
+    if "version" in top and top["version"] != 1:
+        src.error(("version",), f"unsupported config version {top['version']!r} (supported: 1)")
+    if "default" in top:
+        src.choice(("default",), top["default"], ("deny",))
+    identity = _identity(src, top.get("identity"), base) if "identity" in top else None
+    credentials = _credentials(src, top.get("credentials", {}), base)
+    rules = _rules(src, top.get("rules"), credentials, identity) if "rules" in top else ()
+    listen = _listen(src, ("listen",), top["listen"]) if "listen" in top else None
+    ica = _path(src, ("interception_ca",), top["interception_ca"], base) if "interception_ca" in top else None
+    upstream_ca = None
+    if "upstream" in top and (up := src.mapping(("upstream",), top["upstream"], optional=("ca_bundle",))):
+        if "ca_bundle" in up:
+            upstream_ca = _path(src, ("upstream", "ca_bundle"), up["ca_bundle"], base, must_exist=True)
+    store = top.get("store", "memory://")
+    if store != "memory://":
+        src.error(("store",), f"unsupported store {store!r}: this version supports memory:// only")
+    if identity is None or src.issues:
+        return None
+    return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
+                  upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules)
+
+
+def _path(src: Source, p: Path_, value: Any, base: Path, *, must_exist: bool = False) -> Path | None:
+    s = src.string(p, value)
+    if s is None:
+        return None
+    out = Path(s).expanduser()
+    out = out if out.is_absolute() else base / out
+    if must_exist and not out.is_file():
+        src.error(p, f"file {out} does not exist")
+    return out
+
+
+def _listen(src: Source, p: Path_, value: Any) -> tuple[str, int] | None:
+    m = _LISTEN.match(value) if isinstance(value, str) else None
+    if not m or not 0 <= int(m.group(3)) <= 65535:
+        src.error(p, f"must be HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
+        return None
+    return (m.group(1) or m.group(2), int(m.group(3)))
+
+
+def _identity(src: Source, value: Any, base: Path) -> IdentityConfig | None:
+    p: Path_ = ("identity",)
+    m = src.mapping(p, value, required=("trust_bundle", "trust_domains"))
+    if m is None or "trust_bundle" not in m or "trust_domains" not in m:
+        return None
+    bundle = _path(src, p + ("trust_bundle",), m["trust_bundle"], base, must_exist=True)
+    domains = src.string_list(p + ("trust_domains",), m["trust_domains"])
+    for i, d in enumerate(domains or ()):
+        if not re.fullmatch(r"[a-z0-9._-]+", d):
+            src.error(p + ("trust_domains", i), f"invalid trust domain {d!r}: lower-case letters, digits, '.', '-', '_' only")
+    if bundle is None or domains is None:
+        return None
+    return IdentityConfig(trust_bundle=bundle, trust_domains=tuple(domains))
+
+
+def _credentials(src: Source, value: Any, base: Path) -> dict[str, Credential]:
+    p: Path_ = ("credentials",)
+    if not isinstance(value, dict):
+        src.error(p, f"must be a mapping of credential names to definitions, got {yamlsource.type_name(value)}")
+        return {}
+    out = {}
+    for name, body in value.items():
+        cp = p + (name,)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            src.error(cp, f"invalid credential name {name!r}: letters, digits, '_', '.', '-' only")
+            continue
+        m = src.mapping(cp, body, required=("kind", "secret"), optional=("owner",))
+        if m is None or "kind" not in m or "secret" not in m:
+            continue
+        kind = src.choice(cp + ("kind",), m["kind"], ("static",))
+        ref = _secret_ref(src, cp + ("secret",), m["secret"], base)
+        owner = src.string(cp + ("owner",), m["owner"]) if "owner" in m else None
+        if kind and ref:
+            out[name] = Credential(name=name, kind=kind, secret=ref, owner=owner)
+    return out
+
+
+def _secret_ref(src: Source, p: Path_, value: Any, base: Path) -> SecretRef | None:
+    s = src.string(p, value)
+    if s is None:
+        return None
+    try:
+        return SecretRef.parse(s, base_dir=base)
+    except ValueError as exc:
+        src.error(p, str(exc))
+        return None
+
+
+def _rules(src: Source, value: Any, creds: dict[str, Credential],
+           identity: IdentityConfig | None) -> tuple[Rule, ...]:
+    if not isinstance(value, list):
+        src.error(("rules",), f"must be a list of rules, got {yamlsource.type_name(value)}")
+        return ()
+    out: list[Rule] = []
+    seen: dict[str, int] = {}
+    for i, body in enumerate(value):
+        p: Path_ = ("rules", i)
+        m = src.mapping(p, body, required=("name", "workloads", "to"),
+                        optional=("inject", "action", "allow_plaintext", "description"))
+        if m is None:
+            continue
+        name = src.string(p + ("name",), m["name"]) if "name" in m else None
+        if name is not None and name in seen:
+            src.error(p + ("name",), f"duplicate rule name '{name}' (also rules[{seen[name]}])")
+        elif name is not None:
+            seen[name] = i
+        workloads = _workloads(src, p + ("workloads",), m.get("workloads"), identity) if "workloads" in m else None
+        plaintext = src.boolean(p + ("allow_plaintext",), m["allow_plaintext"]) if "allow_plaintext" in m else False
+        to = _destination(src, p + ("to",), m["to"], bool(plaintext)) if "to" in m else None
+        action = _action(src, p, m)
+        inject = _injection(src, p + ("inject",), m["inject"], creds) if action == "inject" else None
+        if "description" in m:
+            src.string(p + ("description",), m["description"])
+        if name and workloads and to and action and plaintext is not None and (inject or action == "allow"):
+            out.append(Rule(name=name, index=i, line=src.line(p), workloads=workloads, to=to,
+                            action=action, inject=inject, allow_plaintext=plaintext))
+    return tuple(out)
+
+
+def _action(src: Source, p: Path_, m: dict) -> Literal["allow", "inject"] | None:
+    action = m.get("action", "inject" if "inject" in m else None)
+    if action is None:
+        src.error(p, "a rule needs 'inject:' (add a credential) or 'action: allow' (forward as is)")
+        return None
+    if src.choice(p + ("action",), action, ("allow", "inject")) is None:
+        return None
+    if action == "allow" and "inject" in m:
+        src.error(p + ("inject",), "'action: allow' forwards without a credential; remove 'inject:' or the action")
+        return None
+    if action == "inject" and "inject" not in m:
+        src.error(p, "'action: inject' needs an 'inject:' block")
+        return None
+    return action
+
+
+def _workloads(src: Source, p: Path_, value: Any, identity: IdentityConfig | None) -> tuple[WorkloadPattern, ...] | None:
+    items = src.string_list(p, value)
+    if items is None:
+        return None
+    out = []
+    for i, text in enumerate(items):
+        try:
+            pat = WorkloadPattern.parse(text)
+        except ValueError as exc:
+            src.error(p + (i,), str(exc))
+            continue
+        if identity and pat.trust_domain not in identity.trust_domains:
+            src.error(p + (i,), f"trust domain '{pat.trust_domain}' is not in identity.trust_domains "
+                                f"({', '.join(identity.trust_domains)}); this pattern could never match")
+            continue
+        out.append(pat)
+    return tuple(out) if len(out) == len(items) else None
+
+
+def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destination | None:
+    m = src.mapping(p, value, required=("host",), optional=("port", "methods", "paths"))
+    if m is None or "host" not in m:
+        return None
+    hosts = []
+    for i, text in enumerate(src.string_list(p + ("host",), m["host"]) or ()):
+        try:
+            hosts.append(HostPattern.parse(text))
+        except ValueError as exc:
+            src.error(p + ("host", i) if isinstance(m["host"], list) else p + ("host",), str(exc))
+    ports: frozenset[int] = frozenset({80, 443} if plaintext else {443})
+    if "port" in m:
+        raw = m["port"] if isinstance(m["port"], list) else [m["port"]]
+        checked = [src.integer(p + ("port",), v, lo=1, hi=65535) for v in raw]
+        ports = frozenset(v for v in checked if v is not None)
+    methods = None
+    if "methods" in m and (items := src.string_list(p + ("methods",), m["methods"])):
+        for i, meth in enumerate(items):
+            if not _METHOD.match(meth):
+                src.error(p + ("methods", i), f"invalid HTTP method {meth!r}: use upper case, e.g. GET")
+        methods = frozenset(items)
+    paths = None
+    if "paths" in m and (items := src.string_list(p + ("paths",), m["paths"])):
+        globs = []
+        for i, text in enumerate(items):
+            if not text.startswith("/"):
+                src.error(p + ("paths", i), f"path pattern {text!r} must start with '/'")
+                continue
+            try:
+                globs.append(Glob.parse(text))
+            except ValueError as exc:
+                src.error(p + ("paths", i), str(exc))
+        paths = tuple(globs)
+    if not hosts or src.issues:
+        return None
+    return Destination(hosts=tuple(hosts), ports=ports, methods=methods, paths=paths)
+
+
+def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) -> Injection | None:
+    m = src.mapping(p, value, required=("credential",), optional=("header", "format", "basic", "query"))
+    if m is None or "credential" not in m:
+        return None
+    name = src.string(p + ("credential",), m["credential"])
+    if name is not None and name not in creds:
+        known = ", ".join(sorted(creds)) or "none defined"
+        src.error(p + ("credential",), f"unknown credential '{name}' (known: {known})")
+    targets = [k for k in ("header", "basic", "query") if k in m]
+    if len(targets) != 1:
+        src.error(p, "give exactly one of 'header', 'basic' or 'query' to say where the credential goes"
+                  + (f" (found: {', '.join(targets)})" if targets else ""))
+        return None
+    if "format" in m and "header" not in m:
+        src.error(p + ("format",), "'format' only applies to 'header' injection")
+    kw: dict[str, Any] = {}
+    if "header" in m and (h := src.string(p + ("header",), m["header"])):
+        if not _HEADER_NAME.match(h):
+            src.error(p + ("header",), f"invalid header name {h!r}")
+        elif h.lower() in _RESERVED_HEADERS:
+            src.error(p + ("header",), f"header {h!r} is owned by the HTTP layer and cannot carry a credential")
+        kw["header"] = h
+        if "format" in m and (f := _template(src, p + ("format",), m["format"])):
+            kw["format"] = f
+    if "basic" in m and (b := src.mapping(p + ("basic",), m["basic"], optional=("username", "password"))) is not None:
+        user = _template(src, p + ("basic", "username"), b.get("username", ""), required=False)
+        pw = _template(src, p + ("basic", "password"), b.get("password", "{secret}"), required=False)
+        if user is not None and pw is not None and "{secret}" not in user + pw:
+            src.error(p + ("basic",), "'{secret}' must appear in the username or the password")
+        kw.update(basic_username=user, basic_password=pw)
+    if "query" in m and (q := src.string(p + ("query",), m["query"])):
+        kw["query"] = q
+    if name is None or name not in creds or not kw:
+        return None
+    return Injection(credential=name, **kw)
+
+
+def _template(src: Source, p: Path_, value: Any, *, required: bool = True) -> str | None:
+    s = src.string(p, value, empty_ok=not required)
+    if s is None:
+        return None
+    rest = s.replace("{secret}", "")
+    if "{" in rest or "}" in rest:
+        src.error(p, f"template {s!r} may only contain the placeholder {{secret}}")
+        return None
+    if required and "{secret}" not in s:
+        src.error(p, f"template {s!r} must contain {{secret}}")
+        return None
+    return s

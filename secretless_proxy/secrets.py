@@ -1,0 +1,121 @@
+"""Secret values and the references that resolve them.
+
+A ``Secret`` never shows its value in ``repr``/``str``/f-strings, so writing it to a log or an
+exception message by accident prints ``Secret('****')``. The value is only reachable through
+``reveal()``, which makes every use greppable.
+
+References are ``env:NAME`` (the proxy's own environment) and ``file:/path`` (for example a
+Kubernetes secret volume). File secrets are re-read when the file changes, so a rotated secret is
+picked up without a restart, and a deleted one fails closed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import SecretUnavailable
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# A value that would end up in an HTTP header must not be able to start a new header line.
+_FORBIDDEN_CHARS = re.compile(r"[\r\n\x00]")
+
+
+class Secret:
+    """A secret value whose text representation is always masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret's value: only for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> tuple:
+        raise TypeError("a Secret cannot be pickled")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretRef:
+    """Where a secret comes from: ``env:NAME`` or ``file:/path``. Holds no value itself."""
+
+    scheme: Literal["env", "file"]
+    target: str
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.target}"
+
+    @classmethod
+    def parse(cls, text: str, *, base_dir: Path | None = None) -> SecretRef:
+        """Parse ``env:NAME`` or ``file:PATH`` (relative paths resolve against ``base_dir``)."""
+        scheme, sep, target = text.partition(":")
+        if not sep or scheme not in ("env", "file") or not target:
+            raise ValueError(
+                f"invalid secret reference {text!r}: use env:NAME or file:/path"
+            )
+        if scheme == "env":
+            if not _ENV_NAME.match(target):
+                raise ValueError(f"invalid environment variable name {target!r} in {text!r}")
+            return cls(scheme="env", target=target)
+        path = Path(target).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return cls(scheme="file", target=str(path))
+
+    def resolve(self) -> Secret:
+        """Read the secret now. Raises SecretUnavailable naming the reference, never a value."""
+        if self.scheme == "env":
+            value = os.environ.get(self.target)
+            if value is None:
+                raise SecretUnavailable(f"environment variable {self.target} is not set")
+            return _checked(value, self)
+        return self._read_file()
+
+    def _read_file(self) -> Secret:
+        # Re-read only when the file changed: a stat per request is cheap, a read is not.
+        try:
+            st = os.stat(self.target)
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+            cached = self._cache.get("entry")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            with open(self.target, encoding="utf-8") as fh:
+                raw = fh.read()
+        except FileNotFoundError as exc:
+            raise SecretUnavailable(f"secret file {self.target} does not exist") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SecretUnavailable(
+                f"secret file {self.target} cannot be read ({type(exc).__name__})"
+            ) from exc
+        # Secret files conventionally end in one newline (echo > file); it is not part of the key.
+        secret = _checked(raw.rstrip("\r\n"), self)
+        self._cache["entry"] = (key, secret)
+        return secret
+
+
+def _checked(value: str, ref: SecretRef) -> Secret:
+    if not value:
+        raise SecretUnavailable(f"secret {ref} is empty")
+    if _FORBIDDEN_CHARS.search(value):
+        raise SecretUnavailable(f"secret {ref} contains a line break or NUL byte")
+    return Secret(value)

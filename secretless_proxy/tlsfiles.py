@@ -1,0 +1,38 @@
+"""TLS files the proxy derives from its config: the upstream CA bundle and the interception CA dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import certifi
+
+from .config import Config
+
+SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
+DEFAULT_CONFDIR = Path("~/.secretless-proxy").expanduser()
+
+
+def confdir(config: Config) -> Path:
+    """Where the interception CA lives (mitmproxy confdir layout); generated there if missing."""
+    return config.interception_ca or DEFAULT_CONFDIR
+
+
+def upstream_ca_bundle(config: Config) -> Path:
+    """System CAs + certifi + the configured bundle, written once into the confdir.
+
+    mitmproxy's ``ssl_verify_upstream_trusted_ca`` takes one file and replaces its default
+    (certifi), so the union is built here: upstream TLS stays verified against the usual public
+    roots and, when given, the operator's private CA.
+    """
+    parts = [Path(certifi.where())]
+    parts += [Path(p) for p in SYSTEM_BUNDLES if os.path.exists(p)]
+    if config.upstream_ca_bundle is not None:
+        parts.append(config.upstream_ca_bundle)
+    out = confdir(config) / "upstream-ca-bundle.pem"
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = b"\n".join(p.read_bytes().strip() + b"\n" for p in parts)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    return out

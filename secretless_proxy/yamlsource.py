@@ -1,0 +1,170 @@
+"""YAML → plain data that remembers where each value came from.
+
+PyYAML's ``safe_load`` forgets line numbers and silently keeps the last of two duplicate keys.
+Here the document is composed into nodes and converted by hand, so every value's line is known
+(for errors such as ``example.yaml:14 rules[2].inject.credential: ...``) and a duplicate key is
+an error instead of a silent override.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, ConfigIssue
+
+Path_ = tuple[str | int, ...]
+
+
+def render_path(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def type_name(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+@dataclass
+class Source:
+    """A parsed YAML document plus the issues found while reading it."""
+
+    file: str
+    data: Any
+    lines: dict[Path_, int]
+    issues: list[ConfigIssue] = field(default_factory=list)
+
+    def line(self, path: Path_) -> int | None:
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+    def error(self, path: Path_, message: str, *, line: int | None = None) -> None:
+        self.issues.append(ConfigIssue(
+            file=self.file, line=line or self.line(path), path=render_path(path), message=message
+        ))
+
+    def raise_if_issues(self) -> None:
+        if self.issues:
+            raise ConfigError(self.issues)
+
+    # -- typed readers: each records an issue and returns None when the value is wrong --
+
+    def mapping(self, path: Path_, value: Any, *, required: Iterable[str] = (),
+                optional: Iterable[str] = ()) -> dict[str, Any] | None:
+        required, optional = tuple(required), tuple(optional)
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping, got {type_name(value)}")
+            return None
+        valid = required + optional
+        for key in value:
+            if key not in valid:
+                hint = difflib.get_close_matches(str(key), valid, n=1)
+                did = f"did you mean '{hint[0]}'? " if hint else ""
+                self.error(path + (key,), f"unknown key '{key}' ({did}valid keys: {', '.join(valid)})")
+        for key in required:
+            if key not in value:
+                self.error(path, f"missing required key '{key}'")
+        return value
+
+    def string(self, path: Path_, value: Any, *, empty_ok: bool = False) -> str | None:
+        if not isinstance(value, str) or (not value and not empty_ok):
+            self.error(path, f"must be a non-empty string, got {type_name(value)}")
+            return None
+        return value
+
+    def boolean(self, path: Path_, value: Any) -> bool | None:
+        if not isinstance(value, bool):
+            self.error(path, f"must be true or false, got {type_name(value)}")
+            return None
+        return value
+
+    def integer(self, path: Path_, value: Any, *, lo: int, hi: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.error(path, f"must be an integer from {lo} to {hi}, got {value!r}")
+            return None
+        return value
+
+    def string_list(self, path: Path_, value: Any, *, allow_scalar: bool = True) -> list[str] | None:
+        if allow_scalar and isinstance(value, str):
+            value = [value]
+            self.lines.setdefault(path + (0,), self.line(path) or 0)
+        if not isinstance(value, list) or not value:
+            self.error(path, f"must be a non-empty list of strings, got {type_name(value)}")
+            return None
+        out = []
+        for i, item in enumerate(value):
+            s = self.string(path + (i,), item)
+            if s is not None:
+                out.append(s)
+        return out if len(out) == len(value) else None
+
+    def choice(self, path: Path_, value: Any, choices: Iterable[str]) -> str | None:
+        choices = tuple(choices)
+        if value not in choices:
+            self.error(path, f"must be one of {', '.join(choices)}, got {value!r}")
+            return None
+        return value
+
+
+def load(text: str, *, file: str) -> Source:
+    """Parse one YAML document; syntax errors and duplicate keys become ConfigError."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ConfigError([ConfigIssue(
+            file=file, line=mark.line + 1 if mark else None, path="",
+            message=f"invalid YAML: {exc.problem}" + (f" ({exc.context})" if exc.context else ""),
+        )]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(file=file, line=None, path="", message=f"invalid YAML: {exc}")]) from exc
+    src = Source(file=file, data=None, lines={})
+    if node is None:
+        src.error((), "the file is empty")
+        src.raise_if_issues()
+    src.data = _convert(node, (), src, yaml.constructor.SafeConstructor())
+    return src
+
+
+def _convert(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.SafeConstructor) -> Any:
+    src.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                src.error(path, "YAML merge keys (<<) are not supported; write the keys out",
+                          line=key_line)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                src.error(path, "mapping keys must be plain strings", line=key_line)
+                continue
+            key = str(ctor.construct_object(key_node))
+            kpath = path + (key,)
+            if key in out:
+                src.error(kpath, f"duplicate key '{key}' (first defined on line {src.lines[kpath]})",
+                          line=key_line)
+                continue
+            src.lines[kpath] = key_line
+            out[key] = _convert(value_node, kpath, src, ctor)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(item, path + (i,), src, ctor) for i, item in enumerate(node.value)]
+    try:
+        return ctor.construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError as exc:
+        src.error(path, f"unsupported YAML value ({exc.problem})")
+        return None
