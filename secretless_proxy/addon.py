@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.connection import Client
@@ -65,10 +65,20 @@ class Refusal(Exception):
     rule: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Injected:
+    """Where a flow carries its credential, to scrub the flow and redact echoes."""
+
     header: str | None
-    needles: tuple[str, ...] = field(default=())
+    query: str | None
+    needles: tuple[str, ...]
+
+    def scrub(self, request: http.Request) -> None:
+        """Remove the credential from the flow's copy of a request that has been sent."""
+        if self.header is not None:
+            request.headers[self.header] = "[REDACTED]"
+        if self.query is not None:
+            request.query.set_all(self.query, ["[REDACTED]"])
 
 
 class Secretless:
@@ -200,7 +210,10 @@ class Secretless:
             log.warning("credential %s unavailable for rule %s: %s", cred.name, rule.name, exc)
             raise Refusal(502, CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name) from None
         needles = inject.apply(req, rule.inject, secret)
-        self._injected[flow] = _Injected(header=rule.inject.header or ("Authorization" if rule.inject.basic_password is not None else None), needles=needles)
+        inj = rule.inject
+        self._injected[flow] = _Injected(
+            header=inj.header or ("Authorization" if inj.basic_password is not None else None),
+            query=inj.query, needles=needles)
         flow.metadata["secretless.credential"] = cred.name
 
     def _destination(self, flow: http.HTTPFlow, st: ConnState) -> tuple[str, int]:
@@ -225,6 +238,9 @@ class Secretless:
                     raise ValueError("sni")
         except ValueError:
             raise Refusal(403, HOST_MISMATCH, "the Host header, TLS SNI and CONNECT target must name the same destination") from None
+        if req.host != host:
+            # Connect to exactly the name the policy decided on (``API.Example.com.`` → ``api.example.com``).
+            req.host = host
         return host, req.port
 
     def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
@@ -247,10 +263,7 @@ class Secretless:
             inject.redact(flow.response, injected.needles)
             # The request has been sent: scrub the copy in the flow so later addons, dumps
             # and saved flows never see the credential.
-            if injected.header is not None:
-                flow.request.headers[injected.header] = "[REDACTED]"
-            else:
-                inject.redact(flow.request, injected.needles)
+            injected.scrub(flow.request)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
             flow.response = _error_response(flow, Refusal(502, INTERNAL, "the proxy failed to process the response"))
@@ -266,7 +279,9 @@ class Secretless:
             flow.response = _error_response(flow, Refusal(502, INTERNAL, "the proxy failed to process the response"))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._injected.pop(flow, None)
+        injected = self._injected.pop(flow, None)
+        if injected is not None:
+            injected.scrub(flow.request)
 
 
 _DENY_MESSAGES = {
