@@ -61,6 +61,29 @@ def _cmd_certs_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_echo_server(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from . import certs
+    from .devserver import EchoUpstream
+
+    ca = certs.load_ca(Path(args.ca))
+    host, port = args.listen
+    server_cert = certs.make_server_cert(ca=ca, hosts=("localhost", "127.0.0.1"))
+    with EchoUpstream(server_cert=server_cert, host=host, port=port) as up:
+        print(f"echo server on {up.url} (certificate from {args.ca}); Ctrl-C to stop", flush=True)
+        seen = 0
+        try:
+            while True:
+                time.sleep(0.2)
+                for record in up.requests[seen:]:
+                    print(json.dumps({k: record[k] for k in ("method", "path", "query", "headers")}), flush=True)
+                seen = len(up.requests)
+        except KeyboardInterrupt:
+            return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secretless-proxy", description="Credential-injecting egress proxy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--ttl", default="1h")
     issue.add_argument("--out", required=True)
     issue.set_defaults(func=_cmd_certs_issue)
+
+    echo = sub.add_parser("echo-server", help="dev HTTPS upstream that prints what it receives (quickstart)")
+    echo.add_argument("--ca", required=True, help="CA directory (from `certs init`) to issue its certificate")
+    echo.add_argument("--listen", type=_listen, default=("127.0.0.1", 9443))
+    echo.set_defaults(func=_cmd_echo_server)
     return p
 
 

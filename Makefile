@@ -1,0 +1,40 @@
+# The two commands (README): `make run` and `make test`. Both set everything up first.
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+SPIFFE_ID ?= spiffe://example.org/ns/prod/sa/billing
+
+.PHONY: install run test dev-certs demo-upstream bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.12 is required (found %d.%d): set PYTHON=python3.12" % sys.version_info[:2] if sys.version_info < (3, 12) else 0)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+dev/ca/ca.pem: | install
+	$(BIN)/secretless-proxy certs init --out dev/ca
+
+dev/billing/svid.pem: dev/ca/ca.pem
+	$(BIN)/secretless-proxy certs issue --ca dev/ca --spiffe-id $(SPIFFE_ID) --ttl 24h --out dev/billing
+
+# A random demo key, readable by the proxy only: the app never sees it.
+dev/demo-api-key: | install
+	mkdir -p dev && umask 077 && $(BIN)/python -c 'import secrets; print("sk_demo_" + secrets.token_hex(16))' > $@
+
+dev-certs: dev/ca/ca.pem dev/billing/svid.pem dev/demo-api-key
+
+run: install dev-certs
+	$(BIN)/secretless-proxy run --config config/example.yaml
+
+demo-upstream: install dev-certs
+	$(BIN)/secretless-proxy echo-server --ca dev/ca --listen 127.0.0.1:9443
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	bash bench/run.sh
