@@ -105,7 +105,11 @@ class Secretless:
             return
         path = ctx.options.secretless_config
         if not path:
-            raise exceptions.OptionsError("secretless_config is required: pass --set secretless_config=FILE")
+            # Not an OptionsError: mitmproxy re-applies the previous (empty) value when a new
+            # value fails, and that error would hide the real one. Without a config every
+            # request is refused, and running() stops the proxy.
+            self.runtime = None
+            return
         try:
             config = load_config(path)
             runtime = Runtime.build(config)
@@ -114,22 +118,30 @@ class Secretless:
             raise exceptions.OptionsError(f"secretless_config={path} is invalid:\n{exc}") from None
         except (ValueError, OSError) as exc:
             raise exceptions.OptionsError(f"secretless_config={path}: {exc}") from None
-        self.runtime = runtime
-        # The options our security model depends on (also set by `secretless-proxy run`; set
-        # here so that plain `mitmdump -s addons/secretless.py` is just as strict).
+        # The options our security model depends on, set before the config goes live so that
+        # plain `mitmdump -s addons/secretless.py` is exactly as strict as `secretless-proxy run`.
         wanted = {
             "request_client_cert": True,
             "connection_strategy": "lazy",  # no upstream connection before a request passed policy
             "ssl_verify_upstream_trusted_ca": str(bundle),
             "confdir": str(tlsfiles.confdir(config)),
         }
+        missing = [k for k in wanted if k not in ctx.options]
+        if missing:
+            raise exceptions.OptionsError(
+                f"secretless-proxy needs mitmproxy's proxyserver and tlsconfig addons (missing options: {', '.join(missing)})")
         changes = {k: v for k, v in wanted.items() if getattr(ctx.options, k) != v}
         if changes:
             ctx.options.update(**changes)
+        self.runtime = runtime
         log.info("loaded %s (%d rules, %d credentials, sha256 %s)", config.source,
                  len(config.rules), len(config.credentials), config.digest[:12])
 
     def running(self) -> None:
+        if self.runtime is None:
+            log.error("no config loaded: pass --set secretless_config=FILE; stopping")
+            ctx.master.shutdown()
+            return
         ps = ctx.master.addons.get("proxyserver")
         addrs = ps.listen_addrs() if ps is not None else []
         for addr in addrs:

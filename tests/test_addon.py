@@ -1,0 +1,205 @@
+"""In-process addon tests (no sockets): mitmproxy's taddons/tflow drive the hooks directly."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import yaml
+from conftest import SECRET, base_config
+from mitmproxy import certs as mcerts
+from mitmproxy import exceptions, tls
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.addons.tlsconfig import TlsConfig
+from mitmproxy.test import taddons, tflow
+
+from secretless_proxy import certs
+from secretless_proxy.addon import ConnState, Secretless
+from secretless_proxy.secrets import SecretRef
+
+BILLING = "spiffe://example.org/ns/prod/sa/billing"
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("TEST_STRIPE_KEY", SECRET)
+
+
+def write_config(tmp_path, pki, **over) -> str:
+    rule = {"name": "r", "workloads": [BILLING], "to": {"host": "api.example.com"},
+            "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+    cfg = base_config(pki, rules=[rule])
+    cfg["interception_ca"] = str(tmp_path / "confdir")
+    cfg.update(over)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture
+def addon_ctx(tmp_path, pki, env):
+    addon = Secretless()
+    with taddons.context(Proxyserver(), TlsConfig(), addon) as tctx:
+        tctx.configure(addon, secretless_config=write_config(tmp_path, pki))
+        yield addon, tctx
+
+
+def handshake(addon: Secretless, client, chain: list, sni: str = "api.example.com") -> None:
+    client.sni = sni
+    client.certificate_list = [mcerts.Cert(c) for c in chain]
+    addon.tls_established_client(tls.TlsData(conn=client, context=None))  # type: ignore[arg-type]
+
+
+def tunnelled_flow(client=None, host="api.example.com", port=443):
+    f = tflow.tflow(client_conn=client) if client else tflow.tflow()
+    f.request.scheme, f.request.host, f.request.port = "https", host, port
+    f.request.headers["Host"] = host
+    return f
+
+
+def connect(addon: Secretless, client, host="api.example.com", port=443) -> None:
+    c = tflow.tflow(client_conn=client)
+    c.request.method, c.request.host, c.request.port = "CONNECT", host, port
+    addon.http_connect(c)
+
+
+class TestConfigure:
+    def test_invalid_config_is_an_options_error_with_location(self, tmp_path, pki, env):
+        """A bad config fails configure with file:line and key path, not a traceback."""
+        addon = Secretless()
+        with taddons.context(Proxyserver(), TlsConfig(), addon) as tctx:
+            path = write_config(tmp_path, pki, rules=[{"name": "x", "wrkloads": [], "to": {"host": "a.com"}, "action": "allow"}])
+            with pytest.raises(exceptions.OptionsError, match=r"config.yaml:\d+ rules\[0\]\.wrkloads: unknown key"):
+                tctx.configure(addon, secretless_config=path)
+
+    def test_ssl_insecure_refused(self, addon_ctx):
+        """Turning off upstream verification is refused: credentials only go to verified upstreams."""
+        addon, tctx = addon_ctx
+        with pytest.raises(exceptions.OptionsError, match="ssl_insecure is not allowed"):
+            tctx.configure(addon, ssl_insecure=True)
+
+    def test_security_options_are_forced(self, addon_ctx):
+        """Loading the addon turns on client certs and lazy upstream connections."""
+        _, tctx = addon_ctx
+        assert tctx.options.request_client_cert is True
+        assert tctx.options.connection_strategy == "lazy"
+        assert tctx.options.ssl_verify_upstream_trusted_ca.endswith("upstream-ca-bundle.pem")
+
+
+class TestIdentityState:
+    def test_inner_empty_handshake_keeps_outer_identity(self, addon_ctx, pki):
+        """The proxy-hop identity survives the tunnel's certificate-less inner handshake."""
+        addon, _ = addon_ctx
+        client = tflow.tclient_conn()
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
+        connect(addon, client)
+        handshake(addon, client, [])
+        f = tunnelled_flow(client)
+        addon.request(f)
+        assert f.response is None
+        assert f.request.headers["Authorization"] == f"Bearer {SECRET}"
+
+    def test_two_identities_on_one_connection_conflict(self, addon_ctx, pki):
+        """A second, different valid identity on one connection voids both."""
+        addon, _ = addon_ctx
+        client = tflow.tclient_conn()
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id="spiffe://example.org/other").cert])
+        f = tunnelled_flow(client)
+        addon.request(f)
+        assert f.response.status_code == 407
+        assert json.loads(f.response.content)["reason"] == "identity_conflict"
+
+    def test_failed_identity_is_not_upgraded(self, addon_ctx, pki):
+        """After a rejected certificate, a later valid one on the same connection does not help."""
+        addon, _ = addon_ctx
+        client = tflow.tclient_conn()
+        rogue = certs.make_ca(common_name="rogue")
+        handshake(addon, client, [certs.make_svid(ca=rogue, spiffe_id=BILLING).cert])
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
+        f = tunnelled_flow(client)
+        addon.request(f)
+        assert json.loads(f.response.content)["reason"] == "identity_untrusted"
+
+    def test_identity_expiring_mid_connection(self, addon_ctx, pki):
+        """A connection outliving its certificate stops getting credentials."""
+        addon, _ = addon_ctx
+        client = tflow.tclient_conn()
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
+        st: ConnState = addon._conns[client]
+        st.identity = dataclasses.replace(st.identity, not_after=(datetime.now(UTC) - timedelta(seconds=1)).timestamp())
+        f = tunnelled_flow(client)
+        addon.request(f)
+        assert json.loads(f.response.content)["reason"] == "identity_expired"
+
+
+class TestFailClosed:
+    def test_unexpected_exception_in_credential_source_refuses(self, addon_ctx, pki, monkeypatch, caplog):
+        """A bug in the credential path refuses the request (502) and logs no exception text."""
+        addon, _ = addon_ctx
+
+        def boom(self):
+            raise RuntimeError(f"leaky message {SECRET}")
+
+        monkeypatch.setattr(SecretRef, "resolve", boom)
+        client = tflow.tclient_conn()
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
+        f = tunnelled_flow(client)
+        with caplog.at_level(logging.DEBUG):
+            addon.request(f)
+        assert f.response.status_code == 502
+        body = json.loads(f.response.content)
+        assert body["reason"] == "internal_error"
+        assert "Authorization" not in f.request.headers
+        assert SECRET not in caplog.text and SECRET not in f.response.text
+
+    def test_no_config_refuses(self):
+        """An addon without a loaded config refuses rather than forwarding."""
+        addon = Secretless()
+        f = tunnelled_flow()
+        addon.request(f)
+        assert f.response.status_code == 503
+
+
+class TestResponsePath:
+    def _injected_flow(self, addon, pki):
+        client = tflow.tclient_conn()
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
+        f = tunnelled_flow(client)
+        addon.request(f)
+        assert f.request.headers["Authorization"] == f"Bearer {SECRET}"
+        return f
+
+    def test_echoed_secret_redacted_in_headers_and_gzip_body(self, addon_ctx, pki):
+        """An upstream echoing the credential (even gzip-compressed) never shows it to the client."""
+        addon, _ = addon_ctx
+        f = self._injected_flow(addon, pki)
+        f.response = tflow.tresp()
+        f.response.headers["X-Echo"] = f"Bearer {SECRET}"
+        f.response.headers["Content-Encoding"] = "gzip"
+        f.response.raw_content = gzip.compress(f"you sent {SECRET}".encode())
+        addon.responseheaders(f)
+        addon.response(f)
+        assert SECRET not in str(f.response.headers)
+        assert SECRET.encode() not in f.response.content
+        assert b"[REDACTED]" in f.response.content
+        assert f.response.headers["X-Secretless-Request-Id"] == f.id
+
+    def test_sent_request_is_scrubbed_from_the_flow(self, addon_ctx, pki):
+        """After the request is sent, the flow's copy no longer holds the credential."""
+        addon, _ = addon_ctx
+        f = self._injected_flow(addon, pki)
+        f.response = tflow.tresp()
+        addon.responseheaders(f)
+        assert f.request.headers["Authorization"] == "[REDACTED]"
+
+    def test_errored_flow_is_scrubbed(self, addon_ctx, pki):
+        """A flow whose upstream failed is scrubbed too (error hook)."""
+        addon, _ = addon_ctx
+        f = self._injected_flow(addon, pki)
+        addon.error(f)
+        assert f.request.headers["Authorization"] == "[REDACTED]"
