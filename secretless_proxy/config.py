@@ -101,19 +101,14 @@ def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
             file=str(path), line=None, path="", message=f"cannot read the file ({type(exc).__name__})"
         )]) from exc
     src = yamlsource.load(text, file=path.name)
-    cfg = _parse(src, path.resolve().parent, path, hashlib.sha256(raw).hexdigest())
-    if resolve_secrets and cfg is not None:
-        for cred in cfg.credentials.values():
-            try:
-                cred.secret.resolve()
-            except SecretUnavailable as exc:
-                src.error(("credentials", cred.name, "secret"), f"cannot resolve {cred.secret}: {exc}")
+    cfg = _parse(src, path.resolve().parent, path, hashlib.sha256(raw).hexdigest(),
+                 resolve_secrets=resolve_secrets)
     src.raise_if_issues()
     assert cfg is not None
     return cfg
 
 
-def _parse(src: Source, base: Path, path: Path, digest: str) -> Config | None:
+def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets: bool) -> Config | None:
     top = src.mapping((), src.data, required=("version", "identity", "rules"),
                       optional=("credentials", "default", "listen", "interception_ca", "upstream", "store"))
     if top is None:
@@ -124,6 +119,13 @@ def _parse(src: Source, base: Path, path: Path, digest: str) -> Config | None:
         src.choice(("default",), top["default"], ("deny",))
     identity = _identity(src, top.get("identity"), base) if "identity" in top else None
     credentials = _credentials(src, top.get("credentials", {}), base)
+    if resolve_secrets:
+        # Even when other keys are wrong: one `check` run must report every problem it can find.
+        for cred in credentials.values():
+            try:
+                cred.secret.resolve()
+            except SecretUnavailable as exc:
+                src.error(("credentials", cred.name, "secret"), f"cannot resolve {cred.secret}: {exc}")
     rules = _rules(src, top.get("rules"), credentials, identity) if "rules" in top else ()
     listen = _listen(src, ("listen",), top["listen"]) if "listen" in top else None
     ica = _path(src, ("interception_ca",), top["interception_ca"], base) if "interception_ca" in top else None

@@ -159,7 +159,8 @@ class WorkloadPattern:
         return trust_domain == self.trust_domain and self.path.matches(path)
 
 
-_DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
+# "..;x" counts too: Tomcat/Spring drop ";params" from a segment and then resolve the "..".
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:[/;]|$)")
 
 
 def canonical_path(raw_path: str) -> str | None:

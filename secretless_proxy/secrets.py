@@ -99,7 +99,8 @@ class SecretRef:
             cached = self._cache.get("entry")
             if cached is not None and cached[0] == key:
                 return cached[1]
-            with open(self.target, encoding="utf-8") as fh:
+            # newline="": see the bytes on disk; universal newlines would turn a lone CR into LF.
+            with open(self.target, encoding="utf-8", newline="") as fh:
                 raw = fh.read()
         except FileNotFoundError as exc:
             raise SecretUnavailable(f"secret file {self.target} does not exist") from exc
@@ -108,7 +109,9 @@ class SecretRef:
                 f"secret file {self.target} cannot be read ({type(exc).__name__})"
             ) from exc
         # Secret files conventionally end in one newline (echo > file); it is not part of the key.
-        secret = _checked(raw.rstrip("\r\n"), self)
+        # Only that one is dropped: any other line break makes the secret refused, not guessed at.
+        value = raw[:-2] if raw.endswith("\r\n") else raw.removesuffix("\n")
+        secret = _checked(value, self)
         self._cache["entry"] = (key, secret)
         return secret
 

@@ -135,12 +135,32 @@ def load(text: str, *, file: str) -> Source:
     if node is None:
         src.error((), "the file is empty")
         src.raise_if_issues()
-    src.data = _convert(node, (), src, yaml.constructor.SafeConstructor())
+    src.data = _convert(node, (), src, yaml.constructor.SafeConstructor(), set())
     return src
 
 
-def _convert(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.SafeConstructor) -> Any:
+def _convert(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.SafeConstructor,
+             open_nodes: set[int]) -> Any:
     src.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        # An alias inside its own anchor (`&a [*a]`) would recurse until RecursionError.
+        if id(node) in open_nodes:
+            src.error(path, "a YAML alias refers to its own anchor; write the value out")
+            return None
+        open_nodes.add(id(node))
+        try:
+            return _convert_collection(node, path, src, ctor, open_nodes)
+        finally:
+            open_nodes.discard(id(node))
+    try:
+        return ctor.construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError as exc:
+        src.error(path, f"unsupported YAML value ({exc.problem})")
+        return None
+
+
+def _convert_collection(node: yaml.MappingNode | yaml.SequenceNode, path: Path_, src: Source,
+                        ctor: yaml.constructor.SafeConstructor, open_nodes: set[int]) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -159,12 +179,6 @@ def _convert(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.S
                           line=key_line)
                 continue
             src.lines[kpath] = key_line
-            out[key] = _convert(value_node, kpath, src, ctor)
+            out[key] = _convert(value_node, kpath, src, ctor, open_nodes)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, path + (i,), src, ctor) for i, item in enumerate(node.value)]
-    try:
-        return ctor.construct_object(node, deep=True)
-    except yaml.constructor.ConstructorError as exc:
-        src.error(path, f"unsupported YAML value ({exc.problem})")
-        return None
+    return [_convert(item, path + (i,), src, ctor, open_nodes) for i, item in enumerate(node.value)]
