@@ -113,7 +113,7 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
                       optional=("credentials", "default", "listen", "interception_ca", "upstream", "store"))
     if top is None:
         return None
-    if "version" in top and top["version"] != 1:
+    if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
         src.error(("version",), f"unsupported config version {top['version']!r} (supported: 1)")
     if "default" in top:
         src.choice(("default",), top["default"], ("deny",))
@@ -290,6 +290,8 @@ def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destinat
         raw = m["port"] if isinstance(m["port"], list) else [m["port"]]
         checked = [src.integer(p + ("port",), v, lo=1, hi=65535) for v in raw]
         ports = frozenset(v for v in checked if v is not None)
+        if not raw:
+            src.error(p + ("port",), "must name at least one port (or leave 'port' out for the default)")
     methods = None
     if "methods" in m and (items := src.string_list(p + ("methods",), m["methods"])):
         for i, meth in enumerate(items):
@@ -344,6 +346,8 @@ def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) 
             src.error(p + ("basic",), "'{secret}' must appear in the username or the password")
         kw.update(basic_username=user, basic_password=pw)
     if "query" in m and (q := src.string(p + ("query",), m["query"])):
+        if not re.fullmatch(r"[A-Za-z0-9_.~-]+", q):
+            src.error(p + ("query",), f"invalid query parameter name {q!r}: letters, digits, '_', '.', '~', '-' only")
         kw["query"] = q
     if name is None or name not in creds or not kw:
         return None

@@ -19,13 +19,21 @@ from functools import lru_cache
 from urllib.parse import unquote
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+_NUMERIC_TLD = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
 
 
 def normalize_host(host: str) -> str:
     """Canonical form of a host name or IP literal; raises ValueError if it is not one."""
     h = host.strip()
-    if h.startswith("[") and h.endswith("]"):
+    bracketed = h.startswith("[") and h.endswith("]")
+    if bracketed:
         h = h[1:-1]
+        if not h:
+            raise ValueError("empty host name")
+        try:
+            return str(ipaddress.IPv6Address(h))
+        except ValueError as exc:
+            raise ValueError(f"invalid host name {host!r}: brackets are for IPv6 addresses only") from exc
     if h.endswith(".") and not h.endswith(".."):
         h = h[:-1]
     if not h:
@@ -41,6 +49,10 @@ def normalize_host(host: str) -> str:
     labels = h.split(".")
     if len(h) > 253 or not all(_LABEL.match(label) for label in labels):
         raise ValueError(f"invalid host name {host!r}")
+    if _NUMERIC_TLD.match(labels[-1]):
+        # 127.1, 010.0.0.1, 0x7f.1: resolvers read these as IPv4 in shorthand; a rule or a
+        # request naming one must not be matched as if it were a DNS name.
+        raise ValueError(f"invalid host name {host!r}: it looks like a shorthand IP address")
     return h
 
 
@@ -172,6 +184,10 @@ def canonical_path(raw_path: str) -> str | None:
     """
     path = raw_path.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
+        return None
+    lowered = path.lower()
+    if "%2f" in lowered or "%5c" in lowered:
+        # An encoded slash is one segment to us and maybe two to the upstream: refuse, don't guess.
         return None
     try:
         decoded = unquote(path, errors="strict") if "%" in path else path

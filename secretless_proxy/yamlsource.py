@@ -135,13 +135,29 @@ def load(text: str, *, file: str) -> Source:
     if node is None:
         src.error((), "the file is empty")
         src.raise_if_issues()
-    src.data = _convert(node, (), src, yaml.constructor.SafeConstructor(), set())
+    try:
+        src.data = _convert(node, (), src, yaml.constructor.SafeConstructor(), set())
+    except _TooLarge:
+        raise ConfigError([ConfigIssue(
+            file=file, line=None, path="",
+            message=f"the document expands to more than {MAX_VALUES} values (YAML aliases?); refusing to read it",
+        )]) from None
     return src
+
+
+# Aliases are expanded where they are used; a "billion laughs" document would expand forever.
+MAX_VALUES = 100_000
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _convert(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.SafeConstructor,
              open_nodes: set[int]) -> Any:
     src.lines.setdefault(path, node.start_mark.line + 1)
+    if len(src.lines) > MAX_VALUES:
+        raise _TooLarge
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
         # An alias inside its own anchor (`&a [*a]`) would recurse until RecursionError.
         if id(node) in open_nodes:

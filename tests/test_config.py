@@ -358,6 +358,27 @@ MALFORMED = [
         "unsupported config version 2 (supported: 1)",
     ),
     (
+        "version-true",
+        HEAD.replace("version: 1", "version: true") + one_line_rule("{host: a.example.com}"),
+        1,
+        "version",
+        "unsupported config version True (supported: 1)",
+    ),
+    (
+        "empty-port-list",
+        HEAD + one_line_rule("{host: a.example.com, port: []}"),
+        9,
+        "rules[0].to.port",
+        "must name at least one port",
+    ),
+    (
+        "query-name-with-separators",
+        HEAD + one_line_rule("{host: a.example.com}", "inject: {credential: github, query: 'a=b&c'}"),
+        9,
+        "rules[0].inject.query",
+        "invalid query parameter name 'a=b&c'",
+    ),
+    (
         "default-allow",
         HEAD + one_line_rule("{host: a.example.com}") + "default: allow\n",
         10,
@@ -752,3 +773,14 @@ class TestCheckCommand:
         assert proc.returncode == 1
         assert "absent.yaml: file not found" in proc.stderr
         assert "Traceback" not in proc.stderr + proc.stdout
+
+
+class TestHardening:
+    def test_billion_laughs_refused(self, tmp_path):
+        """A document whose aliases expand without bound is refused with a clear error."""
+        lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+        lines += [f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]" for i in range(1, 9)]
+        p = tmp_path / "c.yaml"
+        p.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ConfigError, match="expands to more than"):
+            load_config(p)

@@ -319,3 +319,22 @@ class TestCanonicalPath:
     def test_invalid_utf8_refused(self) -> None:
         """Percent-escapes that are not UTF-8 are refused rather than replaced."""
         assert canonical_path("/v1/%ff") is None
+
+
+class TestHardening:
+    @pytest.mark.parametrize("host", ["127.1", "010.0.0.1", "0x7f.1", "a.123"])
+    def test_shorthand_ip_names_refused(self, host):
+        """Names a resolver would read as shorthand IPv4 are not DNS names."""
+        with pytest.raises(ValueError, match="shorthand IP address"):
+            normalize_host(host)
+
+    def test_brackets_only_for_ipv6(self):
+        """[a.com] is not a host; [::1] is."""
+        with pytest.raises(ValueError, match="brackets are for IPv6"):
+            normalize_host("[a.com]")
+        assert normalize_host("[::1]") == "::1"
+
+    @pytest.mark.parametrize("path", ["/v1/a%2fb", "/v1/a%2F..%2Fadmin", "/v1/a%5cb"])
+    def test_encoded_slashes_refused(self, path):
+        """Encoded slashes could be one segment to us and two to the upstream: refused."""
+        assert canonical_path(path) is None
