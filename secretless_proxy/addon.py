@@ -7,6 +7,7 @@ and let the flow continue — past a denial, or without its credential.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -81,6 +82,20 @@ class _Injected:
             request.query.set_all(self.query, ["[REDACTED]"])
 
 
+class _ShutdownCancellation(logging.Filter):
+    """Drop asyncio's report of client tasks cancelled while the proxy shuts down.
+
+    On Python 3.12.1 the stream callback calls ``task.exception()`` on a task that shutdown
+    cancelled and logs the CancelledError with a traceback: noise, not an error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+_SHUTDOWN_FILTER = _ShutdownCancellation()
+
+
 class Secretless:
     def __init__(self) -> None:
         self.runtime: Runtime | None = None
@@ -91,6 +106,7 @@ class Secretless:
     # -- configuration --------------------------------------------------------------------
 
     def load(self, loader) -> None:
+        logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
         loader.add_option(
             name="secretless_config", typespec=str, default="",
             help="Path of the secretless-proxy YAML config (rules, credentials, identity).",
