@@ -22,6 +22,7 @@ _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _NUMERIC_TLD = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
 
 
+@lru_cache(maxsize=4096)  # twice per request on the hot path; IDNA encoding is not free
 def normalize_host(host: str) -> str:
     """Canonical form of a host name or IP literal; raises ValueError if it is not one."""
     h = host.strip()
