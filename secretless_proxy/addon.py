@@ -233,7 +233,7 @@ class Secretless:
             return
         cred = runtime.config.credentials[rule.inject.credential]
         try:
-            secret = cred.secret.resolve()
+            secret = cred.settings.secret.resolve()
         except SecretUnavailable as exc:
             log.warning("credential %s unavailable for rule %s: %s", cred.name, rule.name, exc)
             raise Refusal(502, CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name) from None

@@ -18,6 +18,7 @@ from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
 from .secrets import SecretRef
 from .yamlsource import Path_, Source
+from .credentials import fields
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _METHOD = re.compile(r"[A-Z]+\Z")
@@ -37,10 +38,33 @@ class IdentityConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Credential:
+    """A credential definition: its kind's settings (``credentials/<kind>.py``) and who owns it."""
+
     name: str
     kind: str
-    secret: SecretRef
+    settings: Any
     owner: str | None = None
+    line: int | None = None
+
+    def secret_refs(self) -> dict[str, SecretRef]:
+        return self.settings.secret_refs()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigningConfig:
+    """The proxy's own JWT signing key (minted JWTs, token-exchange subjects, client assertions)."""
+
+    issuer: str
+    key: SecretRef | None  # PEM private key (EC P-256 or RSA); None: generated at start (dev only)
+    key_id: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    skew: float = 30.0  # a credential is served only until expires_at - skew
+    refresh_at: float = 0.75  # refresh in the background after this fraction of the lifetime
+    timeout: float = 5.0  # per provider call
+    retries: int = 2  # extra attempts after a failed provider call
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +77,17 @@ class Injection:
     basic_username: str | None = None
     basic_password: str | None = None
     query: str | None = None
+    sigv4: bool = False  # re-sign the request with AWS SigV4 (aws_sigv4 credentials)
+    sigv4_region: str | None = None  # default: derived from the host
+    sigv4_service: str | None = None
+
+    @property
+    def target(self) -> str:
+        if self.sigv4:
+            return "sigv4"
+        if self.header is not None:
+            return "header"
+        return "basic" if self.basic_password is not None else "query"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +121,9 @@ class Config:
     store: str
     credentials: dict[str, Credential] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    admin_listen: tuple[str, int] | None = None
+    signing: SigningConfig | None = None
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
 
 
 def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
@@ -110,7 +148,8 @@ def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
 
 def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets: bool) -> Config | None:
     top = src.mapping((), src.data, required=("version", "identity", "rules"),
-                      optional=("credentials", "default", "listen", "interception_ca", "upstream", "store"))
+                      optional=("credentials", "default", "listen", "interception_ca", "upstream", "store",
+                                "admin", "signing", "broker"))
     if top is None:
         return None
     if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
@@ -122,10 +161,11 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     if resolve_secrets:
         # Even when other keys are wrong: one `check` run must report every problem it can find.
         for cred in credentials.values():
-            try:
-                cred.secret.resolve()
-            except SecretUnavailable as exc:
-                src.error(("credentials", cred.name, "secret"), f"cannot resolve {cred.secret}: {exc}")
+            for key, ref in cred.secret_refs().items():
+                try:
+                    ref.resolve()
+                except SecretUnavailable as exc:
+                    src.error(("credentials", cred.name, key), f"cannot resolve {ref}: {exc}")
     rules = _rules(src, top.get("rules"), credentials, identity) if "rules" in top else ()
     listen = _listen(src, ("listen",), top["listen"]) if "listen" in top else None
     ica = _path(src, ("interception_ca",), top["interception_ca"], base) if "interception_ca" in top else None
@@ -133,13 +173,57 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     if "upstream" in top and (up := src.mapping(("upstream",), top["upstream"], optional=("ca_bundle",))):
         if "ca_bundle" in up:
             upstream_ca = _path(src, ("upstream", "ca_bundle"), up["ca_bundle"], base, must_exist=True)
+    admin = _admin(src, top["admin"]) if "admin" in top else None
+    signing = _signing(src, top["signing"], base, resolve_secrets) if "signing" in top else None
+    broker = _broker(src, top["broker"]) if "broker" in top else BrokerConfig()
     store = top.get("store", "memory://")
     if store != "memory://":
         src.error(("store",), f"unsupported store {store!r}: this version supports memory:// only")
     if identity is None or src.issues:
         return None
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
-                  upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules)
+                  upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules,
+                  admin_listen=admin, signing=signing, broker=broker)
+
+
+def _admin(src: Source, value: Any) -> tuple[str, int] | None:
+    m = src.mapping(("admin",), value, required=("listen",))
+    return _listen(src, ("admin", "listen"), m["listen"]) if m and "listen" in m else None
+
+
+def _signing(src: Source, value: Any, base: Path, resolve: bool) -> SigningConfig | None:
+    p: Path_ = ("signing",)
+    m = src.mapping(p, value, required=("issuer",), optional=("key", "key_id"))
+    if m is None or "issuer" not in m:
+        return None
+    issuer = fields.url(src, p + ("issuer",), m["issuer"])
+    key = fields.secret_ref(src, p + ("key",), m["key"], base) if "key" in m else None
+    if key is not None and resolve:
+        try:
+            key.resolve_pem()
+        except SecretUnavailable as exc:
+            src.error(p + ("key",), f"cannot resolve {key}: {exc}")
+    key_id = src.string(p + ("key_id",), m["key_id"]) if "key_id" in m else None
+    if issuer is None:
+        return None
+    return SigningConfig(issuer=issuer.rstrip("/"), key=key, key_id=key_id)
+
+
+def _broker(src: Source, value: Any) -> BrokerConfig:
+    p: Path_ = ("broker",)
+    m = src.mapping(p, value, optional=("skew_seconds", "refresh_at", "timeout_seconds", "retries"))
+    d = BrokerConfig()
+    if not m:
+        return d
+    skew = fields.seconds(src, p + ("skew_seconds",), m["skew_seconds"], lo=0, hi=3600) if "skew_seconds" in m else d.skew
+    refresh = m.get("refresh_at", d.refresh_at)
+    if isinstance(refresh, bool) or not isinstance(refresh, int | float) or not 0.1 <= refresh <= 0.95:
+        src.error(p + ("refresh_at",), f"must be a fraction of the lifetime from 0.1 to 0.95, got {refresh!r}")
+        refresh = d.refresh_at
+    timeout = fields.seconds(src, p + ("timeout_seconds",), m["timeout_seconds"], lo=0.1, hi=120) if "timeout_seconds" in m else d.timeout
+    retries = src.integer(p + ("retries",), m["retries"], lo=0, hi=10) if "retries" in m else d.retries
+    return BrokerConfig(skew=d.skew if skew is None else skew, refresh_at=float(refresh),
+                        timeout=timeout or d.timeout, retries=d.retries if retries is None else retries)
 
 
 def _path(src: Source, p: Path_, value: Any, base: Path, *, must_exist: bool = False) -> Path | None:
@@ -177,6 +261,8 @@ def _identity(src: Source, value: Any, base: Path) -> IdentityConfig | None:
 
 
 def _credentials(src: Source, value: Any, base: Path) -> dict[str, Credential]:
+    from .credentials import KINDS  # provider modules import config types: import them late
+
     p: Path_ = ("credentials",)
     if not isinstance(value, dict):
         src.error(p, f"must be a mapping of credential names to definitions, got {yamlsource.type_name(value)}")
@@ -187,26 +273,24 @@ def _credentials(src: Source, value: Any, base: Path) -> dict[str, Credential]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             src.error(cp, f"invalid credential name {name!r}: letters, digits, '_', '.', '-' only")
             continue
-        m = src.mapping(cp, body, required=("kind", "secret"), optional=("owner",))
-        if m is None or "kind" not in m or "secret" not in m:
+        if not isinstance(body, dict) or "kind" not in body:
+            src.mapping(cp, body, required=("kind",))
             continue
-        kind = src.choice(cp + ("kind",), m["kind"], ("static",))
-        ref = _secret_ref(src, cp + ("secret",), m["secret"], base)
+        kind = src.choice(cp + ("kind",), body["kind"], sorted(KINDS))
+        if kind is None:
+            continue
+        spec = KINDS[kind]
+        m = src.mapping(cp, body, required=("kind", *spec.required),
+                        optional=("owner", "description", *spec.optional))
+        if m is None or any(k not in m for k in spec.required):
+            continue
+        settings = spec.parse(src, cp, m, base)
         owner = src.string(cp + ("owner",), m["owner"]) if "owner" in m else None
-        if kind and ref:
-            out[name] = Credential(name=name, kind=kind, secret=ref, owner=owner)
+        if "description" in m:
+            src.string(cp + ("description",), m["description"])
+        if settings is not None:
+            out[name] = Credential(name=name, kind=kind, settings=settings, owner=owner, line=src.line(cp))
     return out
-
-
-def _secret_ref(src: Source, p: Path_, value: Any, base: Path) -> SecretRef | None:
-    s = src.string(p, value)
-    if s is None:
-        return None
-    try:
-        return SecretRef.parse(s, base_dir=base)
-    except ValueError as exc:
-        src.error(p, str(exc))
-        return None
 
 
 def _rules(src: Source, value: Any, creds: dict[str, Credential],
@@ -316,18 +400,26 @@ def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destinat
 
 
 def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) -> Injection | None:
-    m = src.mapping(p, value, required=("credential",), optional=("header", "format", "basic", "query"))
+    m = src.mapping(p, value, required=("credential",), optional=("header", "format", "basic", "query", "sigv4"))
     if m is None or "credential" not in m:
         return None
     name = src.string(p + ("credential",), m["credential"])
     if name is not None and name not in creds:
         known = ", ".join(sorted(creds)) or "none defined"
         src.error(p + ("credential",), f"unknown credential '{name}' (known: {known})")
-    targets = [k for k in ("header", "basic", "query") if k in m]
+    targets = [k for k in ("header", "basic", "query", "sigv4") if k in m]
     if len(targets) != 1:
-        src.error(p, "give exactly one of 'header', 'basic' or 'query' to say where the credential goes"
+        src.error(p, "give exactly one of 'header', 'basic', 'query' or 'sigv4' to say where the credential goes"
                   + (f" (found: {', '.join(targets)})" if targets else ""))
         return None
+    if name in creds:
+        from .credentials import KINDS
+
+        kind = KINDS[creds[name].kind]
+        if targets[0] not in kind.injections:
+            src.error(p + (targets[0],), f"a {kind.name} credential cannot be injected as '{targets[0]}' "
+                                         f"(use: {', '.join(sorted(kind.injections))})")
+            return None
     if "format" in m and "header" not in m:
         src.error(p + ("format",), "'format' only applies to 'header' injection")
     kw: dict[str, Any] = {}
@@ -345,6 +437,14 @@ def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) 
         if user is not None and pw is not None and "{secret}" not in user + pw:
             src.error(p + ("basic",), "'{secret}' must appear in the username or the password")
         kw.update(basic_username=user, basic_password=pw)
+    if "sigv4" in m and (sv := src.mapping(p + ("sigv4",), m["sigv4"] if m["sigv4"] is not None else {},
+                                            optional=("region", "service"))) is not None:
+        kw["sigv4"] = True
+        for key in ("region", "service"):
+            if key in sv and (v := src.string(p + ("sigv4", key), sv[key])):
+                if not re.fullmatch(r"[a-z0-9-]+", v):
+                    src.error(p + ("sigv4", key), f"invalid AWS {key} {v!r}")
+                kw[f"sigv4_{key}"] = v
     if "query" in m and (q := src.string(p + ("query",), m["query"])):
         if not re.fullmatch(r"[A-Za-z0-9_.~-]+", q):
             src.error(p + ("query",), f"invalid query parameter name {q!r}: letters, digits, '_', '.', '~', '-' only")

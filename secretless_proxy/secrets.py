@@ -91,6 +91,24 @@ class SecretRef:
             return _checked(value, self)
         return self._read_file()
 
+    def resolve_pem(self) -> Secret:
+        """Read multi-line key material (PEM). It never goes into a header, so line breaks are fine."""
+        if self.scheme == "env":
+            value = os.environ.get(self.target)
+            if value is None:
+                raise SecretUnavailable(f"environment variable {self.target} is not set")
+        else:
+            try:
+                with open(self.target, encoding="utf-8") as fh:
+                    value = fh.read()
+            except FileNotFoundError as exc:
+                raise SecretUnavailable(f"secret file {self.target} does not exist") from exc
+            except (OSError, UnicodeDecodeError) as exc:
+                raise SecretUnavailable(f"secret file {self.target} cannot be read ({type(exc).__name__})") from exc
+        if not value.strip() or "\x00" in value:
+            raise SecretUnavailable(f"secret {self} is empty or binary")
+        return Secret(value)
+
     def _read_file(self) -> Secret:
         # Re-read only when the file changed: a stat per request is cheap, a read is not.
         try:

@@ -262,14 +262,14 @@ MALFORMED = [
         HEAD + block_rule("inject: {credential: github, header: Authorization, query: t}"),
         12,
         "rules[0].inject",
-        "give exactly one of 'header', 'basic' or 'query' to say where the credential goes (found: header, query)",
+        "give exactly one of 'header', 'basic', 'query' or 'sigv4' to say where the credential goes (found: header, query)",
     ),
     (
         "inject-no-target",
         HEAD + block_rule("inject: {credential: github}"),
         12,
         "rules[0].inject",
-        "give exactly one of 'header', 'basic' or 'query'",
+        "give exactly one of 'header', 'basic', 'query' or 'sigv4'",
     ),
     (
         "format-without-secret",
@@ -519,7 +519,7 @@ class TestValidConfig:
         monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
         cfg = load_config(valid_dir / FILE)
         assert cfg.identity.trust_bundle == valid_dir / "ca" / "ca.pem"
-        assert cfg.credentials["github"].secret.target == str(valid_dir / "secrets" / "gh.token")
+        assert cfg.credentials["github"].settings.secret.target == str(valid_dir / "secrets" / "gh.token")
 
     def test_credentials(self, valid_dir: Path) -> None:
         """Credentials keep their name, kind, owner and secret reference (not the value)."""
@@ -527,7 +527,7 @@ class TestValidConfig:
         assert sorted(creds) == ["github", "stripe"]
         stripe = creds["stripe"]
         assert (stripe.name, stripe.kind, stripe.owner) == ("stripe", "static", "payments-team")
-        assert str(stripe.secret) == "env:SECRETLESS_TEST_STRIPE"
+        assert str(stripe.settings.secret) == "env:SECRETLESS_TEST_STRIPE"
         assert creds["github"].owner is None
         assert "sk_test_value" not in repr(creds)
 
@@ -732,7 +732,7 @@ class TestCheckCommand:
             f"{FILE}:12 rules[0].inject.credential: unknown credential 'strpe' (known: github, stripe)",
             (
                 f"{FILE}:13 defualt: unknown key 'defualt' (did you mean 'default'? valid keys: version, "
-                "identity, rules, credentials, default, listen, interception_ca, upstream, store)"
+                "identity, rules, credentials, default, listen, interception_ca, upstream, store, admin, signing, broker)"
             ),
             f"{workdir / FILE}: 2 error(s)",
         ]

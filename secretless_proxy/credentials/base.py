@@ -1,0 +1,109 @@
+"""The one small protocol every credential provider implements: ``fetch`` and, optionally, ``revoke``.
+
+A provider turns a credential definition (from config) into short-lived credential values for
+a request context. It never sees HTTP flows; the broker decides when to call it (cache,
+single flight, refresh-ahead, retries) and the injector decides where the value goes.
+
+Provider errors are ``ProviderError``: the message is ours and safe to log; a provider's raw
+response text never goes into it (it may echo a secret or be attacker-controlled).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import CredentialError
+from ..identity import Workload
+from ..secrets import Secret
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ..config import Credential
+    from ..signing import JwtSigner
+
+UNAVAILABLE = "credential_unavailable"
+
+
+class ProviderError(CredentialError):
+    """The provider could not produce a credential. ``retryable`` says whether trying again may help."""
+
+    def __init__(self, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(UNAVAILABLE, detail)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RequestContext:
+    """What a provider may know about the request it brokers for."""
+
+    workload: Workload
+    host: str  # normalised host the proxy connects to
+    port: int
+    method: str
+    path: str
+    rule: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class IssuedCredential:
+    """One credential value with its lifetime. ``repr`` never shows a value."""
+
+    name: str  # the credential definition's name
+    kind: str
+    secret: Secret  # the token, key or secret access key
+    expires_at: float | None  # epoch seconds; None: does not expire (static keys)
+    scope: str = ""  # what it was minted for: "" (shared), a workload ID or an audience
+    issued_at: float = field(default_factory=time.time)
+    parts: Mapping[str, Secret] = field(default_factory=dict)  # e.g. AWS access key id, session token
+    meta: Mapping[str, str] = field(default_factory=dict)  # non-secret facts (token_type, scope granted)
+
+    def __repr__(self) -> str:
+        return (f"IssuedCredential(name={self.name!r}, kind={self.kind!r}, scope={self.scope!r}, "
+                f"expires_at={self.expires_at!r})")
+
+    def valid_at(self, now: float, skew: float = 0.0) -> bool:
+        return self.expires_at is None or now < self.expires_at - skew
+
+    @property
+    def lifetime(self) -> float | None:
+        return None if self.expires_at is None else self.expires_at - self.issued_at
+
+
+@dataclass(kw_only=True)
+class ProviderDeps:
+    """Shared resources a provider may use; created in ``running()``, closed in ``done()``."""
+
+    http: httpx.AsyncClient | None = None
+    signer: JwtSigner | None = None
+    now: Callable[[], float] = time.time
+
+
+class Provider:
+    """Base class of credential providers. Subclasses set ``kind`` and implement ``fetch``."""
+
+    kind: ClassVar[str]
+    revocable: ClassVar[bool] = False
+
+    def __init__(self, credential: Credential, deps: ProviderDeps) -> None:
+        self.credential = credential
+        self.settings: Any = credential.settings
+        self.deps = deps
+
+    @property
+    def name(self) -> str:
+        return self.credential.name
+
+    def scope(self, ctx: RequestContext) -> str | None:
+        """The cache key part for ``ctx``: "" shared by all, a workload ID, an audience; None: never cache."""
+        return ""
+
+    async def fetch(self, ctx: RequestContext) -> IssuedCredential:
+        raise NotImplementedError
+
+    async def revoke(self, cred: IssuedCredential) -> None:
+        """Revoke at the provider. Only called when ``revocable`` is true."""
+        raise NotImplementedError

@@ -1,0 +1,43 @@
+"""Config field readers shared by provider kinds (on top of ``yamlsource.Source``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..secrets import SecretRef
+from ..yamlsource import Path_, Source
+
+
+def secret_ref(src: Source, p: Path_, value: Any, base: Path) -> SecretRef | None:
+    s = src.string(p, value)
+    if s is None:
+        return None
+    try:
+        return SecretRef.parse(s, base_dir=base)
+    except ValueError as exc:
+        src.error(p, str(exc))
+        return None
+
+
+def url(src: Source, p: Path_, value: Any, *, https_only: bool = True) -> str | None:
+    """An absolute http(s) URL; plain http only for loopback unless ``https_only`` is False."""
+    s = src.string(p, value)
+    if s is None:
+        return None
+    parts = urlsplit(s)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        src.error(p, f"must be an absolute https:// URL, got {s!r}")
+        return None
+    if parts.scheme == "http" and https_only and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        src.error(p, f"{s!r} would send credentials in plaintext: use https:// (http:// is allowed for loopback only)")
+        return None
+    return s
+
+
+def seconds(src: Source, p: Path_, value: Any, *, lo: float, hi: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        src.error(p, f"must be a number of seconds from {lo:g} to {hi:g}, got {value!r}")
+        return None
+    return float(value)
