@@ -60,6 +60,16 @@ class SigningConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    """Where audit events go and what happens when they cannot be written."""
+
+    sinks: tuple[str, ...] = ("stdout",)  # "stdout" or "file:/path"
+    fingerprint_key: SecretRef | None = None  # HMAC key; None: random per process (fingerprints
+    # then correlate within one process only)
+    fail_closed: bool = True  # refuse credential use when the audit record cannot be written
+
+
+@dataclass(frozen=True, kw_only=True)
 class BrokerConfig:
     skew: float = 30.0  # a credential is served only until expires_at - skew
     refresh_at: float = 0.75  # refresh in the background after this fraction of the lifetime
@@ -124,6 +134,7 @@ class Config:
     admin_listen: tuple[str, int] | None = None
     signing: SigningConfig | None = None
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
@@ -149,7 +160,7 @@ def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
 def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets: bool) -> Config | None:
     top = src.mapping((), src.data, required=("version", "identity", "rules"),
                       optional=("credentials", "default", "listen", "interception_ca", "upstream", "store",
-                                "admin", "signing", "broker"))
+                                "admin", "signing", "broker", "audit"))
     if top is None:
         return None
     if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
@@ -176,6 +187,7 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     admin = _admin(src, top["admin"]) if "admin" in top else None
     signing = _signing(src, top["signing"], base, resolve_secrets) if "signing" in top else None
     broker = _broker(src, top["broker"]) if "broker" in top else BrokerConfig()
+    audit = _audit(src, top["audit"], base, resolve_secrets) if "audit" in top else AuditConfig()
     store = top.get("store", "memory://")
     if store != "memory://":
         src.error(("store",), f"unsupported store {store!r}: this version supports memory:// only")
@@ -183,7 +195,32 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
         return None
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
                   upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules,
-                  admin_listen=admin, signing=signing, broker=broker)
+                  admin_listen=admin, signing=signing, broker=broker, audit=audit)
+
+
+def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
+    p: Path_ = ("audit",)
+    m = src.mapping(p, value, optional=("sinks", "fingerprint_key", "on_sink_failure"))
+    if not m:
+        return AuditConfig()
+    sinks: list[str] = []
+    for i, sink in enumerate(src.string_list(p + ("sinks",), m["sinks"]) or () if "sinks" in m else ("stdout",)):
+        if sink == "stdout":
+            sinks.append(sink)
+        elif sink.startswith("file:") and len(sink) > 5:
+            path = Path(sink[5:]).expanduser()
+            sinks.append("file:" + str(path if path.is_absolute() else base / path))
+        else:
+            src.error(p + ("sinks", i), f"unknown audit sink {sink!r} (use stdout or file:/path)")
+    key = fields.secret_ref(src, p + ("fingerprint_key",), m["fingerprint_key"], base) if "fingerprint_key" in m else None
+    if key is not None and resolve:
+        try:
+            key.resolve()
+        except SecretUnavailable as exc:
+            src.error(p + ("fingerprint_key",), f"cannot resolve {key}: {exc}")
+    mode = src.choice(p + ("on_sink_failure",), m.get("on_sink_failure", "fail_closed"),
+                      ("fail_closed", "log_and_continue"))
+    return AuditConfig(sinks=tuple(sinks), fingerprint_key=key, fail_closed=mode != "log_and_continue")
 
 
 def _admin(src: Source, value: Any) -> tuple[str, int] | None:
