@@ -1,0 +1,356 @@
+"""The credential broker: cache, single flight, refresh-ahead, expiry and revocation.
+
+``Broker.get(name, ctx)`` returns a credential that is valid for at least ``config.skew`` more
+seconds, or raises ``CredentialError`` (reason ``credential_unavailable``; the addon answers 503).
+It never returns an expired or about-to-expire credential, even when the provider is down: a
+stale token sent upstream is worse than an honest refusal (Envoy's SDS shipped that bug).
+
+- Cache key: (credential name, ``provider.scope(ctx)``); scope None means per request, never cached.
+- Single flight: concurrent misses for one key share one provider call; a waiter that is
+  cancelled does not cancel the call for the others (``asyncio.shield``).
+- Refresh-ahead: after ``refresh_at`` of the lifetime (plus jitter, so replicas and credentials
+  do not refresh in lockstep) a hit starts one background refresh and returns the cached value;
+  a failed refresh keeps the old value until it expires and is retried after a backoff.
+- Each provider call runs under ``config.timeout``, with ``config.retries`` extra attempts and
+  capped, fully jittered exponential backoff. A provider's own exception text may hold a secret,
+  so only its type is logged and our own sentence is raised.
+
+Everything runs on one event loop and is not thread-safe; event sinks are called inline and must
+not block (their exceptions are logged by type and ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import BrokerConfig
+from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
+from .errors import CredentialError
+from .secrets import Secret
+
+log = logging.getLogger(__name__)
+
+# The closed vocabulary of revocation reasons (a metric label: keep it bounded).
+REASONS = frozenset({"expired", "config_changed", "grant_revoked", "manual"})
+
+_Key = tuple[str, str]  # (credential name, scope)
+
+
+class BrokerEvents:
+    """No-op base; metrics and audit subclass it. The broker wraps every call: a sink may not break it."""
+
+    def fetched(self, *, credential: str, kind: str, outcome: str, seconds: float) -> None:
+        """One provider attempt ended; ``outcome`` is "success", "error" or "timeout"."""
+
+    def cache(self, *, credential: str, result: str) -> None:
+        """One ``get``: "hit", "miss" (waited for a fetch) or "refresh" (a hit that started a refresh)."""
+
+    def issued(self, cred: IssuedCredential) -> None:
+        """A provider produced a new credential."""
+
+    def revoked(self, cred: IssuedCredential, *, reason: str) -> None:
+        """A cached credential was dropped; ``reason`` is one of ``REASONS``."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CachedInfo:
+    """What the broker holds for one cache key, without the value (admin endpoint, CLI)."""
+
+    name: str
+    kind: str
+    scope: str
+    expires_at: float | None
+    issued_at: float
+    last_used: float
+
+
+@dataclass(kw_only=True, slots=True)
+class _Entry:
+    cred: IssuedCredential
+    refresh_after: float  # a hit from then on starts a background refresh
+    last_used: float
+    retry_after: float = 0.0  # after a failed refresh: no new attempt before this
+    failures: int = 0
+
+
+class Broker:
+    """Hands out valid credentials for (name, request context); see the module docstring."""
+
+    sweep_interval = 5.0  # seconds between expiry sweeps
+    retry_base, retry_cap = 0.1, 2.0  # provider retries: full-jitter exponential backoff (s)
+    refresh_backoff_base, refresh_backoff_cap = 1.0, 60.0  # after a failed background refresh (s)
+    refresh_jitter = 0.05  # up to this fraction of the lifetime is added to refresh_at
+
+    def __init__(self, providers: Mapping[str, Provider], *, config: BrokerConfig,
+                 events: BrokerEvents | None = None, now: Callable[[], float] = time.time,
+                 rng: Callable[[], float] = random.random) -> None:
+        self._providers = dict(providers)
+        self._config = config
+        self._events = events or BrokerEvents()
+        self._now = now
+        self._rng = rng
+        self._cache: dict[_Key, _Entry] = {}
+        self._inflight: dict[_Key, asyncio.Task[IssuedCredential]] = {}
+        # Bumped by evict()/replace_providers(): a fetch started before must not repopulate the cache.
+        self._epoch = 0
+        self._gen: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._revoking: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Broker(credentials={sorted(self._providers)!r}, cached={len(self._cache)})"
+
+    async def get(self, name: str, ctx: RequestContext) -> IssuedCredential:
+        """A credential valid for at least ``skew`` more seconds; CredentialError when there is none."""
+        if self._closed:
+            raise CredentialError(UNAVAILABLE, "the credential broker is shut down; no credential can be issued")
+        provider = self._providers.get(name)
+        if provider is None:
+            raise CredentialError(UNAVAILABLE, f"unknown credential '{name}': it is not in the configuration")
+        self._ensure_sweeper()
+        try:
+            scope = provider.scope(ctx)
+        except Exception as exc:  # noqa: BLE001 - a provider bug is a refusal, never a crash
+            raise self._unexpected(name, provider, exc, retryable=False) from None
+        if scope is None:  # minted per request: never cached, never shared
+            self._emit("cache", credential=name, result="miss")
+            cred = await self._fetch(name, provider, ctx)
+            self._emit("issued", cred)
+            return cred
+        key = (name, scope)
+        now = self._now()
+        entry = self._cache.get(key)
+        if entry is not None:
+            if entry.cred.valid_at(now, self._config.skew):
+                entry.last_used = now
+                if now >= entry.refresh_after and now >= entry.retry_after and key not in self._inflight:
+                    self._emit("cache", credential=name, result="refresh")
+                    self._start_fill(key, provider, ctx, refresh=True)
+                else:
+                    self._emit("cache", credential=name, result="hit")
+                return entry.cred
+            self._drop(key, "expired")
+        self._emit("cache", credential=name, result="miss")
+        task = self._inflight.get(key) or self._start_fill(key, provider, ctx, refresh=False)
+        try:
+            cred = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                # The shared fetch was cancelled by aclose(), not this request: refuse, do not vanish.
+                raise ProviderError(f"credential '{name}': the broker shut down during the fetch") from None
+            raise
+        return cred
+
+    async def evict(self, names: Iterable[str] | None = None, *, reason: str) -> int:
+        """Drop cached credentials (all when ``names`` is None); revoke revocable ones in the background."""
+        if reason not in REASONS:
+            raise ValueError(f"unknown revocation reason {reason!r} (use: {', '.join(sorted(REASONS))})")
+        wanted = None if names is None else set(names)
+        if wanted is None:
+            self._epoch += 1
+        else:
+            for n in wanted:
+                self._gen[n] = self._gen.get(n, 0) + 1
+        for key in [k for k in self._inflight if wanted is None or k[0] in wanted]:
+            del self._inflight[key]  # later gets start a fresh fetch (with the new provider, if any)
+        keys = [k for k in self._cache if wanted is None or k[0] in wanted]
+        for key in keys:
+            self._drop(key, reason, revoke=True)
+        return len(keys)
+
+    def replace_providers(self, providers: Mapping[str, Provider]) -> None:
+        """Swap in reloaded providers. Call ``evict()`` for changed names first; removed names are dropped here."""
+        new = dict(providers)
+        for key in [k for k in self._cache if k[0] not in new]:
+            self._drop(key, "config_changed", revoke=True)
+        for name in {k[0] for k in self._inflight} - new.keys():
+            self._gen[name] = self._gen.get(name, 0) + 1
+        self._inflight = {k: t for k, t in self._inflight.items() if k[0] in new}
+        self._providers = new
+
+    def snapshot(self) -> list[CachedInfo]:
+        """What is cached, without values, ordered by (name, scope)."""
+        return [CachedInfo(name=k[0], kind=e.cred.kind, scope=k[1], expires_at=e.cred.expires_at,
+                           issued_at=e.cred.issued_at, last_used=e.last_used)
+                for k, e in sorted(self._cache.items(), key=lambda item: item[0])]
+
+    def sweep(self) -> int:
+        """Drop every entry that may no longer be served (reason "expired"); returns how many."""
+        now = self._now()
+        stale = [k for k, e in self._cache.items() if not e.cred.valid_at(now, self._config.skew)]
+        for key in stale:
+            self._drop(key, "expired")
+        return len(stale)
+
+    async def aclose(self) -> None:
+        """Stop: let pending revocations finish (bounded by the timeout), cancel and await every task."""
+        self._closed = True
+        if self._revoking:
+            await asyncio.wait(set(self._revoking), timeout=self._config.timeout)
+        tasks = self._tasks | self._revoking
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._cache.clear()
+        self._inflight.clear()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _start_fill(self, key: _Key, provider: Provider, ctx: RequestContext, *,
+                    refresh: bool) -> asyncio.Task[IssuedCredential]:
+        task = self._spawn(self._fill(key, provider, ctx, refresh=refresh))
+        self._inflight[key] = task
+        return task
+
+    async def _fill(self, key: _Key, provider: Provider, ctx: RequestContext, *, refresh: bool) -> IssuedCredential:
+        name = key[0]
+        generation = (self._epoch, self._gen.get(name, 0))
+        try:
+            cred = await self._fetch(name, provider, ctx)
+        except ProviderError:
+            entry = self._cache.get(key)
+            if refresh and entry is not None:  # keep serving the old credential until it expires
+                entry.failures += 1
+                delay = min(self.refresh_backoff_cap, self.refresh_backoff_base * 2 ** (entry.failures - 1))
+                entry.retry_after = self._now() + delay * (0.5 + 0.5 * self._rng())
+                log.warning("credential '%s': background refresh failed; serving the cached credential "
+                            "until it expires, next attempt in %.1f s", name, entry.retry_after - self._now())
+            raise
+        finally:
+            if self._inflight.get(key) is asyncio.current_task():
+                del self._inflight[key]
+        self._emit("issued", cred)
+        if generation == (self._epoch, self._gen.get(name, 0)) and not self._closed:
+            self._store(key, cred)
+        return cred
+
+    def _store(self, key: _Key, cred: IssuedCredential) -> None:
+        now = self._now()
+        refresh_after = math.inf
+        if cred.expires_at is not None:
+            start = min(cred.issued_at, now)  # a provider clock ahead of ours must not delay refresh
+            frac = self._config.refresh_at + self.refresh_jitter * self._rng()
+            refresh_after = start + (cred.expires_at - start) * frac
+            deadline = cred.expires_at - self._config.skew
+            if refresh_after >= deadline:  # short lifetime vs skew: refresh within what we may serve
+                refresh_after = start + (deadline - start) * frac
+        self._cache[key] = _Entry(cred=cred, refresh_after=refresh_after, last_used=now)
+
+    async def _fetch(self, name: str, provider: Provider, ctx: RequestContext) -> IssuedCredential:
+        """One credential from the provider: timeout per attempt, retries with backoff, checked result."""
+        cfg = self._config
+        attempts = 1 + max(0, cfg.retries)
+        for attempt in range(1, attempts + 1):
+            began = time.perf_counter()
+            outcome = "error"
+            try:
+                async with asyncio.timeout(cfg.timeout) as deadline:
+                    result = await provider.fetch(ctx)
+                cred = self._check(name, provider, result)
+            except ProviderError as exc:
+                error = exc
+            except TimeoutError as exc:
+                if deadline.expired():
+                    outcome = "timeout"
+                    error = ProviderError(f"the {provider.kind} provider for credential '{name}' did not "
+                                          f"answer within {cfg.timeout:g} s")
+                else:
+                    error = self._unexpected(name, provider, exc)
+            except Exception as exc:  # noqa: BLE001 - any provider bug is a failed attempt
+                error = self._unexpected(name, provider, exc)
+            else:
+                self._emit("fetched", credential=name, kind=provider.kind, outcome="success",
+                           seconds=time.perf_counter() - began)
+                return cred
+            self._emit("fetched", credential=name, kind=provider.kind, outcome=outcome,
+                       seconds=time.perf_counter() - began)
+            log.warning("credential '%s': attempt %d of %d failed: %s", name, attempt, attempts, error)
+            if not error.retryable:
+                break
+            if attempt < attempts:
+                backoff = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
+                await asyncio.sleep(backoff * self._rng())
+        raise ProviderError(f"credential '{name}' is unavailable after {attempt} attempt(s): {error}",
+                            retryable=error.retryable)
+
+    def _check(self, name: str, provider: Provider, result: object) -> IssuedCredential:
+        """Reject what is not a usable credential; a malformed answer is a failure, not a token."""
+        what = None
+        if not isinstance(result, IssuedCredential):
+            what = f"a {type(result).__name__} instead of a credential"
+        elif not isinstance(result.secret, Secret) or not result.secret.reveal():
+            what = "a credential with an empty secret"
+        elif not result.valid_at(self._now(), self._config.skew):
+            what = (f"a credential that expires within the {self._config.skew:g} s skew "
+                    "(expired, or its lifetime is too short for broker.skew_seconds)")
+        if what is not None:  # a provider bug or a misconfiguration: retrying will not help
+            raise ProviderError(f"the {provider.kind} provider for credential '{name}' returned {what}",
+                                retryable=False)
+        assert isinstance(result, IssuedCredential)
+        return result
+
+    @staticmethod
+    def _unexpected(name: str, provider: Provider, exc: BaseException, *, retryable: bool = True) -> ProviderError:
+        # The exception's text may contain a secret (a token endpoint echoing the request): type only.
+        log.error("credential '%s': the %s provider raised %s (message withheld)", name, provider.kind,
+                  type(exc).__name__)
+        return ProviderError(f"the {provider.kind} provider for credential '{name}' failed unexpectedly "
+                             f"({type(exc).__name__}); see the proxy log", retryable=retryable)
+
+    def _drop(self, key: _Key, reason: str, *, revoke: bool = False) -> None:
+        entry = self._cache.pop(key)
+        self._emit("revoked", entry.cred, reason=reason)
+        provider = self._providers.get(key[0])
+        if revoke and provider is not None and provider.revocable and not self._closed:
+            task = self._spawn(self._revoke(provider, entry.cred))
+            self._tasks.discard(task)
+            self._revoking.add(task)
+
+    async def _revoke(self, provider: Provider, cred: IssuedCredential) -> None:
+        try:
+            async with asyncio.timeout(self._config.timeout):
+                await provider.revoke(cred)
+        except Exception as exc:  # noqa: BLE001 - best effort: it still expires on its own
+            log.warning("credential '%s': revoking at the %s provider failed (%s); it stays valid "
+                        "until it expires", cred.name, provider.kind, type(exc).__name__)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None and not self._closed:
+            self._sweeper = self._spawn(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                self.sweep()
+            except Exception as exc:  # noqa: BLE001 - one failure must not end sweeping for good
+                log.error("credential broker: expiry sweep failed (%s)", type(exc).__name__)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+        return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._revoking.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: waiters got it already; a refresh failure was logged
+
+    def _emit(self, event: str, *args: Any, **kw: Any) -> None:
+        try:
+            getattr(self._events, event)(*args, **kw)
+        except Exception as exc:  # noqa: BLE001 - a sink must not break a request
+            log.warning("credential broker: event sink %s.%s raised %s", type(self._events).__name__,
+                        event, type(exc).__name__)
