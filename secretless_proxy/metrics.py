@@ -1,0 +1,239 @@
+"""The Prometheus metrics of secretless-proxy: every name, type and label in one place.
+
+Metrics are injected (prometheus_client habit): ``Metrics(registry)`` defines its collectors on
+the ``CollectorRegistry`` it is given, nothing is created at import time, so a re-imported addon
+script or a test with a fresh registry never registers twice. docs/metrics.md documents each
+metric; ``tests/test_deploy.py`` checks the dashboard and alert rules only use names defined here.
+
+Label values are bounded. ``rule`` and ``credential`` are names from the loaded config, ``kind``
+a credential kind. Every ``reason``, ``outcome``, ``result`` and ``decision`` belongs to a closed
+vocabulary below; anything else is counted as ``other`` (and logged once), so a bug or a new
+reason can never explode the series count. Hosts, paths and workload IDs never become labels:
+they belong in audit records.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+log = logging.getLogger("secretless.metrics")
+
+OTHER = "other"
+NO_RULE = "none"  # rule label of a request refused before any rule matched
+
+# The error contract's refusal reasons (identity.py, policy.py, addon.py, the broker and audit).
+IDENTITY_REASONS = frozenset({
+    "identity_missing", "identity_untrusted", "identity_expired", "identity_invalid",
+    "identity_trust_domain", "identity_conflict",
+})
+DENY_REASONS = IDENTITY_REASONS | frozenset({
+    "no_rule", "method", "path", "host_mismatch", "plaintext_upstream", "credential_unavailable",
+    "internal_error", "store_unavailable", "audit_unavailable", "not_configured",
+})
+# Refusals that are the proxy's failure (5xx), not the client's: decision="error".
+ERROR_REASONS = frozenset({
+    "credential_unavailable", "internal_error", "store_unavailable", "audit_unavailable", "not_configured",
+})
+DECISIONS = frozenset({"allowed", "injected", "denied", "error"})
+FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
+CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
+REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "manual"})
+RELOAD_OUTCOMES = frozenset({"success", "error"})
+
+# 50 µs … 1 s: the addon's own work is sub-millisecond when the credential is cached.
+OVERHEAD_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+                    100e-3, 250e-3, 500e-3, 1.0)
+# 1 ms … 30 s: a provider round trip (token endpoint, STS), including retries.
+FETCH_BUCKETS = (1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0,
+                 10.0, 30.0)
+
+
+def decision_for(reason: str) -> str:
+    """The ``decision`` label of a refused request: ``error`` for the proxy's failures, else ``denied``."""
+    return "error" if reason in ERROR_REASONS else "denied"
+
+
+class _ExpiryCollector:
+    """``secretless_credential_expiry_timestamp_seconds``: the soonest expiry per credential.
+
+    Computed at scrape time from the cached (credential, scope) entries, so a credential whose
+    last cached scope was revoked, or has expired, simply has no series.
+    """
+
+    NAME = "secretless_credential_expiry_timestamp_seconds"
+    HELP = "Soonest expiry (Unix time) among the cached, unexpired scopes of each credential."
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._entries: dict[tuple[str, str], float] = {}
+        self._prune_at = 1024  # also prune when nobody scrapes, so per-workload scopes cannot pile up
+
+    def set(self, credential: str, scope: str, expires_at: float | None) -> None:
+        if expires_at is None:  # does not expire (static keys): nothing to watch
+            self._entries.pop((credential, scope), None)
+            return
+        self._entries[(credential, scope)] = expires_at
+        if len(self._entries) > self._prune_at:
+            self._prune()
+            self._prune_at = max(1024, 2 * len(self._entries))
+
+    def remove(self, credential: str, scope: str) -> None:
+        self._entries.pop((credential, scope), None)
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for key in [k for k, exp in self._entries.items() if exp <= now]:
+            del self._entries[key]  # expired entries are not a usable cache: drop them
+
+    def soonest(self) -> dict[str, float]:
+        self._prune()
+        out: dict[str, float] = {}
+        for (credential, _), exp in self._entries.items():
+            if exp < out.get(credential, float("inf")):
+                out[credential] = exp
+        return out
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["credential"])
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["credential"])
+        for credential, exp in sorted(self.soonest().items()):
+            family.add_metric([credential], exp)
+        yield family
+
+
+class Metrics:
+    """Every secretless-proxy metric, registered on ``registry``. Methods never raise on odd labels."""
+
+    def __init__(self, registry: CollectorRegistry, *, clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self._clock = clock
+        self._warned: set[tuple[str, str]] = set()
+        r = registry
+        self.requests = Counter(
+            "secretless_requests_total", "Requests handled by the proxy, by rule and decision.",
+            ["rule", "decision"], registry=r)
+        self.denied = Counter(
+            "secretless_denied_total", "Requests refused, by error-contract reason.", ["reason"], registry=r)
+        self.overhead = Histogram(
+            "secretless_request_overhead_seconds",
+            "Time spent in the secretless addon per request (identity, policy, credential, inject).",
+            buckets=OVERHEAD_BUCKETS, registry=r)
+        self.fetches = Counter(
+            "secretless_credential_fetch_total", "Credential provider calls, by credential, kind and outcome.",
+            ["credential", "kind", "outcome"], registry=r)
+        self.fetch_seconds = Histogram(
+            "secretless_credential_fetch_seconds", "Duration of credential provider calls, by kind.",
+            ["kind"], buckets=FETCH_BUCKETS, registry=r)
+        self.cache = Counter(
+            "secretless_credential_cache_total", "Credential cache lookups: hit, miss or refresh.",
+            ["credential", "result"], registry=r)
+        self._expiry = _ExpiryCollector(clock)
+        r.register(self._expiry)
+        self.revocations = Counter(
+            "secretless_revocations_total", "Cached credentials revoked, by reason.", ["reason"], registry=r)
+        self.reloads = Counter(
+            "secretless_config_reloads_total", "Config loads and reloads, by outcome.", ["outcome"], registry=r)
+        self.config_info = Gauge(
+            "secretless_config_info", "The loaded config's sha256 (value is always 1).", ["sha256"], registry=r)
+        self.config_success = Gauge(
+            "secretless_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load.", registry=r)
+        self.cert_rejections = Counter(
+            "secretless_client_cert_rejections_total", "Client certificates rejected, by reason.",
+            ["reason"], registry=r)
+        self.build_info = Gauge(
+            "secretless_build_info", "Versions of secretless-proxy, mitmproxy and Python (value is always 1).",
+            ["version", "mitmproxy", "python"], registry=r)
+        self.audit_errors = Counter(
+            "secretless_audit_write_errors_total", "Audit events a sink failed to write, by sink.",
+            ["sink"], registry=r)
+        self.ready = Gauge(
+            "secretless_ready", "1 when every readiness check passes, else 0.", registry=r)
+        self.build_info.labels(*_versions()).set(1)
+        # Zero-valued series for the closed vocabularies: rate() and alerts see a 0, not "no data".
+        for reason in DENY_REASONS:
+            self.denied.labels(reason)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def request_done(self, *, rule: str | None, decision: str, overhead_seconds: float) -> None:
+        self.requests.labels(rule or NO_RULE, self._closed("decision", decision, DECISIONS)).inc()
+        self.overhead.observe(max(overhead_seconds, 0.0))
+
+    def request_denied(self, reason: str) -> None:
+        self.denied.labels(self._closed("reason", reason, DENY_REASONS)).inc()
+
+    def credential_fetched(self, *, credential: str, kind: str, outcome: str, seconds: float) -> None:
+        self.fetches.labels(credential, kind, self._closed("outcome", outcome, FETCH_OUTCOMES)).inc()
+        self.fetch_seconds.labels(kind).observe(max(seconds, 0.0))
+
+    def cache_lookup(self, *, credential: str, result: str) -> None:
+        self.cache.labels(credential, self._closed("result", result, CACHE_RESULTS)).inc()
+
+    def credential_cached(self, *, credential: str, scope: str, expires_at: float | None) -> None:
+        """A credential value for (credential, scope) is now cached; it replaces the previous one."""
+        self._expiry.set(credential, scope, expires_at)
+
+    def credential_revoked(self, *, credential: str, scope: str, reason: str) -> None:
+        self._expiry.remove(credential, scope)
+        self.revocations.labels(self._closed("reason", reason, REVOCATION_REASONS)).inc()
+
+    def cert_rejected(self, reason: str) -> None:
+        self.cert_rejections.labels(self._closed("reason", reason, IDENTITY_REASONS)).inc()
+
+    def config_loaded(self, digest: str) -> None:
+        self.reloads.labels("success").inc()
+        self.config_info.clear()  # one series: the config in force now
+        self.config_info.labels(digest).set(1)
+        self.config_success.set(self._clock())
+
+    def config_reload_failed(self) -> None:
+        self.reloads.labels("error").inc()
+
+    def audit_write_failed(self, sink: str) -> None:
+        self.audit_errors.labels(sink).inc()
+
+    def track_readiness(self, checks: Callable[[], Mapping[str, str | None]]) -> None:
+        """Make ``secretless_ready`` evaluate ``checks`` at scrape time (1 when every value is None)."""
+        def ready() -> float:
+            try:
+                return 1.0 if all(v is None for v in checks().values()) else 0.0
+            except Exception as exc:  # noqa: BLE001 - a failing check means not ready, never a failed scrape
+                log.warning("readiness check raised %s", type(exc).__name__)
+                return 0.0
+        self.ready.set_function(ready)
+
+    def soonest_expiry(self) -> dict[str, float]:
+        """The expiry gauge's current values, by credential (for tests and `explain`)."""
+        return self._expiry.soonest()
+
+    def _closed(self, label: str, value: str, allowed: frozenset[str]) -> str:
+        if value in allowed:
+            return value
+        if (label, value) not in self._warned and len(self._warned) < 100:
+            self._warned.add((label, value))
+            log.warning("unknown %s %r counted as %r", label, value, OTHER)
+        return OTHER
+
+
+def _versions() -> tuple[str, str, str]:
+    try:
+        version = metadata.version("secretless-proxy")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        from mitmproxy.version import VERSION as mitmproxy_version
+    except ImportError:
+        mitmproxy_version = "unknown"
+    return version, mitmproxy_version, platform.python_version()
