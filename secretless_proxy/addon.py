@@ -1,15 +1,15 @@
-"""The mitmproxy addon: the front door that wires identity → policy → credential → inject.
+"""The mitmproxy addon: the front door that wires identity → policy → broker → inject → audit.
 
-It contains no policy, identity or injection logic of its own. Every hook catches its own
-errors and answers with a refusal: mitmproxy's ``safecall`` would otherwise log the exception
-and let the flow continue — past a denial, or without its credential.
+It contains no policy, identity, credential or injection logic of its own. Every hook catches
+its own errors and answers with a refusal: mitmproxy's ``safecall`` would otherwise log the
+exception and let the flow continue — past a denial, or without its credential.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import signal
 import time
 import weakref
 from dataclasses import dataclass
@@ -17,36 +17,24 @@ from dataclasses import dataclass
 from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.connection import Client
 from mitmproxy.net.http import url
+from prometheus_client import CollectorRegistry
 
 from . import identity as ident
-from . import inject, tlsfiles
-from .config import Config, load_config
-from .errors import ConfigError, IdentityError, SecretUnavailable
-from .identity import IdentityVerifier, Workload, load_trust_bundle
+from . import inject, sigv4
+from .admin import AdminServer
+from .audit import AuditLog, clean_path
+from .credentials import IssuedCredential, RequestContext
+from .errors import ConfigError, CredentialError, IdentityError
+from .identity import Workload
 from .matching import normalize_host
-from .policy import Decision, Deny, Policy
+from .metrics import Metrics, decision_for
+from .observe import Observer
+from .policy import Decision, Deny
+from .refusal import (AUDIT_UNAVAILABLE, CREDENTIAL_UNAVAILABLE, DENY_MESSAGES, HOST_MISMATCH, INTERNAL,
+                      NOT_CONFIGURED, REQUEST_ID_HEADER, Refusal, error_response)
+from .services import Services
 
 log = logging.getLogger("secretless")
-
-HOST_MISMATCH = "host_mismatch"
-CREDENTIAL_UNAVAILABLE = "credential_unavailable"
-INTERNAL = "internal_error"
-REQUEST_ID_HEADER = "X-Secretless-Request-Id"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Runtime:
-    """Everything derived from one loaded config; swapped as a whole."""
-
-    config: Config
-    policy: Policy
-    verifier: IdentityVerifier
-
-    @classmethod
-    def build(cls, config: Config) -> Runtime:
-        roots = load_trust_bundle(config.identity.trust_bundle)
-        return cls(config=config, policy=Policy(config.rules),
-                   verifier=IdentityVerifier(roots=roots, trust_domains=config.identity.trust_domains))
 
 
 @dataclass
@@ -58,21 +46,17 @@ class ConnState:
     inner_sni: str | None = None  # SNI of the handshake inside the tunnel
 
 
-@dataclass
-class Refusal(Exception):
-    status: int
-    reason: str
-    message: str
-    rule: str | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class _Injected:
-    """Where a flow carries its credential, to scrub the flow and redact echoes."""
+    """What a flow carries: where its credential sits (to scrub and redact) and for the audit."""
 
     header: str | None
     query: str | None
     needles: tuple[str, ...]
+    cred: IssuedCredential
+    rule: str
+    workload: str
+    started: float
 
     def scrub(self, request: http.Request) -> None:
         """Remove the credential from the flow's copy of a request that has been sent."""
@@ -80,6 +64,9 @@ class _Injected:
             request.headers[self.header] = "[REDACTED]"
         if self.query is not None:
             request.query.set_all(self.query, ["[REDACTED]"])
+        for name in ("X-Amz-Security-Token",):
+            if name in request.headers:
+                request.headers[name] = "[REDACTED]"
 
 
 class _ShutdownCancellation(logging.Filter):
@@ -97,11 +84,19 @@ _SHUTDOWN_FILTER = _ShutdownCancellation()
 
 
 class Secretless:
-    def __init__(self) -> None:
-        self.runtime: Runtime | None = None
+    def __init__(self, *, registry: CollectorRegistry | None = None) -> None:
+        self.services: Services | None = None
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.observer = Observer(metrics=self.metrics)
+        self.admin: AdminServer | None = None
         self._conns: weakref.WeakKeyDictionary[Client, ConnState] = weakref.WeakKeyDictionary()
         # Secret-bearing strings per flow, kept off flow.metadata so saved flows never hold them.
         self._injected: weakref.WeakKeyDictionary[http.HTTPFlow, _Injected] = weakref.WeakKeyDictionary()
+        self._reload_pending: asyncio.Task | None = None
+
+    @property
+    def runtime(self):
+        return self.services.runtime if self.services else None
 
     # -- configuration --------------------------------------------------------------------
 
@@ -124,23 +119,30 @@ class Secretless:
             # Not an OptionsError: mitmproxy re-applies the previous (empty) value when a new
             # value fails, and that error would hide the real one. Without a config every
             # request is refused, and running() stops the proxy.
-            self.runtime = None
+            self.services = None
             return
         try:
-            config = load_config(path)
-            runtime = Runtime.build(config)
-            bundle = tlsfiles.upstream_ca_bundle(config)
+            services = Services(path, events=self.observer)
         except ConfigError as exc:
             raise exceptions.OptionsError(f"secretless_config={path} is invalid:\n{exc}") from None
         except (ValueError, OSError) as exc:
             raise exceptions.OptionsError(f"secretless_config={path}: {exc}") from None
+        self._force_options(services)
+        self.services = services
+        self.observer.set_audit(AuditLog.from_config(services.config.audit, metrics=self.metrics))
+        self.observer.config_loaded(services.config.digest)
+        cfg = services.config
+        log.info("loaded %s (%d rules, %d credentials, sha256 %s)", cfg.source, len(cfg.rules),
+                 len(cfg.credentials), cfg.digest[:12])
+
+    def _force_options(self, services: Services) -> None:
         # The options our security model depends on, set before the config goes live so that
         # plain `mitmdump -s addons/secretless.py` is exactly as strict as `secretless-proxy run`.
         wanted = {
             "request_client_cert": True,
             "connection_strategy": "lazy",  # no upstream connection before a request passed policy
-            "ssl_verify_upstream_trusted_ca": str(bundle),
-            "confdir": str(tlsfiles.confdir(config)),
+            "ssl_verify_upstream_trusted_ca": str(services.upstream_bundle),
+            "confdir": str(services.confdir),
         }
         missing = [k for k in wanted if k not in ctx.options]
         if missing:
@@ -149,19 +151,63 @@ class Secretless:
         changes = {k: v for k, v in wanted.items() if getattr(ctx.options, k) != v}
         if changes:
             ctx.options.update(**changes)
-        self.runtime = runtime
-        log.info("loaded %s (%d rules, %d credentials, sha256 %s)", config.source,
-                 len(config.rules), len(config.credentials), config.digest[:12])
 
-    def running(self) -> None:
-        if self.runtime is None:
+    async def running(self) -> None:
+        services = self.services
+        if services is None:
             log.error("no config loaded: pass --set secretless_config=FILE; stopping")
             ctx.master.shutdown()
             return
+        await services.start()
+        services.on_reload = self._after_reload
+        if services.config.admin_listen:
+            host, port = services.config.admin_listen
+            self.admin = AdminServer(host, port, metrics=self.metrics, readiness=self.readiness,
+                                     oidc=services.oidc_documents)
+            try:
+                await self.admin.start()
+            except OSError as exc:
+                log.error("admin listener on %s:%d failed: %s; stopping", host, port, exc.strerror or exc)
+                ctx.master.shutdown()
+                return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._sighup)
+        except (NotImplementedError, RuntimeError, ValueError):
+            log.warning("SIGHUP reload is not available here; the config file is still watched")
         ps = ctx.master.addons.get("proxyserver")
-        addrs = ps.listen_addrs() if ps is not None else []
-        for addr in addrs:
+        for addr in (ps.listen_addrs() if ps is not None else []):
             log.info("secretless-proxy listening on %s:%d", addr[0], addr[1])
+
+    async def done(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+        if self.services is not None:
+            await self.services.stop()
+        self.observer.close()
+
+    def _sighup(self) -> None:
+        log.info("SIGHUP: reopening audit files and reloading the config")
+        self.observer.reopen()
+        if self.services is not None:
+            self.services.reload()
+
+    def _after_reload(self, ok: bool) -> None:
+        services = self.services
+        assert services is not None
+        if not ok:
+            self.observer.config_reload_failed()
+            return
+        self.observer.set_audit(AuditLog.from_config(services.config.audit, metrics=self.metrics)) \
+            if services.audit_changed else None
+        self.observer.config_loaded(services.config.digest)
+        if ctx.options.ssl_verify_upstream_trusted_ca != str(services.upstream_bundle):
+            ctx.options.update(ssl_verify_upstream_trusted_ca=str(services.upstream_bundle))
+
+    def readiness(self) -> dict[str, str | None]:
+        """The /readyz checks: None means passing, a string says what fails."""
+        if self.services is None:
+            return {"config": "no config loaded"}
+        return self.services.readiness() | {"audit": self.observer.audit.check()}
 
     # -- connection hooks -------------------------------------------------------------------
 
@@ -182,14 +228,19 @@ class Secretless:
             return
         if isinstance(st.identity, IdentityError):
             return  # a failed proof on this connection is never upgraded by a later handshake
-        assert self.runtime is not None
+        runtime = self.runtime
+        if runtime is None:
+            st.identity = IdentityError(ident.UNTRUSTED, "the proxy has no trust bundle loaded")
+            return
         try:
-            found: Workload | IdentityError = self.runtime.verifier.verify(
+            found: Workload | IdentityError = runtime.verifier.verify(
                 [c.to_cryptography() for c in client.certificate_list])
         except IdentityError as exc:
             found = exc
         if isinstance(st.identity, Workload) and isinstance(found, Workload) and found.spiffe_id != st.identity.spiffe_id:
             found = IdentityError(ident.CONFLICT, "two different workload certificates were presented on one connection")
+        if isinstance(found, IdentityError):
+            self.observer.cert_rejected(found.reason)
         st.identity = found
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -197,26 +248,32 @@ class Secretless:
         try:
             st.connect = (normalize_host(flow.request.host), flow.request.port)
         except ValueError:
-            flow.response = _error_response(flow, Refusal(400, HOST_MISMATCH, "the CONNECT target is not a valid host"))
+            flow.response = error_response(flow.id, Refusal(400, HOST_MISMATCH, "the CONNECT target is not a valid host"))
 
     # -- request path ----------------------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        started = time.perf_counter()
+        rule, decision = None, "error"
         try:
-            self._authorize_and_inject(flow)
+            rule, decision = await self._authorize_and_inject(flow)
         except Refusal as refusal:
+            rule, decision = refusal.rule, decision_for(refusal.reason)
             self._refuse(flow, refusal)
         except Exception as exc:  # noqa: BLE001 - fail closed on any bug
             # The type only: an exception message might quote a value we must not log.
             log.error("request %s refused after an internal error (%s)", flow.id, type(exc).__name__)
             self._refuse(flow, Refusal(502, INTERNAL, "the proxy failed to process this request"))
+        finally:
+            self.observer.request_done(rule=rule, decision=decision, overhead_seconds=time.perf_counter() - started)
 
-    def _authorize_and_inject(self, flow: http.HTTPFlow) -> None:
-        runtime = self.runtime
-        if runtime is None:
-            raise Refusal(503, "not_configured", "the proxy has no configuration loaded")
+    async def _authorize_and_inject(self, flow: http.HTTPFlow) -> tuple[str, str]:
+        services = self.services
+        if services is None or services.broker is None:
+            raise Refusal(503, NOT_CONFIGURED, "the proxy has no configuration loaded")
+        runtime = services.runtime  # one runtime for the whole request, even across a reload
         st = self._conns.get(flow.client_conn) or ConnState()
         workload = _require_identity(st)
         host, port = self._destination(flow, st)
@@ -224,25 +281,41 @@ class Secretless:
         result = runtime.policy.decide(workload, host=host, port=port, scheme=req.scheme,
                                        method=req.method, path=req.path)
         if isinstance(result, Deny):
-            raise Refusal(403, result.reason, _DENY_MESSAGES[result.reason], result.rule)
+            raise Refusal(403, result.reason, DENY_MESSAGES[result.reason], result.rule)
         assert isinstance(result, Decision)
         rule = result.rule
         flow.metadata["secretless.rule"] = rule.name
         flow.metadata["secretless.workload"] = workload.spiffe_id
         if rule.inject is None:
-            return
-        cred = runtime.config.credentials[rule.inject.credential]
+            return rule.name, "allowed"
+        if not self.observer.audit_ready():
+            raise Refusal(503, AUDIT_UNAVAILABLE, "the audit log cannot be written; credentials are withheld", rule.name)
+        rctx = RequestContext(workload=workload, host=host, port=port, method=req.method,
+                              path=req.path.split("?", 1)[0], rule=rule.name)
         try:
-            secret = cred.settings.secret.resolve()
-        except SecretUnavailable as exc:
-            log.warning("credential %s unavailable for rule %s: %s", cred.name, rule.name, exc)
-            raise Refusal(502, CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name) from None
-        needles = inject.apply(req, rule.inject, secret)
+            cred = runtime.providers[rule.inject.credential].fetch_now(rctx) \
+                or await services.broker.get(rule.inject.credential, rctx)
+        except Exception as exc:  # noqa: BLE001 - any failure to obtain it means: refuse
+            detail = str(exc) if isinstance(exc, CredentialError) else f"{type(exc).__name__} (message withheld)"
+            log.warning("credential %s unavailable for rule %s: %s", rule.inject.credential, rule.name, detail)
+            raise Refusal(503, CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name) from None
+        if not flow.live or flow.response is not None:
+            raise Refusal(502, INTERNAL, "the request ended while its credential was brokered", rule.name)
         inj = rule.inject
-        self._injected[flow] = _Injected(
-            header=inj.header or ("Authorization" if inj.basic_password is not None else None),
-            query=inj.query, needles=needles)
+        if inj.sigv4:
+            try:
+                needles = sigv4.sign(req, cred, region=inj.sigv4_region, service=inj.sigv4_service)
+            except ValueError as exc:  # our own sentence (unknown region, chunk-signed upload): no secret
+                raise Refusal(502, CREDENTIAL_UNAVAILABLE, f"the request cannot be signed: {exc}", rule.name) from None
+            header, query = "Authorization", None
+        else:
+            needles = inject.apply(req, inj, cred.secret)
+            header = inj.header or ("Authorization" if inj.basic_password is not None else None)
+            query = inj.query
+        self._injected[flow] = _Injected(header=header, query=query, needles=needles, cred=cred,
+                                         rule=rule.name, workload=workload.spiffe_id, started=time.time())
         flow.metadata["secretless.credential"] = cred.name
+        return rule.name, "injected"
 
     def _destination(self, flow: http.HTTPFlow, st: ConnState) -> tuple[str, int]:
         """The host and port the proxy will connect to, after checking every name agrees.
@@ -273,10 +346,16 @@ class Secretless:
 
     def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         st = self._conns.get(flow.client_conn)
-        who = st.identity.spiffe_id if st and isinstance(st.identity, Workload) else "unknown"
-        log.info("refused %s %s %s%s for %s: %s", flow.id, flow.request.method,
-                 flow.request.pretty_host, flow.request.path.split("?", 1)[0], who, refusal.reason)
-        flow.response = _error_response(flow, refusal)
+        if st and isinstance(st.identity, Workload):
+            who = st.identity.spiffe_id
+        else:
+            who = None
+        path = clean_path(flow.request.path)
+        log.info("refused %s %s %s%s for %s: %s", flow.id, flow.request.method, flow.request.pretty_host,
+                 path, who or "unknown", refusal.reason)
+        self.observer.denied(request_id=flow.id, workload=who, reason=refusal.reason,
+                             host=flow.request.pretty_host, path=path, rule=refusal.rule)
+        flow.response = error_response(flow.id, refusal)
 
     # -- response path -----------------------------------------------------------------------
 
@@ -294,7 +373,7 @@ class Secretless:
             injected.scrub(flow.request)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
-            flow.response = _error_response(flow, Refusal(502, INTERNAL, "the proxy failed to process the response"))
+            flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))
 
     def response(self, flow: http.HTTPFlow) -> None:
         injected = self._injected.pop(flow, None)
@@ -304,20 +383,20 @@ class Secretless:
             inject.redact(flow.response, injected.needles)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
-            flow.response = _error_response(flow, Refusal(502, INTERNAL, "the proxy failed to process the response"))
+            flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))
+        self._audit_used(flow, injected, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
         injected = self._injected.pop(flow, None)
         if injected is not None:
             injected.scrub(flow.request)
+            self._audit_used(flow, injected, None)
 
-
-_DENY_MESSAGES = {
-    "no_rule": "no rule allows this workload to reach this destination",
-    "method": "the rule for this destination does not allow this method",
-    "path": "the rule for this destination does not allow this path",
-    "plaintext_upstream": "the rule does not allow sending its credential over plaintext HTTP",
-}
+    def _audit_used(self, flow: http.HTTPFlow, injected: _Injected, status: int | None) -> None:
+        self.observer.used(request_id=flow.id, workload=injected.workload, rule=injected.rule,
+                           cred=injected.cred, method=flow.request.method, host=flow.request.host,
+                           path=clean_path(flow.request.path), status=status,
+                           duration=time.time() - injected.started)
 
 
 def _require_identity(st: ConnState) -> Workload:
@@ -328,11 +407,3 @@ def _require_identity(st: ConnState) -> Workload:
     if st.identity.not_after < time.time():
         raise Refusal(407, ident.EXPIRED, "the client certificate has expired")
     return st.identity
-
-
-def _error_response(flow: http.HTTPFlow, refusal: Refusal) -> http.Response:
-    body = json.dumps({"error": refusal.message, "reason": refusal.reason,
-                       "rule": refusal.rule, "request_id": flow.id}).encode()
-    return http.Response.make(refusal.status, body, {
-        "Content-Type": "application/json", REQUEST_ID_HEADER: flow.id, "Cache-Control": "no-store",
-    })

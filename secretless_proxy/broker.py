@@ -52,7 +52,7 @@ class BrokerEvents:
     def cache(self, *, credential: str, result: str) -> None:
         """One ``get``: "hit", "miss" (waited for a fetch) or "refresh" (a hit that started a refresh)."""
 
-    def issued(self, cred: IssuedCredential) -> None:
+    def issued(self, cred: IssuedCredential, *, cached: bool = True) -> None:
         """A provider produced a new credential."""
 
     def revoked(self, cred: IssuedCredential, *, reason: str) -> None:
@@ -124,7 +124,7 @@ class Broker:
         if scope is None:  # minted per request: never cached, never shared
             self._emit("cache", credential=name, result="miss")
             cred = await self._fetch(name, provider, ctx)
-            self._emit("issued", cred)
+            self._emit("issued", cred, cached=False)
             return cred
         key = (name, scope)
         now = self._now()

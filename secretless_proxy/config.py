@@ -188,6 +188,13 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     signing = _signing(src, top["signing"], base, resolve_secrets) if "signing" in top else None
     broker = _broker(src, top["broker"]) if "broker" in top else BrokerConfig()
     audit = _audit(src, top["audit"], base, resolve_secrets) if "audit" in top else AuditConfig()
+    for cred in credentials.values():
+        ttl = getattr(cred.settings, "ttl", None)
+        if cred.kind == "jwt" and ttl is not None and ttl <= broker.skew:
+            src.error(("credentials", cred.name, "ttl_seconds"),
+                      f"a {ttl:g} s token would never be served: it must outlive broker.skew_seconds ({broker.skew:g})")
+    if admin and listen and admin[1] == listen[1] and (admin[0] == listen[0] or "0.0.0.0" in (admin[0], listen[0])):
+        src.error(("admin", "listen"), "the admin listener must not share the proxy's address")
     store = top.get("store", "memory://")
     if store != "memory://":
         src.error(("store",), f"unsupported store {store!r}: this version supports memory:// only")
@@ -212,6 +219,8 @@ def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
             sinks.append("file:" + str(path if path.is_absolute() else base / path))
         else:
             src.error(p + ("sinks", i), f"unknown audit sink {sink!r} (use stdout or file:/path)")
+    if "sinks" in m and m["sinks"] == []:
+        src.error(p + ("sinks",), "an empty sink list would drop every audit event: name at least one (stdout or file:/path)")
     key = fields.secret_ref(src, p + ("fingerprint_key",), m["fingerprint_key"], base) if "fingerprint_key" in m else None
     if key is not None and resolve:
         try:

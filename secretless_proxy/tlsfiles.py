@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -29,9 +30,11 @@ def upstream_ca_bundle(config: Config) -> Path:
     parts += [Path(p) for p in SYSTEM_BUNDLES if os.path.exists(p)]
     if config.upstream_ca_bundle is not None:
         parts.append(config.upstream_ca_bundle)
-    out = confdir(config) / "upstream-ca-bundle.pem"
-    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     data = b"\n".join(p.read_bytes().strip() + b"\n" for p in parts)
+    # Named by content: mitmproxy caches TLS contexts by file name, so a changed bundle must
+    # get a new name to be picked up on reload.
+    out = confdir(config) / f"upstream-ca-bundle-{hashlib.sha256(data).hexdigest()[:12]}.pem"
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, out)

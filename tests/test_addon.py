@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import gzip
 import json
 import logging
@@ -41,11 +42,13 @@ def write_config(tmp_path, pki, **over) -> str:
 
 
 @pytest.fixture
-def addon_ctx(tmp_path, pki, env):
+async def addon_ctx(tmp_path, pki, env):
     addon = Secretless()
     with taddons.context(Proxyserver(), TlsConfig(), addon) as tctx:
         tctx.configure(addon, secretless_config=write_config(tmp_path, pki))
+        await addon.services.start()
         yield addon, tctx
+        await addon.services.stop()
 
 
 def handshake(addon: Secretless, client, chain: list, sni: str = "api.example.com") -> None:
@@ -76,22 +79,22 @@ class TestConfigure:
             with pytest.raises(exceptions.OptionsError, match=r"config.yaml:\d+ rules\[0\]\.wrkloads: unknown key"):
                 tctx.configure(addon, secretless_config=path)
 
-    def test_ssl_insecure_refused(self, addon_ctx):
+    async def test_ssl_insecure_refused(self, addon_ctx):
         """Turning off upstream verification is refused: credentials only go to verified upstreams."""
         addon, tctx = addon_ctx
         with pytest.raises(exceptions.OptionsError, match="ssl_insecure is not allowed"):
             tctx.configure(addon, ssl_insecure=True)
 
-    def test_security_options_are_forced(self, addon_ctx):
+    async def test_security_options_are_forced(self, addon_ctx):
         """Loading the addon turns on client certs and lazy upstream connections."""
         _, tctx = addon_ctx
         assert tctx.options.request_client_cert is True
         assert tctx.options.connection_strategy == "lazy"
-        assert tctx.options.ssl_verify_upstream_trusted_ca.endswith("upstream-ca-bundle.pem")
+        assert re.search(r"upstream-ca-bundle-[0-9a-f]{12}\.pem$", tctx.options.ssl_verify_upstream_trusted_ca)
 
 
 class TestIdentityState:
-    def test_inner_empty_handshake_keeps_outer_identity(self, addon_ctx, pki):
+    async def test_inner_empty_handshake_keeps_outer_identity(self, addon_ctx, pki):
         """The proxy-hop identity survives the tunnel's certificate-less inner handshake."""
         addon, _ = addon_ctx
         client = tflow.tclient_conn()
@@ -99,22 +102,22 @@ class TestIdentityState:
         connect(addon, client)
         handshake(addon, client, [])
         f = tunnelled_flow(client)
-        addon.request(f)
+        await addon.request(f)
         assert f.response is None
         assert f.request.headers["Authorization"] == f"Bearer {SECRET}"
 
-    def test_two_identities_on_one_connection_conflict(self, addon_ctx, pki):
+    async def test_two_identities_on_one_connection_conflict(self, addon_ctx, pki):
         """A second, different valid identity on one connection voids both."""
         addon, _ = addon_ctx
         client = tflow.tclient_conn()
         handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
         handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id="spiffe://example.org/other").cert])
         f = tunnelled_flow(client)
-        addon.request(f)
+        await addon.request(f)
         assert f.response.status_code == 407
         assert json.loads(f.response.content)["reason"] == "identity_conflict"
 
-    def test_failed_identity_is_not_upgraded(self, addon_ctx, pki):
+    async def test_failed_identity_is_not_upgraded(self, addon_ctx, pki):
         """After a rejected certificate, a later valid one on the same connection does not help."""
         addon, _ = addon_ctx
         client = tflow.tclient_conn()
@@ -122,10 +125,10 @@ class TestIdentityState:
         handshake(addon, client, [certs.make_svid(ca=rogue, spiffe_id=BILLING).cert])
         handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
         f = tunnelled_flow(client)
-        addon.request(f)
+        await addon.request(f)
         assert json.loads(f.response.content)["reason"] == "identity_untrusted"
 
-    def test_identity_expiring_mid_connection(self, addon_ctx, pki):
+    async def test_identity_expiring_mid_connection(self, addon_ctx, pki):
         """A connection outliving its certificate stops getting credentials."""
         addon, _ = addon_ctx
         client = tflow.tclient_conn()
@@ -133,13 +136,13 @@ class TestIdentityState:
         st: ConnState = addon._conns[client]
         st.identity = dataclasses.replace(st.identity, not_after=(datetime.now(UTC) - timedelta(seconds=1)).timestamp())
         f = tunnelled_flow(client)
-        addon.request(f)
+        await addon.request(f)
         assert json.loads(f.response.content)["reason"] == "identity_expired"
 
 
 class TestFailClosed:
-    def test_unexpected_exception_in_credential_source_refuses(self, addon_ctx, pki, monkeypatch, caplog):
-        """A bug in the credential path refuses the request (502) and logs no exception text."""
+    async def test_unexpected_exception_in_credential_source_refuses(self, addon_ctx, pki, monkeypatch, caplog):
+        """A bug in the credential source refuses the request (503) and logs no exception text."""
         addon, _ = addon_ctx
 
         def boom(self):
@@ -150,34 +153,51 @@ class TestFailClosed:
         handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
         f = tunnelled_flow(client)
         with caplog.at_level(logging.DEBUG):
-            addon.request(f)
-        assert f.response.status_code == 502
-        body = json.loads(f.response.content)
-        assert body["reason"] == "internal_error"
+            await addon.request(f)
+        assert f.response.status_code == 503
+        assert json.loads(f.response.content)["reason"] == "credential_unavailable"
         assert "Authorization" not in f.request.headers
         assert SECRET not in caplog.text and SECRET not in f.response.text
 
-    def test_no_config_refuses(self):
+    async def test_bug_in_injection_refuses(self, addon_ctx, pki, monkeypatch, caplog):
+        """An unexpected exception after the credential is brokered still refuses (502 internal_error)."""
+        addon, _ = addon_ctx
+        from secretless_proxy import inject
+
+        def boom(*a, **k):
+            raise KeyError(SECRET)
+
+        monkeypatch.setattr(inject, "apply", boom)
+        client = tflow.tclient_conn()
+        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
+        f = tunnelled_flow(client)
+        with caplog.at_level(logging.DEBUG):
+            await addon.request(f)
+        assert f.response.status_code == 502
+        assert json.loads(f.response.content)["reason"] == "internal_error"
+        assert SECRET not in caplog.text and SECRET not in f.response.text
+
+    async def test_no_config_refuses(self):
         """An addon without a loaded config refuses rather than forwarding."""
         addon = Secretless()
         f = tunnelled_flow()
-        addon.request(f)
+        await addon.request(f)
         assert f.response.status_code == 503
 
 
 class TestResponsePath:
-    def _injected_flow(self, addon, pki):
+    async def _injected_flow(self, addon, pki):
         client = tflow.tclient_conn()
         handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
         f = tunnelled_flow(client)
-        addon.request(f)
+        await addon.request(f)
         assert f.request.headers["Authorization"] == f"Bearer {SECRET}"
         return f
 
-    def test_echoed_secret_redacted_in_headers_and_gzip_body(self, addon_ctx, pki):
+    async def test_echoed_secret_redacted_in_headers_and_gzip_body(self, addon_ctx, pki):
         """An upstream echoing the credential (even gzip-compressed) never shows it to the client."""
         addon, _ = addon_ctx
-        f = self._injected_flow(addon, pki)
+        f = await self._injected_flow(addon, pki)
         f.response = tflow.tresp()
         f.response.headers["X-Echo"] = f"Bearer {SECRET}"
         f.response.headers["Content-Encoding"] = "gzip"
@@ -189,17 +209,17 @@ class TestResponsePath:
         assert b"[REDACTED]" in f.response.content
         assert f.response.headers["X-Secretless-Request-Id"] == f.id
 
-    def test_sent_request_is_scrubbed_from_the_flow(self, addon_ctx, pki):
+    async def test_sent_request_is_scrubbed_from_the_flow(self, addon_ctx, pki):
         """After the request is sent, the flow's copy no longer holds the credential."""
         addon, _ = addon_ctx
-        f = self._injected_flow(addon, pki)
+        f = await self._injected_flow(addon, pki)
         f.response = tflow.tresp()
         addon.responseheaders(f)
         assert f.request.headers["Authorization"] == "[REDACTED]"
 
-    def test_errored_flow_is_scrubbed(self, addon_ctx, pki):
+    async def test_errored_flow_is_scrubbed(self, addon_ctx, pki):
         """A flow whose upstream failed is scrubbed too (error hook)."""
         addon, _ = addon_ctx
-        f = self._injected_flow(addon, pki)
+        f = await self._injected_flow(addon, pki)
         addon.error(f)
         assert f.request.headers["Authorization"] == "[REDACTED]"

@@ -417,7 +417,7 @@ MALFORMED = [
         + one_line_rule("{host: a.example.com}"),
         7,
         "credentials.stripe.kind",
-        "must be one of static, got 'oauth2'",
+        "must be one of aws_sigv4, github_app, jwt, oauth2_client_credentials, oauth2_token_exchange, static, got 'oauth2'",
     ),
     (
         "trust-bundle-missing",

@@ -313,7 +313,7 @@ class TestPlaintext:
 
 class TestFailClosed:
     def test_secret_file_removed_refuses(self, proxy_factory, pki, upstream, tmp_path):
-        """When the credential source fails, the request is refused (502), never forwarded bare."""
+        """When the credential source fails, the request is refused (503), never forwarded bare."""
         secret_file = tmp_path / "stripe.key"
         secret_file.write_text(SECRET + "\n")
         creds = {"stripe": {"kind": "static", "secret": f"file:{secret_file}"}}
@@ -322,7 +322,7 @@ class TestFailClosed:
         args = ("--cacert", pki.interception_ca_cert, "--cert", cert, "--key", key, f"{upstream.url}/v1/x")
         assert curl(*args, proxy=p.url).status == 200
         os.unlink(secret_file)
-        body = refused(curl(*args, proxy=p.url), 502, "credential_unavailable")
+        body = refused(curl(*args, proxy=p.url), 503, "credential_unavailable")
         assert body["rule"] == "billing-to-api"
         assert len(upstream.requests) == 1
 

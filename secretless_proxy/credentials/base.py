@@ -104,6 +104,14 @@ class Provider:
     async def fetch(self, ctx: RequestContext) -> IssuedCredential:
         raise NotImplementedError
 
+    def fetch_now(self, ctx: RequestContext) -> IssuedCredential | None:
+        """A synchronous fast path for values that need no brokering (static keys), else None.
+
+        Such values are read at every use (a stat for file secrets), so a rotated or removed
+        secret takes effect on the next request instead of living on in a cache.
+        """
+        return None
+
     async def revoke(self, cred: IssuedCredential) -> None:
         """Revoke at the provider. Only called when ``revocable`` is true."""
         raise NotImplementedError

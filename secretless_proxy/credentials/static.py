@@ -33,6 +33,9 @@ class StaticProvider(Provider):
     kind = "static"
 
     async def fetch(self, ctx: RequestContext) -> IssuedCredential:
+        return self.fetch_now(ctx)
+
+    def fetch_now(self, ctx: RequestContext) -> IssuedCredential:
         try:
             value = self.settings.secret.resolve()
         except SecretUnavailable as exc:

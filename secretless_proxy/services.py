@@ -1,0 +1,178 @@
+"""The proxy's long-lived parts and their lifecycle: config runtime, broker, HTTP client, watcher.
+
+``configure()`` loads the first config synchronously (a bad file stops start-up with every
+error listed); ``start()``/``stop()`` run in mitmproxy's ``running()``/``done()`` because the
+HTTP client, the broker's tasks and the watcher need the event loop. ``reload()`` never
+raises: a bad config is logged with file:line and key path and the last good one keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+
+from . import tlsfiles
+from .broker import Broker, BrokerEvents
+from .config import Config
+from .credentials import ProviderDeps
+from .errors import ConfigError
+from .identity import load_trust_bundle
+from .reload import FileWatcher
+from .runtime import Runtime, changed_credentials
+from .signing import JwtSigner
+
+log = logging.getLogger("secretless")
+
+
+class Services:
+    def __init__(self, config_path: str, *, events: BrokerEvents | None = None) -> None:
+        self.config_path = config_path
+        self.events = events or BrokerEvents()
+        self.deps = ProviderDeps()
+        self.runtime = Runtime.load(config_path, self.deps)  # raises ConfigError & co.
+        self.deps.signer = _signer(self.config, None)
+        self.upstream_bundle = tlsfiles.upstream_ca_bundle(self.config)
+        self.broker: Broker | None = None
+        self.watcher: FileWatcher | None = None
+        self.reload_error: str | None = None
+        self.audit_changed = False
+        self.on_reload: Callable[[bool], None] | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.confdir = tlsfiles.confdir(self.config)  # fixed for the process: mitmproxy's certstore
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    async def start(self) -> None:
+        self.deps.http = _http_client(self.upstream_bundle, self.config)
+        self.broker = Broker(self.runtime.providers, config=self.config.broker, events=self.events)
+        self.watcher = FileWatcher(self._watched, self.reload)
+        self.watcher.start()
+
+    async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.broker is not None:
+            await self.broker.aclose()
+        if self.deps.http is not None:
+            await self.deps.http.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _watched(self) -> list[Path]:
+        cfg = self.config
+        return [Path(self.config_path), cfg.identity.trust_bundle] + (
+            [cfg.upstream_ca_bundle] if cfg.upstream_ca_bundle else [])
+
+    def reload(self) -> bool:
+        """Load the config file again; swap it in only if it is entirely valid. Never raises."""
+        ok = self._reload()
+        if self.watcher is not None:
+            self.watcher.mark_seen()
+        if self.on_reload is not None:
+            self.on_reload(ok)
+        return ok
+
+    def _reload(self) -> bool:
+        try:
+            runtime = Runtime.load(self.config_path, self.deps)
+            bundle = tlsfiles.upstream_ca_bundle(runtime.config)
+            signer = _signer(runtime.config, self.deps.signer if runtime.config.signing == self.config.signing else None)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                log.error("config reload rejected, still serving the previous config: %s", issue)
+            self.reload_error = f"{len(exc.issues)} error(s) in {self.config_path}"
+            return False
+        except (ValueError, OSError) as exc:
+            log.error("config reload rejected, still serving the previous config: %s", exc)
+            self.reload_error = str(exc)
+            return False
+        old = self.runtime
+        for what, before, after in (("listen", old.config.listen, runtime.config.listen),
+                                    ("interception_ca", old.config.interception_ca, runtime.config.interception_ca),
+                                    ("admin.listen", old.config.admin_listen, runtime.config.admin_listen)):
+            if before != after:
+                log.warning("config reload: %s changed; it takes effect at the next restart", what)
+        self.deps.signer = signer
+        self.audit_changed = runtime.config.audit != old.config.audit
+        self.runtime = runtime  # the swap: new requests see the new rules from here on
+        self.reload_error = None
+        if bundle != self.upstream_bundle:
+            self.upstream_bundle = bundle
+            self._replace_http_client()
+        if self.broker is not None:
+            changed = changed_credentials(old.config.credentials, runtime.config.credentials)
+            self.broker.replace_providers(runtime.providers)
+            if changed:
+                task = asyncio.get_running_loop().create_task(self.broker.evict(changed, reason="config_changed"))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        log.info("config reloaded: %s (%d rules, %d credentials, sha256 %s)", self.config_path,
+                 len(runtime.config.rules), len(runtime.config.credentials), runtime.config.digest[:12])
+        return True
+
+    def oidc_documents(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(openid-configuration, jwks) for the admin listener: how IdPs federate with the proxy."""
+        signer = self.deps.signer
+        if signer is None:
+            raise LookupError("no signing key")
+        return signer.openid_configuration(), signer.jwks()
+
+    def readiness(self) -> dict[str, str | None]:
+        """Ready only with a loaded config, a valid trust bundle and interception CA."""
+        checks: dict[str, str | None] = {"config": self.reload_error and f"last reload failed: {self.reload_error}"}
+        try:
+            load_trust_bundle(self.config.identity.trust_bundle)
+            checks["trust_bundle"] = None
+        except ValueError as exc:
+            checks["trust_bundle"] = str(exc)
+        ca = self.confdir / "mitmproxy-ca-cert.pem"
+        try:
+            x509.load_pem_x509_certificate(ca.read_bytes())
+            checks["interception_ca"] = None
+        except (OSError, ValueError) as exc:
+            checks["interception_ca"] = f"{ca}: {getattr(exc, 'strerror', None) or 'not a PEM certificate'}"
+        checks["store"] = None  # memory:// is always reachable
+        return checks
+
+    def _replace_http_client(self) -> None:
+        old = self.deps.http
+        self.deps.http = _http_client(self.upstream_bundle, self.config)
+        if old is not None:
+            async def close_later() -> None:
+                await asyncio.sleep(self.config.broker.timeout * 4)  # let in-flight fetches finish
+                await old.aclose()
+            task = asyncio.get_running_loop().create_task(close_later())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+def _signer(config: Config, current: JwtSigner | None) -> JwtSigner | None:
+    """The proxy's JWT signer, when anything needs one: minting kinds, client assertions, JWKS."""
+    if current is not None:
+        return current
+    needed = config.signing or config.admin_listen or any(c.kind != "static" for c in config.credentials.values())
+    return JwtSigner.from_config(config.signing, default_issuer=_default_issuer(config)) if needed else None
+
+
+def _default_issuer(config: Config) -> str:
+    if config.admin_listen:
+        host, port = config.admin_listen
+        return f"http://{host}:{port}"
+    return "https://secretless-proxy.invalid"
+
+
+def _http_client(bundle: Path, config: Config) -> httpx.AsyncClient:
+    """Provider I/O: verified TLS against the same roots as upstream traffic, bounded timeouts."""
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    return httpx.AsyncClient(verify=ctx, timeout=httpx.Timeout(config.broker.timeout), trust_env=False,
+                             follow_redirects=False)
