@@ -13,6 +13,7 @@ import signal
 import sys
 
 from mitmproxy import exceptions, master, options
+from prometheus_client import disable_created_metrics
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 
 from .addon import Secretless
@@ -53,4 +54,6 @@ def run(config_path: str, listen: tuple[str, int] | None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # mitmproxy's own per-connection chatter ("client connect", ...) is noise at INFO.
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    # One series per metric, not a *_created twin of each: dashboards and alerts don't use them.
+    disable_created_metrics()
     return asyncio.run(_serve(config_path, listen))

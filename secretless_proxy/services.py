@@ -121,11 +121,11 @@ class Services:
         return True
 
     def oidc_documents(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(openid-configuration, jwks) for the admin listener: how IdPs federate with the proxy."""
+        """(jwks, openid-configuration) for the admin listener: how IdPs federate with the proxy."""
         signer = self.deps.signer
         if signer is None:
             raise LookupError("no signing key")
-        return signer.openid_configuration(), signer.jwks()
+        return signer.jwks(), signer.openid_configuration()
 
     def readiness(self) -> dict[str, str | None]:
         """Ready only with a loaded config, a valid trust bundle and interception CA."""
