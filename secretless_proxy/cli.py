@@ -1,4 +1,4 @@
-"""Command line: ``run``, ``check``, ``certs init``, ``certs issue``."""
+"""Command line: ``run``, ``check``, ``explain``, ``certs init``, ``certs issue``, ``echo-server``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,44 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.file}: OK ({len(cfg.rules)} rules, {len(cfg.credentials)} credentials)")
     return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    """Which rule decides a request, and why: the same decide() the proxy runs."""
+    from urllib.parse import urlsplit
+
+    from .config import load_config
+    from .identity import Workload
+    from .matching import normalize_host, split_spiffe_id
+    from .policy import Decision, Policy
+
+    try:
+        cfg = load_config(args.config, resolve_secrets=False)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    td, path = split_spiffe_id(args.workload)
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"--url must be an absolute http(s) URL, got {args.url!r}")
+    host = normalize_host(url.hostname)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    workload = Workload(spiffe_id=args.workload, trust_domain=td, path=path, not_after=float("inf"), cert_sha256="")
+    if td not in cfg.identity.trust_domains:
+        print(f"refused (407 identity_trust_domain): trust domain '{td}' is not in identity.trust_domains")
+        return 2
+    result = Policy(cfg.rules).decide(workload, host=host, port=port, scheme=url.scheme,
+                                      method=args.method.upper(), path=url.path or "/")
+    if isinstance(result, Decision):
+        rule = result.rule
+        what = "forwarded as is" if rule.inject is None else \
+            f"credential '{rule.inject.credential}' injected ({rule.inject.target})"
+        print(f"allowed by rule '{rule.name}' ({cfg.source.name}:{rule.line}): {what}")
+        return 0
+    near = f" (nearest rule: '{result.rule}')" if result.rule else ""
+    print(f"refused (403 {result.reason}){near}")
+    return 2
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
@@ -96,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file; exit 0 when valid, 1 otherwise")
     check.add_argument("file")
     check.set_defaults(func=_cmd_check)
+
+    explain = sub.add_parser("explain", help="say which rule decides a request, and why (exit 0 allowed, 2 refused)")
+    explain.add_argument("--config", required=True)
+    explain.add_argument("--workload", required=True, help="SPIFFE ID of the calling workload")
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("url", help="the URL the workload calls, e.g. https://api.stripe.com/v1/charges")
+    explain.set_defaults(func=_cmd_explain)
 
     certs = sub.add_parser("certs", help="mint a dev workload CA and workload certificates")
     csub = certs.add_subparsers(dest="certs_command", required=True)
