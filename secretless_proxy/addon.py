@@ -197,8 +197,8 @@ class Secretless:
         if not ok:
             self.observer.config_reload_failed()
             return
-        self.observer.set_audit(AuditLog.from_config(services.config.audit, metrics=self.metrics)) \
-            if services.audit_changed else None
+        if services.audit_changed:
+            self.observer.set_audit(AuditLog.from_config(services.config.audit, metrics=self.metrics))
         self.observer.config_loaded(services.config.digest)
         if ctx.options.ssl_verify_upstream_trusted_ca != str(services.upstream_bundle):
             ctx.options.update(ssl_verify_upstream_trusted_ca=str(services.upstream_bundle))

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 
 from .certs import Issued
 
-__all__ = ["EchoUpstream"]
+__all__ = ["EchoUpstream", "tls_server_context"]
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
@@ -177,7 +177,7 @@ class EchoUpstream:
         return self._server.requests if self._server else []
 
     def __enter__(self) -> EchoUpstream:
-        ctx = _server_context(self._server_cert) if self._server_cert else None
+        ctx = tls_server_context(self._server_cert) if self._server_cert else None
         self._server = _EchoServer((self._host, self._port), ssl_context=ctx)
         self.port = self._server.server_address[1]
         scheme = "https" if ctx else "http"
@@ -209,7 +209,8 @@ class EchoUpstream:
             self._thread.join()
 
 
-def _server_context(cert: Issued) -> ssl.SSLContext:
+def tls_server_context(cert: Issued) -> ssl.SSLContext:
+    """A server-side TLS context (HTTP/1.1 only) for ``cert``; shared by the dev and test servers."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.set_alpn_protocols(["http/1.1"])  # never let a client pick h2, which we do not speak
     # ssl can only load keys from files; the temp dir is private (0700) and gone right after.

@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 import secrets
 import ssl
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -37,6 +35,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from secretless_proxy.certs import Issued
+from secretless_proxy.devserver import tls_server_context
 
 __all__ = ["BODY_MARKER", "GitHubApi", "TokenRequest"]
 
@@ -237,7 +236,7 @@ class GitHubApi:
     # -- lifecycle --------------------------------------------------------------------------
 
     def __enter__(self) -> Self:
-        self._server = _Server(self, _server_context(self._cert))
+        self._server = _Server(self, tls_server_context(self._cert))
         self.url = f"https://localhost:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="github-api", daemon=True)
@@ -252,15 +251,3 @@ class GitHubApi:
             self._server.server_close()
         if self._thread is not None:
             self._thread.join()
-
-
-def _server_context(cert: Issued) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.set_alpn_protocols(["http/1.1"])
-    with tempfile.TemporaryDirectory(prefix="github-api-") as tmp:
-        cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        cert_file.write_bytes(cert.cert_pem())
-        key_file.touch(mode=0o600)
-        key_file.write_bytes(cert.key_pem())
-        ctx.load_cert_chain(certfile=cert_file, keyfile=key_file)
-    return ctx

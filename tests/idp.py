@@ -25,14 +25,12 @@ import json
 import secrets
 import socket
 import ssl
-import tempfile
 import threading
 import traceback
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote_plus
@@ -40,6 +38,7 @@ from urllib.parse import parse_qs, unquote_plus
 import jwt
 
 from secretless_proxy.certs import Issued
+from secretless_proxy.devserver import tls_server_context
 
 __all__ = ["BODY_MARKER", "IdP", "Received"]
 
@@ -121,7 +120,7 @@ class IdP:
         return self.url + "/.well-known/jwks.json"
 
     def __enter__(self) -> Self:
-        self._server = _Server(self, _server_context(self._server_cert))
+        self._server = _Server(self, tls_server_context(self._server_cert))
         self.url = f"https://localhost:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="test-idp", daemon=True)
@@ -368,15 +367,3 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.idp.errors.append(traceback.format_exc())
-
-
-def _server_context(cert: Issued) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.set_alpn_protocols(["http/1.1"])
-    with tempfile.TemporaryDirectory(prefix="test-idp-") as tmp:
-        cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        cert_file.write_bytes(cert.cert_pem())
-        key_file.touch(mode=0o600)
-        key_file.write_bytes(cert.key_pem())
-        ctx.load_cert_chain(certfile=cert_file, keyfile=key_file)
-    return ctx
