@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SPIFFE_ID ?= spiffe://example.org/ns/prod/sa/billing
 
-.PHONY: install run test dev-certs demo-upstream bench
+.PHONY: install run test lint dev-certs demo-upstream bench
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ demo-upstream: install dev-certs
 
 test: install
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/ruff check secretless_proxy addons tests bench
 
 bench: install
 	bash bench/run.sh

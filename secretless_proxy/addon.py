@@ -30,8 +30,17 @@ from .matching import normalize_host
 from .metrics import Metrics, decision_for
 from .observe import Observer
 from .policy import Decision, Deny
-from .refusal import (AUDIT_UNAVAILABLE, CREDENTIAL_UNAVAILABLE, DENY_MESSAGES, HOST_MISMATCH, INTERNAL,
-                      NOT_CONFIGURED, REQUEST_ID_HEADER, Refusal, error_response)
+from .refusal import (
+    AUDIT_UNAVAILABLE,
+    CREDENTIAL_UNAVAILABLE,
+    DENY_MESSAGES,
+    HOST_MISMATCH,
+    INTERNAL,
+    NOT_CONFIGURED,
+    REQUEST_ID_HEADER,
+    Refusal,
+    error_response,
+)
 from .services import Services
 
 log = logging.getLogger("secretless")
@@ -214,7 +223,7 @@ class Secretless:
     def tls_established_client(self, data: tls.TlsData) -> None:
         try:
             self._on_client_tls(data.conn)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001 - must not let a bug erase or fake an identity
+        except Exception:
             log.exception("identity check failed unexpectedly")
             self._conns[data.conn] = ConnState(identity=IdentityError(ident.INVALID, "identity check failed"))  # type: ignore[index]
 
@@ -346,10 +355,7 @@ class Secretless:
 
     def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         st = self._conns.get(flow.client_conn)
-        if st and isinstance(st.identity, Workload):
-            who = st.identity.spiffe_id
-        else:
-            who = None
+        who = st.identity.spiffe_id if st and isinstance(st.identity, Workload) else None
         path = clean_path(flow.request.path)
         log.info("refused %s %s %s%s for %s: %s", flow.id, flow.request.method, flow.request.pretty_host,
                  path, who or "unknown", refusal.reason)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import yamlsource
+from .credentials import fields
 from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
 from .secrets import SecretRef
 from .yamlsource import Path_, Source
-from .credentials import fields
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _METHOD = re.compile(r"[A-Z]+\Z")

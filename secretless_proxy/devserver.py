@@ -41,7 +41,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
             return self._echo
         raise AttributeError(name)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Silenced: the default writes every request to stderr."""
 
     def _echo(self) -> None:

@@ -13,8 +13,8 @@ import signal
 import sys
 
 from mitmproxy import exceptions, master, options
-from prometheus_client import disable_created_metrics
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from prometheus_client import disable_created_metrics
 
 from .addon import Secretless
 

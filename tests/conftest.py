@@ -14,7 +14,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from secretless_proxy import certs  # noqa: E402
 from upstream import EchoUpstream  # noqa: E402
+
+from secretless_proxy import certs  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SECRET = "sk_test_51SECRETvalue0123456789"
@@ -121,9 +121,8 @@ class ProxyProcess:
 
 
 def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20) -> ProxyProcess:
-    fh = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-    fh.close()
+    with open(log_path, "wb") as fh:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     p = ProxyProcess(proc=proc, log_path=log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import gzip
 import json
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest

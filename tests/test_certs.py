@@ -21,6 +21,7 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+from upstream import EchoUpstream
 
 from secretless_proxy.certs import (
     Issued,
@@ -33,7 +34,6 @@ from secretless_proxy.certs import (
     write_ca,
     write_svid,
 )
-from upstream import EchoUpstream
 
 SPIFFE_ID = "spiffe://example.org/ns/prod/sa/api"
 

@@ -275,8 +275,9 @@ class TestUpstreamBinding:
 
     def test_upstream_tls_is_verified(self, proxy_factory, pki):
         """An upstream whose certificate does not verify never receives the request."""
-        from secretless_proxy import certs
         from upstream import EchoUpstream
+
+        from secretless_proxy import certs
         rogue = certs.make_ca(common_name="unknown upstream CA")
         with EchoUpstream(server_cert=certs.make_server_cert(ca=rogue)) as bad:
             p = proxy_factory(base_config(pki, rules=[inject_rule(bad)]))
