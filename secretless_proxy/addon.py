@@ -393,6 +393,9 @@ class Secretless:
         self._audit_used(flow, injected, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy answers transport failures with its own page (no request id): log the id here.
+        log.warning("request %s to %s:%d failed upstream: %s", flow.id, flow.request.host, flow.request.port,
+                    flow.error.msg if flow.error else "unknown error")
         injected = self._injected.pop(flow, None)
         if injected is not None:
             injected.scrub(flow.request)

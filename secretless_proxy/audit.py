@@ -23,9 +23,12 @@ in ``secretless_audit_write_errors_total{sink}`` and logged by exception type; t
 retries opening on the next event. ``emit()`` returns whether *every* configured sink took
 the event: a sink the operator configured is a promise, and an audit trail that silently lost
 one copy is not complete. ``emit()`` never raises. With ``fail_closed`` (the default,
-``on_sink_failure: fail_closed``) the addon refuses the request with 503 ``audit_unavailable``
-when ``credential.used`` could not be written; ``healthy`` lets it refuse *before* injecting
-while the last write failed, and serves as a readiness check. With
+``on_sink_failure: fail_closed``) the addon refuses to inject (503 ``audit_unavailable``)
+while ``healthy`` is False, i.e. after a write failed and until one succeeds again. A failed
+``credential.used`` write itself cannot undo the request it describes (the upstream already
+acted on it; turning its answer into a 503 could make a client retry a POST that took
+effect), so it is counted and stops the *next* credential use. ``healthy`` also serves as a
+readiness check. With
 ``on_sink_failure: log_and_continue`` requests proceed and only the counter moves.
 
 Writes are synchronous, one ``write(2)`` per event on an ``O_APPEND`` descriptor: a local append

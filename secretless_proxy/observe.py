@@ -3,9 +3,11 @@
 ``Observer`` is duck-type compatible with the broker's ``BrokerEvents`` (``fetched``, ``cache``,
 ``issued``, ``revoked``) and adds what the addon reports per request. Observing must never
 break the request path, so no method raises: an unexpected error is logged by type (never by
-message: it might quote a value) and dropped. The one answer that matters is ``used()``: False
-means the ``credential.used`` record could not be written and ``fail_closed`` is set, so the
-addon must refuse with 503 ``audit_unavailable``.
+message: it might quote a value) and dropped. ``audit_ready()`` is what the addon checks before
+it injects: False while an audit sink fails and ``fail_closed`` is set (then it refuses with
+503 ``audit_unavailable``). ``used()`` reports whether the record was written; the request it
+describes has already been answered by the upstream, so a failure there is counted and stops
+the next use, not this one.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class Observer:
     @_never_raises(default=False)
     def used(self, *, request_id: str, workload: str, rule: str, cred: IssuedCredential, method: str,
              host: str, path: str, status: int | None, duration: float) -> bool:
-        """Write ``credential.used``. False: not written and fail_closed, so refuse (503 audit_unavailable)."""
+        """Write ``credential.used``. False: not written and fail_closed (the next use will be refused)."""
         ok = self.audit.used(request_id=request_id, workload=workload, rule=rule, cred=cred, method=method,
                              host=host, path=path, status=status, duration=duration)
         return ok or not self.audit.fail_closed

@@ -2,9 +2,10 @@
 
 Precedence is **first match in file order**, like a firewall: the first rule whose workloads,
 host, port, method and path all match decides. Nothing matching means deny (``default: deny``).
-When no rule matches, the reason names how close the nearest rule came: ``method`` if a rule
-matched workload, host and port but not the method, ``path`` if it also matched the method but
-not the path, else ``no_rule``. Rules are indexed by host so a decision looks at the few rules
+When no rule matches, the reason names how close the nearest rule came: ``path`` if a rule
+matched workload, host and port but not the path, ``method`` if it also matched the path but
+not the method (the rule that covers this very path is the one an operator wants named), else
+``no_rule``. Rules are indexed by host so a decision looks at the few rules
 for that host only.
 """
 
@@ -21,7 +22,7 @@ NO_RULE = "no_rule"
 METHOD = "method"
 PATH = "path"
 PLAINTEXT = "plaintext_upstream"
-_CLOSENESS = {NO_RULE: 0, METHOD: 1, PATH: 2}
+_CLOSENESS = {NO_RULE: 0, PATH: 1, METHOD: 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +73,17 @@ class Policy:
                 continue
             if not any(w.matches(workload.trust_domain, workload.path) for w in rule.workloads):
                 continue
-            if to.methods is not None and method not in to.methods:
-                if _CLOSENESS[METHOD] > _CLOSENESS[nearest]:
-                    nearest, nearest_rule = METHOD, rule.name
-                continue
             if to.paths is not None:
                 if canon is False:
                     canon = canonical_path(path)
                 if canon is None or not any(g.matches(canon) for g in to.paths):  # type: ignore[arg-type]
-                    if nearest != PATH:
+                    if _CLOSENESS[PATH] > _CLOSENESS[nearest]:
                         nearest, nearest_rule = PATH, rule.name
                     continue
+            if to.methods is not None and method not in to.methods:
+                if nearest != METHOD:
+                    nearest, nearest_rule = METHOD, rule.name
+                continue
             if rule.action == "inject" and scheme != "https" and not rule.allow_plaintext:
                 return Deny(PLAINTEXT, rule.name)
             return Decision(rule)
