@@ -315,7 +315,7 @@ class Secretless:
             try:
                 needles = sigv4.sign(req, cred, region=inj.sigv4_region, service=inj.sigv4_service)
             except ValueError as exc:  # our own sentence (unknown region, chunk-signed upload): no secret
-                raise Refusal(502, CREDENTIAL_UNAVAILABLE, f"the request cannot be signed: {exc}", rule.name) from None
+                raise Refusal(503, CREDENTIAL_UNAVAILABLE, f"the request cannot be signed: {exc}", rule.name) from None
             header, query = "Authorization", None
         else:
             needles = inject.apply(req, inj, cred.secret)

@@ -74,6 +74,7 @@ class CachedInfo:
 @dataclass(kw_only=True, slots=True)
 class _Entry:
     cred: IssuedCredential
+    provider: Provider  # the one that issued it: revocation goes back there, even after a reload
     refresh_after: float  # a hit from then on starts a background refresh
     last_used: float
     retry_after: float = 0.0  # after a failed refresh: no new attempt before this
@@ -108,6 +109,10 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"Broker(credentials={sorted(self._providers)!r}, cached={len(self._cache)})"
+
+    def reconfigure(self, config: BrokerConfig) -> None:
+        """New skew, refresh point, timeout and retries (hot reload); cached entries stay."""
+        self._config = config
 
     async def get(self, name: str, ctx: RequestContext) -> IssuedCredential:
         """A credential valid for at least ``skew`` more seconds; CredentialError when there is none."""
@@ -231,10 +236,10 @@ class Broker:
                 del self._inflight[key]
         self._emit("issued", cred)
         if generation == (self._epoch, self._gen.get(name, 0)) and not self._closed:
-            self._store(key, cred)
+            self._store(key, cred, provider)
         return cred
 
-    def _store(self, key: _Key, cred: IssuedCredential) -> None:
+    def _store(self, key: _Key, cred: IssuedCredential, provider: Provider) -> None:
         now = self._now()
         refresh_after = math.inf
         if cred.expires_at is not None:
@@ -244,7 +249,7 @@ class Broker:
             deadline = cred.expires_at - self._config.skew
             if refresh_after >= deadline:  # short lifetime vs skew: refresh within what we may serve
                 refresh_after = start + (deadline - start) * frac
-        self._cache[key] = _Entry(cred=cred, refresh_after=refresh_after, last_used=now)
+        self._cache[key] = _Entry(cred=cred, provider=provider, refresh_after=refresh_after, last_used=now)
 
     async def _fetch(self, name: str, provider: Provider, ctx: RequestContext) -> IssuedCredential:
         """One credential from the provider: timeout per attempt, retries with backoff, checked result."""
@@ -310,8 +315,8 @@ class Broker:
     def _drop(self, key: _Key, reason: str, *, revoke: bool = False) -> None:
         entry = self._cache.pop(key)
         self._emit("revoked", entry.cred, reason=reason)
-        provider = self._providers.get(key[0])
-        if revoke and provider is not None and provider.revocable and not self._closed:
+        provider = entry.provider
+        if revoke and provider.revocable and not self._closed:
             task = self._spawn(self._revoke(provider, entry.cred))
             self._tasks.discard(task)
             self._revoking.add(task)

@@ -108,8 +108,12 @@ class Services:
         self.reload_error = None
         if bundle != self.upstream_bundle:
             self.upstream_bundle = bundle
-            self._replace_http_client()
+            if runtime.config.broker == old.config.broker:
+                self._replace_http_client()
+        if runtime.config.broker != old.config.broker:
+            self._replace_http_client()  # its default timeout is broker.timeout
         if self.broker is not None:
+            self.broker.reconfigure(runtime.config.broker)
             changed = changed_credentials(old.config.credentials, runtime.config.credentials)
             self.broker.replace_providers(runtime.providers)
             if changed:
