@@ -15,7 +15,9 @@
  * per request, from just before the request is written to when the full
  * response body has been read.
  *
- * Output: one JSON object on stdout.
+ * Output: one JSON object on stdout. t_measure_mono / t_end_mono are the measured window's
+ * bounds on CLOCK_MONOTONIC (Python's time.monotonic() on Linux), so other processes' event
+ * times can be placed inside or outside the window.
  *
  * Build: gcc -O2 -pthread -o loadgen loadgen.c -lssl -lcrypto
  */
@@ -495,10 +497,11 @@ int main(int argc, char **argv) {
 
     printf("{\"count\": %zu, \"duration_s\": %.3f, \"rps\": %.1f, \"p50_ms\": %.3f, \"p90_ms\": %.3f, "
            "\"p99_ms\": %.3f, \"max_ms\": %.3f, \"mean_ms\": %.3f, \"errors\": %llu, \"conns\": %d, "
-           "\"connects\": %llu, \"warmup_requests\": %llu, \"loadgen_cpu_s\": %.3f, \"wall_s\": %.3f",
+           "\"connects\": %llu, \"warmup_requests\": %llu, \"loadgen_cpu_s\": %.3f, \"wall_s\": %.3f, "
+           "\"t_measure_mono\": %.6f, \"t_end_mono\": %.6f",
            total, opt_duration, total / opt_duration, pct(all, total, 50), pct(all, total, 90),
            pct(all, total, 99), total ? all[total - 1] / 1000.0 : 0, mean, (unsigned long long)err_total, opt_conns,
-           (unsigned long long)connects, (unsigned long long)warm, cpu, t_done - t_start);
+           (unsigned long long)connects, (unsigned long long)warm, cpu, t_done - t_start, t_measure, t_end);
     printf(", \"error_kinds\": {");
     int first = 1;
     for (int e = 0; e < MAX_ERRKINDS; e++)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""One-command benchmark: direct HTTPS vs mitmdump vs secretless-proxy vs squid ssl-bump.
+"""One-command benchmark: direct HTTPS vs mitmdump vs secretless-proxy vs squid ssl-bump, and
+secretless-proxy's brokered OAuth2 credential (warm cache and forced rotation) vs static injection.
 
-Usage (from the repo root):  bash bench/run.sh [--duration 10] [--warmup 2] [--conns 20] [--cases a,b,c,d]
+Usage (from the repo root):  bash bench/run.sh [--duration 10] [--warmup 2] [--conns 20] [--cases a,b,c,d,e,f]
+                                               [--rounds N] [--quick]
 
 Everything (CAs, keys, configs, the compiled load generator, logs) lives in a fresh
 temporary directory under /tmp that is deleted at the end (use --keep-tmp to keep it).
@@ -16,6 +18,8 @@ import datetime
 import json
 import os
 import pwd
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -36,13 +40,24 @@ REPO = BENCH_DIR.parent
 UPSTREAM_HOST = "localhost"  # resolves to 127.0.0.1 via /etc/hosts for every proxy; no DNS traffic
 BENCH_TOKEN = "bench-token-0123456789abcdef"
 SQUID_HELPER_DIR = Path("/usr/lib/squid")
+# OAuth2 cases (e)/(f): the bench token server (bench/token_server.py) issues "bt<gen>_<random>".
+OAUTH_CLIENT_ID = "secretless-bench"
+OAUTH_SCOPE = "bench.read"
+OAUTH_WARM_TTL = 3600  # (e): one token outlives the whole run; the probe + warm-up prime the cache
+OAUTH_SKEW = 1.0  # broker.skew_seconds for (e) and (f)
 
 CASES = {
     "a": "direct HTTPS (no proxy)",
     "b": "mitmdump -q (CONNECT + TLS intercept)",
     "c": "secretless-proxy (mTLS + static inject)",
     "d": "squid ssl-bump + request_header_add",
+    "e": "secretless-proxy (oauth2, warm cache)",
+    "f": "secretless-proxy (oauth2, rotating)",
 }
+OAUTH_CASES = ("e", "f")
+# Order within a round: the three secretless-proxy cases back to back, so (c), (e) and (f) see
+# the same background load as closely as interleaving allows.
+RUN_ORDER = "abdcef"
 
 
 # --------------------------------------------------------------------------- utilities
@@ -128,6 +143,35 @@ class Procs:
         for name, p in reversed(self.procs):
             self.stop(p, grace=2.0)
         self.procs.clear()
+
+
+def proxy_log_warnings(path: Path, limit: int = 20) -> list[str]:
+    """WARNING/ERROR/CRITICAL lines and tracebacks of a secretless-proxy log, timestamps cut, deduplicated."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    seen: dict[str, int] = {}
+    for line in lines:
+        for level in (" WARNING ", " ERROR ", " CRITICAL "):
+            if level in line:
+                line = line[line.index(level) + 1:]
+                break
+        else:
+            if not line.startswith("Traceback"):
+                continue
+        seen[line[:300]] = seen.get(line[:300], 0) + 1
+    return [f"{msg} (x{n})" if n > 1 else msg for msg, n in list(seen.items())[:limit]]
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine spent busy so far (/proc/stat: everything but idle and iowait)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return 0.0
+    vals = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -216,6 +260,10 @@ class Bench:
         self.upstream_port = 0
         self.nginx: subprocess.Popen | None = None
         self.round = 1
+        self.token_server: subprocess.Popen | None = None
+        self.token_port = 0
+        self.oauth_secret = ""
+        self.oauth_stats: dict[str, list[dict]] = {}  # (e)/(f): token calls + upstream view, per round
 
     # ---- setup
     def build_loadgen(self) -> None:
@@ -240,6 +288,12 @@ class Bench:
         self.upstream_key = pki / "upstream-key.pem"
         write_cert(srv, self.upstream_cert)
         write_key(srv_key, self.upstream_key)
+        # The OAuth2 token endpoint of cases (e)/(f) gets its own certificate from the same CA.
+        tok_key = ec.generate_private_key(ec.SECP256R1())
+        self.token_cert = pki / "token-server.pem"
+        self.token_key = pki / "token-server-key.pem"
+        write_cert(make_server_cert(ca, ca_key, tok_key, UPSTREAM_HOST), self.token_cert)
+        write_key(tok_key, self.token_key)
         del ca_key  # the upstream CA key is not needed after this and never written to disk
 
     # ---- upstream
@@ -257,17 +311,29 @@ class Bench:
             error_log {d}/error.log warn;
             events {{ worker_connections 4096; }}
             http {{
-                access_log off;
                 client_body_temp_path {d}/body;
                 keepalive_requests 10000000;
                 keepalive_timeout 300s;
                 # Tell the client whether the expected credential arrived, without echoing it
-                # (real APIs don't reflect credentials; secretless-proxy redacts reflected ones).
+                # (real APIs don't reflect credentials; secretless-proxy redacts reflected ones):
+                # "injected" = exactly the static bench token (c, d); "oauth" = a token of the
+                # bench token server's shape (e, f), whose value changes with every rotation.
                 map $http_authorization $auth_state {{
                     ""                      "none";
                     "Bearer {BENCH_TOKEN}"  "injected";
+                    "~^Bearer bt[0-9]+_[A-Za-z0-9_-]{{16,}}$"  "oauth";
                     default                 "other";
                 }}
+                # One log line per request that carried a bench credential: its time and which
+                # credential ("static", or the token server's generation number; never the secret).
+                # run.py reads it to see which tokens reached the upstream, and when.
+                map $http_authorization $token_tag {{
+                    "Bearer {BENCH_TOKEN}"  "static";
+                    "~^Bearer bt(?<token_gen>[0-9]+)_"  "$token_gen";
+                    default                 "";
+                }}
+                log_format tokens '$msec $token_tag';
+                access_log {d}/tokens.log tokens buffer=64k flush=1s if=$token_tag;
                 server {{
                     listen 127.0.0.1:{self.upstream_port} ssl;
                     server_name {UPSTREAM_HOST};
@@ -281,9 +347,43 @@ class Bench:
                 }}
             }}
             """))
+        self.nginx_tokens_log = d / "tokens.log"
         self.nginx = self.procs.start("nginx", ["nginx", "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
                                       d / "stdout.log")
         wait_port(self.upstream_port, self.nginx, 10, "nginx")
+
+    # ---- OAuth2 token endpoint for (e)/(f)
+    def start_token_server(self) -> None:
+        d = self.tmp / "token-server"
+        d.mkdir(mode=0o700)
+        self.token_port = free_port()
+        self.oauth_secret = secrets.token_urlsafe(24)
+        self.token_events = d / "events.jsonl"
+        env = dict(os.environ, BENCH_CLIENT_SECRET=self.oauth_secret)
+        self.token_server = self.procs.start("token-server", [
+            sys.executable, str(BENCH_DIR / "token_server.py"), "--port", str(self.token_port),
+            "--cert", str(self.token_cert), "--key", str(self.token_key),
+            "--client-id", OAUTH_CLIENT_ID, "--secret-env", "BENCH_CLIENT_SECRET", "--scope", OAUTH_SCOPE,
+            "--lifetime", f"warm={OAUTH_WARM_TTL}", "--lifetime", f"rotate={int(self.args.token_ttl)}",
+            "--events", str(self.token_events)], d / "token-server.log", env=env)
+        self.token_log = d / "token-server.log"
+        wait_port(self.token_port, self.token_server, 20, "token server")
+
+    def token_events_between(self, lo: float, hi: float, name: str) -> list[dict]:
+        """The token server's calls for /<name>/token with monotonic time in [lo, hi]."""
+        out = []
+        try:
+            lines = self.token_events.read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("name") == name and lo <= ev["mono"] <= hi:
+                out.append(ev)
+        return out
 
     # ---- load generation
     def loadgen_argv(self, case: dict, conns: int, duration: float, warmup: float) -> list[str]:
@@ -318,12 +418,19 @@ class Bench:
         if proxy is not None:
             groups["proxy"] = proxy.pid
         cpu0 = {k: group_cpu_seconds(v) for k, v in groups.items()}
+        busy0 = machine_busy_seconds()
         t0 = time.monotonic()
         res = self.run_loadgen(case, self.args.conns, self.args.duration, self.args.warmup)
         wall = time.monotonic() - t0
         cpu1 = {k: group_cpu_seconds(v) for k, v in groups.items()}
+        busy1 = machine_busy_seconds()
         res["cpu_pct"] = {k: round(100 * (cpu1[k] - cpu0[k]) / wall, 1) for k in groups}
         res["cpu_pct"]["loadgen"] = round(100 * res["loadgen_cpu_s"] / res["wall_s"], 1)
+        # Everything else on the machine (other users' tests, the token server, the harness itself):
+        # the noise that hits this case and not necessarily the others.
+        ours = sum(cpu1[k] - cpu0[k] for k in groups) + res["loadgen_cpu_s"]
+        res["cpu_pct"]["other"] = round(max(0.0, 100 * (busy1 - busy0 - ours) / wall), 1)
+        res["round"] = self.round
         if proxy is not None and proxy.poll() is not None:
             res.setdefault("notes", []).append(f"proxy exited with {proxy.returncode} during the run")
             log(f"case {key}: the proxy exited with code {proxy.returncode} during the run; log tail:\n"
@@ -371,6 +478,88 @@ class Bench:
         return None
 
     def case_c(self) -> None:
+        self.run_secretless("c", "secretless", 'bench: {kind: static, secret: "env:BENCH_TOKEN"}', "",
+                            expect="auth=injected")
+
+    def case_e(self) -> None:
+        self.run_oauth("e", "warm")
+
+    def case_f(self) -> None:
+        self.run_oauth("f", "rotate")
+
+    def run_oauth(self, key: str, endpoint: str) -> None:
+        """(e)/(f): the same proxy config as (c) except the credential, brokered from the token server.
+
+        Both use the same broker settings; only the token lifetime the server answers differs
+        (e: OAUTH_WARM_TTL, f: --token-ttl), so (f) vs (e) isolates the cost of rotation.
+        """
+        if self.token_server is None or self.token_server.poll() is not None:
+            raise RuntimeError("the bench token server is not running" + (
+                f"; its log:\n{tail(self.token_log)}" if self.token_server is not None else ""))
+        cred = (f"bench: {{kind: oauth2_client_credentials, "
+                f"token_url: \"https://127.0.0.1:{self.token_port}/{endpoint}/token\", "
+                f"client_id: {OAUTH_CLIENT_ID}, client_secret: \"env:BENCH_CLIENT_SECRET\", "
+                f"scopes: [{OAUTH_SCOPE}]}}")
+        broker = f"broker: {{skew_seconds: {OAUTH_SKEW:g}}}\n"
+        t_start = time.monotonic()
+        self.run_secretless(key, f"oauth-{endpoint}", cred, broker, expect="auth=oauth",
+                            env_extra={"BENCH_CLIENT_SECRET": self.oauth_secret})
+        self.oauth_accounting(key, endpoint, t_start)
+
+    def oauth_accounting(self, key: str, endpoint: str, t_start: float) -> None:
+        """Token calls the token server saw, and the tokens the upstream saw, in the measured window."""
+        res = self.rounds[key][-1]
+        lo, hi = res["t_measure_mono"], res["t_end_mono"]
+        all_calls = self.token_events_between(t_start, time.monotonic(), endpoint)
+        window = [ev for ev in all_calls if lo <= ev["mono"] <= hi]
+        expiry = {}
+        for ev in self.token_events_between(0, time.monotonic(), endpoint):
+            if ev["outcome"] == "issued":
+                expiry[str(ev["gen"])] = ev["expires_wall"]
+        offset = time.time() - time.monotonic()  # wall - monotonic, to place nginx's $msec in the window
+        seen = self.upstream_requests(lo + offset, hi + offset)
+        gens: dict[str, int] = {}
+        stale = foreign = 0
+        for t, tag in seen:
+            if tag in expiry:
+                gens[tag] = gens.get(tag, 0) + 1
+                if t > expiry[tag]:
+                    stale += 1
+            else:
+                foreign += 1  # the static token, or a token this endpoint never issued
+        st = {"round": self.round,
+              "calls_window": sum(ev["outcome"] == "issued" for ev in window),
+              "rejected_window": sum(ev["outcome"] != "issued" for ev in window),
+              "calls_case": sum(ev["outcome"] == "issued" for ev in all_calls),
+              "rejected_case": sum(ev["outcome"] != "issued" for ev in all_calls),
+              "tokens_upstream": len(gens), "upstream_requests": len(seen),
+              "expired_upstream": stale, "foreign_upstream": foreign}
+        self.oauth_stats.setdefault(key, []).append(st)
+        res["oauth"] = st
+        log(f"case {key}: token server issued {st['calls_window']} token(s) in the measured window "
+            f"({st['calls_case']} since the proxy started, {st['rejected_case']} rejected); upstream saw "
+            f"{st['tokens_upstream']} distinct token(s) in {st['upstream_requests']} requests, "
+            f"{stale} after the token's expiry, {foreign} with another credential")
+
+    def upstream_requests(self, lo_wall: float, hi_wall: float) -> list[tuple[float, str]]:
+        """(time, credential tag) of every request nginx logged in [lo_wall, hi_wall] (wall clock)."""
+        wait = hi_wall + 1.3 - time.time()  # nginx flushes its log buffer at least once a second
+        if wait > 0:
+            time.sleep(wait)
+        out = []
+        try:
+            lines = self.nginx_tokens_log.read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            parts = line.split()
+            if len(parts) == 2 and lo_wall <= (t := float(parts[0])) <= hi_wall:
+                out.append((t, parts[1]))
+        return out
+
+    def run_secretless(self, key: str, name: str, credential: str, extra: str, *, expect: str,
+                       env_extra: dict | None = None) -> None:
+        """One secretless-proxy case: fresh workload CA, SVID and interception CA; one rule; one credential."""
         base = self.secretless_argv()
         if base is None:
             raise SkipCase("secretless-proxy is not installed and secretless_proxy/cli.py does not exist")
@@ -379,9 +568,10 @@ class Bench:
         if r.returncode != 0:
             last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
             raise SkipCase(f"`secretless-proxy --help` exited {r.returncode}: {last[0]}")
-        d = self.casedir("secretless")
+        d = self.casedir(name)
         env = dict(os.environ, BENCH_TOKEN=BENCH_TOKEN,
-                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
+                   PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+                   **(env_extra or {}))
         logf = d / "secretless.log"
 
         def cli(*a: str) -> None:
@@ -397,6 +587,7 @@ class Bench:
             "--ttl", "1h", "--out", str(svid))
         icpt.mkdir()
         conf = d / "config.yaml"
+        # upstream.ca_bundle is trusted for upstream TLS and for provider calls (the token server).
         conf.write_text(textwrap.dedent(f"""\
             version: 1
             identity:
@@ -406,27 +597,32 @@ class Bench:
             upstream:
               ca_bundle: {self.bench_ca}
             credentials:
-              bench: {{kind: static, secret: "env:BENCH_TOKEN"}}
+              {credential}
             rules:
               - name: bench
                 workloads: ["spiffe://example.org/*"]
                 to: {{host: {UPSTREAM_HOST}, port: {self.upstream_port}}}
                 inject: {{credential: bench, header: Authorization, format: "Bearer {{secret}}"}}
             default: deny
-            """))
+            """) + extra)
         port = free_port()
         p = self.procs.start("secretless-proxy", base + ["run", "--config", str(conf),
                                                          "--listen", f"127.0.0.1:{port}"], logf, env=env, cwd=d)
         try:
             wait_port(port, p, 60, "secretless-proxy")
             wait_file(icpt / "mitmproxy-ca-cert.pem", 10, "secretless-proxy interception CA")
-            self.measure("c", {"cafile": icpt / "mitmproxy-ca-cert.pem",
-                               "expect": "auth=injected", "proxy_port": port,
+            self.measure(key, {"cafile": icpt / "mitmproxy-ca-cert.pem",
+                               "expect": expect, "proxy_port": port,
                                "cert": svid / "svid.pem", "key": svid / "svid-key.pem"}, p, logf)
         except Exception as e:
             raise RuntimeError(f"{e}\n  secretless-proxy log tail:\n{tail(logf)}") from None
         finally:
             self.procs.stop(p)
+            warnings = proxy_log_warnings(logf)
+            if warnings and self.rounds.get(key) and self.rounds[key][-1].get("round") == self.round:
+                self.rounds[key][-1]["proxy_warnings"] = warnings
+            for w in warnings[:5]:
+                log(f"case {key}: proxy log: {w}")
 
     def case_d(self) -> None:
         squid = shutil.which("squid", path=f"/usr/sbin:{os.environ.get('PATH', '')}")
@@ -503,7 +699,7 @@ class Bench:
                      f"(tiny text body); client: bench/loadgen.c (C, OpenSSL, 1 thread/conn)")
         lines.append("")
         hdr = (f"{'case':<44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'errors':>7} "
-               f"{'conns':>6}  {'CPU% proxy/upstream/loadgen':>27}")
+               f"{'conns':>6}  {'CPU% proxy/upstream/loadgen/other':>33}")
         if a.rounds > 1:
             hdr += f"  {'req/s range':>13}"
         lines.append(hdr)
@@ -518,15 +714,16 @@ class Bench:
                              f"{failures.get(key, 'not run')}")
                 continue
             cpu = r["cpu_pct"]
-            cpus = f"{cpu.get('proxy', '-')}/{cpu['upstream']}/{cpu['loadgen']}"
+            cpus = f"{cpu.get('proxy', '-')}/{cpu['upstream']}/{cpu['loadgen']}/{cpu.get('other', '-')}"
             lines.append(f"{label:<44} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                         f"{r['count']:>9} {r['errors']:>7} {r['connects']:>6}  {cpus:>27}"
+                         f"{r['count']:>9} {r['errors']:>7} {r['connects']:>6}  {cpus:>33}"
                          + (f"  {r['rps_min']:>6.0f}-{r['rps_max']:<6.0f}" if a.rounds > 1 else ""))
         lines.append("")
         lines.append("conns = TCP+TLS (+CONNECT) setups made during warm-up + measurement (equal to the concurrency "
                      "when nothing reconnected).")
         lines.append("CPU% = CPU time / wall time over warm-up + measurement, per process group (100% = one core; "
-                     "the machine has " + str(os.cpu_count()) + ").")
+                     "the machine has " + str(os.cpu_count()) + "); other = every other process on the machine "
+                     "(background load: noise).")
         details = []
         for key in CASES:
             r = self.results.get(key)
@@ -546,20 +743,104 @@ class Bench:
                          f"p50 latency {n['p50_ms'] / d['p50_ms']:>7.2f}x   "
                          f"p99 latency {n['p99_ms'] / d['p99_ms']:>7.2f}x")
 
-        lines.append("")
-        lines.append("ratios (req/s ratio; latency ratio >1 = slower):")
-        ratio_line("c", "b", "(c) secretless / (b) mitmdump")
-        ratio_line("c", "d", "(c) secretless / (d) squid")
-        for k in ("b", "c", "d"):
-            ratio_line(k, "a", f"({k}) {CASES[k].split(' ')[0]} / (a) direct")
+        if len(set(a.cases) & set("abcd")) >= 2:
+            lines.append("")
+            lines.append("ratios (req/s ratio; latency ratio >1 = slower):")
+        if {"b", "c"} <= set(a.cases):
+            ratio_line("c", "b", "(c) secretless / (b) mitmdump")
+        if {"c", "d"} <= set(a.cases):
+            ratio_line("c", "d", "(c) secretless / (d) squid")
+        if "a" in a.cases:
+            for k in ("b", "c", "d"):
+                if k in a.cases:
+                    ratio_line(k, "a", f"({k}) {CASES[k].split(' ')[0]} / (a) direct")
+        if "e" in a.cases and ("c" in a.cases or "f" in a.cases):
+            lines.append("")
+            lines.extend(self.oauth_report())
         a_res = self.results.get("a")
         if a_res:
-            best = max((self.results[k]["rps"] for k in ("b", "c", "d") if k in self.results), default=0)
+            best = max((self.results[k]["rps"] for k in ("b", "c", "d", "e", "f") if k in self.results), default=0)
             if best:
                 lines.append("")
                 lines.append(f"load-generator headroom: the generator drove direct (a) at {a_res['rps']:.0f} req/s, "
                              f"{a_res['rps'] / best:.1f}x the fastest proxy case ({best:.0f} req/s).")
+        warn = [(k, w) for k in CASES for w in (self.results.get(k) or {}).get("proxy_warnings", [])]
+        if warn:
+            lines.append("")
+            lines.append("secretless-proxy log warnings/errors (whole case: start-up, probe, warm-up, measurement, stop):")
+            lines.extend(f"  ({k}) {w}" for k, w in warn)
         return "\n".join(lines)
+
+    def paired(self, num: str, den: str, field: str) -> list[float]:
+        """Per-round num/den ratio of one field, for rounds where both cases produced a result."""
+        by_round = {r["round"]: r for r in self.rounds.get(den, [])}
+        return [n[field] / by_round[n["round"]][field] for n in self.rounds.get(num, [])
+                if n["round"] in by_round and by_round[n["round"]][field]]
+
+    def oauth_report(self) -> list[str]:
+        """(e) vs (c) and (f) vs (e), with the issue's targets, and the token accounting of (e)/(f)."""
+        a = self.args
+        out = ["oauth2 brokered credential vs static injection (secretless-proxy, same rule, upstream and client;"
+               + (f" medians of {a.rounds} interleaved rounds)" if a.rounds > 1 else " 1 round: noisy, use --rounds 3)"),
+               f"  (e): token lifetime {OAUTH_WARM_TTL} s, cache primed by probe + warm-up; "
+               f"(f): token lifetime {a.token_ttl:g} s, broker.skew_seconds {OAUTH_SKEW:g} (also in (e)),"
+               f" refresh-ahead at ~{self.refresh_period():.1f} s"]
+        c, e, f = (self.results.get(k) for k in ("c", "e", "f"))
+
+        def verdict(ok: bool) -> str:
+            return "MET" if ok else "NOT MET"
+
+        def per_round(vals: list[float], fmt: str = ".3f") -> str:
+            return " ".join(format(v, fmt) for v in vals) if len(vals) > 1 else ""
+
+        if c and e and c["rps"] and e["rps"]:
+            tp = e["rps"] / c["rps"]
+            out.append(f"  {'(e) oauth2 warm / (c) static':<40} throughput {tp:>7.3f}x   "
+                       f"p50 latency {e['p50_ms'] / c['p50_ms']:>7.2f}x   p99 latency {e['p99_ms'] / c['p99_ms']:>7.2f}x"
+                       f"   target throughput >= 0.95x: {verdict(tp >= 0.95)}")
+            if pr := per_round(self.paired("e", "c", "rps")):
+                out.append(f"  {'':<40} per-round throughput ratios: {pr}")
+        elif "c" in a.cases:
+            out.append(f"  {'(e) oauth2 warm / (c) static':<40} n/a (case missing)")
+        if e and f and e["p99_ms"] and f["rps"]:
+            p99 = f["p99_ms"] / e["p99_ms"]
+            out.append(f"  {'(f) rotating / (e) warm (steady)':<40} throughput {f['rps'] / e['rps']:>7.3f}x   "
+                       f"p50 latency {f['p50_ms'] / e['p50_ms']:>7.2f}x   p99 latency {p99:>7.2f}x"
+                       f"   target p99 <= 1.2x: {verdict(p99 <= 1.2)}")
+            if pr := per_round(self.paired("f", "e", "p99_ms"), ".2f"):
+                out.append(f"  {'':<40} per-round p99 ratios: {pr}")
+            out.append(f"  {'':<40} max latency: (e) {e['max_ms']:.1f} ms, (f) {f['max_ms']:.1f} ms")
+        elif "f" in a.cases:
+            out.append(f"  {'(f) rotating / (e) warm (steady)':<40} n/a (case missing)")
+        for key in ("e", "f"):
+            stats = self.oauth_stats.get(key) or []
+            if not stats or key not in self.results:
+                continue
+
+            def col(field: str, stats: list[dict] = stats) -> str:
+                return " ".join(str(st[field]) for st in stats)
+
+            rounds = "per round " if len(stats) > 1 else ""
+            line = (f"  ({key}) token calls in the measured window ({rounds}as seen by the token server): "
+                    f"{col('calls_window')}")
+            if key == "f":
+                line += f"  (>= 2 proves rotation: {verdict(all(st['calls_window'] >= 2 for st in stats))})"
+            else:
+                line += "  (warm cache: 0 expected)"
+            out.append(line)
+            out.append(f"      token calls per case incl. probe + warm-up: {col('calls_case')}; rejected: "
+                       f"{col('rejected_case')}; distinct tokens the upstream saw in the window: "
+                       f"{col('tokens_upstream')}; upstream requests with an expired token: {col('expired_upstream')}"
+                       f"; with another credential: {col('foreign_upstream')}")
+        return out
+
+    def refresh_period(self) -> float:
+        """When the broker refreshes a --token-ttl token (broker.py _store, default refresh_at 0.75 + ~2.5% jitter)."""
+        ttl, frac = self.args.token_ttl, 0.775
+        after = ttl * frac
+        if after >= ttl - OAUTH_SKEW:
+            after = (ttl - OAUTH_SKEW) * frac
+        return after
 
     def run(self) -> int:
         failures: dict[str, str] = {}
@@ -567,9 +848,16 @@ class Bench:
             self.build_loadgen()
             self.make_pki()
             self.start_nginx()
+            if set(OAUTH_CASES) & set(self.args.cases):
+                try:
+                    self.start_token_server()
+                except Exception as e:  # noqa: BLE001 - only (e)/(f) need it
+                    for key in OAUTH_CASES:
+                        failures[key] = f"FAILED: token server: {str(e).splitlines()[0]}"
+                    log(f"token server failed to start: {e}\n{tail(self.tmp / 'token-server' / 'token-server.log')}")
             for rnd in range(1, self.args.rounds + 1):
                 self.round = rnd
-                for key in "abcd":
+                for key in RUN_ORDER:
                     if key not in self.args.cases or key in failures:
                         continue
                     log(f"=== round {rnd}/{self.args.rounds} case ({key}) {CASES[key]}")
@@ -630,25 +918,46 @@ def aggregate(runs: list[dict]) -> dict:
     out["cpu_pct"] = {k: round(med(r["cpu_pct"][k] for r in runs), 1) for k in runs[0]["cpu_pct"]}
     out["last_error"] = next((r["last_error"] for r in reversed(runs) if r["last_error"]), "")
     out["notes"] = [n for r in runs for n in r.get("notes", [])]
+    by_msg: dict[str, list[str]] = {}  # the same warning in several rounds: one line naming the rounds
+    for r in runs:
+        for w in r.get("proxy_warnings", []):
+            by_msg.setdefault(re.sub(r"\(kid [^)]*\)", "(kid …)", w), []).append(str(r["round"]))
+    out["proxy_warnings"] = [f"round{'s' if len(rs) > 1 else ''} {','.join(rs)}: {w}" for w, rs in by_msg.items()]
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per case (default 10)")
-    ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per case, not counted (default 2)")
+    ap.add_argument("--duration", type=float, help="measured seconds per case (default 10; --quick: 6)")
+    ap.add_argument("--warmup", type=float, help="warm-up seconds per case, not counted (default 2; --quick: 1)")
     ap.add_argument("--conns", type=int, default=20, help="concurrent keep-alive connections (default 20)")
-    ap.add_argument("--cases", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    ap.add_argument("--cases", help="comma-separated subset of a,b,c,d,e,f (default all; --quick: c,e,f)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the static-vs-oauth2 comparison: cases c,e,f, 1 s warm-up + 6 s measured (~35 s)")
+    ap.add_argument("--token-ttl", type=float, default=4.0,
+                    help="expires_in of the tokens in case (f), seconds (default 4: with broker.skew_seconds 1 "
+                         "the proxy refreshes every ~2.3 s)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat all cases N times, interleaved; the table shows medians (default 1)")
     ap.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes (default 1)")
     ap.add_argument("--json-out", help="also write all results as JSON to this file")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for debugging")
     args = ap.parse_args()
+    if args.duration is None:
+        args.duration = 6.0 if args.quick else 10.0
+    if args.warmup is None:
+        args.warmup = 1.0 if args.quick else 2.0
+    if args.cases is None:
+        args.cases = "c,e,f" if args.quick else ",".join(CASES)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in args.cases if c not in CASES]
     if bad:
-        ap.error(f"unknown case(s) {bad}; choose from a,b,c,d")
+        ap.error(f"unknown case(s) {bad}; choose from {','.join(CASES)}")
+    if not 2 * OAUTH_SKEW <= args.token_ttl <= 600 or args.token_ttl != int(args.token_ttl):
+        ap.error(f"--token-ttl must be a whole number of seconds from {2 * OAUTH_SKEW:g} to 600")
+    if "f" in args.cases and args.duration < 2 * args.token_ttl:
+        log(f"warning: --duration {args.duration:g} is short for --token-ttl {args.token_ttl:g}: "
+            "case (f) may see fewer than 2 rotations in its window")
 
     bench = Bench(args)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for the whole benchmark: bash bench/run.sh [--duration 10] [--warmup 2] [--conns 20] [--cases a,b,c,d] [--rounds N]
+# One command for the whole benchmark: bash bench/run.sh [--duration 10] [--warmup 2] [--conns 20]
+#   [--cases a,b,c,d,e,f] [--rounds N] [--quick]
 # Needs (Debian): gcc libssl-dev nginx-light squid-openssl (installed here when missing and run as root),
 # and the project's venv (`make install`) for mitmdump and secretless-proxy.
 set -euo pipefail
