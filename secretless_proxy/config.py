@@ -118,6 +118,8 @@ class Rule:
     action: Literal["allow", "inject"]
     inject: Injection | None
     allow_plaintext: bool
+    requires_grant: bool = False  # applies only while a grant exists for (workload, rule)
+    break_glass: bool = False  # break-glass grants may be issued for this rule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,10 +130,12 @@ class Config:
     listen: tuple[str, int] | None
     interception_ca: Path | None
     upstream_ca_bundle: Path | None
-    store: str
+    store: Any  # store.StoreConfig
     credentials: dict[str, Credential] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
     admin_listen: tuple[str, int] | None = None
+    admin_api_listen: tuple[str, int] | None = None  # mTLS admin API (grants, inventory)
+    admin_workloads: tuple[WorkloadPattern, ...] = ()  # identities allowed to use the admin API
     signing: SigningConfig | None = None
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -184,7 +188,7 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     if "upstream" in top and (up := src.mapping(("upstream",), top["upstream"], optional=("ca_bundle",))):
         if "ca_bundle" in up:
             upstream_ca = _path(src, ("upstream", "ca_bundle"), up["ca_bundle"], base, must_exist=True)
-    admin = _admin(src, top["admin"]) if "admin" in top else None
+    admin, api_listen, admins = _admin(src, top["admin"], identity) if "admin" in top else (None, None, ())
     signing = _signing(src, top["signing"], base, resolve_secrets) if "signing" in top else None
     broker = _broker(src, top["broker"]) if "broker" in top else BrokerConfig()
     audit = _audit(src, top["audit"], base, resolve_secrets) if "audit" in top else AuditConfig()
@@ -195,14 +199,18 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
                       f"a {ttl:g} s token would never be served: it must outlive broker.skew_seconds ({broker.skew:g})")
     if admin and listen and admin[1] == listen[1] and (admin[0] == listen[0] or "0.0.0.0" in (admin[0], listen[0])):
         src.error(("admin", "listen"), "the admin listener must not share the proxy's address")
-    store = top.get("store", "memory://")
-    if store != "memory://":
-        src.error(("store",), f"unsupported store {store!r}: this version supports memory:// only")
+    from .store import parse_store_section
+
+    store = parse_store_section(src, top.get("store", "memory://"), base, resolve_secrets=resolve_secrets)
+    if any(r.requires_grant for r in rules) and store is not None and store.kind == "memory" and api_listen is None:
+        src.error(("store",), "rules with requires_grant need grants from the admin API (admin.api_listen) "
+                              "or a shared store; with neither, no grant could ever exist")
     if identity is None or src.issues:
         return None
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
                   upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules,
-                  admin_listen=admin, signing=signing, broker=broker, audit=audit)
+                  admin_listen=admin, admin_api_listen=api_listen, admin_workloads=admins,
+                  signing=signing, broker=broker, audit=audit)
 
 
 def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
@@ -232,9 +240,20 @@ def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
     return AuditConfig(sinks=tuple(sinks), fingerprint_key=key, fail_closed=mode != "log_and_continue")
 
 
-def _admin(src: Source, value: Any) -> tuple[str, int] | None:
-    m = src.mapping(("admin",), value, required=("listen",))
-    return _listen(src, ("admin", "listen"), m["listen"]) if m and "listen" in m else None
+def _admin(src: Source, value: Any, identity: IdentityConfig | None
+           ) -> tuple[tuple[str, int] | None, tuple[str, int] | None, tuple[WorkloadPattern, ...]]:
+    p: Path_ = ("admin",)
+    m = src.mapping(p, value, optional=("listen", "api_listen", "workloads"))
+    if not m:
+        return None, None, ()
+    listen = _listen(src, p + ("listen",), m["listen"]) if "listen" in m else None
+    api = _listen(src, p + ("api_listen",), m["api_listen"]) if "api_listen" in m else None
+    admins = _workloads(src, p + ("workloads",), m["workloads"], identity) if "workloads" in m else ()
+    if api is not None and not admins:
+        src.error(p, "admin.api_listen needs admin.workloads: the SPIFFE IDs allowed to manage grants")
+    if api is not None and listen is not None and api[1] == listen[1]:
+        src.error(p + ("api_listen",), "the admin API needs its own port (it speaks mTLS; the admin listener does not)")
+    return listen, api, admins or ()
 
 
 def _signing(src: Source, value: Any, base: Path, resolve: bool) -> SigningConfig | None:
@@ -349,7 +368,7 @@ def _rules(src: Source, value: Any, creds: dict[str, Credential],
     for i, body in enumerate(value):
         p: Path_ = ("rules", i)
         m = src.mapping(p, body, required=("name", "workloads", "to"),
-                        optional=("inject", "action", "allow_plaintext", "description"))
+                        optional=("inject", "action", "allow_plaintext", "description", "requires_grant", "break_glass"))
         if m is None:
             continue
         name = src.string(p + ("name",), m["name"]) if "name" in m else None
@@ -364,9 +383,14 @@ def _rules(src: Source, value: Any, creds: dict[str, Credential],
         inject = _injection(src, p + ("inject",), m["inject"], creds) if action == "inject" else None
         if "description" in m:
             src.string(p + ("description",), m["description"])
+        needs_grant = bool(src.boolean(p + ("requires_grant",), m["requires_grant"])) if "requires_grant" in m else False
+        glass = bool(src.boolean(p + ("break_glass",), m["break_glass"])) if "break_glass" in m else False
+        if glass and not needs_grant:
+            src.error(p + ("break_glass",), "break_glass only applies to rules with requires_grant: true")
         if name and workloads and to and action and plaintext is not None and (inject or action == "allow"):
             out.append(Rule(name=name, index=i, line=src.line(p), workloads=workloads, to=to,
-                            action=action, inject=inject, allow_plaintext=plaintext))
+                            action=action, inject=inject, allow_plaintext=plaintext,
+                            requires_grant=needs_grant, break_glass=glass))
     return tuple(out)
 
 

@@ -164,8 +164,16 @@ def _signer(config: Config, current: JwtSigner | None) -> JwtSigner | None:
     """The proxy's JWT signer, when anything needs one: minting kinds, client assertions, JWKS."""
     if current is not None:
         return current
-    needed = config.signing or config.admin_listen or any(c.kind != "static" for c in config.credentials.values())
+    needed = config.signing or config.admin_listen or any(_needs_signer(c) for c in config.credentials.values())
     return JwtSigner.from_config(config.signing, default_issuer=_default_issuer(config)) if needed else None
+
+
+def _needs_signer(cred) -> bool:
+    """Kinds that mint JWTs with the proxy's key: minted JWTs, token-exchange subjects,
+    private_key_jwt assertions and web-identity tokens for AWS."""
+    st = cred.settings
+    return (cred.kind in ("jwt", "oauth2_token_exchange") or getattr(st, "auth", None) == "private_key_jwt"
+            or getattr(st, "mode", None) == "web_identity")
 
 
 def _default_issuer(config: Config) -> str:

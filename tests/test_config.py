@@ -434,11 +434,11 @@ MALFORMED = [
         "invalid trust domain 'Example.org'",
     ),
     (
-        "store-redis",
+        "store-redis-without-encryption-keys",
         HEAD + one_line_rule("{host: a.example.com}") + "store: redis://redis:6379/0\n",
         10,
         "store",
-        "unsupported store 'redis://redis:6379/0': this version supports memory:// only",
+        "missing required key 'encryption_keys': a shared store holds credentials only encrypted",
     ),
     (
         "listen-without-port",
@@ -506,7 +506,7 @@ class TestValidConfig:
         assert cfg.listen == ("127.0.0.1", 8080)
         assert cfg.interception_ca == valid_dir / "mitm"
         assert cfg.upstream_ca_bundle == valid_dir / "upstream-ca.pem"
-        assert cfg.store == "memory://"
+        assert cfg.store.url == "memory://"
         assert len(cfg.digest) == 64 and re.fullmatch(r"[0-9a-f]+", cfg.digest)
 
     def test_relative_paths_do_not_depend_on_cwd(
@@ -673,7 +673,7 @@ class TestMalformedConfig:
             (12, "rules[2].inject.credential"),
         ]
         text = str(info.value)
-        assert text.splitlines()[0].startswith(f"{FILE}:2 store: unsupported store")
+        assert text.splitlines()[0].startswith(f"{FILE}:2 store: missing required key 'encryption_keys'")
         assert (
             f"{FILE}:12 rules[2].inject.credential: unknown credential 'gh' (known: github)" in text
         )
