@@ -30,18 +30,22 @@ from .matching import normalize_host
 from .metrics import Metrics, decision_for
 from .observe import Observer
 from .policy import Decision, Deny
+from .config import Rule
 from .refusal import (
     AUDIT_UNAVAILABLE,
     CREDENTIAL_UNAVAILABLE,
     DENY_MESSAGES,
+    GRANT_REQUIRED,
     HOST_MISMATCH,
     INTERNAL,
     NOT_CONFIGURED,
     REQUEST_ID_HEADER,
+    STORE_UNAVAILABLE,
     Refusal,
     error_response,
 )
 from .services import Services
+from .store import StoreError
 
 log = logging.getLogger("secretless")
 
@@ -131,7 +135,7 @@ class Secretless:
             self.services = None
             return
         try:
-            services = Services(path, events=self.observer)
+            services = Services(path, events=self.observer, on_store_error=self.metrics.store_error)
         except ConfigError as exc:
             raise exceptions.OptionsError(f"secretless_config={path} is invalid:\n{exc}") from None
         except (ValueError, OSError) as exc:
@@ -295,12 +299,13 @@ class Secretless:
         rule = result.rule
         flow.metadata["secretless.rule"] = rule.name
         flow.metadata["secretless.workload"] = workload.spiffe_id
+        grant_id = await self._require_grant(services, rule, workload) if rule.requires_grant else None
         if rule.inject is None:
             return rule.name, "allowed"
         if not self.observer.audit_ready():
             raise Refusal(503, AUDIT_UNAVAILABLE, "the audit log cannot be written; credentials are withheld", rule.name)
         rctx = RequestContext(workload=workload, host=host, port=port, method=req.method,
-                              path=req.path.split("?", 1)[0], rule=rule.name)
+                              path=req.path.split("?", 1)[0], rule=rule.name, grant_id=grant_id)
         try:
             cred = runtime.providers[rule.inject.credential].fetch_now(rctx) \
                 or await services.broker.get(rule.inject.credential, rctx)
@@ -325,6 +330,18 @@ class Secretless:
                                          rule=rule.name, workload=workload.spiffe_id, started=time.time())
         flow.metadata["secretless.credential"] = cred.name
         return rule.name, "injected"
+
+    async def _require_grant(self, services: Services, rule: Rule, workload: Workload) -> str:
+        """The id of an active grant for (workload, rule), read from the store on every request so
+        that a revocation anywhere stops this replica at once. No store answer: fail closed."""
+        try:
+            grant = await services.store.find_grant(workload.spiffe_id, rule.name)
+        except StoreError:
+            raise Refusal(503, STORE_UNAVAILABLE, "grants cannot be checked right now; this rule fails closed", rule.name) from None
+        if grant is None or grant.id in services.store.revoked_grant_ids():
+            raise Refusal(403, GRANT_REQUIRED, "this rule applies only while a grant exists for this workload", rule.name)
+        services.grant_in_use(grant)
+        return grant.id
 
     def _destination(self, flow: http.HTTPFlow, st: ConnState) -> tuple[str, int]:
         """The host and port the proxy will connect to, after checking every name agrees.

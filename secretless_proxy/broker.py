@@ -34,11 +34,13 @@ from .config import BrokerConfig
 from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
 from .errors import CredentialError
 from .secrets import Secret
+from .store.base import Store, StoreError, credential_key, shared_fetch
 
 log = logging.getLogger(__name__)
 
 # The closed vocabulary of revocation reasons (a metric label: keep it bounded).
-REASONS = frozenset({"expired", "config_changed", "grant_revoked", "manual"})
+REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual"})
+GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
 
 _Key = tuple[str, str]  # (credential name, scope)
 
@@ -106,9 +108,42 @@ class Broker:
         self._revoking: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._shared: Store | None = None
 
     def __repr__(self) -> str:
         return f"Broker(credentials={sorted(self._providers)!r}, cached={len(self._cache)})"
+
+    def attach_store(self, store: Store | None) -> None:
+        """Share credentials with other replicas through ``store`` (None: this process only).
+
+        The broker's own cache is the L1; a miss asks the store before the provider, and a
+        fetch is single-flight across replicas (``store.shared_fetch``).
+        """
+        self._shared = store
+
+    def drop_local(self, store_key: str | None = None) -> int:
+        """Forget cached entries (one store key, or all) without revoking: another replica evicted
+        them, or the store asks for a resync. The next get reads the store again."""
+        keys = [k for k in self._cache if store_key is None or credential_key(k[0], k[1]) == store_key]
+        for key in keys:
+            del self._cache[key]
+        return len(keys)
+
+    async def evict_grant(self, grant_id: str, *, reason: str) -> int:
+        """Drop and revoke every credential brokered under ``grant_id`` (revoked or expired grant)."""
+        mark = f"{GRANT_MARK}{grant_id}"
+        keys = [k for k in self._cache if k[1].endswith(mark)]
+        for key in keys:
+            self._drop(key, reason, revoke=True)
+            await self._forget_shared(key)
+        return len(keys)
+
+    async def _forget_shared(self, key: _Key) -> None:
+        if self._shared is not None:
+            try:
+                await self._shared.delete_credential(credential_key(*key))
+            except StoreError:
+                pass  # it expires in the store on its own; replicas still check grants per request
 
     def reconfigure(self, config: BrokerConfig) -> None:
         """New skew, refresh point, timeout and retries (hot reload); cached entries stay."""
@@ -131,6 +166,8 @@ class Broker:
             cred = await self._fetch(name, provider, ctx)
             self._emit("issued", cred, cached=False)
             return cred
+        if ctx.grant_id is not None:  # credentials brokered under a grant go when the grant goes
+            scope = f"{scope}{GRANT_MARK}{ctx.grant_id}"
         key = (name, scope)
         now = self._now()
         entry = self._cache.get(key)
@@ -171,6 +208,7 @@ class Broker:
         keys = [k for k in self._cache if wanted is None or k[0] in wanted]
         for key in keys:
             self._drop(key, reason, revoke=True)
+            await self._forget_shared(key)
         return len(keys)
 
     def replace_providers(self, providers: Mapping[str, Provider]) -> None:
@@ -221,7 +259,14 @@ class Broker:
         name = key[0]
         generation = (self._epoch, self._gen.get(name, 0))
         try:
-            cred = await self._fetch(name, provider, ctx)
+            if self._shared is not None:
+                entry = self._cache.get(key)
+                cred = await shared_fetch(
+                    self._shared, credential_key(*key), lambda: self._fetch(name, provider, ctx),
+                    min_valid=self._config.skew, lock_ttl=self._config.timeout * (1 + self._config.retries) + 2,
+                    replacing=entry.cred if refresh and entry is not None else None)
+            else:
+                cred = await self._fetch(name, provider, ctx)
         except ProviderError:
             entry = self._cache.get(key)
             if refresh and entry is not None:  # keep serving the old credential until it expires

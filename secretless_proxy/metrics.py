@@ -35,7 +35,7 @@ IDENTITY_REASONS = frozenset({
 })
 DENY_REASONS = IDENTITY_REASONS | frozenset({
     "no_rule", "method", "path", "host_mismatch", "plaintext_upstream", "credential_unavailable",
-    "internal_error", "store_unavailable", "audit_unavailable", "not_configured",
+    "internal_error", "store_unavailable", "audit_unavailable", "not_configured", "grant_required",
 })
 # Refusals that are the proxy's failure (5xx), not the client's: decision="error".
 ERROR_REASONS = frozenset({
@@ -46,6 +46,8 @@ FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
 CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
 REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "manual"})
 RELOAD_OUTCOMES = frozenset({"success", "error"})
+# Why a grant was revoked, as a label: the admin API's free-text reason goes to the audit log only.
+GRANT_REVOCATION_REASONS = frozenset({"manual", "config_changed"})
 
 # 50 µs … 1 s: the addon's own work is sub-millisecond when the credential is cached.
 OVERHEAD_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
@@ -158,6 +160,9 @@ class Metrics:
             ["sink"], registry=r)
         self.ready = Gauge(
             "secretless_ready", "1 when every readiness check passes, else 0.", registry=r)
+        self.store_errors = Counter(
+            "secretless_store_errors_total", "Shared-store (Redis) operations that failed, by operation.",
+            ["op"], registry=r)
         self.build_info.labels(*_versions()).set(1)
         # Zero-valued series for the closed vocabularies: rate() and alerts see a 0, not "no data".
         for reason in DENY_REASONS:
@@ -189,6 +194,10 @@ class Metrics:
         self._expiry.remove(credential, scope)
         self.revocations.labels(self._closed("reason", reason, REVOCATION_REASONS)).inc()
 
+    def store_error(self, op: str) -> None:
+        """A shared-store operation failed (``op`` is the store's bounded operation name)."""
+        self.store_errors.labels(op=op if op.isidentifier() and len(op) <= 32 else "other").inc()
+
     def cert_rejected(self, reason: str) -> None:
         self.cert_rejections.labels(self._closed("reason", reason, IDENTITY_REASONS)).inc()
 
@@ -217,6 +226,34 @@ class Metrics:
     def soonest_expiry(self) -> dict[str, float]:
         """The expiry gauge's current values, by credential (for tests and `explain`)."""
         return self._expiry.soonest()
+
+    # -- grants (admin API) ----------------------------------------------------------------------
+    # Registered on first use rather than in __init__: only a proxy with an admin API issues
+    # grants, and the API calls track_grants() when it is built so the series start at 0.
+
+    def track_grants(self) -> None:
+        """Register ``secretless_grants_total`` and ``secretless_grant_revocations_total`` (idempotent)."""
+        self._grant_counters()
+
+    def grant_created(self, *, break_glass: bool) -> None:
+        self._grant_counters()[0].labels("true" if break_glass else "false").inc()
+
+    def grant_revoked(self, *, reason: str) -> None:
+        self._grant_counters()[1].labels(self._closed("reason", reason, GRANT_REVOCATION_REASONS)).inc()
+
+    def _grant_counters(self) -> tuple[Counter, Counter]:
+        counters: tuple[Counter, Counter] | None = getattr(self, "_grants", None)
+        if counters is None:
+            created = Counter("secretless_grants_total", "Grants issued through the admin API; break-glass "
+                              "grants are counted under break_glass=\"true\".", ["break_glass"], registry=self.registry)
+            revoked = Counter("secretless_grant_revocations_total", "Grants revoked, by reason.", ["reason"],
+                              registry=self.registry)
+            for value in ("true", "false"):
+                created.labels(value)
+            for reason in GRANT_REVOCATION_REASONS:
+                revoked.labels(reason)
+            counters = self._grants = (created, revoked)
+        return counters
 
     def _closed(self, label: str, value: str, allowed: frozenset[str]) -> str:
         if value in allowed:

@@ -18,6 +18,8 @@ CREDENTIAL_UNAVAILABLE = "credential_unavailable"
 AUDIT_UNAVAILABLE = "audit_unavailable"
 INTERNAL = "internal_error"
 NOT_CONFIGURED = "not_configured"
+STORE_UNAVAILABLE = "store_unavailable"
+GRANT_REQUIRED = "grant_required"
 
 DENY_MESSAGES = {
     "no_rule": "no rule allows this workload to reach this destination",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from .broker import Broker, BrokerEvents
 from .config import Config
 from .credentials import ProviderDeps
 from .errors import ConfigError
+from .grants import Grant
+from .store import Store, open_store
 from .identity import load_trust_bundle
 from .reload import FileWatcher
 from .runtime import Runtime, changed_credentials
@@ -33,7 +36,8 @@ log = logging.getLogger("secretless")
 
 
 class Services:
-    def __init__(self, config_path: str, *, events: BrokerEvents | None = None) -> None:
+    def __init__(self, config_path: str, *, events: BrokerEvents | None = None,
+                 on_store_error: Callable[[str], None] | None = None) -> None:
         self.config_path = config_path
         self.events = events or BrokerEvents()
         self.deps = ProviderDeps()
@@ -47,6 +51,9 @@ class Services:
         self.on_reload: Callable[[bool], None] | None = None
         self._tasks: set[asyncio.Task] = set()
         self.confdir = tlsfiles.confdir(self.config)  # fixed for the process: mitmproxy's certstore
+        self.store: Store = open_store(self.config.store, on_error=on_store_error)  # fixed for the process
+        self._grant_expiry: dict[str, float] = {}  # grants in use → when their credentials must go
+        self._unsubscribe: Callable[[], None] | None = None
 
     @property
     def config(self) -> Config:
@@ -55,10 +62,17 @@ class Services:
     async def start(self) -> None:
         self.deps.http = _http_client(self.upstream_bundle, self.config)
         self.broker = Broker(self.runtime.providers, config=self.config.broker, events=self.events)
+        await self.store.start()  # never raises: an unreachable Redis is retried in the background
+        if self.config.store.kind != "memory":
+            self.broker.attach_store(self.store)
+        self._unsubscribe = self.store.subscribe(self._on_store_event)
         self.watcher = FileWatcher(self._watched, self.reload)
         self.watcher.start()
+        self._spawn(self._expire_grants())
 
     async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.broker is not None:
@@ -67,6 +81,40 @@ class Services:
             await self.deps.http.aclose()
         for task in list(self._tasks):
             task.cancel()
+        await self.store.close()
+
+    # -- grants and shared state -----------------------------------------------------------------
+
+    def grant_in_use(self, grant: Grant) -> None:
+        """Remember a grant a request used, so its credentials are evicted the moment it expires."""
+        self._grant_expiry[grant.id] = grant.expires_at
+
+    async def _on_store_event(self, event: dict[str, Any]) -> None:
+        broker = self.broker
+        if broker is None:
+            return
+        kind = event.get("type")
+        if kind == "credential_evicted":
+            broker.drop_local(event["key"])
+        elif kind == "grant_revoked":
+            self._grant_expiry.pop(event["id"], None)
+            await broker.evict_grant(event["id"], reason="grant_revoked")
+        elif kind == "resync":  # events may have been missed during an outage: trust nothing cached
+            broker.drop_local(None)
+
+    async def _expire_grants(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            for gid in [g for g, exp in self._grant_expiry.items() if exp <= now]:
+                del self._grant_expiry[gid]
+                if self.broker is not None:
+                    await self.broker.evict_grant(gid, reason="grant_expired")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _watched(self) -> list[Path]:
         cfg = self.config
@@ -98,6 +146,8 @@ class Services:
             return False
         old = self.runtime
         for what, before, after in (("listen", old.config.listen, runtime.config.listen),
+                                    ("store", old.config.store, runtime.config.store),
+                                    ("admin.api_listen", old.config.admin_api_listen, runtime.config.admin_api_listen),
                                     ("interception_ca", old.config.interception_ca, runtime.config.interception_ca),
                                     ("admin.listen", old.config.admin_listen, runtime.config.admin_listen)):
             if before != after:
@@ -117,9 +167,7 @@ class Services:
             changed = changed_credentials(old.config.credentials, runtime.config.credentials)
             self.broker.replace_providers(runtime.providers)
             if changed:
-                task = asyncio.get_running_loop().create_task(self.broker.evict(changed, reason="config_changed"))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self.broker.evict(changed, reason="config_changed"))
         log.info("config reloaded: %s (%d rules, %d credentials, sha256 %s)", self.config_path,
                  len(runtime.config.rules), len(runtime.config.credentials), runtime.config.digest[:12])
         return True
@@ -145,7 +193,7 @@ class Services:
             checks["interception_ca"] = None
         except (OSError, ValueError) as exc:
             checks["interception_ca"] = f"{ca}: {getattr(exc, 'strerror', None) or 'not a PEM certificate'}"
-        checks["store"] = None  # memory:// is always reachable
+        checks["store"] = None if self.store.healthy else f"the {self.config.store.kind} store is unreachable"
         return checks
 
     def _replace_http_client(self) -> None:
@@ -155,9 +203,7 @@ class Services:
             async def close_later() -> None:
                 await asyncio.sleep(self.config.broker.timeout * 4)  # let in-flight fetches finish
                 await old.aclose()
-            task = asyncio.get_running_loop().create_task(close_later())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(close_later())
 
 
 def _signer(config: Config, current: JwtSigner | None) -> JwtSigner | None:

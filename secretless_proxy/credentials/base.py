@@ -46,6 +46,7 @@ class RequestContext:
     method: str
     path: str
     rule: str
+    grant_id: str | None = None  # the grant this request runs under (rules with requires_grant)
 
 
 @dataclass(frozen=True, kw_only=True)
