@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from . import identity as ident
 from . import inject, sigv4
 from .admin import AdminServer
+from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path
 from .credentials import IssuedCredential, RequestContext
 from .errors import ConfigError, CredentialError, IdentityError
@@ -102,6 +103,7 @@ class Secretless:
         self.metrics = Metrics(registry or CollectorRegistry())
         self.observer = Observer(metrics=self.metrics)
         self.admin: AdminServer | None = None
+        self.admin_api: AdminApiServer | None = None
         self._conns: weakref.WeakKeyDictionary[Client, ConnState] = weakref.WeakKeyDictionary()
         # Secret-bearing strings per flow, kept off flow.metadata so saved flows never hold them.
         self._injected: weakref.WeakKeyDictionary[http.HTTPFlow, _Injected] = weakref.WeakKeyDictionary()
@@ -183,6 +185,8 @@ class Secretless:
                 log.error("admin listener on %s:%d failed: %s; stopping", host, port, exc.strerror or exc)
                 ctx.master.shutdown()
                 return
+        if services.config.admin_api_listen and not await self._start_admin_api(services):
+            return
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._sighup)
         except (NotImplementedError, RuntimeError, ValueError):
@@ -191,7 +195,25 @@ class Secretless:
         for addr in (ps.listen_addrs() if ps is not None else []):
             log.info("secretless-proxy listening on %s:%d", addr[0], addr[1])
 
+    async def _start_admin_api(self, services: Services) -> bool:
+        host, port = services.config.admin_api_listen
+        api = AdminApi(store=services.store, config=lambda: services.config,
+                       snapshot=lambda: services.broker.snapshot() if services.broker else [],
+                       audit=lambda: self.observer.audit, metrics=self.metrics)
+        try:
+            cert = api_server_cert(services.confdir, hosts=tuple(dict.fromkeys(("localhost", "127.0.0.1", host))))
+            self.admin_api = AdminApiServer(host, port, api=api, verifier=lambda: services.runtime.verifier,
+                                            admins=lambda: services.config.admin_workloads, server_cert=cert)
+            await self.admin_api.start()
+        except (OSError, ValueError) as exc:
+            log.error("admin API on %s:%d failed: %s; stopping", host, port, getattr(exc, "strerror", None) or exc)
+            ctx.master.shutdown()
+            return False
+        return True
+
     async def done(self) -> None:
+        if self.admin_api is not None:
+            await self.admin_api.close()
         if self.admin is not None:
             await self.admin.close()
         if self.services is not None:
