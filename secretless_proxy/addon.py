@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 import weakref
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from . import inject, sigv4
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path
+from .config import Rule
 from .credentials import IssuedCredential, RequestContext
 from .errors import ConfigError, CredentialError, IdentityError
 from .identity import Workload
@@ -31,7 +33,6 @@ from .matching import normalize_host
 from .metrics import Metrics, decision_for
 from .observe import Observer
 from .policy import Decision, Deny
-from .config import Rule
 from .refusal import (
     AUDIT_UNAVAILABLE,
     CREDENTIAL_UNAVAILABLE,
@@ -201,7 +202,9 @@ class Secretless:
                        snapshot=lambda: services.broker.snapshot() if services.broker else [],
                        audit=lambda: self.observer.audit, metrics=self.metrics)
         try:
-            cert = api_server_cert(services.confdir, hosts=tuple(dict.fromkeys(("localhost", "127.0.0.1", host))))
+            # Bound to every address: name the machine too, so remote admins can verify the API.
+            names = (socket.getfqdn(), socket.gethostname()) if host in ("0.0.0.0", "::", "") else (host,)
+            cert = api_server_cert(services.confdir, hosts=tuple(dict.fromkeys(("localhost", "127.0.0.1", *names))))
             self.admin_api = AdminApiServer(host, port, api=api, verifier=lambda: services.runtime.verifier,
                                             admins=lambda: services.config.admin_workloads, server_cert=cert)
             await self.admin_api.start()

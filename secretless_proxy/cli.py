@@ -1,4 +1,5 @@
-"""Command line: ``run``, ``check``, ``explain``, ``certs init``, ``certs issue``, ``echo-server``."""
+"""Command line: ``run``, ``check``, ``explain``, ``certs init``, ``certs issue``, ``echo-server``;
+``grant``, ``grants``, ``revoke``, ``inventory`` (the admin API's client, ``cli_admin.py``)."""
 
 from __future__ import annotations
 
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--ca", required=True, help="CA directory (from `certs init`) to issue its certificate")
     echo.add_argument("--listen", type=_listen, default=("127.0.0.1", 9443))
     echo.set_defaults(func=_cmd_echo_server)
+
+    from .cli_admin import add_commands  # grant, grants, revoke, inventory: the admin API's client
+
+    add_commands(sub)
     return p
 
 

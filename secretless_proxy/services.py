@@ -26,11 +26,11 @@ from .config import Config
 from .credentials import ProviderDeps
 from .errors import ConfigError
 from .grants import Grant
-from .store import Store, open_store
 from .identity import load_trust_bundle
 from .reload import FileWatcher
 from .runtime import Runtime, changed_credentials
 from .signing import JwtSigner
+from .store import Store, open_store
 
 log = logging.getLogger("secretless")
 
