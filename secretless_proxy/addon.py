@@ -200,7 +200,8 @@ class Secretless:
         host, port = services.config.admin_api_listen
         api = AdminApi(store=services.store, config=lambda: services.config,
                        snapshot=lambda: services.broker.snapshot() if services.broker else [],
-                       audit=lambda: self.observer.audit, metrics=self.metrics)
+                       audit=lambda: self.observer.audit, metrics=self.metrics,
+                       last_used=lambda: services.last_used)
         try:
             # Bound to every address: name the machine too, so remote admins can verify the API.
             names = (socket.getfqdn(), socket.gethostname()) if host in ("0.0.0.0", "::", "") else (host,)
@@ -354,6 +355,7 @@ class Secretless:
         self._injected[flow] = _Injected(header=header, query=query, needles=needles, cred=cred,
                                          rule=rule.name, workload=workload.spiffe_id, started=time.time())
         flow.metadata["secretless.credential"] = cred.name
+        services.last_used[cred.name] = time.time()
         return rule.name, "injected"
 
     async def _require_grant(self, services: Services, rule: Rule, workload: Workload) -> str:

@@ -39,7 +39,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -90,10 +90,12 @@ class AdminApi:
     """The routes of the admin API; no sockets. ``caller`` is an already verified admin."""
 
     def __init__(self, *, store: Store, config: Callable[[], Config], snapshot: Callable[[], list[CachedInfo]],
-                 audit: Callable[[], AuditLog], metrics: Metrics, now: Callable[[], float] = time.time) -> None:
+                 audit: Callable[[], AuditLog], metrics: Metrics, now: Callable[[], float] = time.time,
+                 last_used: Callable[[], Mapping[str, float]] = dict) -> None:
         self.store = store
         self.config = config
         self.snapshot = snapshot
+        self.last_used = last_used  # credential name → last injection, static keys included
         self.audit = audit
         self.metrics = metrics
         self.now = now
@@ -221,15 +223,17 @@ class AdminApi:
         cached: dict[str, list[CachedInfo]] = {}
         for info in self.snapshot():
             cached.setdefault(info.name, []).append(info)
+        used = self.last_used()
         out = []
         for name, cred in sorted(cfg.credentials.items()):
             entries = cached.get(name, [])
+            last = max([e.last_used for e in entries] + ([used[name]] if name in used else []), default=None)
             expiries = [e.expires_at for e in entries if e.expires_at is not None]
             out.append({
                 "name": name, "kind": cred.kind, "owner": cred.owner,
                 "lifetime": "long-lived" if cred.kind in LONG_LIVED_KINDS else "brokered",
                 "expires_at": min(expiries, default=None),  # the soonest, as the expiry gauge shows it
-                "last_used": max((e.last_used for e in entries), default=None),
+                "last_used": last,
                 "cached": [{"scope": e.scope, "issued_at": e.issued_at, "expires_at": e.expires_at,
                             "last_used": e.last_used} for e in entries],
                 "rules": [r.name for r in cfg.rules if r.inject is not None and r.inject.credential == name],

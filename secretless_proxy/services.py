@@ -53,6 +53,7 @@ class Services:
         self.confdir = tlsfiles.confdir(self.config)  # fixed for the process: mitmproxy's certstore
         self.store: Store = open_store(self.config.store, on_error=on_store_error)  # fixed for the process
         self._grant_expiry: dict[str, float] = {}  # grants in use → when their credentials must go
+        self.last_used: dict[str, float] = {}  # credential name → last injection (for the inventory)
         self._unsubscribe: Callable[[], None] | None = None
 
     @property

@@ -112,6 +112,7 @@ class Api:
     sink: ListSink
     cacert: str
     snapshot: list[CachedInfo] = field(default_factory=list)
+    last_used: dict[str, float] = field(default_factory=dict)
 
     def client(self, cert: Cert | None = None, *, cacert: str | None = None) -> httpx.AsyncClient:
         ctx = ssl.create_default_context(cafile=cacert or self.cacert)
@@ -173,8 +174,9 @@ async def start(pki: Pki, confdir: Path, tmp_path: Path, monkeypatch: pytest.Mon
         sink = ListSink()
         audit = AuditLog([sink], metrics=metrics)
         snapshot: list[CachedInfo] = []
+        last_used: dict[str, float] = {}
         api = AdminApi(store=store, config=lambda: config, snapshot=lambda: list(snapshot), audit=lambda: audit,
-                       metrics=metrics)
+                       metrics=metrics, last_used=lambda: last_used)
         verifier = IdentityVerifier(roots=load_trust_bundle(pki.trust_bundle), trust_domains=("example.org",))
         server = AdminApiServer("127.0.0.1", 0, api=api, verifier=lambda: verifier,
                                 admins=lambda: config.admin_workloads,
@@ -182,7 +184,7 @@ async def start(pki: Pki, confdir: Path, tmp_path: Path, monkeypatch: pytest.Mon
         host, port = await server.start()
         servers.append(server)
         return Api(server=server, url=f"https://{host}:{port}", store=store, config=config, registry=registry,
-                   sink=sink, cacert=str(confdir / "mitmproxy-ca-cert.pem"), snapshot=snapshot)
+                   sink=sink, cacert=str(confdir / "mitmproxy-ca-cert.pem"), snapshot=snapshot, last_used=last_used)
 
     yield make
     for server in servers:
@@ -554,6 +556,14 @@ class TestInventory:
         assert creds["payments"]["cached"] == [{"scope": "", "issued_at": now - 60, "expires_at": now + 300,
                                                 "last_used": now - 5}]
         assert creds["stripe"]["cached"] == [] and creds["stripe"]["expires_at"] is None
+        assert creds["stripe"]["last_used"] is None
+
+    async def test_last_use_of_uncached_static_key(self, api: Api, ids: Ids) -> None:
+        """A static key is never cached, yet its last injection shows as last use."""
+        api.last_used["stripe"] = 1_800_000_000.0
+        async with api.client(ids.admin) as c:
+            creds = {c["name"]: c for c in (await c.get("/v1/credentials")).json()["credentials"]}
+        assert creds["stripe"]["last_used"] == 1_800_000_000.0 and creds["stripe"]["cached"] == []
 
     async def test_never_shows_values(self, api: Api, ids: Ids) -> None:
         """The inventory holds no secret value and not even where a secret is read from."""
