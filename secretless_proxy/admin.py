@@ -57,7 +57,26 @@ class _BadRequest(Exception):
         self.status = status
 
 
-class AdminServer:
+class Listener:
+    """What the admin listeners share: the asyncio server and the per-connection handler tasks."""
+
+    _server: asyncio.Server | None
+    _handlers: set[asyncio.Task[None]]
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections (wait_closed would wait for idle clients)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+class AdminServer(Listener):
     """The admin HTTP listener; ``start()`` in mitmproxy's ``running()``, ``close()`` in ``done()``."""
 
     def __init__(self, host: str, port: int, *, metrics: Metrics, readiness: Readiness,
@@ -80,17 +99,6 @@ class AdminServer:
         log.info("admin listener on %s:%d (/metrics /healthz /readyz)", sockname[0], sockname[1])
         return sockname[0], sockname[1]
 
-    async def close(self) -> None:
-        """Stop listening and drop open connections (wait_closed would wait for idle clients)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-        await server.wait_closed()
 
     # -- connection ----------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 
-from .admin import _HEADER, _REASONS, _REQUEST_LINE, MAX_CONNECTIONS, MAX_HEAD, READ_TIMEOUT, WRITE_TIMEOUT
+from .admin import _HEADER, _REASONS, _REQUEST_LINE, MAX_CONNECTIONS, MAX_HEAD, READ_TIMEOUT, WRITE_TIMEOUT, Listener
 from .audit import AuditLog, clean_path, rfc3339
 from .broker import CachedInfo
 from .certs import Issued, make_server_cert
@@ -241,7 +241,7 @@ class AdminApi:
         return out
 
 
-class AdminApiServer:
+class AdminApiServer(Listener):
     """The admin API's TLS listener; ``start()`` in ``running()``, ``close()`` in ``done()``."""
 
     def __init__(self, host: str, port: int, *, api: AdminApi, verifier: Callable[[], IdentityVerifier],
@@ -263,17 +263,6 @@ class AdminApiServer:
         log.info("admin API on https://%s:%d (/v1/grants /v1/credentials; mTLS, admin.workloads only)", host, port)
         return host, port
 
-    async def close(self) -> None:
-        """Stop listening and drop open connections."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-        await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
