@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SPIFFE_ID ?= spiffe://example.org/ns/prod/sa/billing
 
-.PHONY: install run test lint dev-certs demo-upstream bench
+.PHONY: install system-deps run test lint dev-certs demo-upstream bench
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,18 @@ run: install dev-certs
 demo-upstream: install dev-certs
 	$(BIN)/secretless-proxy echo-server --ca dev/ca --listen 127.0.0.1:9443
 
-test: install
+# Debian packages the full test suite uses (real servers and tools, never mocks): installed when
+# missing and running as root; otherwise the tests that need them say what to install and skip.
+SYSTEM_DEPS := curl:curl redis-server:redis-server promtool:prometheus
+system-deps:
+	@missing=""; for dep in $(SYSTEM_DEPS); do cmd=$${dep%%:*}; pkg=$${dep##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (install them for the full suite)"; fi; fi
+
+test: install system-deps
 	$(BIN)/python -m pytest
 
 lint: install
