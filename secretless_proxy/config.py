@@ -251,7 +251,7 @@ def _admin(src: Source, value: Any, identity: IdentityConfig | None
     admins = _workloads(src, p + ("workloads",), m["workloads"], identity) if "workloads" in m else ()
     if api is not None and not admins:
         src.error(p, "admin.api_listen needs admin.workloads: the SPIFFE IDs allowed to manage grants")
-    if api is not None and listen is not None and api[1] == listen[1]:
+    if api is not None and listen is not None and api[1] == listen[1] and api[1] != 0:
         src.error(p + ("api_listen",), "the admin API needs its own port (it speaks mTLS; the admin listener does not)")
     return listen, api, admins or ()
 

@@ -44,7 +44,7 @@ ERROR_REASONS = frozenset({
 DECISIONS = frozenset({"allowed", "injected", "denied", "error"})
 FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
 CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
-REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "manual"})
+REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual"})
 RELOAD_OUTCOMES = frozenset({"success", "error"})
 # Why a grant was revoked, as a label: the admin API's free-text reason goes to the audit log only.
 GRANT_REVOCATION_REASONS = frozenset({"manual", "config_changed"})
