@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""One-command benchmark: direct HTTPS vs mitmdump vs secretless-proxy vs squid ssl-bump, and
-secretless-proxy's brokered OAuth2 credential (warm cache and forced rotation) vs static injection.
+"""One-command benchmark: direct HTTPS vs mitmdump vs secretless-proxy vs squid ssl-bump,
+secretless-proxy's brokered OAuth2 credential (warm cache and forced rotation) vs static injection,
+and the shared Redis store (with and without a per-request grant check) vs the in-process memory store.
 
-Usage (from the repo root):  bash bench/run.sh [--duration 10] [--warmup 2] [--conns 20] [--cases a,b,c,d,e,f]
-                                               [--rounds N] [--quick]
+Usage (from the repo root):  bash bench/run.sh [--duration 10] [--warmup 2] [--conns 20]
+                                               [--cases a,b,c,d,e,f,g,h] [--rounds N] [--quick]
 
 Everything (CAs, keys, configs, the compiled load generator, logs) lives in a fresh
 temporary directory under /tmp that is deleted at the end (use --keep-tmp to keep it).
@@ -53,11 +54,23 @@ CASES = {
     "d": "squid ssl-bump + request_header_add",
     "e": "secretless-proxy (oauth2, warm cache)",
     "f": "secretless-proxy (oauth2, rotating)",
+    "g": "secretless-proxy (oauth2, redis store)",
+    "h": "secretless-proxy (oauth2, redis + grant)",
 }
-OAUTH_CASES = ("e", "f")
-# Order within a round: the three secretless-proxy cases back to back, so (c), (e) and (f) see
-# the same background load as closely as interleaving allows.
-RUN_ORDER = "abdcef"
+OAUTH_CASES = ("e", "f", "g", "h")  # need the bench token server
+STORE_CASES = ("g", "h")  # need the harness's redis-server
+# Order within a round: the secretless-proxy cases back to back, so they see the same background
+# load as closely as interleaving allows; each compared pair is adjacent except (f)/(e):
+# (e)/(c), (g)/(e), (h)/(g).
+RUN_ORDER = "abdceghf"
+# Cases (g)/(h): the store section's encryption key (a fresh one per run, in the proxy's environment).
+STORE_KEY_ENV = "BENCH_STORE_KEY"
+STORE_KEY_ID = "k1"
+STORE_PREFIX = "secretless:"  # the store's default key_prefix
+# Case (h): the grant the harness writes to Redis before each (h) case.
+GRANT_WORKLOAD = "spiffe://example.org/bench"  # the SVID the load generator presents
+GRANT_RULE = "bench"
+GRANT_TTL = 3600.0
 
 
 # --------------------------------------------------------------------------- utilities
@@ -92,6 +105,21 @@ def wait_file(path: Path, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"{what}: {path} not created within {timeout}s")
+
+
+def wait_log(path: Path, text: str, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
+    """Wait until `text` appears in a log file (a readiness line printed after start-up finished)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if text in path.read_text(errors="replace"):
+                return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before logging {text!r}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not log {text!r} within {timeout}s")
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -192,6 +220,121 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / tck
 
 
+class Resp:
+    """A minimal Redis (RESP2) client for the harness's own bookkeeping: PING, FLUSHDB, INFO, KEYS.
+
+    Standard library only, one blocking connection to the loopback redis-server of (g)/(h); the
+    proxy itself talks to Redis through redis-py, this is only what run.py needs around it.
+    """
+
+    def __init__(self, port: int, timeout: float = 2.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.rf = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        try:
+            self.rf.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Resp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def call(self, *args: str):
+        out = [f"*{len(args)}\r\n".encode()]
+        for a in args:
+            b = a.encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        self.sock.sendall(b"".join(out))
+        return self._read()
+
+    def _read(self):
+        line = self.rf.readline()
+        if not line:
+            raise ConnectionError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(f"redis error: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.rf.read(n + 2)[:-2]
+            return data.decode(errors="replace")
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise RuntimeError(f"unexpected redis reply {line[:40]!r}")
+
+    def commandstats(self) -> dict[str, int]:
+        """Calls per command since start-up (INFO commandstats), e.g. {'evalsha': 1234, 'info': 5}."""
+        stats = {}
+        for line in self.call("INFO", "commandstats").splitlines():
+            m = re.match(r"cmdstat_([^:]+):calls=(\d+)", line)
+            if m:
+                stats[m.group(1)] = int(m.group(2))
+        return stats
+
+
+class RedisSampler:
+    """Samples redis-server's per-command call counters every `interval` s in a thread, so the
+    commands inside the load generator's measured window can be interpolated afterwards."""
+
+    def __init__(self, port: int, interval: float = 0.2) -> None:
+        import threading
+        self.port, self.interval = port, interval
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-sampler", daemon=True)
+
+    def __enter__(self) -> RedisSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        try:
+            with Resp(self.port) as r:
+                while True:
+                    self.samples.append((time.monotonic(), r.commandstats()))
+                    if self._stop.wait(self.interval):
+                        self.samples.append((time.monotonic(), r.commandstats()))
+                        return
+        except Exception as e:  # noqa: BLE001 - bookkeeping only: report, never fail the case
+            self.error = f"{type(e).__name__}: {e}"
+
+    def at(self, t: float) -> dict[str, float]:
+        """Counters at monotonic time t, linearly interpolated between the two samples around it."""
+        s = self.samples
+        if not s:
+            return {}
+        if t <= s[0][0]:
+            return dict(s[0][1])
+        for (t0, c0), (t1, c1) in zip(s, s[1:], strict=False):
+            if t0 <= t <= t1:
+                w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+                return {k: c0.get(k, 0) + w * (c1.get(k, 0) - c0.get(k, 0)) for k in set(c0) | set(c1)}
+        return dict(s[-1][1])
+
+    def between(self, lo: float, hi: float) -> dict[str, float]:
+        """Commands per name in [lo, hi], without the sampler's own INFO calls."""
+        a, b = self.at(lo), self.at(hi)
+        d = {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if k != "info"}
+        return {k: v for k, v in d.items() if v > 0.5}
+
+
 # --------------------------------------------------------------------------- PKI
 
 def _name(cn: str) -> x509.Name:
@@ -263,7 +406,12 @@ class Bench:
         self.token_server: subprocess.Popen | None = None
         self.token_port = 0
         self.oauth_secret = ""
-        self.oauth_stats: dict[str, list[dict]] = {}  # (e)/(f): token calls + upstream view, per round
+        self.oauth_stats: dict[str, list[dict]] = {}  # (e)-(h): token calls + upstream view, per round
+        self.redis: subprocess.Popen | None = None  # (g)/(h): one redis-server for the whole run
+        self.redis_port = 0
+        self.redis_version = ""
+        self.store_key = ""  # (g)/(h): AES-256 key of the store section, 64 hex digits, fresh per run
+        self.store_stats: dict[str, list[dict]] = {}  # (g)/(h): Redis commands, keys, CPU, per round
 
     # ---- setup
     def build_loadgen(self) -> None:
@@ -369,6 +517,88 @@ class Bench:
         self.token_log = d / "token-server.log"
         wait_port(self.token_port, self.token_server, 20, "token server")
 
+    # ---- shared store for (g)/(h)
+    def start_redis(self) -> None:
+        """One loopback redis-server for the whole run, no persistence; flushed before every (g)/(h) case."""
+        exe = shutil.which("redis-server", path=f"/usr/bin:/usr/local/bin:{os.environ.get('PATH', '')}")
+        if not exe:
+            raise SkipCase("redis-server not installed (apt-get install redis-server)")
+        d = self.tmp / "redis"
+        d.mkdir(mode=0o700)
+        self.redis_port = free_port()
+        self.store_key = secrets.token_hex(32)
+        self.redis = self.procs.start("redis-server", [
+            exe, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "", "--appendonly", "no",
+            "--dir", str(d), "--daemonize", "no", "--protected-mode", "yes"], d / "redis.log")
+        self.redis_log = d / "redis.log"
+        wait_port(self.redis_port, self.redis, 20, "redis-server")
+        deadline = time.monotonic() + 10
+        while True:  # listening is not the same as loaded: PING until it answers PONG
+            try:
+                with Resp(self.redis_port) as r:
+                    if r.call("PING") == "PONG":
+                        self.redis_version = next((ln.split(":", 1)[1] for ln in r.call("INFO", "server").splitlines()
+                                                   if ln.startswith("redis_version:")), "?")
+                        break
+            except (OSError, RuntimeError, ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on 127.0.0.1:{self.redis_port} does not answer PING")
+            time.sleep(0.1)
+
+    def redis_keys(self) -> dict[str, int]:
+        """How many credential / grant entries the store holds (key names only, never values)."""
+        with Resp(self.redis_port) as r:
+            names = r.call("KEYS", f"{STORE_PREFIX}*") or []
+        out = {"cred": 0, "grant": 0, "other": 0}
+        for n in names:
+            kind = n[len(STORE_PREFIX):].split(":", 1)[0]
+            out[kind if kind in ("cred", "grant") else "other"] += 1
+        return out
+
+    def store_config(self):
+        """The StoreConfig the proxy's store section describes (the key is read from the environment)."""
+        try:
+            import secretless_proxy  # noqa: F401
+        except ImportError:  # not pip-installed: the in-tree package
+            sys.path.insert(0, str(REPO))
+        from secretless_proxy.secrets import SecretRef
+        from secretless_proxy.store import StoreConfig
+        return StoreConfig(url=f"redis://127.0.0.1:{self.redis_port}/0",
+                           encryption_keys={STORE_KEY_ID: SecretRef.parse(f"env:{STORE_KEY_ENV}")},
+                           active_key=STORE_KEY_ID)
+
+    def create_grant(self) -> str:
+        """(h): write an active grant for (GRANT_WORKLOAD, GRANT_RULE) straight into Redis, sealed with
+        the run's store key, through the project's own store code (what the admin API's POST /grants does)."""
+        import asyncio
+
+        config = self.store_config()
+        from secretless_proxy.grants import new_grant
+        from secretless_proxy.store import open_store
+
+        os.environ[STORE_KEY_ENV] = self.store_key  # open_store resolves the key now; not left for children
+        try:
+            store = open_store(config)
+        finally:
+            os.environ.pop(STORE_KEY_ENV, None)
+
+        async def put() -> str:
+            await store.start()
+            try:
+                grant = new_grant(workload=GRANT_WORKLOAD, rule=GRANT_RULE, ttl=GRANT_TTL,
+                                  reason="secretless bench case (h)", issued_by="bench/run.py")
+                if not await store.put_grant(grant):
+                    raise RuntimeError("the store refused the grant (put_grant returned False)")
+                found = await store.find_grant(GRANT_WORKLOAD, GRANT_RULE)
+                if found is None or found.id != grant.id:
+                    raise RuntimeError("the grant just written is not found by find_grant")
+                return grant.id
+            finally:
+                await store.close()
+
+        return asyncio.run(put())
+
     def token_events_between(self, lo: float, hi: float, name: str) -> list[dict]:
         """The token server's calls for /<name>/token with monotonic time in [lo, hi]."""
         out = []
@@ -417,10 +647,17 @@ class Bench:
         groups = {"upstream": self.nginx.pid}
         if proxy is not None:
             groups["proxy"] = proxy.pid
+        store = key in STORE_CASES and self.redis is not None
+        if store:
+            groups["redis"] = self.redis.pid
         cpu0 = {k: group_cpu_seconds(v) for k, v in groups.items()}
         busy0 = machine_busy_seconds()
         t0 = time.monotonic()
-        res = self.run_loadgen(case, self.args.conns, self.args.duration, self.args.warmup)
+        if store:
+            with RedisSampler(self.redis_port) as sampler:
+                res = self.run_loadgen(case, self.args.conns, self.args.duration, self.args.warmup)
+        else:
+            res = self.run_loadgen(case, self.args.conns, self.args.duration, self.args.warmup)
         wall = time.monotonic() - t0
         cpu1 = {k: group_cpu_seconds(v) for k, v in groups.items()}
         busy1 = machine_busy_seconds()
@@ -431,6 +668,12 @@ class Bench:
         ours = sum(cpu1[k] - cpu0[k] for k in groups) + res["loadgen_cpu_s"]
         res["cpu_pct"]["other"] = round(max(0.0, 100 * (busy1 - busy0 - ours) / wall), 1)
         res["round"] = self.round
+        if store:
+            # Redis commands in the measured window, per command name (the sampler's INFO excluded).
+            cmds = sampler.between(res["t_measure_mono"], res["t_end_mono"])
+            res["redis_window"] = {k: round(v) for k, v in sorted(cmds.items(), key=lambda kv: -kv[1])}
+            if sampler.error:
+                res.setdefault("notes", []).append(f"redis sampler: {sampler.error}")
         if proxy is not None and proxy.poll() is not None:
             res.setdefault("notes", []).append(f"proxy exited with {proxy.returncode} during the run")
             log(f"case {key}: the proxy exited with code {proxy.returncode} during the run; log tail:\n"
@@ -487,11 +730,63 @@ class Bench:
     def case_f(self) -> None:
         self.run_oauth("f", "rotate")
 
-    def run_oauth(self, key: str, endpoint: str) -> None:
-        """(e)/(f): the same proxy config as (c) except the credential, brokered from the token server.
+    def case_g(self) -> None:
+        self.run_store("g", grant=False)
 
-        Both use the same broker settings; only the token lifetime the server answers differs
-        (e: OAUTH_WARM_TTL, f: --token-ttl), so (f) vs (e) isolates the cost of rotation.
+    def case_h(self) -> None:
+        self.run_store("h", grant=True)
+
+    def run_store(self, key: str, *, grant: bool) -> None:
+        """(g)/(h): exactly (e), plus a store section pointing at the harness's redis-server.
+
+        (g) vs (e) is the price of the shared store when the broker's L1 cache is warm; (h) adds
+        `requires_grant: true` to the rule, so every request looks its grant up in Redis.
+        The store is flushed first, so every (g)/(h) case starts as empty as (e)'s memory store:
+        the probe fetches the token from the token server and writes it to Redis (sealed).
+        """
+        if self.redis is None or self.redis.poll() is not None:
+            raise RuntimeError("the bench redis-server is not running" + (
+                f"; its log:\n{tail(self.redis_log)}" if self.redis is not None else ""))
+        with Resp(self.redis_port) as r:
+            r.call("FLUSHDB")
+        grant_id = self.create_grant() if grant else None
+        before = self.redis_keys()
+        with Resp(self.redis_port) as r:
+            stats0 = r.commandstats()
+        store = textwrap.dedent(f"""\
+            store:
+              url: redis://127.0.0.1:{self.redis_port}/0
+              encryption_keys: {{{STORE_KEY_ID}: "env:{STORE_KEY_ENV}"}}
+              active_key: {STORE_KEY_ID}
+            """)
+        self.run_oauth(key, "warm", store=store, rule_extra="requires_grant: true" if grant else "",
+                       env_extra={STORE_KEY_ENV: self.store_key})
+        res = self.rounds[key][-1]
+        after = self.redis_keys()
+        with Resp(self.redis_port) as r:
+            stats1 = r.commandstats()
+        # Every command over the whole case (proxy start-up, probe, warm-up, measurement, stop).
+        case_cmds = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in stats1 if k != "info"}
+        case_cmds = {k: v for k, v in sorted(case_cmds.items(), key=lambda kv: -kv[1]) if v > 0}
+        reqs = res["count"]
+        window = res.get("redis_window", {})
+        st = {"round": self.round, "grant": bool(grant_id), "keys_before": before, "keys_after": after,
+              "cmds_case": case_cmds, "cmds_window": sum(window.values()), "by_cmd": window,
+              "cmds_per_req": sum(window.values()) / reqs if reqs else 0.0, "reqs": reqs,
+              "redis_cpu": res["cpu_pct"].get("redis", 0.0)}
+        res["store"] = st
+        self.store_stats.setdefault(key, []).append(st)
+        log(f"case {key}: Redis commands in the measured window: {st['cmds_window']} "
+            f"({st['cmds_per_req']:.3f}/request) {window}; store keys before {before}, after {after}; "
+            f"commands over the whole case: {case_cmds}")
+
+    def run_oauth(self, key: str, endpoint: str, *, store: str = "", rule_extra: str = "",
+                  env_extra: dict | None = None) -> None:
+        """(e)/(f)/(g)/(h): the same proxy config as (c) except the credential, brokered from the token server.
+
+        All use the same broker settings; only the token lifetime the server answers differs
+        (e, g, h: OAUTH_WARM_TTL, f: --token-ttl), so (f) vs (e) isolates the cost of rotation;
+        (g)/(h) add a Redis store section (and a grant-required rule) to (e).
         """
         if self.token_server is None or self.token_server.poll() is not None:
             raise RuntimeError("the bench token server is not running" + (
@@ -502,8 +797,9 @@ class Bench:
                 f"scopes: [{OAUTH_SCOPE}]}}")
         broker = f"broker: {{skew_seconds: {OAUTH_SKEW:g}}}\n"
         t_start = time.monotonic()
-        self.run_secretless(key, f"oauth-{endpoint}", cred, broker, expect="auth=oauth",
-                            env_extra={"BENCH_CLIENT_SECRET": self.oauth_secret})
+        self.run_secretless(key, f"oauth-{endpoint}" + (f"-{key}" if store else ""), cred, broker + store,
+                            expect="auth=oauth", rule_extra=rule_extra,
+                            env_extra={"BENCH_CLIENT_SECRET": self.oauth_secret, **(env_extra or {})})
         self.oauth_accounting(key, endpoint, t_start)
 
     def oauth_accounting(self, key: str, endpoint: str, t_start: float) -> None:
@@ -558,7 +854,7 @@ class Bench:
         return out
 
     def run_secretless(self, key: str, name: str, credential: str, extra: str, *, expect: str,
-                       env_extra: dict | None = None) -> None:
+                       env_extra: dict | None = None, rule_extra: str = "") -> None:
         """One secretless-proxy case: fresh workload CA, SVID and interception CA; one rule; one credential."""
         base = self.secretless_argv()
         if base is None:
@@ -603,13 +899,18 @@ class Bench:
                 workloads: ["spiffe://example.org/*"]
                 to: {{host: {UPSTREAM_HOST}, port: {self.upstream_port}}}
                 inject: {{credential: bench, header: Authorization, format: "Bearer {{secret}}"}}
-            default: deny
-            """) + extra)
+            """) + (f"    {rule_extra}\n" if rule_extra else "") + "default: deny\n" + extra)
+        cli("check", str(conf))  # a schema change fails here, with the checker's message in the log tail
         port = free_port()
         p = self.procs.start("secretless-proxy", base + ["run", "--config", str(conf),
                                                          "--listen", f"127.0.0.1:{port}"], logf, env=env, cwd=d)
         try:
             wait_port(port, p, 60, "secretless-proxy")
+            # mitmproxy accepts connections before the addon's start-up (services.start(): broker,
+            # store connection and its attach to the broker) has finished; the "listening on" line
+            # is logged after it. Probing earlier would fill the broker's cache from the provider
+            # before the shared store is attached, so (g)/(h) would never put the token in Redis.
+            wait_log(logf, f"secretless-proxy listening on 127.0.0.1:{port}", p, 30, "secretless-proxy")
             wait_file(icpt / "mitmproxy-ca-cert.pem", 10, "secretless-proxy interception CA")
             self.measure(key, {"cafile": icpt / "mitmproxy-ca-cert.pem",
                                "expect": expect, "proxy_port": port,
@@ -754,12 +1055,16 @@ class Bench:
             for k in ("b", "c", "d"):
                 if k in a.cases:
                     ratio_line(k, "a", f"({k}) {CASES[k].split(' ')[0]} / (a) direct")
-        if "e" in a.cases and ("c" in a.cases or "f" in a.cases):
+        oauth_block = "e" in a.cases and ("c" in a.cases or "f" in a.cases)
+        if oauth_block:
             lines.append("")
             lines.extend(self.oauth_report())
+        if set(STORE_CASES) & set(a.cases):
+            lines.append("")
+            lines.extend(self.store_report(with_e_tokens=not oauth_block))
         a_res = self.results.get("a")
         if a_res:
-            best = max((self.results[k]["rps"] for k in ("b", "c", "d", "e", "f") if k in self.results), default=0)
+            best = max((self.results[k]["rps"] for k in "bcdefgh" if k in self.results), default=0)
             if best:
                 lines.append("")
                 lines.append(f"load-generator headroom: the generator drove direct (a) at {a_res['rps']:.0f} req/s, "
@@ -813,25 +1118,99 @@ class Bench:
         elif "f" in a.cases:
             out.append(f"  {'(f) rotating / (e) warm (steady)':<40} n/a (case missing)")
         for key in ("e", "f"):
-            stats = self.oauth_stats.get(key) or []
+            out.extend(self.token_lines(key))
+        return out
+
+    def token_lines(self, key: str) -> list[str]:
+        """Token accounting of one OAuth2 case ((e)-(h)): what the token server and nginx saw, per round."""
+        stats = self.oauth_stats.get(key) or []
+        if not stats or key not in self.results:
+            return []
+
+        def col(field: str) -> str:
+            return " ".join(str(st[field]) for st in stats)
+
+        rounds = "per round " if len(stats) > 1 else ""
+        line = (f"  ({key}) token calls in the measured window ({rounds}as seen by the token server): "
+                f"{col('calls_window')}")
+        if key == "f":
+            ok = all(st["calls_window"] >= 2 for st in stats)
+            line += f"  (>= 2 proves rotation: {'MET' if ok else 'NOT MET'})"
+        else:
+            line += "  (warm cache: 0 expected)"
+        return [line,
+                f"      token calls per case incl. probe + warm-up: {col('calls_case')}; rejected: "
+                f"{col('rejected_case')}; distinct tokens the upstream saw in the window: "
+                f"{col('tokens_upstream')}; upstream requests with an expired token: {col('expired_upstream')}"
+                f"; with another credential: {col('foreign_upstream')}"]
+
+    def store_report(self, *, with_e_tokens: bool) -> list[str]:
+        """(g) Redis store vs (e) memory store, with the issue's target, and (h) grant lookup vs (g)."""
+        a = self.args
+        out = ["shared Redis store vs in-process memory store (secretless-proxy, oauth2 warm cache, same rule, upstream"
+               " and client;" + (f" medians of {a.rounds} interleaved rounds)" if a.rounds > 1
+                                 else " 1 round: noisy, use --rounds 3)")]
+        if "g" in a.cases:
+            out.append(f"  (g): (e) + store: redis://127.0.0.1:<port>/0 (redis-server {self.redis_version or '?'}, "
+                       f"--save \"\" --appendonly no, flushed before each case), entries sealed with a per-run "
+                       f"AES-256 key; the broker's in-process cache is the L1")
+        if "h" in a.cases:
+            out.append(f"  (h): (g) + requires_grant: true on the rule, one grant for {GRANT_WORKLOAD} written to "
+                       f"Redis before each case: a grant lookup in Redis on every request")
+        e, g, h = (self.results.get(k) for k in ("e", "g", "h"))
+
+        def ratios(n: dict, d: dict) -> str:
+            return (f"throughput {n['rps'] / d['rps']:>7.3f}x   p50 latency {n['p50_ms'] / d['p50_ms']:>7.2f}x   "
+                    f"p99 latency {n['p99_ms'] / d['p99_ms']:>7.2f}x")
+
+        def per_round(num: str, den: str) -> list[str]:
+            if a.rounds <= 1:
+                return []
+            tp = " ".join(f"{v:.3f}" for v in self.paired(num, den, "rps"))
+            p99 = " ".join(f"{v:.2f}" for v in self.paired(num, den, "p99_ms"))
+            return [f"  {'':<40} per-round throughput ratios: {tp}; p99 ratios: {p99}"]
+
+        if e and g and e["rps"] and g["rps"]:
+            tp = g["rps"] / e["rps"]
+            out.append(f"  {'(g) redis store / (e) memory store':<40} {ratios(g, e)}"
+                       f"   target throughput >= 0.9x: {'MET' if tp >= 0.9 else 'NOT MET'}")
+            out.extend(per_round("g", "e"))
+        elif "g" in a.cases:
+            out.append(f"  {'(g) redis store / (e) memory store':<40} n/a (case "
+                       f"{'(e)' if 'e' not in a.cases or not e else '(g)'} missing)")
+        if g and h and g["rps"] and h["rps"]:
+            out.append(f"  {'(h) redis + grant / (g) redis store':<40} {ratios(h, g)}   (no target)")
+            out.extend(per_round("h", "g"))
+        elif "h" in a.cases:
+            out.append(f"  {'(h) redis + grant / (g) redis store':<40} n/a (case missing)")
+        if e and h and e["rps"] and h["rps"]:
+            out.append(f"  {'(h) redis + grant / (e) memory store':<40} {ratios(h, e)}   (no target)")
+        for key in STORE_CASES:
+            stats = self.store_stats.get(key) or []
             if not stats or key not in self.results:
                 continue
-
-            def col(field: str, stats: list[dict] = stats) -> str:
-                return " ".join(str(st[field]) for st in stats)
-
-            rounds = "per round " if len(stats) > 1 else ""
-            line = (f"  ({key}) token calls in the measured window ({rounds}as seen by the token server): "
-                    f"{col('calls_window')}")
-            if key == "f":
-                line += f"  (>= 2 proves rotation: {verdict(all(st['calls_window'] >= 2 for st in stats))})"
-            else:
-                line += "  (warm cache: 0 expected)"
-            out.append(line)
-            out.append(f"      token calls per case incl. probe + warm-up: {col('calls_case')}; rejected: "
-                       f"{col('rejected_case')}; distinct tokens the upstream saw in the window: "
-                       f"{col('tokens_upstream')}; upstream requests with an expired token: {col('expired_upstream')}"
-                       f"; with another credential: {col('foreign_upstream')}")
+            rounds = " per round" if len(stats) > 1 else ""
+            cmds = " ".join(f"{st['cmds_per_req']:.3f}" for st in stats)
+            byc: dict[str, int] = {}
+            for st in stats:
+                for c, n in st["by_cmd"].items():
+                    byc[c] = byc.get(c, 0) + n
+            reqs = sum(st["reqs"] for st in stats)
+            breakdown = ", ".join(f"{c} {n / reqs:.3f}" if reqs else f"{c} {n}" for c, n in
+                                  sorted(byc.items(), key=lambda kv: -kv[1])) or "none"
+            expect = ("grant lookup: 1 Lua script call (evalsha) expected, the script's own commands are counted too"
+                      if key == "h" else "L1 cache hit: 0 expected, apart from the event subscription's pings, 1/s")
+            out.append(f"  ({key}) Redis commands per request in the measured window{rounds}: {cmds}  ({expect})")
+            out.append(f"      by command (all rounds, per request): {breakdown}")
+            entries = " ".join(f"{st['keys_after']['cred']}/{st['keys_after']['grant']}" for st in stats)
+            want = (1, 1 if key == "h" else 0)
+            ok = all((st["keys_after"]["cred"], st["keys_after"]["grant"]) == want for st in stats)
+            out.append(f"      redis-server CPU%{rounds}: {' '.join(str(st['redis_cpu']) for st in stats)}; "
+                       f"store entries after the case (cred/grant){rounds}: {entries}  "
+                       f"({want[0]}/{want[1]} expected: the sealed token{' and the grant' if key == 'h' else ''}"
+                       f" -> {'OK' if ok else 'UNEXPECTED'})")
+        for key in (("e",) if with_e_tokens else ()) + STORE_CASES:
+            out.extend(self.token_lines(key))
         return out
 
     def refresh_period(self) -> float:
@@ -851,10 +1230,21 @@ class Bench:
             if set(OAUTH_CASES) & set(self.args.cases):
                 try:
                     self.start_token_server()
-                except Exception as e:  # noqa: BLE001 - only (e)/(f) need it
+                except Exception as e:  # noqa: BLE001 - only (e)-(h) need it
                     for key in OAUTH_CASES:
                         failures[key] = f"FAILED: token server: {str(e).splitlines()[0]}"
                     log(f"token server failed to start: {e}\n{tail(self.tmp / 'token-server' / 'token-server.log')}")
+            if set(STORE_CASES) & set(self.args.cases):
+                try:
+                    self.start_redis()
+                except SkipCase as e:
+                    for key in STORE_CASES:
+                        failures.setdefault(key, f"SKIPPED: {e}")
+                    log(f"cases g/h skipped: {e}")
+                except Exception as e:  # noqa: BLE001 - only (g)/(h) need it
+                    for key in STORE_CASES:
+                        failures.setdefault(key, f"FAILED: redis-server: {str(e).splitlines()[0]}")
+                    log(f"redis-server failed to start: {e}\n{tail(self.tmp / 'redis' / 'redis.log')}")
             for rnd in range(1, self.args.rounds + 1):
                 self.round = rnd
                 for key in RUN_ORDER:
@@ -931,9 +1321,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, help="measured seconds per case (default 10; --quick: 6)")
     ap.add_argument("--warmup", type=float, help="warm-up seconds per case, not counted (default 2; --quick: 1)")
     ap.add_argument("--conns", type=int, default=20, help="concurrent keep-alive connections (default 20)")
-    ap.add_argument("--cases", help="comma-separated subset of a,b,c,d,e,f (default all; --quick: c,e,f)")
+    ap.add_argument("--cases", help="comma-separated subset of a,b,c,d,e,f,g,h (default all; --quick: c,e,f,g)")
     ap.add_argument("--quick", action="store_true",
-                    help="only the static-vs-oauth2 comparison: cases c,e,f, 1 s warm-up + 6 s measured (~35 s)")
+                    help="only the static-vs-oauth2 and memory-vs-redis comparisons: cases c,e,f,g, "
+                         "1 s warm-up + 6 s measured (~50 s)")
     ap.add_argument("--token-ttl", type=float, default=4.0,
                     help="expires_in of the tokens in case (f), seconds (default 4: with broker.skew_seconds 1 "
                          "the proxy refreshes every ~2.3 s)")
@@ -948,7 +1339,7 @@ def main() -> int:
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 2.0
     if args.cases is None:
-        args.cases = "c,e,f" if args.quick else ",".join(CASES)
+        args.cases = "c,e,f,g" if args.quick else ",".join(CASES)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     bad = [c for c in args.cases if c not in CASES]
     if bad:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One command for the whole benchmark: bash bench/run.sh [--duration 10] [--warmup 2] [--conns 20]
-#   [--cases a,b,c,d,e,f] [--rounds N] [--quick]
-# Needs (Debian): gcc libssl-dev nginx-light squid-openssl (installed here when missing and run as root),
+#   [--cases a,b,c,d,e,f,g,h] [--rounds N] [--quick]
+# Needs (Debian): gcc libssl-dev nginx-light squid-openssl redis-server (installed here when missing and
+# run as root; the harness starts its own redis-server on a free loopback port, not the packaged service),
 # and the project's venv (`make install`) for mitmdump and secretless-proxy.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 missing=()
-for pkg in gcc libssl-dev nginx-light squid-openssl; do
+for pkg in gcc libssl-dev nginx-light squid-openssl redis-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -62,11 +62,14 @@ class Services:
 
     async def start(self) -> None:
         self.deps.http = _http_client(self.upstream_bundle, self.config)
-        self.broker = Broker(self.runtime.providers, config=self.config.broker, events=self.events)
-        await self.store.start()  # never raises: an unreachable Redis is retried in the background
+        broker = Broker(self.runtime.providers, config=self.config.broker, events=self.events)
         if self.config.store.kind != "memory":
-            self.broker.attach_store(self.store)
+            broker.attach_store(self.store)
         self._unsubscribe = self.store.subscribe(self._on_store_event)
+        # Published only once wired: mitmproxy already accepts connections while running() awaits,
+        # and a request seeing a broker must never see one without its shared store.
+        self.broker = broker
+        await self.store.start()  # never raises: an unreachable Redis is retried in the background
         self.watcher = FileWatcher(self._watched, self.reload)
         self.watcher.start()
         self._spawn(self._expire_grants())
