@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import botocore.session
 import httpx
 from idp import IdP, Received
-
-ADMIN_POLICY = json.dumps({"Version": "2012-10-17",
-                           "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
-TRUST_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]})
+from moto_server import MotoServer
 
 
 class TimedIdP(IdP):
@@ -76,79 +67,8 @@ def metric(admin_port: int, name: str, **labels: str) -> float:
     return total
 
 
-# -- moto (STS and IAM) in server mode, with IAM authentication on -------------------------------
-
-_MOTO = """
-import sys
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print(server.get_host_and_port()[1], flush=True)
-sys.stdin.read()  # until the test closes our stdin
-server.stop()
-"""
-
-
-class AuthMoto:
-    """moto in a child process with an IAM user allowed everything and a role ``reader`` to assume.
-
-    After start-up moto authenticates every request: a bad signature is SignatureDoesNotMatch and
-    an unknown key is InvalidClientTokenId.
-    """
-
-    role_arn = "arn:aws:iam::123456789012:role/reader"
+class AuthMoto(MotoServer):
+    """An authenticating moto (see moto_server): the STS the AWS e2e test assumes its role at."""
 
     def __init__(self, log: Path) -> None:
-        self._log = log
-        self.url = ""
-        self.port = 0
-        self.key_id = ""
-        self.secret = ""
-        self.proc: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> Self:
-        with open(self._log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", _MOTO], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, text=True)
-        assert self.proc.stdout is not None
-        line = _readline(self.proc.stdout, timeout=30)
-        if not line.strip().isdigit():
-            self.__exit__()
-            raise AssertionError(f"moto did not start:\n{self._log.read_text()}")
-        self.port = int(line)
-        self.url = f"http://127.0.0.1:{self.port}"
-        iam = botocore.session.Session().create_client(
-            "iam", region_name="us-east-1", endpoint_url=self.url,
-            aws_access_key_id="testing", aws_secret_access_key="testing")
-        try:
-            iam.create_user(UserName="secretless-proxy")
-            key = iam.create_access_key(UserName="secretless-proxy")["AccessKey"]
-            iam.put_user_policy(UserName="secretless-proxy", PolicyName="all", PolicyDocument=ADMIN_POLICY)
-            iam.create_role(RoleName="reader", AssumeRolePolicyDocument=TRUST_POLICY)
-            iam.put_role_policy(RoleName="reader", PolicyName="all", PolicyDocument=ADMIN_POLICY)
-        finally:
-            iam.close()
-        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
-        reset = httpx.post(self.url + "/moto-api/reset-auth", content=b"0", trust_env=False, timeout=10)
-        assert reset.status_code == 200, reset.text
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-
-
-def _readline(stream: Any, *, timeout: float) -> str:
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return out[0] if out else ""
+        super().__init__(log, auth=True)

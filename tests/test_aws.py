@@ -7,22 +7,17 @@ with IAM authentication on, so it checks the signatures of our STS calls and of 
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from hashlib import sha256
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
-import botocore.session
 import httpx
 import jwt
 import pytest
@@ -30,6 +25,7 @@ from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 from mitmproxy import http
+from moto_server import ROLE_ARN, MotoServer
 
 from secretless_proxy import sigv4
 from secretless_proxy.config import Credential, load_config
@@ -46,65 +42,13 @@ from secretless_proxy.identity import Workload
 from secretless_proxy.secrets import Secret, SecretRef
 from secretless_proxy.signing import JwtSigner
 
-ROLE = "arn:aws:iam::123456789012:role/reader"
+ROLE = ROLE_ARN
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 ISSUER = "https://secretless.example.org"
 BODY_MARKER = "sts-private-detail-c41d"
 REPO_ROOT = Path(__file__).parents[1]
-ADMIN_POLICY = json.dumps({"Version": "2012-10-17",
-                           "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
-TRUST_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]})
-
-# -- servers -----------------------------------------------------------------------------------
-
-_MOTO = """
-import sys
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print(server.get_host_and_port()[1], flush=True)
-sys.stdin.read()  # until the test closes our stdin
-server.stop()
-"""
-
-
-class MotoServer:
-    """moto in server mode in a child process; ``url`` is its (plain HTTP, loopback) endpoint."""
-
-    def __init__(self, log: Path) -> None:
-        self._log = log
-        self.url = ""
-        self.proc: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> Self:
-        with open(self._log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", _MOTO], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.strip().isdigit(), f"moto did not start:\n{self._log.read_text()}"
-        self.url = f"http://127.0.0.1:{int(line)}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-
-
-@dataclass
-class AuthMoto:
-    """A moto with IAM authentication on, an IAM user allowed everything, and the role to assume."""
-
-    url: str
-    key_id: str
-    secret: str
+# The moto fixtures' view of an authenticating moto: its URL and the IAM user's key.
+AuthMoto = MotoServer
 
 
 def sts_credentials_xml(*, action: str = "AssumeRole", expiration: str = "2031-01-01T00:00:00Z") -> bytes:
@@ -194,23 +138,9 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def auth_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthMoto]:
-    with MotoServer(tmp_path_factory.mktemp("moto-auth") / "moto.log") as server:
-        # Set-up goes through botocore's own (blocking) client: test code, not the event loop.
-        iam = botocore.session.Session().create_client(
-            "iam", region_name="us-east-1", endpoint_url=server.url,
-            aws_access_key_id="testing", aws_secret_access_key="testing")
-        try:
-            iam.create_user(UserName="secretless-proxy")
-            key = iam.create_access_key(UserName="secretless-proxy")["AccessKey"]
-            iam.put_user_policy(UserName="secretless-proxy", PolicyName="all", PolicyDocument=ADMIN_POLICY)
-            iam.create_role(RoleName="reader", AssumeRolePolicyDocument=TRUST_POLICY)
-            iam.put_role_policy(RoleName="reader", PolicyName="all", PolicyDocument=ADMIN_POLICY)
-        finally:
-            iam.close()
-        # From now on moto authenticates every request: a bad signature is SignatureDoesNotMatch.
-        assert httpx.post(server.url + "/moto-api/reset-auth", content=b"0", trust_env=False).status_code == 200
-        yield AuthMoto(url=server.url, key_id=key["AccessKeyId"], secret=key["SecretAccessKey"])
+def auth_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    with MotoServer(tmp_path_factory.mktemp("moto-auth") / "moto.log", auth=True) as server:
+        yield server
 
 
 @pytest.fixture
