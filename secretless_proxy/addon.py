@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions, http, tls
 from mitmproxy.connection import Client
@@ -67,8 +67,8 @@ class _Injected:
 
     header: str | None
     query: str | None
-    needles: tuple[str, ...]
-    cred: IssuedCredential
+    needles: tuple[str, ...] = field(repr=False)  # the secret as it travels: never in a repr
+    cred: IssuedCredential = field(repr=False)
     rule: str
     workload: str
     started: float
@@ -127,6 +127,11 @@ class Secretless:
         if "ssl_insecure" in updated and ctx.options.ssl_insecure:
             raise exceptions.OptionsError(
                 "ssl_insecure is not allowed with secretless-proxy: credentials must only reach verified upstreams"
+            )
+        if "stream_large_bodies" in updated and ctx.options.stream_large_bodies:
+            raise exceptions.OptionsError(
+                "stream_large_bodies is not allowed with secretless-proxy: a streamed response cannot be "
+                "checked for an echoed credential before the client sees it"
             )
         if "secretless_config" not in updated:
             return

@@ -47,7 +47,9 @@ def redact(message: http.Message, needles: tuple[str, ...]) -> int:
                 new = new.replace(n, "[REDACTED]")
             message.headers.set_all(name, [new if v == val else v for v in message.headers.get_all(name)])
             found += 1
-    raw = message.get_content(strict=False) if message.raw_content else None
+    # strict: a body we cannot decode (an unknown Content-Encoding) cannot be checked for an
+    # echoed credential, so it raises and the caller withholds the response (fail closed).
+    raw = message.get_content(strict=True) if message.raw_content else None
     if raw:
         encoded = [n.encode() for n in needles]
         if any(n in raw for n in encoded):

@@ -85,6 +85,12 @@ class TestConfigure:
         with pytest.raises(exceptions.OptionsError, match="ssl_insecure is not allowed"):
             tctx.configure(addon, ssl_insecure=True)
 
+    async def test_streaming_bodies_refused(self, addon_ctx):
+        """Streamed responses cannot be checked for echoed credentials: the option is refused."""
+        addon, tctx = addon_ctx
+        with pytest.raises(exceptions.OptionsError, match="stream_large_bodies is not allowed"):
+            tctx.configure(addon, stream_large_bodies="1m")
+
     async def test_security_options_are_forced(self, addon_ctx):
         """Loading the addon turns on client certs and lazy upstream connections."""
         _, tctx = addon_ctx
@@ -208,6 +214,25 @@ class TestResponsePath:
         assert SECRET.encode() not in f.response.content
         assert b"[REDACTED]" in f.response.content
         assert f.response.headers["X-Secretless-Request-Id"] == f.id
+
+    async def test_undecodable_body_is_withheld(self, addon_ctx, pki):
+        """A body in an encoding we cannot decode cannot be checked for an echo: 502, not passed on."""
+        addon, _ = addon_ctx
+        f = await self._injected_flow(addon, pki)
+        f.response = tflow.tresp()
+        f.response.headers["Content-Encoding"] = "x-unknown"
+        f.response.raw_content = f"opaque {SECRET}".encode()
+        addon.responseheaders(f)
+        addon.response(f)
+        assert f.response.status_code == 502
+        assert json.loads(f.response.content)["reason"] == "internal_error"
+        assert SECRET.encode() not in f.response.raw_content
+
+    async def test_injected_state_repr_shows_no_secret(self, addon_ctx, pki):
+        """The per-flow record of where the credential went never shows it in a repr."""
+        addon, _ = addon_ctx
+        f = await self._injected_flow(addon, pki)
+        assert SECRET not in repr(addon._injected[f])
 
     async def test_sent_request_is_scrubbed_from_the_flow(self, addon_ctx, pki):
         """After the request is sent, the flow's copy no longer holds the credential."""
