@@ -112,8 +112,12 @@ class Services:
             now = time.time()
             for gid in [g for g, exp in self._grant_expiry.items() if exp <= now]:
                 del self._grant_expiry[gid]
-                if self.broker is not None:
+                if self.broker is None:
+                    continue
+                try:
                     await self.broker.evict_grant(gid, reason="grant_expired")
+                except Exception as exc:  # noqa: BLE001 - this loop must outlive one bad eviction
+                    log.error("evicting the credentials of expired grant %s failed (%s)", gid, type(exc).__name__)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
