@@ -75,6 +75,16 @@ class Listener:
             await asyncio.gather(*self._handlers, return_exceptions=True)
         await server.wait_closed()
 
+    def _admit(self, writer: asyncio.StreamWriter) -> asyncio.Task[None] | None:
+        """Track this connection's handler task, or close it when MAX_CONNECTIONS are open."""
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._handlers) >= MAX_CONNECTIONS:
+            writer.close()
+            return None
+        self._handlers.add(task)  # type: ignore[arg-type]
+        return task  # type: ignore[return-value]
+
 
 class AdminServer(Listener):
     """The admin HTTP listener; ``start()`` in mitmproxy's ``running()``, ``close()`` in ``done()``."""
@@ -103,12 +113,9 @@ class AdminServer(Listener):
     # -- connection ----------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._handlers) >= MAX_CONNECTIONS:
-            writer.close()
+        task = self._admit(writer)
+        if task is None:
             return
-        self._handlers.add(task)
         try:
             await self._serve_one(reader, writer)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 
-from .admin import _HEADER, _REASONS, _REQUEST_LINE, MAX_CONNECTIONS, MAX_HEAD, READ_TIMEOUT, WRITE_TIMEOUT, Listener
+from .admin import _HEADER, _REASONS, _REQUEST_LINE, MAX_HEAD, READ_TIMEOUT, WRITE_TIMEOUT, Listener
 from .audit import AuditLog, clean_path, rfc3339
 from .broker import CachedInfo
 from .certs import Issued, make_server_cert
@@ -265,12 +265,9 @@ class AdminApiServer(Listener):
 
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._handlers) >= MAX_CONNECTIONS:
-            writer.close()
+        task = self._admit(writer)
+        if task is None:
             return
-        self._handlers.add(task)
         tls = _TlsStream(SSL.Connection(self._tls, None), reader, writer)
         method, target, headers, body = "", "", {}, b""
         response: Response | None = None
