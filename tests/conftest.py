@@ -216,3 +216,15 @@ def http_exchange(sock: ssl.SSLSocket, request: str) -> tuple[int, bytes]:
     resp.begin()
     body = resp.read()
     return resp.status, body
+
+
+def request_context(spiffe_id: str = "spiffe://example.org/ns/prod/sa/billing", *, host: str = "api.example.com",
+                    path: str = "/", rule: str = "r", not_after: float | None = None):
+    """A provider's RequestContext for a verified workload (for driving providers directly)."""
+    from secretless_proxy.credentials.base import RequestContext
+    from secretless_proxy.identity import Workload
+
+    td, _, wl_path = spiffe_id.removeprefix("spiffe://").partition("/")
+    workload = Workload(spiffe_id=spiffe_id, trust_domain=td, path="/" + wl_path,
+                        not_after=time.time() + 3600 if not_after is None else not_after, cert_sha256="00")
+    return RequestContext(workload=workload, host=host, port=443, method="GET", path=path, rule=rule)

@@ -24,6 +24,7 @@ import pytest
 from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
+from conftest import request_context
 from mitmproxy import http
 from moto_server import ROLE_ARN, MotoServer
 
@@ -38,7 +39,6 @@ from secretless_proxy.credentials.base import (
     RequestContext,
 )
 from secretless_proxy.errors import ConfigError
-from secretless_proxy.identity import Workload
 from secretless_proxy.secrets import Secret, SecretRef
 from secretless_proxy.signing import JwtSigner
 
@@ -169,11 +169,7 @@ def signer() -> JwtSigner:
 
 
 def ctx(spiffe_id: str = BILLING) -> RequestContext:
-    td, _, path = spiffe_id.removeprefix("spiffe://").partition("/")
-    workload = Workload(spiffe_id=spiffe_id, trust_domain=td, path="/" + path, not_after=time.time() + 3600,
-                        cert_sha256="00")
-    return RequestContext(workload=workload, host="s3.us-east-1.amazonaws.com", port=443, method="GET",
-                          path="/", rule="r")
+    return request_context(spiffe_id, host="s3.us-east-1.amazonaws.com")
 
 
 def assume_role(endpoint: str, client: httpx.AsyncClient, **kw: Any) -> AwsProvider:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import request_context
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from github_api import BODY_MARKER, GitHubApi
@@ -23,7 +24,6 @@ from secretless_proxy.credentials import KINDS
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
 from secretless_proxy.credentials.github import GitHubAppProvider, GitHubAppSettings, PemSecretRef
 from secretless_proxy.errors import ConfigError
-from secretless_proxy.identity import Workload
 
 APP_ID = 424242
 INSTALLATION_ID = 9876543
@@ -69,10 +69,8 @@ async def client(pki) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def ctx() -> RequestContext:
-    workload = Workload(spiffe_id="spiffe://example.org/ns/ci/sa/release", trust_domain="example.org",
-                        path="/ns/ci/sa/release", not_after=time.time() + 3600, cert_sha256="00")
-    return RequestContext(workload=workload, host="api.github.com", port=443, method="GET",
-                          path="/repos/acme/api", rule="ci-to-github")
+    return request_context("spiffe://example.org/ns/ci/sa/release", host="api.github.com", path="/repos/acme/api",
+                           rule="ci-to-github")
 
 
 def provider(api: GitHubApi, key_file: Path, client: httpx.AsyncClient, **kw) -> GitHubAppProvider:

@@ -8,13 +8,13 @@ from typing import Any
 
 import jwt
 import pytest
+from conftest import request_context
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential, load_config
 from secretless_proxy.credentials import KINDS, ProviderDeps, ProviderError, RequestContext
 from secretless_proxy.credentials.jwt import JwtProvider, JwtSettings
 from secretless_proxy.errors import ConfigError
-from secretless_proxy.identity import Workload
 from secretless_proxy.signing import JwtSigner
 
 ISSUER = "https://secretless.example.org"
@@ -25,9 +25,7 @@ CONFIG_DIR = Path(__file__).parents[1] / "config"
 
 
 def ctx(spiffe_id: str = BILLING, host: str = "api.example.com") -> RequestContext:
-    td, _, path = spiffe_id.removeprefix("spiffe://").partition("/")
-    wl = Workload(spiffe_id=spiffe_id, trust_domain=td, path="/" + path, not_after=NOW + 3600, cert_sha256="00")
-    return RequestContext(workload=wl, host=host, port=443, method="GET", path="/", rule="r")
+    return request_context(spiffe_id, host=host, not_after=NOW + 3600)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from urllib.parse import quote_plus
 import httpx
 import jwt
 import pytest
-from conftest import Pki
+from conftest import Pki, request_context
 from idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
 
 from secretless_proxy import certs
@@ -33,7 +33,6 @@ from secretless_proxy.credentials.oauth2 import (
     TokenExchangeSettings,
 )
 from secretless_proxy.errors import ConfigError
-from secretless_proxy.identity import Workload
 from secretless_proxy.secrets import SecretRef
 from secretless_proxy.signing import JwtSigner
 
@@ -46,9 +45,7 @@ CONFIG_DIR = Path(__file__).parents[1] / "config"
 
 
 def ctx(spiffe_id: str = BILLING, host: str = "api.example.com") -> RequestContext:
-    td, _, path = spiffe_id.removeprefix("spiffe://").partition("/")
-    wl = Workload(spiffe_id=spiffe_id, trust_domain=td, path="/" + path, not_after=NOW + 3600, cert_sha256="00")
-    return RequestContext(workload=wl, host=host, port=443, method="GET", path="/", rule="r")
+    return request_context(spiffe_id, host=host, not_after=NOW + 3600)
 
 
 @pytest.fixture(scope="module")
