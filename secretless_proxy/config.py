@@ -78,6 +78,26 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """Bounds on what one client may hold of the proxy: bytes, time and connections.
+
+    Every one of them is on by default: an anonymous client that can reach the port must not be
+    able to exhaust memory, descriptors or the event loop for every other workload.
+    """
+
+    max_request_head_bytes: int = 64 * 1024  # request line + headers; over it: 431
+    max_request_body_bytes: int = 16 * 1024 * 1024  # over it: 413 (bodies are streamed, not buffered)
+    max_response_scan_bytes: int = 16 * 1024 * 1024  # inject-rule responses checked for echoes up to this
+    handshake_timeout: float = 10.0  # TLS handshake / CONNECT head, from accept
+    request_head_timeout: float = 15.0  # from the first byte of a request to the end of its head
+    idle_timeout: float = 60.0  # keep-alive connection with no request in flight
+    max_connections: int = 4096  # concurrent client connections, all clients
+    max_connections_per_client: int = 256  # concurrent client connections from one address
+    drain_seconds: float = 25.0  # on SIGTERM: how long in-flight requests may take to finish
+    revoke_on_shutdown: bool = False  # on SIGTERM: revoke brokered credentials that support it
+
+
+@dataclass(frozen=True, kw_only=True)
 class Injection:
     """How a credential goes into the request: exactly one of header, basic or query."""
 
@@ -139,6 +159,7 @@ class Config:
     signing: SigningConfig | None = None
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
@@ -164,7 +185,7 @@ def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
 def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets: bool) -> Config | None:
     top = src.mapping((), src.data, required=("version", "identity", "rules"),
                       optional=("credentials", "default", "listen", "interception_ca", "upstream", "store",
-                                "admin", "signing", "broker", "audit"))
+                                "admin", "signing", "broker", "audit", "limits"))
     if top is None:
         return None
     if "version" in top and (type(top["version"]) is not int or top["version"] != 1):
@@ -192,6 +213,7 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     signing = _signing(src, top["signing"], base, resolve_secrets) if "signing" in top else None
     broker = _broker(src, top["broker"]) if "broker" in top else BrokerConfig()
     audit = _audit(src, top["audit"], base, resolve_secrets) if "audit" in top else AuditConfig()
+    limits = _limits(src, top["limits"]) if "limits" in top else LimitsConfig()
     for cred in credentials.values():
         ttl = getattr(cred.settings, "ttl", None)
         if cred.kind == "jwt" and ttl is not None and ttl <= broker.skew:
@@ -210,7 +232,43 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
                   upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules,
                   admin_listen=admin, admin_api_listen=api_listen, admin_workloads=admins,
-                  signing=signing, broker=broker, audit=audit)
+                  signing=signing, broker=broker, audit=audit, limits=limits)
+
+
+# YAML key → (field, lower bound, upper bound); sizes in bytes, times in seconds.
+_LIMIT_SIZES = {
+    "max_request_head_bytes": (1024, 1024 * 1024),
+    "max_request_body_bytes": (0, 64 * 1024**3),
+    "max_response_scan_bytes": (0, 1024**3),
+}
+_LIMIT_TIMES = {
+    "handshake_timeout_seconds": ("handshake_timeout", 0.5, 600),
+    "request_head_timeout_seconds": ("request_head_timeout", 0.5, 600),
+    "idle_timeout_seconds": ("idle_timeout", 1, 3600),
+    "drain_seconds": ("drain_seconds", 0, 3600),
+}
+_LIMIT_COUNTS = {"max_connections": (1, 1_000_000), "max_connections_per_client": (1, 1_000_000)}
+
+
+def _limits(src: Source, value: Any) -> LimitsConfig:
+    p: Path_ = ("limits",)
+    m = src.mapping(p, value, optional=(*_LIMIT_SIZES, *_LIMIT_TIMES, *_LIMIT_COUNTS, "revoke_on_shutdown"))
+    if not m:
+        return LimitsConfig()
+    out: dict[str, Any] = {}
+    for key, (lo, hi) in (_LIMIT_SIZES | _LIMIT_COUNTS).items():
+        if key in m and (v := src.integer(p + (key,), m[key], lo=lo, hi=hi)) is not None:
+            out[key] = v
+    for key, (name, lo, hi) in _LIMIT_TIMES.items():
+        if key in m and (t := fields.seconds(src, p + (key,), m[key], lo=lo, hi=hi)) is not None:
+            out[name] = t
+    if "revoke_on_shutdown" in m and (b := src.boolean(p + ("revoke_on_shutdown",), m["revoke_on_shutdown"])) is not None:
+        out["revoke_on_shutdown"] = b
+    limits = LimitsConfig(**out)
+    if limits.max_connections_per_client > limits.max_connections:
+        src.error(p + ("max_connections_per_client",),
+                  f"must not exceed limits.max_connections ({limits.max_connections})")
+    return limits
 
 
 def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:

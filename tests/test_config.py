@@ -784,3 +784,38 @@ class TestHardening:
         p.write_text("\n".join(lines) + "\n")
         with pytest.raises(ConfigError, match="expands to more than"):
             load_config(p)
+
+
+class TestLimits:
+    def test_defaults_bound_everything(self, valid_dir: Path) -> None:
+        """Without a limits section every bound is on, with the documented defaults."""
+        lim = load_config(valid_dir / FILE).limits
+        assert lim.max_request_head_bytes == 64 * 1024
+        assert lim.max_request_body_bytes == 16 * 1024 * 1024
+        assert 0 < lim.handshake_timeout <= 60 and 0 < lim.idle_timeout <= 600
+        assert lim.max_connections_per_client <= lim.max_connections
+        assert lim.revoke_on_shutdown is False
+
+    def test_values_land_in_fields(self, valid_dir: Path) -> None:
+        """Sizes, counts, seconds and the shutdown switch are read into their typed fields."""
+        text = (valid_dir / FILE).read_text() + (
+            "limits:\n  max_request_head_bytes: 8192\n  max_request_body_bytes: 0\n"
+            "  handshake_timeout_seconds: 2.5\n  idle_timeout_seconds: 30\n  drain_seconds: 5\n"
+            "  max_connections: 100\n  max_connections_per_client: 10\n  revoke_on_shutdown: true\n")
+        lim = load_config(write(valid_dir, text)).limits
+        assert (lim.max_request_head_bytes, lim.max_request_body_bytes) == (8192, 0)
+        assert (lim.handshake_timeout, lim.idle_timeout, lim.drain_seconds) == (2.5, 30.0, 5.0)
+        assert (lim.max_connections, lim.max_connections_per_client, lim.revoke_on_shutdown) == (100, 10, True)
+
+    @pytest.mark.parametrize(("line", "fragment"), [
+        ("  max_request_head_bytes: 10", "limits.max_request_head_bytes: must be an integer from 1024"),
+        ("  idle_timeout_seconds: -1", "limits.idle_timeout_seconds: must be a number of seconds"),
+        ("  max_conections: 5", "did you mean 'max_connections'"),
+        ("  max_connections: 5\n  max_connections_per_client: 6", "must not exceed limits.max_connections (5)"),
+        ("  revoke_on_shutdown: yes please", "limits.revoke_on_shutdown: must be true or false"),
+    ])
+    def test_bad_values_named(self, valid_dir: Path, line: str, fragment: str) -> None:
+        """A wrong limit is reported with its key path and what would be valid."""
+        text = (valid_dir / FILE).read_text() + "limits:\n" + line + "\n"
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            load_config(write(valid_dir, text))
