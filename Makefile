@@ -35,7 +35,7 @@ demo-upstream: install dev-certs
 
 # Debian packages the full test suite uses (real servers and tools, never mocks): installed when
 # missing and running as root; otherwise the tests that need them say what to install and skip.
-SYSTEM_DEPS := curl:curl redis-server:redis-server promtool:prometheus
+SYSTEM_DEPS := curl:curl redis-server:redis-server promtool:prometheus nginx:nginx-light dnsmasq:dnsmasq-base prlimit:util-linux
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do cmd=$${dep%%:*}; pkg=$${dep##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

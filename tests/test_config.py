@@ -732,7 +732,7 @@ class TestCheckCommand:
             f"{FILE}:12 rules[0].inject.credential: unknown credential 'strpe' (known: github, stripe)",
             (
                 f"{FILE}:13 defualt: unknown key 'defualt' (did you mean 'default'? valid keys: version, "
-                "identity, rules, credentials, default, listen, interception_ca, upstream, store, admin, signing, broker, audit)"
+                "identity, rules, credentials, default, listen, interception_ca, upstream, store, admin, signing, broker, audit, limits)"
             ),
             f"{workdir / FILE}: 2 error(s)",
         ]
