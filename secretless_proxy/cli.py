@@ -29,13 +29,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.file)
-        load_trust_bundle(cfg.identity.trust_bundle)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         print(f"{args.file}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    try:
+        load_trust_bundle(cfg.identity.trust_bundle)
+    except ValueError as exc:  # only the bundle's own errors are blamed on it
         print(f"{args.file}: identity.trust_bundle: {exc}", file=sys.stderr)
         return 1
     print(f"{args.file}: OK ({len(cfg.rules)} rules, {len(cfg.credentials)} credentials)")
