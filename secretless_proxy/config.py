@@ -17,7 +17,7 @@ from . import yamlsource
 from .credentials import fields
 from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
-from .secrets import SecretRef
+from .secrets import SecretRef, expand_user
 from .yamlsource import Path_, Source
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
@@ -292,7 +292,11 @@ def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
         if sink == "stdout":
             sinks.append(sink)
         elif sink.startswith("file:") and len(sink) > 5:
-            path = Path(sink[5:]).expanduser()
+            try:
+                path = expand_user(sink[5:])
+            except ValueError as exc:
+                src.error(p + ("sinks", i), str(exc))
+                continue
             sinks.append("file:" + str(path if path.is_absolute() else base / path))
         else:
             src.error(p + ("sinks", i), f"unknown audit sink {sink!r} (use stdout or file:/path)")
@@ -364,7 +368,11 @@ def _path(src: Source, p: Path_, value: Any, base: Path, *, must_exist: bool = F
     s = src.string(p, value)
     if s is None:
         return None
-    out = Path(s).expanduser()
+    try:
+        out = expand_user(s)
+    except ValueError as exc:
+        src.error(p, str(exc))
+        return None
     out = out if out.is_absolute() else base / out
     if must_exist:
         try:
