@@ -13,7 +13,7 @@ connection to 0.0.0.0 or :: reaches the local host, and a multicast address is n
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -138,6 +138,14 @@ class Allowance:
     everything: bool = False  # to.private: true
     networks: tuple[IPNetwork, ...] = ()  # to.private: [CIDR, ...] plus upstream.allow_private
 
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.everything, self.networks)))
+
+    def __hash__(self) -> int:  # a cache key on every request: hashed once, not per lookup
+        return self._hash
+
     def __bool__(self) -> bool:
         return self.everything or bool(self.networks)
 
@@ -173,6 +181,7 @@ def parse_network(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8, fd00::/8)") from None
 
 
+@lru_cache(maxsize=4096)  # per request: a name fails both parsers, which is slow
 def ip_literal(host: str) -> IPAddress | None:
     """``host`` as an IP address if it is one (normalised hosts have no brackets)."""
     try:

@@ -101,10 +101,10 @@ def _explain_addresses(cfg, rule, host: str, port: int) -> int:
     except DnsError as exc:
         print(f"refused (502 dns_failed): {exc}")
         return 2
-    for c in checked:
+    for c in checked.checked:
         why = "the proxy's own listener" if c.refused == PROXY_LISTENER else c.cls.describe()
         print(f"  {c.address}  {why}: {'refused' if c.refused else 'passes'}")
-    if any(c.refused for c in checked):
+    if checked.refused is not None:
         print("refused (403 destination_private): the rule does not allow every address this host resolves to (to.private)")
         return 2
     return 0

@@ -21,11 +21,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .addresses import LOOPBACK, UNSPECIFIED, Allowance, AddressClass, IPAddress, classify, ip_literal, verdict
 from .refusal import DESTINATION_PRIVATE, DNS_FAILED, DNS_TIMEOUT, Refusal
@@ -49,20 +50,39 @@ class Checked:
     address: IPAddress
     cls: AddressClass
     refused: str | None  # None: may be reached; else the class (or proxy_listener) that refuses it
+    text: str = ""  # the address as text (rendered once, for flow metadata)
+
+
+class Judged(NamedTuple):
+    checked: tuple[Checked, ...]
+    addresses: tuple[IPAddress, ...]
+    refused: Checked | None  # the first refused address, if any
+    texts: tuple[str, ...]
 
 
 async def evaluate(host: str, port: int, *, resolver: Resolver, allowance: Allowance,
-                   listeners: Iterable[tuple[str, int]]) -> list[Checked]:
+                   listeners: Iterable[tuple[str, int]]) -> Judged:
     """Every address ``host`` stands for, with its verdict. Raises DnsError / DnsTimeout."""
     literal = ip_literal(host)
     addrs = (literal,) if literal is not None else (await resolver.resolve(host)).addresses
-    own = tuple(listeners)
+    return judge(addrs, port, allowance, tuple(listeners))
+
+
+@lru_cache(maxsize=4096)  # per request: a warm answer is judged once per (rule allowance, port)
+def judge(addrs: tuple[IPAddress, ...], port: int, allowance: Allowance,
+          listeners: tuple[tuple[str, int], ...]) -> Judged:
     out = []
     for a in addrs:
         cls = classify(a)
-        refused = PROXY_LISTENER if _is_listener(cls, port, own) else verdict(cls, allowance)
-        out.append(Checked(address=a, cls=cls, refused=refused))
-    return out
+        refused = PROXY_LISTENER if _is_listener(cls, port, listeners) else verdict(cls, allowance)
+        out.append(Checked(address=a, cls=cls, refused=refused, text=str(a)))
+    return Judged(checked=tuple(out), addresses=addrs, refused=next((c for c in out if c.refused), None),
+                  texts=tuple(c.text for c in out))
+
+
+@lru_cache(maxsize=1024)
+def _combined(rule: Allowance, operator: Allowance) -> Allowance:
+    return rule.union(operator)
 
 
 def _is_listener(cls: AddressClass, port: int, listeners: tuple[tuple[str, int], ...]) -> bool:
@@ -120,14 +140,25 @@ class Destinations:
         self._resolver: Resolver | None = None
         self._clients: weakref.WeakKeyDictionary[Client, _ClientPins] = weakref.WeakKeyDictionary()
         self._opened: weakref.WeakKeyDictionary[Server, Pin] = weakref.WeakKeyDictionary()
+        self._own: tuple[object, float, tuple[tuple[str, int], ...]] | None = None
 
     def resolver(self, cfg: ResolverConfig) -> Resolver:
+        if self._resolver is not None and self._resolver.config is cfg:
+            return self._resolver
         if self._resolver is None or self._resolver.config != cfg:
             self._resolver = Resolver(cfg)  # a changed resolver section starts with an empty cache
+        else:
+            self._resolver.config = cfg  # same settings after a reload: keep the cache
         return self._resolver
 
-    def own_listeners(self, cfg: Config) -> list[tuple[str, int]]:
-        return [*self._listeners(), *(a for a in (cfg.admin_listen, cfg.admin_api_listen) if a)]
+    def own_listeners(self, cfg: Config) -> tuple[tuple[str, int], ...]:
+        """The proxy's own listening addresses, asked again after a reload or a second (ports opening)."""
+        now = time.monotonic()
+        if self._own is not None and self._own[0] is cfg and now - self._own[1] < 1.0:
+            return self._own[2]
+        own = (*self._listeners(), *(a for a in (cfg.admin_listen, cfg.admin_api_listen) if a))
+        self._own = (cfg, now, own)
+        return own
 
     async def admit(self, flow: http.HTTPFlow, decision: Decision) -> None:
         """Check where ``flow`` would go and pin it; raises Refusal (403/502/504) otherwise."""
@@ -135,7 +166,7 @@ class Destinations:
         assert cfg is not None
         rule = decision.rule
         host, port = flow.request.host, flow.request.port
-        allowance = rule.to.private.union(cfg.allow_private)
+        allowance = _combined(rule.to.private, cfg.allow_private)
         try:
             checked = await evaluate(host, port, resolver=self.resolver(cfg.resolver), allowance=allowance,
                                      listeners=self.own_listeners(cfg))
@@ -145,26 +176,33 @@ class Destinations:
         except DnsError as exc:
             log.info("request %s: %s", flow.id, exc)
             raise Refusal(502, DNS_FAILED, f"{host} could not be resolved by the proxy", rule.name) from None
-        refused = [c for c in checked if c.refused]
-        if refused:
-            c = refused[0]
+        c = checked.refused
+        if c is not None:
             log.info("request %s refused: %s:%d resolves to %s (%s), which rule %s does not allow", flow.id,
                      host, port, c.address, c.cls.describe(), rule.name)
-            raise Refusal(403, DESTINATION_PRIVATE, _message(host, c, len(checked)), rule.name)
-        state = self._clients.setdefault(flow.client_conn, _ClientPins())
-        self._recheck_open(state, host, port, allowance, rule.name, cfg)
-        state.pins[(host, port)] = Pin(host=host, port=port, addresses=tuple(c.address for c in checked),
-                                       allowance=allowance, rule=rule.name)
-        flow.metadata["secretless.addresses"] = [str(c.address) for c in checked]
+            raise Refusal(403, DESTINATION_PRIVATE, _message(host, c, len(checked.checked)), rule.name)
+        state = self._clients.get(flow.client_conn)
+        if state is None:
+            state = self._clients[flow.client_conn] = _ClientPins()
+        elif len(state.servers):
+            self._recheck_open(state, host, port, allowance, rule.name, cfg)
+        addresses = checked.addresses
+        pin = state.pins.get((host, port))
+        if pin is None or pin.addresses != addresses or pin.allowance is not allowance or pin.rule != rule.name:
+            state.pins[(host, port)] = Pin(host=host, port=port, addresses=addresses, allowance=allowance, rule=rule.name)
+        flow.metadata["secretless.addresses"] = list(checked.texts)
 
     def _recheck_open(self, state: _ClientPins, host: str, port: int, allowance: Allowance, rule: str,
                       cfg: Config) -> None:
         """A request that would reuse an open connection must be allowed to reach its peer too."""
         for server in list(state.servers):
+            if server.timestamp_end is not None:
+                state.servers.discard(server)  # closed: never reused
+                continue
             if not server.connected or server.address != (host, port) or not server.peername:
                 continue
             cls = classify(server.peername[0].split("%", 1)[0])
-            why = PROXY_LISTENER if _is_listener(cls, port, tuple(self.own_listeners(cfg))) else verdict(cls, allowance)
+            why = PROXY_LISTENER if _is_listener(cls, port, self.own_listeners(cfg)) else verdict(cls, allowance)
             if why:
                 log.info("refused: the open connection to %s:%d reaches %s (%s), which rule %s does not allow",
                          host, port, cls.address, cls.describe(), rule)
@@ -188,7 +226,7 @@ class Destinations:
         target = pin.addresses[0]
         cfg = self._config()
         cls = classify(target)
-        if cfg is None or _is_listener(cls, port, tuple(self.own_listeners(cfg))) or verdict(cls, pin.allowance):
+        if cfg is None or _is_listener(cls, port, self.own_listeners(cfg)) or verdict(cls, pin.allowance):
             log.error("refusing an upstream connection to %s (%s) for %s:%d", target, cls.describe(), host, port)
             server.error = "secretless-proxy: the checked address is not allowed"
             return
