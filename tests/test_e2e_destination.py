@@ -135,7 +135,7 @@ def proxy(pki: Pki, dns, echo, raw, tmp_path_factory):
          "action": "allow"},
         {"name": "self", "workloads": [BILLING], "to": {"host": ["self.dest.test", "127.0.0.1"], "port": [port, admin],
                                                          "private": True}, "action": "allow"},
-        {"name": "zone", "workloads": [BILLING], "to": {"host": ["*.dest.test", "127.0.0.1", "10.0.0.1"],
+        {"name": "zone", "workloads": [BILLING], "to": {"host": ["*.dest.test", "127.0.0.1", "10.0.0.1", "[::ffff:169.254.169.254]"],
                                                          "port": [443, raw.port, echo.port]},
          "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}},
     ]
@@ -219,6 +219,16 @@ class TestRefusedRanges:
         assert (status, body["reason"]) == (403, "destination_private")
         assert "127.0.0.1 is a loopback address" in body["error"]
         assert raw.connections == seen
+
+    @pytest.mark.parametrize("url", ["https://METADATA.Dest.Test./latest", "https://[::ffff:169.254.169.254]/latest",
+                                     "https://[::ffff:a9fe:a9fe]/latest"])
+    def test_spellings_of_the_metadata_address(self, pki, client, proxy, url):
+        """Case, a trailing dot (CVE-2022-24825) and bracketed IPv6 forms (CVE-2022-29188, #277) of the
+        metadata address are refused like the plain name, without a connection."""
+        before = proxy.output().count("upstream connection to")
+        status, body = get(pki, client, url, proxy)
+        assert (status, body["reason"]) == (403, "destination_private"), body
+        assert proxy.output().count("upstream connection to") == before
 
     def test_dns_failure_is_502(self, pki, client, proxy):
         """A name that does not resolve is refused with 502 dns_failed, before any credential."""
