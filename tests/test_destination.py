@@ -4,6 +4,7 @@ servers on loopback), pinning in mitmproxy's server connection hooks, and failin
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import subprocess
 import sys
@@ -211,3 +212,33 @@ class TestPinning:
         data = hook_data(f, ("10.9.9.9", 443))
         addon.server_connect(data)
         assert data.server.error
+
+
+class TestJudge:
+    def test_mixed_answer_refused_unless_private_allowed(self):
+        """One private address in an answer refuses it; a rule allowing private lets the whole answer pass."""
+        from secretless_proxy.addresses import NOTHING, Allowance
+        from secretless_proxy.destination import judge
+
+        addrs = (ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address("10.0.0.1"))
+        refused = judge(addrs, 443, NOTHING, ()).refused
+        assert refused is not None and str(refused.address) == "10.0.0.1" and refused.refused == "private"
+        assert judge(addrs, 443, Allowance(everything=True), ()).refused is None
+
+    def test_own_listener_refused_by_address_and_port(self):
+        """The proxy's port is refused on loopback and on its bound address, not on other hosts or ports."""
+        from secretless_proxy.addresses import Allowance
+        from secretless_proxy.destination import PROXY_LISTENER, judge
+
+        everything = Allowance(everything=True)
+        own = (("10.1.2.3", 8080), ("0.0.0.0", 9464))
+
+        def why(addr: str, port: int):
+            r = judge((ipaddress.ip_address(addr),), port, everything, own).refused
+            return r.refused if r else None
+        assert why("127.0.0.1", 8080) == PROXY_LISTENER  # loopback reaches any listener
+        assert why("::ffff:127.0.0.1", 9464) == PROXY_LISTENER
+        assert why("10.1.2.3", 8080) == PROXY_LISTENER
+        assert why("10.1.2.4", 8080) is None  # another machine's 8080
+        assert why("10.1.2.3", 8081) is None
+        assert why("8.8.8.8", 9464) is None  # bound to every interface: only this machine's addresses
