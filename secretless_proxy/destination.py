@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("secretless")
 
 PROXY_LISTENER = "proxy_listener"  # the verdict for the proxy's own ports: never allowed
+FAILED_SECONDS = 30.0  # after a failed connect, the pin's other checked addresses are tried first
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,9 @@ class Destinations:
         self._clients: weakref.WeakKeyDictionary[Client, _ClientPins] = weakref.WeakKeyDictionary()
         self._opened: weakref.WeakKeyDictionary[Server, Pin] = weakref.WeakKeyDictionary()
         self._own: tuple[object, float, tuple[tuple[str, int], ...]] | None = None
+        # Addresses whose last connection attempt failed → until when to prefer the pin's others
+        # (a dual-stack name whose first address is unreachable must not fail every request).
+        self._failed: dict[IPAddress, float] = {}
 
     def resolver(self, cfg: ResolverConfig) -> Resolver:
         if self._resolver is not None and self._resolver.config is cfg:
@@ -223,7 +227,8 @@ class Destinations:
             log.error("refusing an upstream connection to %s:%d that no request admitted", host, port)
             server.error = "secretless-proxy: no checked address for this destination"
             return
-        target = pin.addresses[0]
+        now = time.monotonic()
+        target = next((a for a in pin.addresses if self._failed.get(a, 0.0) <= now), pin.addresses[0])
         cfg = self._config()
         cls = classify(target)
         if cfg is None or _is_listener(cls, port, self.own_listeners(cfg)) or verdict(cls, pin.allowance):
@@ -256,7 +261,13 @@ class Destinations:
 
     def server_connect_error(self, data: ServerConnectionHookData) -> None:
         pin = self._opened.pop(data.server, None)
-        if pin is not None:
+        if pin is not None and data.server.address:
+            if len(self._failed) >= 1024:
+                self._failed.clear()  # bounded; forgetting only means trying the first address again
+            try:
+                self._failed[ipaddress.ip_address(data.server.address[0])] = time.monotonic() + FAILED_SECONDS
+            except ValueError:
+                pass
             log.warning("upstream connection to %s:%d at %s failed: %s", pin.host, pin.port,
                         data.server.address[0] if data.server.address else "?", data.server.error)
 

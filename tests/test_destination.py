@@ -242,3 +242,28 @@ class TestJudge:
         assert why("10.1.2.4", 8080) is None  # another machine's 8080
         assert why("10.1.2.3", 8081) is None
         assert why("8.8.8.8", 9464) is None  # bound to every interface: only this machine's addresses
+
+
+class TestFallback:
+    async def test_next_checked_address_after_a_failed_connect(self, addon, monkeypatch):
+        """When a connection to the first checked address fails, the next connection uses the
+        answer's next checked address (never an unchecked one)."""
+        import ipaddress as ip
+
+        from secretless_proxy.destination import Pin
+
+        f = tflow.tflow()
+        f.request.host, f.request.port = "api.example.com", 443
+        await addon.destinations.admit(f, Decision(addon.runtime.policy.rules[0]))
+        state = addon.destinations._clients[f.client_conn]
+        pin = state.pins[("api.example.com", 443)]
+        state.pins[("api.example.com", 443)] = Pin(host=pin.host, port=pin.port, allowance=pin.allowance, rule=pin.rule,
+                                                   addresses=(ip.ip_address("127.0.0.7"), ip.ip_address("127.0.0.1")))
+        first = hook_data(f)
+        addon.server_connect(first)
+        assert first.server.address == ("127.0.0.7", 443)
+        first.server.error = "Connection refused"
+        addon.server_connect_error(first)
+        second = hook_data(tflow.tflow(client_conn=f.client_conn))
+        addon.server_connect(second)
+        assert second.server.address == ("127.0.0.1", 443) and second.server.error is None
