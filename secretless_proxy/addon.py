@@ -27,6 +27,7 @@ from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path
 from .config import Rule
 from .credentials import IssuedCredential, RequestContext
+from .destination import Destinations, proxy_listeners
 from .errors import ConfigError, CredentialError, IdentityError
 from .identity import Workload
 from .matching import normalize_host
@@ -109,6 +110,8 @@ class Secretless:
         # Secret-bearing strings per flow, kept off flow.metadata so saved flows never hold them.
         self._injected: weakref.WeakKeyDictionary[http.HTTPFlow, _Injected] = weakref.WeakKeyDictionary()
         self._reload_pending: asyncio.Task | None = None
+        self.destinations = Destinations(config=lambda: self.services.config if self.services else None,
+                                         listeners=proxy_listeners)
 
     @property
     def runtime(self):
@@ -328,6 +331,7 @@ class Secretless:
             raise Refusal(403, result.reason, DENY_MESSAGES[result.reason], result.rule)
         assert isinstance(result, Decision)
         rule = result.rule
+        await self.destinations.admit(flow, result)  # resolve, check and pin the addresses: before any credential
         flow.metadata["secretless.rule"] = rule.name
         flow.metadata["secretless.workload"] = workload.spiffe_id
         grant_id = await self._require_grant(services, rule, workload) if rule.requires_grant else None
@@ -411,6 +415,25 @@ class Secretless:
         self.observer.denied(request_id=flow.id, workload=who, reason=refusal.reason,
                              host=flow.request.pretty_host, path=path, rule=refusal.rule)
         flow.response = error_response(flow.id, refusal)
+
+    # -- upstream connections: only to the addresses admit() checked (destination.py) ----------
+
+    def server_connect(self, data) -> None:
+        try:
+            self.destinations.server_connect(data)
+        except Exception as exc:  # noqa: BLE001 - fail closed: no checked address, no connection
+            log.error("upstream connection refused after an internal error (%s)", type(exc).__name__)
+            data.server.error = "secretless-proxy: the destination check failed"
+
+    def server_connected(self, data) -> None:
+        try:
+            self.destinations.server_connected(data)
+        except Exception as exc:  # noqa: BLE001 - an unverified connection is never reused
+            log.error("upstream connection check failed (%s)", type(exc).__name__)
+            data.server.error = "secretless-proxy: the destination check failed"
+
+    def server_connect_error(self, data) -> None:
+        self.destinations.server_connect_error(data)
 
     # -- response path -----------------------------------------------------------------------
 

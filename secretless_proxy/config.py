@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import yamlsource
+from . import destconfig, yamlsource
+from .addresses import NOTHING, Allowance
 from .credentials import fields
 from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
+from .resolver import ResolverConfig
 from .secrets import SecretRef, expand_user
 from .yamlsource import Path_, Source
 
@@ -126,6 +128,7 @@ class Destination:
     ports: frozenset[int]
     methods: frozenset[str] | None
     paths: tuple[Glob, ...] | None
+    private: Allowance = NOTHING  # non-public addresses this rule may reach (destination.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +163,8 @@ class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    allow_private: Allowance = NOTHING  # upstream.allow_private: networks every rule may reach (dev/test)
 
 
 # Names a validator bug (an exception no parser above turned into an issue): the config fuzz test
@@ -216,10 +221,15 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     rules = _rules(src, top.get("rules"), credentials, identity) if "rules" in top else ()
     listen = _listen(src, ("listen",), top["listen"]) if "listen" in top else None
     ica = _path(src, ("interception_ca",), top["interception_ca"], base) if "interception_ca" in top else None
-    upstream_ca = None
-    if "upstream" in top and (up := src.mapping(("upstream",), top["upstream"], optional=("ca_bundle",))):
+    upstream_ca, resolver, allow_private = None, ResolverConfig(), NOTHING
+    if "upstream" in top and (up := src.mapping(("upstream",), top["upstream"],
+                                                 optional=("ca_bundle", "resolver", "allow_private"))):
         if "ca_bundle" in up:
             upstream_ca = _path(src, ("upstream", "ca_bundle"), up["ca_bundle"], base, must_exist=True)
+        if "resolver" in up:
+            resolver = destconfig.resolver(src, ("upstream", "resolver"), up["resolver"])
+        if "allow_private" in up:
+            allow_private = Allowance(networks=destconfig.networks(src, ("upstream", "allow_private"), up["allow_private"]))
     admin, api_listen, admins = _admin(src, top["admin"], identity) if "admin" in top else (None, None, ())
     signing = _signing(src, top["signing"], base, resolve_secrets) if "signing" in top else None
     broker = _broker(src, top["broker"]) if "broker" in top else BrokerConfig()
@@ -243,7 +253,8 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
                   upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules,
                   admin_listen=admin, admin_api_listen=api_listen, admin_workloads=admins,
-                  signing=signing, broker=broker, audit=audit, limits=limits)
+                  signing=signing, broker=broker, audit=audit, limits=limits, resolver=resolver,
+                  allow_private=allow_private)
 
 
 # YAML key → (field, lower bound, upper bound); sizes in bytes, times in seconds.
@@ -513,7 +524,7 @@ def _workloads(src: Source, p: Path_, value: Any, identity: IdentityConfig | Non
 
 
 def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destination | None:
-    m = src.mapping(p, value, required=("host",), optional=("port", "methods", "paths"))
+    m = src.mapping(p, value, required=("host",), optional=("port", "methods", "paths", "private"))
     if m is None or "host" not in m:
         return None
     hosts = []
@@ -547,9 +558,10 @@ def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destinat
             except ValueError as exc:
                 src.error(p + ("paths", i), str(exc))
         paths = tuple(globs)
+    private = destconfig.private(src, p + ("private",), m["private"]) if "private" in m else NOTHING
     if not hosts or src.issues:
         return None
-    return Destination(hosts=tuple(hosts), ports=ports, methods=methods, paths=paths)
+    return Destination(hosts=tuple(hosts), ports=ports, methods=methods, paths=paths, private=private)
 
 
 def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) -> Injection | None:
