@@ -59,7 +59,7 @@ HOSTILE_VALUES = [
     "[" * 1000 + "]" * 1000, "{a: " * 70 + "1" + "}" * 70, "*nowhere", "&a [*a]", "&b x", "@reserved",
     "`reserved", "%TAG", "[unclosed", "{a: 1, a: 2}", "<<: {a: 1}", "? complex", "|", ">-",
     "env:", "file:", "env:UNSET_FUZZ_VAR", "file:/nonexistent/fuzz", "'~nosuchuser_fuzz/x'", "file:~nosuchuser_fuzz/x", "memory://x", "redis://",
-    "127.0.0.1:99999", "'[::1]:8080'", "'*'", "'**'", "'/v1/**/x'", "GET", "'get'", "'Bearer {secret'",
+    "127.0.0.1:99999", "https://[::1/x", "https://h.example:99999/x", "'[::1]:8080'", "'*'", "'**'", "'/v1/**/x'", "GET", "'get'", "'Bearer {secret'",
 ]
 
 

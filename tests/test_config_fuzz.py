@@ -63,3 +63,16 @@ class TestFuzzFindings:
         found = [str(i) for i in err.value.issues]
         assert any("credentials.github.secret" in i and "~nosuchuser_fuzz" in i for i in found), found
         assert any("audit.sinks[0]: cannot expand" in i for i in found), found
+
+    @pytest.mark.parametrize("url", ["redis:// [unclosed", "https://[::1/token", "https://auth.example.com:99999/token"])
+    def test_unparseable_token_url_is_a_located_issue(self, fuzz_dir, url):
+        """A URL that urlsplit() rejects (unbalanced '[', bad port) is an issue at its key, not a ValueError."""
+        from secretless_proxy.config import load_config
+        from secretless_proxy.errors import ConfigError
+
+        text = config_mutations.base_text().replace("token_url: https://auth.example.com/token", f"token_url: {url}")
+        (fuzz_dir / "found.yaml").write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(fuzz_dir / "found.yaml")
+        assert (f"found.yaml:19 credentials.payments.token_url: must be an absolute https:// URL, got {url!r}"
+                in [str(i) for i in err.value.issues])
