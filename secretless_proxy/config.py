@@ -93,6 +93,8 @@ class LimitsConfig:
     idle_timeout: float = 60.0  # keep-alive connection with no request in flight
     max_connections: int = 4096  # concurrent client connections, all clients
     max_connections_per_client: int = 256  # concurrent client connections from one address
+    admin_max_connections: int = 64  # each admin listener (admin.listen, admin.api_listen)
+    admin_max_connections_per_client: int = 32  # one address's share of an admin listener
     drain_seconds: float = 25.0  # on SIGTERM: how long in-flight requests may take to finish
     revoke_on_shutdown: bool = False  # on SIGTERM: revoke brokered credentials that support it
 
@@ -247,7 +249,8 @@ _LIMIT_TIMES = {
     "idle_timeout_seconds": ("idle_timeout", 1, 3600),
     "drain_seconds": ("drain_seconds", 0, 3600),
 }
-_LIMIT_COUNTS = {"max_connections": (1, 1_000_000), "max_connections_per_client": (1, 1_000_000)}
+_LIMIT_COUNTS = {"max_connections": (1, 1_000_000), "max_connections_per_client": (1, 1_000_000),
+                 "admin_max_connections": (2, 10_000), "admin_max_connections_per_client": (1, 10_000)}
 
 
 def _limits(src: Source, value: Any) -> LimitsConfig:
@@ -268,6 +271,9 @@ def _limits(src: Source, value: Any) -> LimitsConfig:
     if limits.max_connections_per_client > limits.max_connections:
         src.error(p + ("max_connections_per_client",),
                   f"must not exceed limits.max_connections ({limits.max_connections})")
+    if limits.admin_max_connections_per_client > limits.admin_max_connections:
+        src.error(p + ("admin_max_connections_per_client",),
+                  f"must not exceed limits.admin_max_connections ({limits.admin_max_connections})")
     return limits
 
 
