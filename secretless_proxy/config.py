@@ -229,6 +229,9 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     if any(r.requires_grant for r in rules) and store is not None and store.kind == "memory" and api_listen is None:
         src.error(("store",), "rules with requires_grant need grants from the admin API (admin.api_listen) "
                               "or a shared store; with neither, no grant could ever exist")
+    if limits.revoke_on_shutdown and store is not None and store.kind != "memory":
+        src.error(("limits", "revoke_on_shutdown"), "needs store: memory:// — with a shared store the other "
+                  "replicas keep using these credentials, and one replica's shutdown would revoke them for all")
     if identity is None or src.issues:
         return None
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
