@@ -201,7 +201,7 @@ class Secretless:
                 return
         if services.config.admin_api_listen and not await self._start_admin_api(services):
             return
-        self.guard.start(admin_listeners=bool(self.admin) + bool(self.admin_api))
+        self.guard.start(admin_listeners={x.port: x.name for x in (self.admin, self.admin_api) if x is not None})
         self.drain = Drain(self.guard, drain_seconds=lambda: services.config.limits.drain_seconds,
                            revoke=self._revoke_all if services.config.limits.revoke_on_shutdown else None)
         try:

@@ -69,12 +69,67 @@ class RateLimitedLog:
         self._log.warning("%s%s", message, f" ({more} more since the last such line)" if more else "")
 
 
+class AcceptErrors:
+    """The event loop's exception handler, with ``accept()`` out of descriptors made one counted line.
+
+    This is where the log flood at the descriptor limit came from (issue 8 §4: 444,593
+    tracebacks in 30 s). On EMFILE/ENFILE, asyncio's ``_accept_connection`` (CPython 3.12)
+    reports the error and schedules a retry in 1 s, *and keeps looping* over its backlog of
+    100: up to 100 reports and 100 scheduled retries per wakeup, each of which mitmproxy's
+    handler logs as "Unhandled error in task." with a traceback. Here each listening socket
+    counts one pause per ``PAUSE`` seconds (``secretless_connections_refused_total{reason=
+    "descriptor_limit"}``) and logs one line every ``LOG_EVERY`` seconds; the retries that fire
+    after the socket was closed at shutdown ("Invalid file descriptor: -1") are dropped. Every
+    other error goes to the previous handler (mitmproxy's).
+    """
+
+    MESSAGE = "socket.accept() out of system resource"
+    PAUSE = 0.5
+
+    def __init__(self, metrics: Metrics, rlog: RateLimitedLog) -> None:
+        self.metrics, self.rlog = metrics, rlog
+        self.listeners: dict[int, str] = {}  # port -> listener label; anything else is the proxy port
+        self._previous: Callable | None = None
+        self._last: dict[str, float] = {}
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if context.get("message") == self.MESSAGE:
+            self._out_of_descriptors(context)
+            return
+        if isinstance(exc, ValueError) and "_start_serving" in repr(context.get("handle")):
+            return  # a paused accept() retrying on a socket closed meanwhile (shutdown): nothing to do
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _out_of_descriptors(self, context: dict) -> None:
+        try:
+            port = context["socket"].getsockname()[1]
+        except Exception:  # noqa: BLE001 - a closed socket has no name: count it on the proxy port
+            port = None
+        listener = self.listeners.get(port, "proxy") if port is not None else "proxy"
+        now = time.monotonic()
+        if now - self._last.get(listener, -self.PAUSE) >= self.PAUSE:
+            self._last[listener] = now
+            self.metrics.connection_refused(listener, "descriptor_limit")
+        self.rlog.warning("emfile:" + listener, f"{listener} listener: out of file descriptors, accept() "
+                          "paused for 1 s; new connections wait in the listen backlog (raise the descriptor "
+                          "limit or lower limits.max_connections)")
+
+
 @dataclass
 class _Conn:
     peer: str
     phase: str  # handshake | request_head | idle | active
     deadline: float | None
     idle_since: float = 0.0
+    activity_seen: float = 0.0  # mitmproxy's last-activity stamp (wall clock) when last looked at
     tunnelled: bool = False
     in_flight: int = 0
 
@@ -96,16 +151,22 @@ class ConnectionGuard:
         self.draining = False
         self.fd_cap: int | None = None  # set in start(): what the descriptor limit allows
         self.rlog = RateLimitedLog(log)
+        self.accept_errors = AcceptErrors(metrics, self.rlog)
         metrics.track_open_connections("proxy", lambda: len(self._conns))
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self, *, admin_listeners: int) -> None:
-        """Size the cap to the descriptor limit and start the deadline watchdog (in ``running()``)."""
+    def start(self, *, admin_listeners: dict[int, str]) -> None:
+        """Size the cap to the descriptor limit and start the deadline watchdog (in ``running()``).
+
+        ``admin_listeners``: port → listener label of the admin listeners, for the EMFILE counter.
+        """
         limits = self.limits
+        self.accept_errors.listeners = dict(admin_listeners)
+        self.accept_errors.install(asyncio.get_running_loop())
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if nofile != resource.RLIM_INFINITY:
-            self.fd_cap = descriptor_budget(nofile, admin_listeners, limits.admin_max_connections)
+            self.fd_cap = descriptor_budget(nofile, len(admin_listeners), limits.admin_max_connections)
             if self.fd_cap < limits.max_connections:
                 log.warning("at most %d client connections (limits.max_connections is %d): the descriptor "
                             "limit is %d; raise it (ulimit -n, LimitNOFILE=) to admit more",
@@ -113,6 +174,8 @@ class ConnectionGuard:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
+        # The loop exception handler stays: accept() retries asyncio scheduled before the listeners
+        # closed still fire during shutdown, and mitmproxy restores its own saved one when run() ends.
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -228,7 +291,7 @@ class ConnectionGuard:
         ps = ctx.master.addons.get("proxyserver")
         handlers = getattr(ps, "connections", {})
         for client, conn in list(self._conns.items()):
-            if not self.draining and conn.phase == "idle" and _head_started(handlers.get(client.id), client):
+            if not self.draining and conn.phase == "idle" and self._head_started(conn, handlers.get(client.id), client):
                 # Bytes of the next request are buffered: its head has request_head_timeout from now.
                 conn.phase, conn.deadline = "request_head", now + self.limits.request_head_timeout
             if conn.deadline is None or now < conn.deadline:
@@ -240,6 +303,17 @@ class ConnectionGuard:
             self.metrics.connection_timed_out("proxy", conn.phase)
             self.rlog.warning("timeout:" + conn.phase, f"closed a client connection: {conn.phase} timeout")
             _close(handlers.get(client.id), client, f"{conn.phase} timeout")
+
+
+    @staticmethod
+    def _head_started(conn: _Conn, handler, client: Client) -> bool:
+        # Walk the layers only when mitmproxy saw an event on this connection since the last look
+        # (its inactivity watchdog stamps every one): idle keep-alive pools cost nothing per tick.
+        stamp = getattr(getattr(handler, "timeout_watchdog", None), "last_activity", None)
+        if stamp is not None and stamp <= conn.activity_seen:
+            return False
+        conn.activity_seen = stamp if stamp is not None else conn.activity_seen
+        return _head_started(handler, client)
 
 
 def _peer(client: Client) -> str:
@@ -259,7 +333,7 @@ def _head_started(handler, client: Client) -> bool:
     """Whether an HTTP/1 request head has started arriving on ``client`` (bytes in the parser's buffer).
 
     Walks mitmproxy's layer tree from ``handler.layer`` (NextLayer.layer, tunnel and stream
-    ``child_layer``, HttpLayer ``connections``/``streams``) to the innermost ``Http1Server`` of
+    ``child_layer``, HttpLayer ``connections``/``streams``, a mode layer's delegate) to the innermost ``Http1Server`` of
     this client and looks at its receive buffer. HTTP/2 has no such buffer: an idle h2
     connection is bound by the idle deadline only. Unknown shapes answer False (idle rules).
     """
@@ -274,7 +348,9 @@ def _head_started(handler, client: Client) -> bool:
         if isinstance(node, Http1Server) and node.conn is client:
             found = found or len(node.buf) > 0
             continue
-        todo += [getattr(node, "layer", None), getattr(node, "child_layer", None)]
+        # modes.HttpProxy hands its events to its NextLayer by rebinding _handle_event to it.
+        delegate = getattr(getattr(node, "_handle_event", None), "__self__", None)
+        todo += [getattr(node, "layer", None), getattr(node, "child_layer", None), delegate]
         for name in ("connections", "streams"):
             children = getattr(node, name, None)
             if isinstance(children, dict):

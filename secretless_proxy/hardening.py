@@ -27,19 +27,21 @@ def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def disable_core_dumps() -> tuple[int | None, int]:
-    """Make this process non-dumpable and set RLIMIT_CORE to 0; returns (dumpable, core limit) as read back.
-
-    ``dumpable`` is None where prctl does not exist (not Linux); the caller logs what holds.
-    """
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    dumpable: int | None = None
+def set_non_dumpable() -> int | None:
+    """``prctl(PR_SET_DUMPABLE, 0)``; returns ``PR_GET_DUMPABLE`` read back (None where prctl does not exist)."""
     libc = _libc()
-    if libc is not None:
-        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
-        dumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
-    return dumpable, resource.getrlimit(resource.RLIMIT_CORE)[0]
+    if libc is None:
+        return None
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+
+
+def disable_core_dumps() -> tuple[int | None, int]:
+    """RLIMIT_CORE 0 (soft and hard: nothing in the process can raise it again) and non-dumpable;
+    returns (dumpable, core limit) as read back, for the log."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return set_non_dumpable(), resource.getrlimit(resource.RLIMIT_CORE)[0]
 
 
 def raise_nofile_limit() -> int:
