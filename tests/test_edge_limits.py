@@ -206,10 +206,11 @@ class TestIdle:
 
 
 class TestConnectionCaps:
-    def test_per_client_cap(self, proxy_factory, pki, upstream):
+    @pytest.mark.parametrize("via", ["run", "mitmdump"])
+    def test_per_client_cap(self, proxy_factory, pki, upstream, via):
         """One address gets max_connections_per_client connections; the next is closed, others are served."""
         proxy = proxy_factory(config(pki, upstream.port, limits={
-            "max_connections_per_client": 4, "handshake_timeout_seconds": 60}))
+            "max_connections_per_client": 4, "handshake_timeout_seconds": 60}), via=via)
         held = [connect_from("127.0.0.2", proxy.port) for _ in range(4)]
         time.sleep(0.3)
         fifth = connect_from("127.0.0.2", proxy.port)
@@ -434,10 +435,11 @@ class TestGracefulShutdown:
         assert slow.arrived == slow.completed == 20
         assert "drained in" in proxy.output()
 
-    def test_requests_past_the_deadline_are_cut(self, proxy_factory, pki):
+    @pytest.mark.parametrize("via", ["run", "mitmdump"])
+    def test_requests_past_the_deadline_are_cut(self, proxy_factory, pki, via):
         """With drain_seconds 1, requests needing 8 s are cut and the process exits 0 well before they finish."""
         with SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow:
-            proxy = proxy_factory(config(pki, slow.port, limits={"drain_seconds": 1}))
+            proxy = proxy_factory(config(pki, slow.port, limits={"drain_seconds": 1}), via=via)
             futures, pool = _fire(pki, proxy, f"{slow.url}/slow/8", 5)
             _wait_for(lambda: slow.arrived >= 5, 20)
             started = time.monotonic()
