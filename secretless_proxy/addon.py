@@ -20,8 +20,8 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
-from . import hardening, identity as ident
-from . import inject, sigv4
+from . import hardening, inject, sigv4
+from . import identity as ident
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path

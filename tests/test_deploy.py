@@ -352,7 +352,7 @@ class TestSystemd:
         from secretless_proxy.config import LimitsConfig
 
         lines = UNIT.read_text().splitlines()
-        (stop,) = [l for l in lines if l.startswith("TimeoutStopSec=")]
+        (stop,) = [x for x in lines if x.startswith("TimeoutStopSec=")]
         assert float(stop.removeprefix("TimeoutStopSec=").removesuffix("s")) > LimitsConfig().drain_seconds + 5
         assert "LimitCORE=0" in lines
 

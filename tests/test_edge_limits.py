@@ -15,14 +15,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import SECRET, base_config, curl, http_exchange, tunnel
+from conftest import base_config, curl, http_exchange, tunnel
 from idp import IdP
 from slow_upstream import SlowUpstream
 
