@@ -124,7 +124,10 @@ class Secretless:
 
     def load(self, loader) -> None:
         logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
-        hardening.apply()  # before any secret is loaded: no core dumps, no ptrace (issue 8 §7)
+        # Before any secret is loaded: no core dumps, no ptrace (issue 8 §7). Not in mitmproxy's
+        # in-process test master: that process is the test runner, not a proxy.
+        if type(loader.master).__module__ != "mitmproxy.test.taddons":
+            hardening.apply()
         loader.add_option(
             name="secretless_config", typespec=str, default="",
             help="Path of the secretless-proxy YAML config (rules, credentials, identity).",

@@ -19,7 +19,8 @@ client trickling one byte at a time never trips:
 - ``request_head``: from the first byte of a request to the end of its head;
 - ``idle``: a kept-alive connection with no request in flight.
 
-No deadline runs while a request is in flight. A closed connection is counted in
+No deadline runs while a request (or a WebSocket) is in flight, except for a request refused on
+its head whose body has not arrived: it gets ``request_head`` again. A closed connection is counted in
 ``secretless_connection_timeouts_total{listener="proxy",reason}``; refusals in
 ``secretless_connections_refused_total``. Neither is audited: they are not requests, and an
 audit record per refused socket would let anyone fill the audit log. The log gets at most one
@@ -249,7 +250,22 @@ class ConnectionGuard:
         conn = self._conns.get(flow.client_conn)
         if conn is not None and flow.request.method != "CONNECT":
             conn.in_flight += 1
+            if flow.response is not None and conn.in_flight == 1:
+                # Refused on its head (Secretless runs first): all that is left is a body nobody
+                # will forward. A client that withholds it gets request_head_timeout, not 600 s.
+                conn.phase, conn.deadline = "request_head", time.monotonic() + self.limits.request_head_timeout
+            else:
+                conn.phase, conn.deadline = "active", None
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        # A WebSocket is a request in flight for as long as it is open: no idle deadline cuts it.
+        conn = self._conns.get(flow.client_conn)
+        if conn is not None:
+            conn.in_flight += 1
             conn.phase, conn.deadline = "active", None
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._request_over(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._request_over(flow)

@@ -192,6 +192,30 @@ class TestPhases:
             assert (conn.phase, g.in_flight()) == ("idle", 0)
             assert conn.deadline is not None
 
+    def test_refused_head_keeps_a_deadline_for_its_body(self, metrics: Metrics) -> None:
+        """A request answered on its head (flow.response set) gets request_head_timeout for the body it owes."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            f = tflow.tflow(resp=True)
+            g.client_connected(f.client_conn)
+            g.requestheaders(f)
+            conn = g._conns[f.client_conn]
+            assert (conn.phase, conn.deadline is not None) == ("request_head", True)
+
+    def test_websocket_is_in_flight_until_it_ends(self, metrics: Metrics) -> None:
+        """An open WebSocket is never idle; its end starts the idle deadline."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            f = tflow.twebsocketflow()
+            g.client_connected(f.client_conn)
+            g.requestheaders(f)
+            g.response(f)
+            g.websocket_start(f)
+            conn = g._conns[f.client_conn]
+            assert (conn.phase, conn.deadline, g.in_flight()) == ("active", None, 1)
+            g.websocket_end(f)
+            assert (conn.phase, g.in_flight()) == ("idle", 0)
+
     def test_connect_restarts_the_handshake_clock(self, metrics: Metrics) -> None:
         """A CONNECT head is not a request in flight: the inner handshake gets its own deadline."""
         with taddons.context():
