@@ -73,14 +73,14 @@ class Listener:
     name = "admin"
     max_connections = MAX_CONNECTIONS
     max_per_client = 32
-    metrics: Metrics | None = None
+    _limit_metrics: Metrics | None = None  # where refusals are counted (set_limits)
     _server: asyncio.Server | None
     _handlers: set[asyncio.Task[None]]
     _peers: dict[asyncio.Task[None], str]
     _waiting: dict[asyncio.Task[None], None]  # still reading their request, oldest first: evictable
 
     def set_limits(self, *, max_connections: int, max_per_client: int, metrics: Metrics | None) -> None:
-        self.max_connections, self.max_per_client, self.metrics = max_connections, max_per_client, metrics
+        self.max_connections, self.max_per_client, self._limit_metrics = max_connections, max_per_client, metrics
         if metrics is not None:
             metrics.track_open_connections(self.name, lambda: len(self._handlers))
 
@@ -135,8 +135,8 @@ class Listener:
         self._waiting.pop(task, None)
 
     def _refused(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.connection_refused(self.name, reason)
+        if self._limit_metrics is not None:
+            self._limit_metrics.connection_refused(self.name, reason)
         _REFUSALS.warning(f"{self.name}:{reason}", f"{self.name} listener: closed a connection ({reason})")
 
 

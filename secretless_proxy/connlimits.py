@@ -242,7 +242,7 @@ class ConnectionGuard:
             conn.phase, conn.deadline = "handshake", time.monotonic() + self.limits.handshake_timeout
 
     def tls_established_client(self, data: tls.TlsData) -> None:
-        conn = self._conns.get(data.conn)  # type: ignore[arg-type]
+        conn = self._conns.get(data.conn)  # type: ignore[call-overload]
         if conn is not None and conn.tunnelled and conn.in_flight == 0:
             self._idle(conn)
 
@@ -355,7 +355,9 @@ def _head_started(handler, client: Client) -> bool:
     """
     from mitmproxy.proxy.layers.http._http1 import Http1Server
 
-    todo, seen, found = [getattr(handler, "layer", None)], set(), False
+    todo: list = [getattr(handler, "layer", None)]
+    seen: set[int] = set()
+    found = False
     while todo and len(seen) < 64:
         node = todo.pop()
         if node is None or id(node) in seen:
