@@ -95,6 +95,8 @@ class LimitsConfig:
     idle_timeout: float = 60.0  # keep-alive connection with no request in flight
     max_connections: int = 4096  # concurrent client connections, all clients
     max_connections_per_client: int = 256  # concurrent client connections from one address
+    admin_max_connections: int = 64  # each admin listener (admin.listen, admin.api_listen)
+    admin_max_connections_per_client: int = 32  # one address's share of an admin listener
     drain_seconds: float = 25.0  # on SIGTERM: how long in-flight requests may take to finish
     revoke_on_shutdown: bool = False  # on SIGTERM: revoke brokered credentials that support it
 
@@ -248,6 +250,9 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     if any(r.requires_grant for r in rules) and store is not None and store.kind == "memory" and api_listen is None:
         src.error(("store",), "rules with requires_grant need grants from the admin API (admin.api_listen) "
                               "or a shared store; with neither, no grant could ever exist")
+    if limits.revoke_on_shutdown and store is not None and store.kind != "memory":
+        src.error(("limits", "revoke_on_shutdown"), "needs store: memory:// — with a shared store the other "
+                  "replicas keep using these credentials, and one replica's shutdown would revoke them for all")
     if identity is None or src.issues:
         return None
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
@@ -269,7 +274,8 @@ _LIMIT_TIMES = {
     "idle_timeout_seconds": ("idle_timeout", 1, 3600),
     "drain_seconds": ("drain_seconds", 0, 3600),
 }
-_LIMIT_COUNTS = {"max_connections": (1, 1_000_000), "max_connections_per_client": (1, 1_000_000)}
+_LIMIT_COUNTS = {"max_connections": (1, 1_000_000), "max_connections_per_client": (1, 1_000_000),
+                 "admin_max_connections": (2, 10_000), "admin_max_connections_per_client": (1, 10_000)}
 
 
 def _limits(src: Source, value: Any) -> LimitsConfig:
@@ -290,6 +296,9 @@ def _limits(src: Source, value: Any) -> LimitsConfig:
     if limits.max_connections_per_client > limits.max_connections:
         src.error(p + ("max_connections_per_client",),
                   f"must not exceed limits.max_connections ({limits.max_connections})")
+    if limits.admin_max_connections_per_client > limits.admin_max_connections:
+        src.error(p + ("admin_max_connections_per_client",),
+                  f"must not exceed limits.admin_max_connections ({limits.admin_max_connections})")
     return limits
 
 

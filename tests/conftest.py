@@ -123,9 +123,10 @@ class ProxyProcess:
                 self.proc.wait()
 
 
-def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20) -> ProxyProcess:
+def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20,
+                cwd: Path | None = None) -> ProxyProcess:
     with open(log_path, "wb") as fh:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL, cwd=cwd)
     p = ProxyProcess(proc=proc, log_path=log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -145,7 +146,10 @@ def proxy_factory(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., ProxyProce
     """Start a proxy with a config dict; ``via="mitmdump"`` uses the plain -s entry script."""
     started: list[ProxyProcess] = []
 
-    def start(config: dict, *, env: dict[str, str] | None = None, via: str = "run") -> ProxyProcess:
+    def start(config: dict, *, env: dict[str, str] | None = None, via: str = "run",
+              wrap: tuple[str, ...] = (), cwd: Path | None = None) -> ProxyProcess:
+        """``wrap`` prefixes the command (e.g. ``("prlimit", "--nofile=256", "--")``); the proxy
+        keeps the pid (prlimit execs it). ``cwd`` is the proxy's working directory."""
         n = len(started)
         cfg_path = tmp_path / f"config{n}.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -158,7 +162,7 @@ def proxy_factory(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., ProxyProce
             cmd = [str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "-p", "0",
                    "-s", str(Path(__file__).parents[1] / "addons" / "secretless.py"),
                    "--set", f"secretless_config={cfg_path}"]
-        p = start_proxy(cmd, log_path=tmp_path / f"proxy{n}.log", env=full_env)
+        p = start_proxy([*wrap, *cmd], log_path=tmp_path / f"proxy{n}.log", env=full_env, cwd=cwd)
         p.secrets = (SECRET, *(env or {}).values())
         started.append(p)
         return p

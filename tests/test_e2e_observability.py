@@ -589,7 +589,7 @@ class TestReadiness:
         replace(good)
         wait_for(lambda: admin.get("/readyz").status_code == 200, what="/readyz 200 again")
         assert admin.get("/readyz").json() == {"ready": True, "failing": [], "checks": {
-            "audit": "ok", "config": "ok", "interception_ca": "ok", "store": "ok", "trust_bundle": "ok"}}
+            "audit": "ok", "config": "ok", "draining": "ok", "interception_ca": "ok", "store": "ok", "trust_bundle": "ok"}}
         assert admin.get("/healthz").status_code == 200
         assert admin.scrape().value("secretless_ready") == 1
 
