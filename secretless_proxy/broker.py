@@ -5,7 +5,10 @@ seconds, or raises ``CredentialError`` (reason ``credential_unavailable``; the a
 It never returns an expired or about-to-expire credential, even when the provider is down: a
 stale token sent upstream is worse than an honest refusal (Envoy's SDS shipped that bug).
 
-- Cache key: (credential name, ``provider.scope(ctx)``); scope None means per request, never cached.
+- Cache key: (credential name, definition digest, ``provider.scope(ctx)``); scope None means per
+  request, never cached. The digest (``definition.py``) covers everything that shapes the issued
+  credential, so a changed definition never finds a token minted under the old one, in process or
+  in the shared store (whose key carries it too); ``retire_stale()`` evicts and revokes those.
 - Single flight: concurrent misses for one key share one provider call; a waiter that is
   cancelled does not cancel the call for the others (``asyncio.shield``).
 - Refresh-ahead: after ``refresh_at`` of the lifetime (plus jitter, so replicas and credentials
@@ -34,7 +37,15 @@ from .config import BrokerConfig
 from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
 from .errors import CredentialError
 from .secrets import Secret
-from .store.base import Store, StoreError, credential_key, shared_fetch
+from .store.base import (
+    Store,
+    StoreError,
+    credential_family,
+    credential_key,
+    credential_prefix,
+    decode_credential,
+    shared_fetch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +53,7 @@ log = logging.getLogger(__name__)
 REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual"})
 GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
 
-_Key = tuple[str, str]  # (credential name, scope)
+_Key = tuple[str, str, str]  # (credential name, definition digest, scope)
 
 
 class BrokerEvents:
@@ -124,7 +135,7 @@ class Broker:
     def drop_local(self, store_key: str | None = None) -> int:
         """Forget cached entries (one store key, or all) without revoking: another replica evicted
         them, or the store asks for a resync. The next get reads the store again."""
-        keys = [k for k in self._cache if store_key is None or credential_key(k[0], k[1]) == store_key]
+        keys = [k for k in self._cache if store_key is None or self._store_key(k) == store_key]
         for key in keys:
             del self._cache[key]
         return len(keys)
@@ -132,7 +143,7 @@ class Broker:
     async def evict_grant(self, grant_id: str, *, reason: str) -> int:
         """Drop and revoke every credential brokered under ``grant_id`` (revoked or expired grant)."""
         mark = f"{GRANT_MARK}{grant_id}"
-        keys = [k for k in self._cache if k[1].endswith(mark)]
+        keys = [k for k in self._cache if k[2].endswith(mark)]
         for key in keys:
             self._drop(key, reason, revoke=True)
             await self._forget_shared(key)
@@ -141,7 +152,7 @@ class Broker:
     async def _forget_shared(self, key: _Key) -> None:
         if self._shared is not None:
             try:
-                await self._shared.delete_credential(credential_key(*key))
+                await self._shared.delete_credential(self._store_key(key))
             except StoreError:
                 pass  # it expires in the store on its own; replicas still check grants per request
 
@@ -168,7 +179,7 @@ class Broker:
             return cred
         if ctx.grant_id is not None:  # credentials brokered under a grant go when the grant goes
             scope = f"{scope}{GRANT_MARK}{ctx.grant_id}"
-        key = (name, scope)
+        key = (name, provider.digest, scope)
         now = self._now()
         entry = self._cache.get(key)
         if entry is not None:
@@ -223,17 +234,54 @@ class Broker:
 
     def snapshot(self) -> list[CachedInfo]:
         """What is cached, without values, ordered by (name, scope)."""
-        return [CachedInfo(name=k[0], kind=e.cred.kind, scope=k[1], expires_at=e.cred.expires_at,
+        return [CachedInfo(name=k[0], kind=e.cred.kind, scope=k[2], expires_at=e.cred.expires_at,
                            issued_at=e.cred.issued_at, last_used=e.last_used)
                 for k, e in sorted(self._cache.items(), key=lambda item: item[0])]
 
     def sweep(self) -> int:
-        """Drop every entry that may no longer be served (reason "expired"); returns how many."""
+        """Drop every entry that may no longer be served (reason "expired"), and entries filled under
+        a definition that has changed since (a fetch that was in flight across a reload); returns how many."""
         now = self._now()
         stale = [k for k, e in self._cache.items() if not e.cred.valid_at(now, self._config.skew)]
         for key in stale:
             self._drop(key, "expired")
-        return len(stale)
+        retired = [k for k in self._cache if not self._current(k)]
+        for key in retired:
+            self._drop(key, "config_changed", revoke=True)
+        return len(stale) + len(retired)
+
+    async def retire_stale(self, names: Iterable[str] | None = None) -> int:
+        """Evict, and revoke where the kind supports it, credentials minted under a definition that is
+        not the current one, in process and in the shared store (all names, or ``names``; a name no
+        longer configured loses every entry). Run after start and after a reload; returns how many."""
+        wanted = set(self._providers) if names is None else set(names)
+        keys = [k for k in self._cache if k[0] in wanted and not self._current(k)]
+        for key in keys:
+            self._drop(key, "config_changed", revoke=True)
+            await self._forget_shared(key)
+        count = len(keys)
+        if self._shared is None:
+            return count
+        for name in sorted(wanted):
+            provider = self._providers.get(name)
+            keep = None if provider is None else credential_prefix(name, provider.digest, self._shared.key_digest)
+            try:
+                swept = await self._shared.sweep_credentials(credential_family(name), keep)
+            except StoreError:
+                log.warning("credential '%s': the shared store could not be swept of entries under older "
+                            "definitions; they are never served and expire on their own", name)
+                continue
+            for _key, data in swept:
+                try:
+                    cred = decode_credential(data)
+                except ValueError:
+                    continue
+                count += 1
+                self._emit("revoked", cred, reason="config_changed")
+                if provider is not None and provider.revocable and cred.kind == provider.kind and not self._closed:
+                    # The old definition is gone (a restart): revoke through the current one, best effort.
+                    self._spawn_revoke(provider, cred)
+        return count
 
     async def aclose(self) -> None:
         """Stop: let pending revocations finish (bounded by the timeout), cancel and await every task."""
@@ -262,7 +310,7 @@ class Broker:
             if self._shared is not None:
                 entry = self._cache.get(key)
                 cred = await shared_fetch(
-                    self._shared, credential_key(*key), lambda: self._fetch(name, provider, ctx),
+                    self._shared, self._store_key(key), lambda: self._fetch(name, provider, ctx),
                     min_valid=self._config.skew, lock_ttl=self._config.timeout * (1 + self._config.retries) + 2,
                     replacing=entry.cred if refresh and entry is not None else None)
             else:
@@ -362,9 +410,21 @@ class Broker:
         self._emit("revoked", entry.cred, reason=reason)
         provider = entry.provider
         if revoke and provider.revocable and not self._closed:
-            task = self._spawn(self._revoke(provider, entry.cred))
-            self._tasks.discard(task)
-            self._revoking.add(task)
+            self._spawn_revoke(provider, entry.cred)
+
+    def _spawn_revoke(self, provider: Provider, cred: IssuedCredential) -> None:
+        task = self._spawn(self._revoke(provider, cred))
+        self._tasks.discard(task)
+        self._revoking.add(task)
+
+    def _current(self, key: _Key) -> bool:
+        """Whether ``key`` was filled under the definition its name has now."""
+        provider = self._providers.get(key[0])
+        return provider is not None and provider.digest == key[1]
+
+    def _store_key(self, key: _Key) -> str:
+        digest = self._shared.key_digest if self._shared is not None else None
+        return credential_key(key[0], key[1], key[2], digest)
 
     async def _revoke(self, provider: Provider, cred: IssuedCredential) -> None:
         try:

@@ -70,6 +70,8 @@ class Services:
         # and a request seeing a broker must never see one without its shared store.
         self.broker = broker
         await self.store.start()  # never raises: an unreachable Redis is retried in the background
+        # A restart with changed definitions: what the fleet cached under the old ones goes (and is revoked).
+        self._spawn(broker.retire_stale())
         self.watcher = FileWatcher(self._watched, self.reload)
         self.watcher.start()
         self._spawn(self._expire_grants())
@@ -174,8 +176,8 @@ class Services:
             self.broker.reconfigure(runtime.config.broker)
             changed = changed_credentials(old.config.credentials, runtime.config.credentials)
             self.broker.replace_providers(runtime.providers)
-            if changed:
-                self._spawn(self.broker.evict(changed, reason="config_changed"))
+            if changed:  # tokens minted under the old definitions: out of every cache, revoked
+                self._spawn(self.broker.retire_stale(changed))
         log.info("config reloaded: %s (%d rules, %d credentials, sha256 %s)", self.config_path,
                  len(runtime.config.rules), len(runtime.config.credentials), runtime.config.digest[:12])
         return True

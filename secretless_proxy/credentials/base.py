@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..definition import definition_digest
 from ..errors import CredentialError
 from ..identity import Workload
 from ..secrets import Secret
@@ -93,6 +94,8 @@ class Provider:
         self.credential = credential
         self.settings: Any = credential.settings
         self.deps = deps
+        # What the broker's cache keys carry: a changed definition never finds an old token.
+        self.digest = definition_digest(credential.kind, credential.settings)
 
     @property
     def name(self) -> str:

@@ -38,7 +38,9 @@ from .base import (
     STORE_UNAVAILABLE,
     Store,
     StoreError,
+    credential_family,
     credential_key,
+    credential_prefix,
     decode_credential,
     encode_credential,
     shared_fetch,
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVENTS", "STORE_UNAVAILABLE", "MemoryStore", "Sealer", "SealingError", "Store", "StoreConfig",
-    "StoreError", "credential_key", "decode_credential", "encode_credential", "open_store",
+    "StoreError", "credential_family", "credential_key", "credential_prefix", "decode_credential", "encode_credential", "open_store",
     "parse_store_section", "shared_fetch",
 ]
 

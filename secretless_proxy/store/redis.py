@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -250,6 +251,8 @@ class RedisStore:
         self._now = now
         self.origin = secrets.token_hex(8)
         self._channel = prefix + "events"
+        # Key names carry keyed hashes (definitions, scopes): whoever reads Redis cannot confirm a guess.
+        self._name_key = sealer.derive("key names")
         self._client: Redis | None = None
         self._events_client: Redis | None = None  # the subscription's own, never retrying, connection
         self._sentinel: Sentinel | None = None
@@ -342,6 +345,32 @@ class RedisStore:
             async with c.pipeline(transaction=True) as pipe:
                 return await pipe.delete(rkey).publish(self._channel, event).execute()
         return bool((await self._run("delete_credential", call))[0])
+
+    async def sweep_credentials(self, prefix: str, keep: str | None) -> list[tuple[str, bytes]]:
+        base_key = self._prefix + "cred:"
+        pattern = _glob_escape(base_key + check_key(prefix)) + "*"
+        keys = await self._run("sweep_credentials", lambda c: _scan(c, pattern))
+        out = []
+        for rkey in keys:
+            key = rkey.decode(errors="replace")[len(base_key):]
+            if keep and key.startswith(keep):
+                continue
+            event = self._event({"type": "credential_evicted", "key": key})
+
+            async def call(c: Any, rkey: bytes = rkey, event: str = event) -> list[Any]:
+                async with c.pipeline(transaction=True) as pipe:
+                    return await pipe.getdel(rkey).publish(self._channel, event).execute()
+            blob = (await self._run("sweep_credentials", call))[0]
+            if blob is None:
+                continue
+            try:
+                out.append((key, self._sealer.open(blob, aad=rkey.decode())))
+            except (SealingError, UnicodeDecodeError):
+                self._count("integrity")  # deleted all the same; nothing to revoke with
+        return out
+
+    def key_digest(self, text: str) -> str:
+        return hmac.new(self._name_key, text.encode(), hashlib.sha256).hexdigest()
 
     # -- locks ----------------------------------------------------------------------------
 
@@ -646,6 +675,15 @@ class RedisStore:
         if grant_id in self._revoked:
             grant = grant.revoked_as(at=self._revoked[grant_id], reason="revoked")
         return grant
+
+
+async def _scan(client: Any, pattern: str) -> list[bytes]:
+    return [key async for key in client.scan_iter(match=pattern, count=500)]
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob (MATCH): escape * ? [ ] and backslash."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _ms(seconds: float) -> int:
