@@ -33,6 +33,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .breaker import CLOSED, Backoff, Breakers
 from .config import BrokerConfig
 from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
 from .errors import CredentialError
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 # The closed vocabulary of revocation reasons (a metric label: keep it bounded).
 REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual"})
 GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
+PER_REQUEST = "\x00per-request"  # the breaker key's scope for credentials minted per request
 
 _Key = tuple[str, str, str]  # (credential name, definition digest, scope)
 
@@ -70,6 +72,12 @@ class BrokerEvents:
 
     def revoked(self, cred: IssuedCredential, *, reason: str) -> None:
         """A cached credential was dropped; ``reason`` is one of ``REASONS``."""
+
+    def breaker(self, *, credential: str, failing: int) -> None:
+        """A circuit breaker of the credential changed state; ``failing`` of its scopes are now open or half-open."""
+
+    def backoff(self, *, credential: str) -> None:
+        """A request was refused without a provider call (breaker open, or a probe already out)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -101,6 +109,7 @@ class Broker:
     retry_base, retry_cap = 0.1, 2.0  # provider retries: full-jitter exponential backoff (s)
     refresh_backoff_base, refresh_backoff_cap = 1.0, 60.0  # after a failed background refresh (s)
     refresh_jitter = 0.05  # up to this fraction of the lifetime is added to refresh_at
+    breaker_base, breaker_cap = 0.5, 30.0  # circuit breaker open delays (s): base * 2**(n-1), capped
 
     def __init__(self, providers: Mapping[str, Provider], *, config: BrokerConfig,
                  events: BrokerEvents | None = None, now: Callable[[], float] = time.time,
@@ -120,6 +129,8 @@ class Broker:
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self._shared: Store | None = None
+        self._breakers = Breakers(base=self.breaker_base, cap=self.breaker_cap, rng=rng, clock=now,
+                                  on_change=lambda name, n: self._emit("breaker", credential=name, failing=n))
 
     def __repr__(self) -> str:
         return f"Broker(credentials={sorted(self._providers)!r}, cached={len(self._cache)})"
@@ -157,7 +168,12 @@ class Broker:
                 pass  # it expires in the store on its own; replicas still check grants per request
 
     def reconfigure(self, config: BrokerConfig) -> None:
-        """New skew, refresh point, timeout and retries (hot reload); cached entries stay."""
+        """New skew, refresh point, timeout, retries and budget (hot reload); cached entries stay.
+
+        Changed settings reset the circuit breakers: an operator who raised the timeout for a slow
+        provider wants it tried at once, with the new settings, not after the old backoff."""
+        if config != self._config:
+            self._breakers.retain(lambda _key: False)
         self._config = config
 
     async def get(self, name: str, ctx: RequestContext) -> IssuedCredential:
@@ -174,7 +190,7 @@ class Broker:
             raise self._unexpected(name, provider, exc, retryable=False) from None
         if scope is None:  # minted per request: never cached, never shared
             self._emit("cache", credential=name, result="miss")
-            cred = await self._fetch(name, provider, ctx)
+            cred = await self._fetch_once(name, provider, ctx, (name, provider.digest, PER_REQUEST))
             self._emit("issued", cred, cached=False)
             return cred
         if ctx.grant_id is not None:  # credentials brokered under a grant go when the grant goes
@@ -185,7 +201,8 @@ class Broker:
         if entry is not None:
             if entry.cred.valid_at(now, self._config.skew):
                 entry.last_used = now
-                if now >= entry.refresh_after and now >= entry.retry_after and key not in self._inflight:
+                if (now >= entry.refresh_after and now >= entry.retry_after and key not in self._inflight
+                        and self._breakers.admit(key) is None):
                     self._emit("cache", credential=name, result="refresh")
                     self._start_fill(key, provider, ctx, refresh=True)
                 else:
@@ -193,16 +210,69 @@ class Broker:
                 return entry.cred
             self._drop(key, "expired")
         self._emit("cache", credential=name, result="miss")
-        task = self._inflight.get(key) or self._start_fill(key, provider, ctx, refresh=False)
+        task = self._inflight.get(key)
+        if task is None:
+            if (wait := self._breakers.admit(key)) is not None:
+                raise self._backoff(name, provider, wait)
+            task = self._start_fill(key, provider, ctx, refresh=False)
+        elif self._breakers.state(key) != CLOSED:  # the fill out is the half-open probe: do not queue behind it
+            raise self._backoff(name, provider, self._breakers.retry_after(key) or 1.0)
+        budget = self._config.max_wait
         try:
-            cred = await asyncio.shield(task)
+            async with asyncio.timeout(budget) as deadline:
+                cred = await asyncio.shield(task)
+        except TimeoutError:
+            if deadline.expired():  # the fill goes on for whoever comes next; this request stops waiting
+                raise Backoff(f"no credential '{name}' from the {provider.kind} provider within the "
+                              f"{budget:g} s wait budget (broker.max_wait_seconds)", retry_after=1.0) from None
+            raise
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():
                 # The shared fetch was cancelled by aclose(), not this request: refuse, do not vanish.
                 raise ProviderError(f"credential '{name}': the broker shut down during the fetch") from None
             raise
-        return cred
+        except Backoff:
+            raise
+        except ProviderError as exc:
+            error = exc
+        else:
+            return cred
+        # Outside the except block: the refusal carries no chained context (no provider text).
+        if (retry := self._breakers.retry_after(key)) is None:
+            raise error
+        raise Backoff(str(error), retry_after=retry)
+
+    async def _fetch_once(self, name: str, provider: Provider, ctx: RequestContext,
+                          key: _Key) -> IssuedCredential:
+        """A per-request credential (never cached): through the breaker, within the wait budget."""
+        breakers = self._breakers
+        if (wait := breakers.admit(key)) is not None:
+            raise self._backoff(name, provider, wait)
+        attempts = 1 if breakers.is_probe(key) else None
+        try:
+            async with asyncio.timeout(self._config.max_wait) as deadline:
+                cred = await self._fetch(name, provider, ctx, attempts=attempts)
+        except TimeoutError:
+            if not deadline.expired():
+                breakers.cancelled(key)
+                raise
+            detail = (f"no credential '{name}' from the {provider.kind} provider within the "
+                      f"{self._config.max_wait:g} s wait budget (broker.max_wait_seconds)")
+        except ProviderError as exc:
+            detail = str(exc)
+        except BaseException:
+            breakers.cancelled(key)
+            raise
+        else:
+            breakers.succeeded(key)
+            return cred
+        raise Backoff(detail, retry_after=breakers.failed(key))
+
+    def _backoff(self, name: str, provider: Provider, wait: float) -> Backoff:
+        self._emit("backoff", credential=name)
+        return Backoff(f"the {provider.kind} provider for credential '{name}' is failing; no new attempt "
+                       f"for {wait:.1f} s (circuit breaker)", retry_after=wait)
 
     async def evict(self, names: Iterable[str] | None = None, *, reason: str) -> int:
         """Drop cached credentials (all when ``names`` is None); revoke revocable ones in the background."""
@@ -231,6 +301,8 @@ class Broker:
             self._gen[name] = self._gen.get(name, 0) + 1
         self._inflight = {k: t for k, t in self._inflight.items() if k[0] in new}
         self._providers = new
+        # A new definition starts with closed breakers (a fixed token_url is tried at once).
+        self._breakers.retain(lambda k: k[0] in new and new[k[0]].digest == k[1])
 
     def snapshot(self) -> list[CachedInfo]:
         """What is cached, without values, ordered by (name, scope)."""
@@ -306,16 +378,18 @@ class Broker:
     async def _fill(self, key: _Key, provider: Provider, ctx: RequestContext, *, refresh: bool) -> IssuedCredential:
         name = key[0]
         generation = (self._epoch, self._gen.get(name, 0))
+        attempts = 1 if self._breakers.is_probe(key) else None  # a probe is one attempt: bounded by the schedule
         try:
             if self._shared is not None:
                 entry = self._cache.get(key)
                 cred = await shared_fetch(
-                    self._shared, self._store_key(key), lambda: self._fetch(name, provider, ctx),
+                    self._shared, self._store_key(key), lambda: self._fetch(name, provider, ctx, attempts=attempts),
                     min_valid=self._config.skew, lock_ttl=self._config.timeout * (1 + self._config.retries) + 2,
                     replacing=entry.cred if refresh and entry is not None else None)
             else:
-                cred = await self._fetch(name, provider, ctx)
+                cred = await self._fetch(name, provider, ctx, attempts=attempts)
         except ProviderError:
+            self._breakers.failed(key)
             entry = self._cache.get(key)
             if refresh and entry is not None:  # keep serving the old credential until it expires
                 entry.failures += 1
@@ -324,9 +398,13 @@ class Broker:
                 log.warning("credential '%s': background refresh failed; serving the cached credential "
                             "until it expires, next attempt in %.1f s", name, entry.retry_after - self._now())
             raise
+        except BaseException:
+            self._breakers.cancelled(key)  # cancelled (shutdown): the next request may probe
+            raise
         finally:
             if self._inflight.get(key) is asyncio.current_task():
                 del self._inflight[key]
+        self._breakers.succeeded(key)
         self._emit("issued", cred)
         if generation == (self._epoch, self._gen.get(name, 0)) and not self._closed:
             self._store(key, cred, provider)
@@ -344,10 +422,11 @@ class Broker:
                 refresh_after = start + (deadline - start) * frac
         self._cache[key] = _Entry(cred=cred, provider=provider, refresh_after=refresh_after, last_used=now)
 
-    async def _fetch(self, name: str, provider: Provider, ctx: RequestContext) -> IssuedCredential:
+    async def _fetch(self, name: str, provider: Provider, ctx: RequestContext, *,
+                     attempts: int | None = None) -> IssuedCredential:
         """One credential from the provider: timeout per attempt, retries with backoff, checked result."""
         cfg = self._config
-        attempts = 1 + max(0, cfg.retries)
+        attempts = attempts or 1 + max(0, cfg.retries)
         for attempt in range(1, attempts + 1):
             began = time.perf_counter()
             outcome = "error"

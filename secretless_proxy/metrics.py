@@ -163,6 +163,12 @@ class Metrics:
         self.store_errors = Counter(
             "secretless_store_errors_total", "Shared-store (Redis) operations that failed, by operation.",
             ["op"], registry=r)
+        self.breaker_open = Gauge(
+            "secretless_credential_breaker_open", "Circuit breakers of a credential now open or half-open "
+            "(one per failing scope): its provider is being damped.", ["credential"], registry=r)
+        self.backoff = Counter(
+            "secretless_credential_backoff_total", "Requests refused without a provider call because the "
+            "credential's circuit breaker is open (or its probe is out).", ["credential"], registry=r)
         self.build_info.labels(*_versions()).set(1)
         # Zero-valued series for the closed vocabularies: rate() and alerts see a 0, not "no data".
         for reason in DENY_REASONS:
@@ -193,6 +199,19 @@ class Metrics:
     def credential_revoked(self, *, credential: str, scope: str, reason: str) -> None:
         self._expiry.remove(credential, scope)
         self.revocations.labels(self._closed("reason", reason, REVOCATION_REASONS)).inc()
+
+    def breaker_changed(self, *, credential: str, failing: int) -> None:
+        """``failing`` of the credential's breakers are open or half-open now."""
+        if failing:
+            self.breaker_open.labels(credential).set(failing)
+        else:  # closed again: drop the series (a credential removed by a reload leaves none behind)
+            try:
+                self.breaker_open.remove(credential)
+            except KeyError:
+                pass
+
+    def backed_off(self, *, credential: str) -> None:
+        self.backoff.labels(credential).inc()
 
     def store_error(self, op: str) -> None:
         """A shared-store operation failed (``op`` is the store's bounded operation name)."""
