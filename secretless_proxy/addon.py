@@ -144,7 +144,8 @@ class Secretless:
             self.services = None
             return
         try:
-            services = Services(path, events=self.observer, on_store_error=self.metrics.store_error)
+            services = Services(path, events=self.observer, on_store_error=self.metrics.store_error,
+                                on_event_rejected=self.metrics.store_event_rejected)
         except ConfigError as exc:
             raise exceptions.OptionsError(f"secretless_config={path} is invalid:\n{exc}") from None
         except (ValueError, OSError) as exc:

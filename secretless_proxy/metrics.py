@@ -46,6 +46,7 @@ FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
 CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
 REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual"})
 RELOAD_OUTCOMES = frozenset({"success", "error"})
+STORE_EVENT_REJECTIONS = frozenset({"malformed", "unsigned", "forged", "stale", "replayed"})  # store/events.py
 # Why a grant was revoked, as a label: the admin API's free-text reason goes to the audit log only.
 GRANT_REVOCATION_REASONS = frozenset({"manual", "config_changed"})
 
@@ -169,12 +170,17 @@ class Metrics:
         self.backoff = Counter(
             "secretless_credential_backoff_total", "Requests refused without a provider call because the "
             "credential's circuit breaker is open (or its probe is out).", ["credential"], registry=r)
+        self.store_events_rejected = Counter(
+            "secretless_store_events_rejected_total", "Shared-store events refused before any effect, by "
+            "reason: malformed, unsigned, forged, stale or replayed.", ["reason"], registry=r)
         self.build_info.labels(*_versions()).set(1)
         # Zero-valued series for the closed vocabularies: rate() and alerts see a 0, not "no data".
         for reason in DENY_REASONS:
             self.denied.labels(reason)
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome)
+        for reason in STORE_EVENT_REJECTIONS:
+            self.store_events_rejected.labels(reason)
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -212,6 +218,10 @@ class Metrics:
 
     def backed_off(self, *, credential: str) -> None:
         self.backoff.labels(credential).inc()
+
+    def store_event_rejected(self, reason: str) -> None:
+        """A store event was refused (``store/events.py``); ``reason`` is one of its closed set."""
+        self.store_events_rejected.labels(self._closed("reason", reason, STORE_EVENT_REJECTIONS)).inc()
 
     def store_error(self, op: str) -> None:
         """A shared-store operation failed (``op`` is the store's bounded operation name)."""

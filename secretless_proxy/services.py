@@ -37,7 +37,8 @@ log = logging.getLogger("secretless")
 
 class Services:
     def __init__(self, config_path: str, *, events: BrokerEvents | None = None,
-                 on_store_error: Callable[[str], None] | None = None) -> None:
+                 on_store_error: Callable[[str], None] | None = None,
+                 on_event_rejected: Callable[[str], None] | None = None) -> None:
         self.config_path = config_path
         self.events = events or BrokerEvents()
         self.deps = ProviderDeps()
@@ -51,7 +52,8 @@ class Services:
         self.on_reload: Callable[[bool], None] | None = None
         self._tasks: set[asyncio.Task] = set()
         self.confdir = tlsfiles.confdir(self.config)  # fixed for the process: mitmproxy's certstore
-        self.store: Store = open_store(self.config.store, on_error=on_store_error)  # fixed for the process
+        self.store: Store = open_store(self.config.store, on_error=on_store_error,  # fixed for the process
+                                       on_event_rejected=on_event_rejected)
         self._grant_expiry: dict[str, float] = {}  # grants in use → when their credentials must go
         self.last_used: dict[str, float] = {}  # credential name → last injection (for the inventory)
         self._unsubscribe: Callable[[], None] | None = None

@@ -17,7 +17,7 @@ Keys (``prefix`` is ``secretless:`` by default)::
     <p>grants:<pair>        zset     grant ids of one (workload, rule) pair; PEXPIREAT = the last expiry
     <p>revoked              zset     tombstones: revoked grant id, score = revoked_at (ms); pruned after
                                      ``tombstone_ttl`` (30 days), which must outlive every grant
-    <p>events               channel  invalidation events (JSON, see base.py)
+    <p>events               channel  invalidation events (JSON, see base.py), signed (events.py)
     <p>audit:<stream>       stream   audit records, XADD MAXLEN
 
 Grants are sealed too: whoever can write to Redis cannot forge or extend one (it would not
@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import math
 import random
@@ -61,7 +60,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..grants import Grant, check_text, valid_grant_id
 from ..secrets import Secret
 from . import base
-from .base import Callback, Event, StoreError, check_event, check_grant, check_key
+from .base import Callback, Event, StoreError, check_grant, check_key
+from .events import EventSigner
 from .sealing import Sealer, SealingError
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,7 @@ class RedisStore:
     def __init__(self, url: str, *, sealer: Sealer, password: Secret | None = None,
                  tls: TlsFiles | None = None, prefix: str = "secretless:", timeout: float = 0.5,
                  tombstone_ttl: float = TOMBSTONE_TTL, on_error: Callable[[str], None] | None = None,
+                 on_event_rejected: Callable[[str], None] | None = None,
                  now: Callable[[], float] = time.time) -> None:
         self.target = parse_url(url)
         self._url = url
@@ -253,6 +254,8 @@ class RedisStore:
         self._channel = prefix + "events"
         # Key names carry keyed hashes (definitions, scopes): whoever reads Redis cannot confirm a guess.
         self._name_key = sealer.derive("key names")
+        # Events are signed: whoever can PUBLISH on the channel cannot evict or revoke (events.py).
+        self._signer = EventSigner(sealer, self._channel, now=now, on_reject=on_event_rejected)
         self._client: Redis | None = None
         self._events_client: Redis | None = None  # the subscription's own, never retrying, connection
         self._sentinel: Sentinel | None = None
@@ -583,12 +586,8 @@ class RedisStore:
                 raise RedisTimeoutError("no answer on the event subscription")
 
     def _dispatch(self, data: bytes) -> None:
-        try:
-            if len(data) > base.MAX_EVENT_BYTES:
-                raise ValueError("too large")
-            event = check_event(json.loads(data))
-        except (ValueError, TypeError, UnicodeDecodeError):
-            log.warning("ignoring a malformed event on %s", self._channel)
+        event = self._signer.verify(data)  # None: malformed, unsigned, forged, stale or replayed (counted)
+        if event is None:
             return
         if event["type"] == "grant_revoked":
             self._remember(event["id"], self._now())
@@ -640,7 +639,7 @@ class RedisStore:
         return f"{parts.hostname}:{parts.port or 6379}"
 
     def _event(self, event: Mapping[str, Any]) -> str:
-        return json.dumps(check_event({**event, "origin": self.origin}), separators=(",", ":"))
+        return self._signer.sign({**event, "origin": self.origin})
 
     def _grant_key(self, grant_id: str) -> str:
         return self._prefix + "grant:" + grant_id
