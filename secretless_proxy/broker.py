@@ -25,6 +25,8 @@ not block (their exceptions are logged by type and ignored).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -56,6 +58,20 @@ GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
 PER_REQUEST = "\x00per-request"  # the breaker key's scope for credentials minted per request
 
 _Key = tuple[str, str, str]  # (credential name, definition digest, scope)
+REVOKE_AT = "revocation_target"  # meta key: a hash of where the credential can be revoked
+
+
+def _target_id(provider: Provider) -> str | None:
+    target = provider.revocation_target if provider.revocable else None
+    return None if target is None else hashlib.sha256(target.encode()).hexdigest()[:16]
+
+
+def _stamp_revocation_target(cred: IssuedCredential, provider: Provider) -> IssuedCredential:
+    """Record (hashed) where ``cred`` can be revoked, so a restart revokes it there or not at all."""
+    target = _target_id(provider)
+    if target is None or not isinstance(cred, IssuedCredential):
+        return cred
+    return dataclasses.replace(cred, meta={**cred.meta, REVOKE_AT: target})
 
 
 class BrokerEvents:
@@ -350,8 +366,10 @@ class Broker:
                     continue
                 count += 1
                 self._emit("revoked", cred, reason="config_changed")
-                if provider is not None and provider.revocable and cred.kind == provider.kind and not self._closed:
-                    # The old definition is gone (a restart): revoke through the current one, best effort.
+                if (provider is not None and provider.revocable and cred.kind == provider.kind and not self._closed
+                        and (target := _target_id(provider)) is not None and cred.meta.get(REVOKE_AT) == target):
+                    # The old definition is gone (a restart): revoke through the current one, and only
+                    # if it revokes where this token was issued (never send it to another server).
                     self._spawn_revoke(provider, cred)
         return count
 
@@ -448,7 +466,7 @@ class Broker:
             else:
                 self._emit("fetched", credential=name, kind=provider.kind, outcome="success",
                            seconds=time.perf_counter() - began)
-                return cred
+                return _stamp_revocation_target(cred, provider)
             self._emit("fetched", credential=name, kind=provider.kind, outcome=outcome,
                        seconds=time.perf_counter() - began)
             log.warning("credential '%s': attempt %d of %d failed: %s", name, attempt, attempts, error)

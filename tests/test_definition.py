@@ -121,17 +121,29 @@ class TestBrokerKeys:
         assert len(old.revoked) == 1
 
 
+class Targeted(RevocableProvider):
+    """A revocable fake that revokes at ``target`` (an endpoint URL, as oauth2 and github_app do)."""
+
+    def __init__(self, *args, target: str = "https://idp.example/revoke", **kw) -> None:
+        super().__init__(*args, **kw)
+        self.target = target
+
+    @property
+    def revocation_target(self) -> str | None:
+        return self.target
+
+
 class TestSharedStore:
     async def test_restart_with_a_changed_definition(self) -> None:
         """A new broker (a restart) on the same store never reads the old definition's token, and
         retire_stale removes it from the store and revokes it through the current provider."""
         clock = Clock(time.time())
         async with MemoryStore() as store:
-            first = define(RevocableProvider(clock=clock))
+            first = define(Targeted(clock=clock))
             b1 = broker([first], clock, store)
             assert (await b1.get("api", context())).secret.reveal() == "tok-1"
             await b1.aclose()
-            narrowed = define(RevocableProvider(clock=clock), scopes=("payments:read",))
+            narrowed = define(Targeted(clock=clock), scopes=("payments:read",))
             b2 = broker([narrowed], clock, store)
             assert (await b2.get("api", context())).secret.reveal() == "tok-1" and narrowed.calls == 1
             assert await b2.retire_stale() == 1
@@ -139,6 +151,32 @@ class TestSharedStore:
             await b2.aclose()
             assert [c.secret.reveal() for c in narrowed.revoked] == ["tok-1"]  # the old token, revoked
             assert narrowed.revoked[0].expires_at == pytest.approx(clock() + 1000)
+
+    async def test_old_token_never_travels_to_another_revocation_endpoint(self) -> None:
+        """After a restart that moved the revocation endpoint, the swept token is deleted but not sent there."""
+        clock = Clock(time.time())
+        async with MemoryStore() as store:
+            b1 = broker([define(Targeted(clock=clock))], clock, store)
+            await b1.get("api", context())
+            await b1.aclose()
+            moved = define(Targeted(clock=clock, target="https://other.example/revoke"), token_url="https://other.example/t")
+            b2 = broker([moved], clock, store)
+            assert await b2.retire_stale() == 1
+            await b2.aclose()
+            assert moved.revoked == []
+
+    async def test_a_provider_without_a_target_never_revokes_swept_tokens(self) -> None:
+        """A revocable kind that does not say where it revokes gets no swept token to revoke."""
+        clock = Clock(time.time())
+        async with MemoryStore() as store:
+            b1 = broker([define(RevocableProvider(clock=clock))], clock, store)
+            await b1.get("api", context())
+            await b1.aclose()
+            again = define(RevocableProvider(clock=clock), scopes=("x",))
+            b2 = broker([again], clock, store)
+            assert await b2.retire_stale() == 1
+            await b2.aclose()
+            assert again.revoked == []
 
     async def test_unchanged_definition_is_shared_after_a_restart(self) -> None:
         """Same definition, new process: the stored token is reused, nothing swept, no provider call."""
@@ -168,7 +206,7 @@ class TestSharedStore:
         """A swept value of another kind is deleted but never sent to the current provider to revoke."""
         clock = Clock(time.time())
         async with MemoryStore() as store:
-            p = define(RevocableProvider(clock=clock))
+            p = define(Targeted(clock=clock))
             from secretless_proxy.credentials.base import IssuedCredential
             alien = IssuedCredential(name="api", kind="static", secret=Secret("x"), expires_at=clock() + 60)
             await store.put_credential("api/zz/yy", encode_credential(alien), expires_at=clock() + 60)

@@ -116,6 +116,13 @@ class Provider:
         """
         return None
 
+    @property
+    def revocation_target(self) -> str | None:
+        """Where ``revoke`` sends a credential (an endpoint URL). The broker records it with each
+        credential it issues, and revokes one swept from the store after a restart only through a
+        provider with the same target: a token never travels to a server that did not issue it."""
+        return None
+
     async def revoke(self, cred: IssuedCredential) -> None:
         """Revoke at the provider. Only called when ``revocable`` is true."""
         raise NotImplementedError
