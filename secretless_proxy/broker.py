@@ -15,8 +15,12 @@ stale token sent upstream is worse than an honest refusal (Envoy's SDS shipped t
   do not refresh in lockstep) a hit starts one background refresh and returns the cached value;
   a failed refresh keeps the old value until it expires and is retried after a backoff.
 - Each provider call runs under ``config.timeout``, with ``config.retries`` extra attempts and
-  capped, fully jittered exponential backoff. A provider's own exception text may hold a secret,
-  so only its type is logged and our own sentence is raised.
+  capped, fully jittered exponential backoff (``calls.py``). A provider's own exception text may
+  hold a secret, so only its type is logged and our own sentence is raised.
+- A failing provider is damped (``breaker.py``): after a failed fill, that key's provider calls
+  follow the breaker's backoff schedule (one single-attempt probe per step), and requests in
+  between are refused at once with ``Backoff.retry_after``. No request waits longer than
+  ``config.max_wait`` for a fill; the fill goes on for the requests that come next.
 
 Everything runs on one event loop and is not thread-safe; event sinks are called inline and must
 not block (their exceptions are logged by type and ignored).
@@ -25,8 +29,6 @@ not block (their exceptions are logged by type and ignored).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
 import logging
 import math
 import random
@@ -35,11 +37,11 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import calls
 from .breaker import CLOSED, Backoff, Breakers
 from .config import BrokerConfig
 from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
 from .errors import CredentialError
-from .secrets import Secret
 from .store.base import (
     Store,
     StoreError,
@@ -58,22 +60,6 @@ GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
 PER_REQUEST = "\x00per-request"  # the breaker key's scope for credentials minted per request
 
 _Key = tuple[str, str, str]  # (credential name, definition digest, scope)
-REVOKE_AT = "revocation_target"  # meta key: a hash of where the credential can be revoked
-
-
-def _target_id(provider: Provider) -> str | None:
-    target = provider.revocation_target if provider.revocable else None
-    return None if target is None else hashlib.sha256(target.encode()).hexdigest()[:16]
-
-
-def _stamp_revocation_target(cred: IssuedCredential, provider: Provider) -> IssuedCredential:
-    """Record (hashed) where ``cred`` can be revoked, so a restart revokes it there or not at all."""
-    target = _target_id(provider)
-    if target is None or not isinstance(cred, IssuedCredential):
-        return cred
-    return dataclasses.replace(cred, meta={**cred.meta, REVOKE_AT: target})
-
-
 class BrokerEvents:
     """No-op base; metrics and audit subclass it. The broker wraps every call: a sink may not break it."""
 
@@ -367,7 +353,7 @@ class Broker:
                 count += 1
                 self._emit("revoked", cred, reason="config_changed")
                 if (provider is not None and provider.revocable and cred.kind == provider.kind and not self._closed
-                        and (target := _target_id(provider)) is not None and cred.meta.get(REVOKE_AT) == target):
+                        and calls.revokes_where_issued(provider, cred)):
                     # The old definition is gone (a restart): revoke through the current one, and only
                     # if it revokes where this token was issued (never send it to another server).
                     self._spawn_revoke(provider, cred)
@@ -442,65 +428,11 @@ class Broker:
 
     async def _fetch(self, name: str, provider: Provider, ctx: RequestContext, *,
                      attempts: int | None = None) -> IssuedCredential:
-        """One credential from the provider: timeout per attempt, retries with backoff, checked result."""
-        cfg = self._config
-        attempts = attempts or 1 + max(0, cfg.retries)
-        for attempt in range(1, attempts + 1):
-            began = time.perf_counter()
-            outcome = "error"
-            try:
-                async with asyncio.timeout(cfg.timeout) as deadline:
-                    result = await provider.fetch(ctx)
-                cred = self._check(name, provider, result)
-            except ProviderError as exc:
-                error = exc
-            except TimeoutError as exc:
-                if deadline.expired():
-                    outcome = "timeout"
-                    error = ProviderError(f"the {provider.kind} provider for credential '{name}' did not "
-                                          f"answer within {cfg.timeout:g} s")
-                else:
-                    error = self._unexpected(name, provider, exc)
-            except Exception as exc:  # noqa: BLE001 - any provider bug is a failed attempt
-                error = self._unexpected(name, provider, exc)
-            else:
-                self._emit("fetched", credential=name, kind=provider.kind, outcome="success",
-                           seconds=time.perf_counter() - began)
-                return _stamp_revocation_target(cred, provider)
-            self._emit("fetched", credential=name, kind=provider.kind, outcome=outcome,
-                       seconds=time.perf_counter() - began)
-            log.warning("credential '%s': attempt %d of %d failed: %s", name, attempt, attempts, error)
-            if not error.retryable:
-                break
-            if attempt < attempts:
-                backoff = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
-                await asyncio.sleep(backoff * self._rng())
-        raise ProviderError(f"credential '{name}' is unavailable after {attempt} attempt(s): {error}",
-                            retryable=error.retryable)
+        """One credential from the provider (``calls.call``): timeout per attempt, retries, checked result."""
+        return await calls.call(name, provider, ctx, config=self._config, attempts=attempts, now=self._now,
+                                rng=self._rng, backoff=(self.retry_base, self.retry_cap), emit=self._emit)
 
-    def _check(self, name: str, provider: Provider, result: object) -> IssuedCredential:
-        """Reject what is not a usable credential; a malformed answer is a failure, not a token."""
-        what = None
-        if not isinstance(result, IssuedCredential):
-            what = f"a {type(result).__name__} instead of a credential"
-        elif not isinstance(result.secret, Secret) or not result.secret.reveal():
-            what = "a credential with an empty secret"
-        elif not result.valid_at(self._now(), self._config.skew):
-            what = (f"a credential that expires within the {self._config.skew:g} s skew "
-                    "(expired, or its lifetime is too short for broker.skew_seconds)")
-        if what is not None:  # a provider bug or a misconfiguration: retrying will not help
-            raise ProviderError(f"the {provider.kind} provider for credential '{name}' returned {what}",
-                                retryable=False)
-        assert isinstance(result, IssuedCredential)
-        return result
-
-    @staticmethod
-    def _unexpected(name: str, provider: Provider, exc: BaseException, *, retryable: bool = True) -> ProviderError:
-        # The exception's text may contain a secret (a token endpoint echoing the request): type only.
-        log.error("credential '%s': the %s provider raised %s (message withheld)", name, provider.kind,
-                  type(exc).__name__)
-        return ProviderError(f"the {provider.kind} provider for credential '{name}' failed unexpectedly "
-                             f"({type(exc).__name__}); see the proxy log", retryable=retryable)
+    _unexpected = staticmethod(calls.unexpected)
 
     def _drop(self, key: _Key, reason: str, *, revoke: bool = False) -> None:
         entry = self._cache.pop(key)
