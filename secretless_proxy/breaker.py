@@ -165,6 +165,17 @@ class Breakers:
         for name in {k[0] for k in gone}:
             self._changed(name)
 
+    def prune(self) -> int:
+        """Forget breakers nobody has asked about for a whole cap past their probe time (a scope of an
+        ended grant, a workload gone): a later failure starts the schedule again. Returns how many."""
+        now = self._clock()
+        idle = [k for k, b in self._table.items() if not b.probing and now > b.reopen_at + self._cap]
+        for key in idle:
+            del self._table[key]
+        for name in {k[0] for k in idle}:
+            self._changed(name)
+        return len(idle)
+
     def failing(self, name: str) -> int:
         return sum(1 for k, b in self._table.items() if k[0] == name and b.state != CLOSED)
 

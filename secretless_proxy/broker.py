@@ -322,6 +322,7 @@ class Broker:
         retired = [k for k in self._cache if not self._current(k)]
         for key in retired:
             self._drop(key, "config_changed", revoke=True)
+        self._breakers.prune()  # the breaker table stays as small as what is failing now
         return len(stale) + len(retired)
 
     async def retire_stale(self, names: Iterable[str] | None = None) -> int:

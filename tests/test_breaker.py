@@ -91,6 +91,18 @@ class TestBreakers:
         assert len(table) == 0 and seen[-1] == ("api", 0)
 
 
+    def test_idle_breakers_are_pruned(self) -> None:
+        """A breaker nobody asked about for a cap past its probe time is forgotten (no unbounded table)."""
+        clock = Clock()
+        seen: list[tuple[str, int]] = []
+        table = Breakers(base=1, cap=10, clock=clock, on_change=lambda n, k: seen.append((n, k)))
+        table.failed(("api", "d", "grant-1"))
+        clock.advance(5)
+        assert table.prune() == 0 and len(table) == 1
+        clock.advance(10)
+        assert table.prune() == 1 and len(table) == 0 and seen[-1] == ("api", 0)
+
+
 class TestBrokerDamping:
     async def test_calls_bounded_by_schedule_not_request_rate(self) -> None:
         """500 requests while the provider is down cost the first fill's attempts, then one per probe."""
