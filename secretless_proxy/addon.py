@@ -25,6 +25,7 @@ from . import identity as ident
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path
+from .breaker import Backoff
 from .config import Rule
 from .connlimits import ConnectionGuard
 from .credentials import IssuedCredential, RequestContext
@@ -156,7 +157,8 @@ class Secretless:
             self.services = None
             return
         try:
-            services = Services(path, events=self.observer, on_store_error=self.metrics.store_error)
+            services = Services(path, events=self.observer, on_store_error=self.metrics.store_error,
+                                on_event_rejected=self.metrics.store_event_rejected)
         except ConfigError as exc:
             raise exceptions.OptionsError(f"secretless_config={path} is invalid:\n{exc}") from None
         except (ValueError, OSError) as exc:
@@ -375,7 +377,8 @@ class Secretless:
         except Exception as exc:  # noqa: BLE001 - any failure to obtain it means: refuse
             detail = str(exc) if isinstance(exc, CredentialError) else f"{type(exc).__name__} (message withheld)"
             log.warning("credential %s unavailable for rule %s: %s", rule.inject.credential, rule.name, detail)
-            raise Refusal(503, CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name) from None
+            raise Refusal(503, CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name,
+                          retry_after=exc.retry_after if isinstance(exc, Backoff) else None) from None
         if not flow.live or flow.response is not None:
             raise Refusal(502, INTERNAL, "the request ended while its credential was brokered", rule.name)
         inj = rule.inject

@@ -5,15 +5,22 @@ seconds, or raises ``CredentialError`` (reason ``credential_unavailable``; the a
 It never returns an expired or about-to-expire credential, even when the provider is down: a
 stale token sent upstream is worse than an honest refusal (Envoy's SDS shipped that bug).
 
-- Cache key: (credential name, ``provider.scope(ctx)``); scope None means per request, never cached.
+- Cache key: (credential name, definition digest, ``provider.scope(ctx)``); scope None means per
+  request, never cached. The digest (``definition.py``) covers everything that shapes the issued
+  credential, so a changed definition never finds a token minted under the old one, in process or
+  in the shared store (whose key carries it too); ``retire_stale()`` evicts and revokes those.
 - Single flight: concurrent misses for one key share one provider call; a waiter that is
   cancelled does not cancel the call for the others (``asyncio.shield``).
 - Refresh-ahead: after ``refresh_at`` of the lifetime (plus jitter, so replicas and credentials
   do not refresh in lockstep) a hit starts one background refresh and returns the cached value;
   a failed refresh keeps the old value until it expires and is retried after a backoff.
 - Each provider call runs under ``config.timeout``, with ``config.retries`` extra attempts and
-  capped, fully jittered exponential backoff. A provider's own exception text may hold a secret,
-  so only its type is logged and our own sentence is raised.
+  capped, fully jittered exponential backoff (``calls.py``). A provider's own exception text may
+  hold a secret, so only its type is logged and our own sentence is raised.
+- A failing provider is damped (``breaker.py``): after a failed fill, that key's provider calls
+  follow the breaker's backoff schedule (one single-attempt probe per step), and requests in
+  between are refused at once with ``Backoff.retry_after``. No request waits longer than
+  ``config.max_wait`` for a fill; the fill goes on for the requests that come next.
 
 Everything runs on one event loop and is not thread-safe; event sinks are called inline and must
 not block (their exceptions are logged by type and ignored).
@@ -30,21 +37,29 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import calls
+from .breaker import CLOSED, Backoff, Breakers
 from .config import BrokerConfig
 from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
 from .errors import CredentialError
-from .secrets import Secret
-from .store.base import Store, StoreError, credential_key, shared_fetch
+from .store.base import (
+    Store,
+    StoreError,
+    credential_family,
+    credential_key,
+    credential_prefix,
+    decode_credential,
+    shared_fetch,
+)
 
 log = logging.getLogger(__name__)
 
 # The closed vocabulary of revocation reasons (a metric label: keep it bounded).
 REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual", "shutdown"})
 GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
+PER_REQUEST = "\x00per-request"  # the breaker key's scope for credentials minted per request
 
-_Key = tuple[str, str]  # (credential name, scope)
-
-
+_Key = tuple[str, str, str]  # (credential name, definition digest, scope)
 class BrokerEvents:
     """No-op base; metrics and audit subclass it. The broker wraps every call: a sink may not break it."""
 
@@ -59,6 +74,12 @@ class BrokerEvents:
 
     def revoked(self, cred: IssuedCredential, *, reason: str) -> None:
         """A cached credential was dropped; ``reason`` is one of ``REASONS``."""
+
+    def breaker(self, *, credential: str, failing: int) -> None:
+        """A circuit breaker of the credential changed state; ``failing`` of its scopes are now open or half-open."""
+
+    def backoff(self, *, credential: str) -> None:
+        """A request was refused without a provider call (breaker open, or a probe already out)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,6 +111,7 @@ class Broker:
     retry_base, retry_cap = 0.1, 2.0  # provider retries: full-jitter exponential backoff (s)
     refresh_backoff_base, refresh_backoff_cap = 1.0, 60.0  # after a failed background refresh (s)
     refresh_jitter = 0.05  # up to this fraction of the lifetime is added to refresh_at
+    breaker_base, breaker_cap = 0.5, 30.0  # circuit breaker open delays (s): base * 2**(n-1), capped
 
     def __init__(self, providers: Mapping[str, Provider], *, config: BrokerConfig,
                  events: BrokerEvents | None = None, now: Callable[[], float] = time.time,
@@ -109,6 +131,8 @@ class Broker:
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self._shared: Store | None = None
+        self._breakers = Breakers(base=self.breaker_base, cap=self.breaker_cap, rng=rng, clock=now,
+                                  on_change=lambda name, n: self._emit("breaker", credential=name, failing=n))
 
     def __repr__(self) -> str:
         return f"Broker(credentials={sorted(self._providers)!r}, cached={len(self._cache)})"
@@ -124,7 +148,7 @@ class Broker:
     def drop_local(self, store_key: str | None = None) -> int:
         """Forget cached entries (one store key, or all) without revoking: another replica evicted
         them, or the store asks for a resync. The next get reads the store again."""
-        keys = [k for k in self._cache if store_key is None or credential_key(k[0], k[1]) == store_key]
+        keys = [k for k in self._cache if store_key is None or self._store_key(k) == store_key]
         for key in keys:
             del self._cache[key]
         return len(keys)
@@ -132,7 +156,7 @@ class Broker:
     async def evict_grant(self, grant_id: str, *, reason: str) -> int:
         """Drop and revoke every credential brokered under ``grant_id`` (revoked or expired grant)."""
         mark = f"{GRANT_MARK}{grant_id}"
-        keys = [k for k in self._cache if k[1].endswith(mark)]
+        keys = [k for k in self._cache if k[2].endswith(mark)]
         for key in keys:
             self._drop(key, reason, revoke=True)
             await self._forget_shared(key)
@@ -141,12 +165,17 @@ class Broker:
     async def _forget_shared(self, key: _Key) -> None:
         if self._shared is not None:
             try:
-                await self._shared.delete_credential(credential_key(*key))
+                await self._shared.delete_credential(self._store_key(key))
             except StoreError:
                 pass  # it expires in the store on its own; replicas still check grants per request
 
     def reconfigure(self, config: BrokerConfig) -> None:
-        """New skew, refresh point, timeout and retries (hot reload); cached entries stay."""
+        """New skew, refresh point, timeout, retries and budget (hot reload); cached entries stay.
+
+        Changed settings reset the circuit breakers: an operator who raised the timeout for a slow
+        provider wants it tried at once, with the new settings, not after the old backoff."""
+        if config != self._config:
+            self._breakers.retain(lambda _key: False)
         self._config = config
 
     async def get(self, name: str, ctx: RequestContext) -> IssuedCredential:
@@ -163,18 +192,19 @@ class Broker:
             raise self._unexpected(name, provider, exc, retryable=False) from None
         if scope is None:  # minted per request: never cached, never shared
             self._emit("cache", credential=name, result="miss")
-            cred = await self._fetch(name, provider, ctx)
+            cred = await self._fetch_once(name, provider, ctx, (name, provider.digest, PER_REQUEST))
             self._emit("issued", cred, cached=False)
             return cred
         if ctx.grant_id is not None:  # credentials brokered under a grant go when the grant goes
             scope = f"{scope}{GRANT_MARK}{ctx.grant_id}"
-        key = (name, scope)
+        key = (name, provider.digest, scope)
         now = self._now()
         entry = self._cache.get(key)
         if entry is not None:
             if entry.cred.valid_at(now, self._config.skew):
                 entry.last_used = now
-                if now >= entry.refresh_after and now >= entry.retry_after and key not in self._inflight:
+                if (now >= entry.refresh_after and now >= entry.retry_after and key not in self._inflight
+                        and self._breakers.admit(key) is None):
                     self._emit("cache", credential=name, result="refresh")
                     self._start_fill(key, provider, ctx, refresh=True)
                 else:
@@ -182,16 +212,69 @@ class Broker:
                 return entry.cred
             self._drop(key, "expired")
         self._emit("cache", credential=name, result="miss")
-        task = self._inflight.get(key) or self._start_fill(key, provider, ctx, refresh=False)
+        task = self._inflight.get(key)
+        if task is None:
+            if (wait := self._breakers.admit(key)) is not None:
+                raise self._backoff(name, provider, wait)
+            task = self._start_fill(key, provider, ctx, refresh=False)
+        elif self._breakers.state(key) != CLOSED:  # the fill out is the half-open probe: do not queue behind it
+            raise self._backoff(name, provider, self._breakers.retry_after(key) or 1.0)
+        budget = self._config.max_wait
         try:
-            cred = await asyncio.shield(task)
+            async with asyncio.timeout(budget) as deadline:
+                cred = await asyncio.shield(task)
+        except TimeoutError:
+            if deadline.expired():  # the fill goes on for whoever comes next; this request stops waiting
+                raise Backoff(f"no credential '{name}' from the {provider.kind} provider within the "
+                              f"{budget:g} s wait budget (broker.max_wait_seconds)", retry_after=1.0) from None
+            raise
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():
                 # The shared fetch was cancelled by aclose(), not this request: refuse, do not vanish.
                 raise ProviderError(f"credential '{name}': the broker shut down during the fetch") from None
             raise
-        return cred
+        except Backoff:
+            raise
+        except ProviderError as exc:
+            error = exc
+        else:
+            return cred
+        # Outside the except block: the refusal carries no chained context (no provider text).
+        if (retry := self._breakers.retry_after(key)) is None:
+            raise error
+        raise Backoff(str(error), retry_after=retry)
+
+    async def _fetch_once(self, name: str, provider: Provider, ctx: RequestContext,
+                          key: _Key) -> IssuedCredential:
+        """A per-request credential (never cached): through the breaker, within the wait budget."""
+        breakers = self._breakers
+        if (wait := breakers.admit(key)) is not None:
+            raise self._backoff(name, provider, wait)
+        attempts = 1 if breakers.is_probe(key) else None
+        try:
+            async with asyncio.timeout(self._config.max_wait) as deadline:
+                cred = await self._fetch(name, provider, ctx, attempts=attempts)
+        except TimeoutError:
+            if not deadline.expired():
+                breakers.cancelled(key)
+                raise
+            detail = (f"no credential '{name}' from the {provider.kind} provider within the "
+                      f"{self._config.max_wait:g} s wait budget (broker.max_wait_seconds)")
+        except ProviderError as exc:
+            detail = str(exc)
+        except BaseException:
+            breakers.cancelled(key)
+            raise
+        else:
+            breakers.succeeded(key)
+            return cred
+        raise Backoff(detail, retry_after=breakers.failed(key))
+
+    def _backoff(self, name: str, provider: Provider, wait: float) -> Backoff:
+        self._emit("backoff", credential=name)
+        return Backoff(f"the {provider.kind} provider for credential '{name}' is failing; no new attempt "
+                       f"for {wait:.1f} s (circuit breaker)", retry_after=wait)
 
     async def evict(self, names: Iterable[str] | None = None, *, reason: str) -> int:
         """Drop cached credentials (all when ``names`` is None); revoke revocable ones in the background."""
@@ -220,20 +303,62 @@ class Broker:
             self._gen[name] = self._gen.get(name, 0) + 1
         self._inflight = {k: t for k, t in self._inflight.items() if k[0] in new}
         self._providers = new
+        # A new definition starts with closed breakers (a fixed token_url is tried at once).
+        self._breakers.retain(lambda k: k[0] in new and new[k[0]].digest == k[1])
 
     def snapshot(self) -> list[CachedInfo]:
         """What is cached, without values, ordered by (name, scope)."""
-        return [CachedInfo(name=k[0], kind=e.cred.kind, scope=k[1], expires_at=e.cred.expires_at,
+        return [CachedInfo(name=k[0], kind=e.cred.kind, scope=k[2], expires_at=e.cred.expires_at,
                            issued_at=e.cred.issued_at, last_used=e.last_used)
                 for k, e in sorted(self._cache.items(), key=lambda item: item[0])]
 
     def sweep(self) -> int:
-        """Drop every entry that may no longer be served (reason "expired"); returns how many."""
+        """Drop every entry that may no longer be served (reason "expired"), and entries filled under
+        a definition that has changed since (a fetch that was in flight across a reload); returns how many."""
         now = self._now()
         stale = [k for k, e in self._cache.items() if not e.cred.valid_at(now, self._config.skew)]
         for key in stale:
             self._drop(key, "expired")
-        return len(stale)
+        retired = [k for k in self._cache if not self._current(k)]
+        for key in retired:
+            self._drop(key, "config_changed", revoke=True)
+        self._breakers.prune()  # the breaker table stays as small as what is failing now
+        return len(stale) + len(retired)
+
+    async def retire_stale(self, names: Iterable[str] | None = None) -> int:
+        """Evict, and revoke where the kind supports it, credentials minted under a definition that is
+        not the current one, in process and in the shared store (all names, or ``names``; a name no
+        longer configured loses every entry). Run after start and after a reload; returns how many."""
+        wanted = set(self._providers) if names is None else set(names)
+        keys = [k for k in self._cache if k[0] in wanted and not self._current(k)]
+        for key in keys:
+            self._drop(key, "config_changed", revoke=True)
+            await self._forget_shared(key)
+        count = len(keys)
+        if self._shared is None:
+            return count
+        for name in sorted(wanted):
+            provider = self._providers.get(name)
+            keep = None if provider is None else credential_prefix(name, provider.digest, self._shared.key_digest)
+            try:
+                swept = await self._shared.sweep_credentials(credential_family(name), keep)
+            except StoreError:
+                log.warning("credential '%s': the shared store could not be swept of entries under older "
+                            "definitions; they are never served and expire on their own", name)
+                continue
+            for _key, data in swept:
+                try:
+                    cred = decode_credential(data)
+                except ValueError:
+                    continue
+                count += 1
+                self._emit("revoked", cred, reason="config_changed")
+                if (provider is not None and provider.revocable and cred.kind == provider.kind and not self._closed
+                        and calls.revokes_where_issued(provider, cred)):
+                    # The old definition is gone (a restart): revoke through the current one, and only
+                    # if it revokes where this token was issued (never send it to another server).
+                    self._spawn_revoke(provider, cred)
+        return count
 
     async def aclose(self) -> None:
         """Stop: let pending revocations finish (bounded by the timeout), cancel and await every task."""
@@ -258,16 +383,18 @@ class Broker:
     async def _fill(self, key: _Key, provider: Provider, ctx: RequestContext, *, refresh: bool) -> IssuedCredential:
         name = key[0]
         generation = (self._epoch, self._gen.get(name, 0))
+        attempts = 1 if self._breakers.is_probe(key) else None  # a probe is one attempt: bounded by the schedule
         try:
             if self._shared is not None:
                 entry = self._cache.get(key)
                 cred = await shared_fetch(
-                    self._shared, credential_key(*key), lambda: self._fetch(name, provider, ctx),
+                    self._shared, self._store_key(key), lambda: self._fetch(name, provider, ctx, attempts=attempts),
                     min_valid=self._config.skew, lock_ttl=self._config.timeout * (1 + self._config.retries) + 2,
                     replacing=entry.cred if refresh and entry is not None else None)
             else:
-                cred = await self._fetch(name, provider, ctx)
+                cred = await self._fetch(name, provider, ctx, attempts=attempts)
         except ProviderError:
+            self._breakers.failed(key)
             entry = self._cache.get(key)
             if refresh and entry is not None:  # keep serving the old credential until it expires
                 entry.failures += 1
@@ -276,9 +403,13 @@ class Broker:
                 log.warning("credential '%s': background refresh failed; serving the cached credential "
                             "until it expires, next attempt in %.1f s", name, entry.retry_after - self._now())
             raise
+        except BaseException:
+            self._breakers.cancelled(key)  # cancelled (shutdown): the next request may probe
+            raise
         finally:
             if self._inflight.get(key) is asyncio.current_task():
                 del self._inflight[key]
+        self._breakers.succeeded(key)
         self._emit("issued", cred)
         if generation == (self._epoch, self._gen.get(name, 0)) and not self._closed:
             self._store(key, cred, provider)
@@ -296,75 +427,34 @@ class Broker:
                 refresh_after = start + (deadline - start) * frac
         self._cache[key] = _Entry(cred=cred, provider=provider, refresh_after=refresh_after, last_used=now)
 
-    async def _fetch(self, name: str, provider: Provider, ctx: RequestContext) -> IssuedCredential:
-        """One credential from the provider: timeout per attempt, retries with backoff, checked result."""
-        cfg = self._config
-        attempts = 1 + max(0, cfg.retries)
-        for attempt in range(1, attempts + 1):
-            began = time.perf_counter()
-            outcome = "error"
-            try:
-                async with asyncio.timeout(cfg.timeout) as deadline:
-                    result = await provider.fetch(ctx)
-                cred = self._check(name, provider, result)
-            except ProviderError as exc:
-                error = exc
-            except TimeoutError as exc:
-                if deadline.expired():
-                    outcome = "timeout"
-                    error = ProviderError(f"the {provider.kind} provider for credential '{name}' did not "
-                                          f"answer within {cfg.timeout:g} s")
-                else:
-                    error = self._unexpected(name, provider, exc)
-            except Exception as exc:  # noqa: BLE001 - any provider bug is a failed attempt
-                error = self._unexpected(name, provider, exc)
-            else:
-                self._emit("fetched", credential=name, kind=provider.kind, outcome="success",
-                           seconds=time.perf_counter() - began)
-                return cred
-            self._emit("fetched", credential=name, kind=provider.kind, outcome=outcome,
-                       seconds=time.perf_counter() - began)
-            log.warning("credential '%s': attempt %d of %d failed: %s", name, attempt, attempts, error)
-            if not error.retryable:
-                break
-            if attempt < attempts:
-                backoff = min(self.retry_cap, self.retry_base * 2 ** (attempt - 1))
-                await asyncio.sleep(backoff * self._rng())
-        raise ProviderError(f"credential '{name}' is unavailable after {attempt} attempt(s): {error}",
-                            retryable=error.retryable)
+    async def _fetch(self, name: str, provider: Provider, ctx: RequestContext, *,
+                     attempts: int | None = None) -> IssuedCredential:
+        """One credential from the provider (``calls.call``): timeout per attempt, retries, checked result."""
+        return await calls.call(name, provider, ctx, config=self._config, attempts=attempts, now=self._now,
+                                rng=self._rng, backoff=(self.retry_base, self.retry_cap), emit=self._emit)
 
-    def _check(self, name: str, provider: Provider, result: object) -> IssuedCredential:
-        """Reject what is not a usable credential; a malformed answer is a failure, not a token."""
-        what = None
-        if not isinstance(result, IssuedCredential):
-            what = f"a {type(result).__name__} instead of a credential"
-        elif not isinstance(result.secret, Secret) or not result.secret.reveal():
-            what = "a credential with an empty secret"
-        elif not result.valid_at(self._now(), self._config.skew):
-            what = (f"a credential that expires within the {self._config.skew:g} s skew "
-                    "(expired, or its lifetime is too short for broker.skew_seconds)")
-        if what is not None:  # a provider bug or a misconfiguration: retrying will not help
-            raise ProviderError(f"the {provider.kind} provider for credential '{name}' returned {what}",
-                                retryable=False)
-        assert isinstance(result, IssuedCredential)
-        return result
-
-    @staticmethod
-    def _unexpected(name: str, provider: Provider, exc: BaseException, *, retryable: bool = True) -> ProviderError:
-        # The exception's text may contain a secret (a token endpoint echoing the request): type only.
-        log.error("credential '%s': the %s provider raised %s (message withheld)", name, provider.kind,
-                  type(exc).__name__)
-        return ProviderError(f"the {provider.kind} provider for credential '{name}' failed unexpectedly "
-                             f"({type(exc).__name__}); see the proxy log", retryable=retryable)
+    _unexpected = staticmethod(calls.unexpected)
 
     def _drop(self, key: _Key, reason: str, *, revoke: bool = False) -> None:
         entry = self._cache.pop(key)
         self._emit("revoked", entry.cred, reason=reason)
         provider = entry.provider
         if revoke and provider.revocable and not self._closed:
-            task = self._spawn(self._revoke(provider, entry.cred))
-            self._tasks.discard(task)
-            self._revoking.add(task)
+            self._spawn_revoke(provider, entry.cred)
+
+    def _spawn_revoke(self, provider: Provider, cred: IssuedCredential) -> None:
+        task = self._spawn(self._revoke(provider, cred))
+        self._tasks.discard(task)
+        self._revoking.add(task)
+
+    def _current(self, key: _Key) -> bool:
+        """Whether ``key`` was filled under the definition its name has now."""
+        provider = self._providers.get(key[0])
+        return provider is not None and provider.digest == key[1]
+
+    def _store_key(self, key: _Key) -> str:
+        digest = self._shared.key_digest if self._shared is not None else None
+        return credential_key(key[0], key[1], key[2], digest)
 
     async def _revoke(self, provider: Provider, cred: IssuedCredential) -> None:
         try:

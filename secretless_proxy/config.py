@@ -77,6 +77,7 @@ class BrokerConfig:
     refresh_at: float = 0.75  # refresh in the background after this fraction of the lifetime
     timeout: float = 5.0  # per provider call
     retries: int = 2  # extra attempts after a failed provider call
+    max_wait: float = 10.0  # longest a request waits for a credential (the fill goes on without it)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -369,7 +370,8 @@ def _signing(src: Source, value: Any, base: Path, resolve: bool) -> SigningConfi
 
 def _broker(src: Source, value: Any) -> BrokerConfig:
     p: Path_ = ("broker",)
-    m = src.mapping(p, value, optional=("skew_seconds", "refresh_at", "timeout_seconds", "retries"))
+    m = src.mapping(p, value, optional=("skew_seconds", "refresh_at", "timeout_seconds", "retries",
+                                         "max_wait_seconds"))
     d = BrokerConfig()
     if not m:
         return d
@@ -380,8 +382,11 @@ def _broker(src: Source, value: Any) -> BrokerConfig:
         refresh = d.refresh_at
     timeout = fields.seconds(src, p + ("timeout_seconds",), m["timeout_seconds"], lo=0.1, hi=120) if "timeout_seconds" in m else d.timeout
     retries = src.integer(p + ("retries",), m["retries"], lo=0, hi=10) if "retries" in m else d.retries
+    max_wait = fields.seconds(src, p + ("max_wait_seconds",), m["max_wait_seconds"], lo=0.1, hi=300) \
+        if "max_wait_seconds" in m else d.max_wait
     return BrokerConfig(skew=d.skew if skew is None else skew, refresh_at=float(refresh),
-                        timeout=timeout or d.timeout, retries=d.retries if retries is None else retries)
+                        timeout=timeout or d.timeout, retries=d.retries if retries is None else retries,
+                        max_wait=max_wait or d.max_wait)
 
 
 def _path(src: Source, p: Path_, value: Any, base: Path, *, must_exist: bool = False) -> Path | None:

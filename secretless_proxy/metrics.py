@@ -54,6 +54,7 @@ CONN_REFUSAL_REASONS = frozenset({
     "max_connections", "max_connections_per_client", "descriptor_limit", "shutting_down",
 })
 CONN_TIMEOUT_REASONS = frozenset({"handshake", "request_head", "idle"})
+STORE_EVENT_REJECTIONS = frozenset({"malformed", "unsigned", "forged", "stale", "replayed"})  # store/events.py
 # Why a grant was revoked, as a label: the admin API's free-text reason goes to the audit log only.
 GRANT_REVOCATION_REASONS = frozenset({"manual", "config_changed"})
 
@@ -181,6 +182,15 @@ class Metrics:
             ["listener", "reason"], registry=r)
         self.open_connections = Gauge(
             "secretless_open_connections", "Client connections open now, by listener.", ["listener"], registry=r)
+        self.breaker_open = Gauge(
+            "secretless_credential_breaker_open", "Circuit breakers of a credential now open or half-open "
+            "(one per failing scope): its provider is being damped.", ["credential"], registry=r)
+        self.backoff = Counter(
+            "secretless_credential_backoff_total", "Requests refused without a provider call because the "
+            "credential's circuit breaker is open (or its probe is out).", ["credential"], registry=r)
+        self.store_events_rejected = Counter(
+            "secretless_store_events_rejected_total", "Shared-store events refused before any effect, by "
+            "reason: malformed, unsigned, forged, stale or replayed.", ["reason"], registry=r)
         self.build_info.labels(*_versions()).set(1)
         # Zero-valued series for the closed vocabularies: rate() and alerts see a 0, not "no data".
         for reason in DENY_REASONS:
@@ -192,6 +202,8 @@ class Metrics:
                 self.conn_refused.labels(listener, reason)
             for reason in CONN_TIMEOUT_REASONS:
                 self.conn_timeouts.labels(listener, reason)
+        for reason in STORE_EVENT_REJECTIONS:
+            self.store_events_rejected.labels(reason)
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -216,6 +228,23 @@ class Metrics:
     def credential_revoked(self, *, credential: str, scope: str, reason: str) -> None:
         self._expiry.remove(credential, scope)
         self.revocations.labels(self._closed("reason", reason, REVOCATION_REASONS)).inc()
+
+    def breaker_changed(self, *, credential: str, failing: int) -> None:
+        """``failing`` of the credential's breakers are open or half-open now."""
+        if failing:
+            self.breaker_open.labels(credential).set(failing)
+        else:  # closed again: drop the series (a credential removed by a reload leaves none behind)
+            try:
+                self.breaker_open.remove(credential)
+            except KeyError:
+                pass
+
+    def backed_off(self, *, credential: str) -> None:
+        self.backoff.labels(credential).inc()
+
+    def store_event_rejected(self, reason: str) -> None:
+        """A store event was refused (``store/events.py``); ``reason`` is one of its closed set."""
+        self.store_events_rejected.labels(self._closed("reason", reason, STORE_EVENT_REJECTIONS)).inc()
 
     def store_error(self, op: str) -> None:
         """A shared-store operation failed (``op`` is the store's bounded operation name)."""

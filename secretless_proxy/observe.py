@@ -76,6 +76,14 @@ class Observer:
         self.metrics.credential_revoked(credential=cred.name, scope=cred.scope, reason=reason)
         self.audit.revoked(cred, reason=reason)
 
+    @_never_raises()
+    def breaker(self, *, credential: str, failing: int) -> None:
+        self.metrics.breaker_changed(credential=credential, failing=failing)
+
+    @_never_raises()
+    def backoff(self, *, credential: str) -> None:
+        self.metrics.backed_off(credential=credential)
+
     # -- addon events --------------------------------------------------------------------------
 
     @_never_raises()

@@ -7,6 +7,7 @@ traceback, a secret or a provider's raw error text.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from mitmproxy import http
@@ -38,11 +39,13 @@ class Refusal(Exception):
     reason: str
     message: str
     rule: str | None = None
+    retry_after: float | None = None  # seconds: sent as Retry-After (RFC 9110 §10.2.3) on a 503
 
 
 def error_response(request_id: str, refusal: Refusal) -> http.Response:
     body = json.dumps({"error": refusal.message, "reason": refusal.reason,
                        "rule": refusal.rule, "request_id": request_id}).encode()
-    return http.Response.make(refusal.status, body, {
-        "Content-Type": "application/json", REQUEST_ID_HEADER: request_id, "Cache-Control": "no-store",
-    })
+    headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: request_id, "Cache-Control": "no-store"}
+    if refusal.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after)))  # delay-seconds: a whole number
+    return http.Response.make(refusal.status, body, headers)

@@ -37,7 +37,8 @@ log = logging.getLogger("secretless")
 
 class Services:
     def __init__(self, config_path: str, *, events: BrokerEvents | None = None,
-                 on_store_error: Callable[[str], None] | None = None) -> None:
+                 on_store_error: Callable[[str], None] | None = None,
+                 on_event_rejected: Callable[[str], None] | None = None) -> None:
         self.config_path = config_path
         self.events = events or BrokerEvents()
         self.deps = ProviderDeps()
@@ -51,7 +52,8 @@ class Services:
         self.on_reload: Callable[[bool], None] | None = None
         self._tasks: set[asyncio.Task] = set()
         self.confdir = tlsfiles.confdir(self.config)  # fixed for the process: mitmproxy's certstore
-        self.store: Store = open_store(self.config.store, on_error=on_store_error)  # fixed for the process
+        self.store: Store = open_store(self.config.store, on_error=on_store_error,  # fixed for the process
+                                       on_event_rejected=on_event_rejected)
         self._grant_expiry: dict[str, float] = {}  # grants in use → when their credentials must go
         self.last_used: dict[str, float] = {}  # credential name → last injection (for the inventory)
         self._unsubscribe: Callable[[], None] | None = None
@@ -70,6 +72,8 @@ class Services:
         # and a request seeing a broker must never see one without its shared store.
         self.broker = broker
         await self.store.start()  # never raises: an unreachable Redis is retried in the background
+        # A restart with changed definitions: what the fleet cached under the old ones goes (and is revoked).
+        self._spawn(broker.retire_stale())
         self.watcher = FileWatcher(self._watched, self.reload)
         self.watcher.start()
         self._spawn(self._expire_grants())
@@ -179,8 +183,8 @@ class Services:
             self.broker.reconfigure(runtime.config.broker)
             changed = changed_credentials(old.config.credentials, runtime.config.credentials)
             self.broker.replace_providers(runtime.providers)
-            if changed:
-                self._spawn(self.broker.evict(changed, reason="config_changed"))
+            if changed:  # tokens minted under the old definitions: out of every cache, revoked
+                self._spawn(self.broker.retire_stale(changed))
         log.info("config reloaded: %s (%d rules, %d credentials, sha256 %s)", self.config_path,
                  len(runtime.config.rules), len(runtime.config.credentials), runtime.config.digest[:12])
         return True

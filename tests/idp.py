@@ -40,7 +40,7 @@ import jwt
 from secretless_proxy.certs import Issued
 from secretless_proxy.devserver import tls_server_context
 
-__all__ = ["BODY_MARKER", "IdP", "Received"]
+__all__ = ["BODY_MARKER", "IdP", "Received", "mint_token", "token_scope"]
 
 BODY_MARKER = "idp-private-detail-7f3a9c"
 GRANT_CC = "client_credentials"
@@ -193,7 +193,7 @@ class IdP:
             body["issued_token_type"] = rec.one("requested_token_type") or ACCESS_TOKEN_TYPE
         else:
             raise _Reject(400, "unsupported_grant_type", f"grant {grant!r}")
-        token = "at-" + secrets.token_urlsafe(24)
+        token = mint_token(issued["scope"])
         with self._lock:
             self.issued[token] = issued
         body.update({"access_token": token, "token_type": self.token_type})
@@ -282,6 +282,21 @@ class IdP:
             with urllib.request.urlopen(self.jwks, context=ctx, timeout=5) as resp:
                 return json.load(resp)
         raise KeyError("no JWKS configured")
+
+
+def mint_token(scope: str | None) -> str:
+    """``at-<random>``, or ``at-<random>.<base64url(scope)>`` when a scope was requested: whoever
+    receives the token (the echo upstream) can tell which scope it was minted for."""
+    token = "at-" + secrets.token_urlsafe(24)
+    if scope is None:
+        return token
+    return f"{token}.{base64.urlsafe_b64encode(scope.encode()).decode().rstrip('=')}"
+
+
+def token_scope(token: str) -> str | None:
+    """The scope ``mint_token`` encoded in ``token`` (None: minted without one)."""
+    _, dot, tail = token.removeprefix("Bearer ").partition(".")
+    return base64.urlsafe_b64decode(tail + "=" * (-len(tail) % 4)).decode() if dot else None
 
 
 def _failure(mode: str | None) -> tuple[int, dict[str, str], bytes] | None:

@@ -307,13 +307,17 @@ class TestSingleFlight:
         assert (await second).secret.reveal() == "tok-1"
         assert p.calls == 1
 
-    async def test_failures_are_not_cached(self, make) -> None:
-        """After a failed fetch the next get asks the provider again."""
-        p = FakeProvider(clock=time.time)
+    async def test_failures_are_not_cached(self, make, clock) -> None:
+        """After a failed fetch the provider is asked again once the breaker's delay is over (issue 10 §3)."""
+        p = FakeProvider(clock=clock)
         p.fail = [ProviderError("down", retryable=False)]
-        broker = make(p)
+        broker = make(p, now=clock)
         with pytest.raises(ProviderError, match="down"):
             await broker.get("api", context())
+        with pytest.raises(ProviderError, match="circuit breaker"):
+            await broker.get("api", context())  # within the delay: refused without a call
+        assert p.calls == 1
+        clock.advance(1)
         assert (await broker.get("api", context())).secret.reveal() == "tok-2"
 
 

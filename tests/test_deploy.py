@@ -174,6 +174,8 @@ def traffic(m: Metrics, now: float) -> None:
     m.config_loaded("ab" * 32)
     m.config_reload_failed()
     m.audit_write_failed("stdout")
+    m.breaker_changed(credential="payments", failing=1)
+    m.backed_off(credential="payments")
 
 
 @pytest_asyncio.fixture(scope="class", loop_scope="class")

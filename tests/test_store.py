@@ -28,7 +28,9 @@ from secretless_proxy.store import (
     MemoryStore,
     StoreConfig,
     StoreError,
+    credential_family,
     credential_key,
+    credential_prefix,
     decode_credential,
     encode_credential,
     open_store,
@@ -173,10 +175,40 @@ class TestCredentials:
             await store.get_credential(key)
 
     def test_credential_key(self) -> None:
-        """Store keys name the credential and hash the scope (bounded, no workload ID in Redis)."""
-        key = credential_key("stripe", W)
-        assert key.startswith("stripe/") and W not in key and len(key) == len("stripe/") + 32
-        assert key != credential_key("stripe", "")
+        """Store keys name the credential and hash definition and scope (bounded, no workload ID in Redis)."""
+        key = credential_key("stripe", "d1", W)
+        assert key.startswith("stripe/") and W not in key and len(key) == len("stripe/") + 24 + 1 + 32
+        assert key != credential_key("stripe", "d1", "")
+        assert key != credential_key("stripe", "d2", W)  # another definition: another key
+        assert key.startswith(credential_prefix("stripe", "d1")) and not key.startswith(credential_prefix("stripe", "d2"))
+
+    def test_credential_key_uses_the_stores_keyed_digest(self, store: Store) -> None:
+        """With the store's key_digest, a key name is no plain hash of what it was made of."""
+        keyed = credential_key("stripe", "d1", W, store.key_digest)
+        assert keyed != credential_key("stripe", "d1", W) and keyed.startswith("stripe/")
+        assert keyed == credential_key("stripe", "d1", W, store.key_digest)  # stable
+
+    async def test_sweep_keeps_the_current_definition_only(self, store: Store) -> None:
+        """sweep_credentials deletes a family's entries under other definitions, returns them, keeps the rest."""
+        old, new = credential_key("api", "old", W), credential_key("api", "new", W)
+        other = credential_key("apix", "old", W)  # another family sharing the name prefix
+        for key in (old, new, other):
+            await store.put_credential(key, key.encode(), expires_at=time.time() + 60)
+        swept = await store.sweep_credentials(credential_family("api"), credential_prefix("api", "new"))
+        assert swept == [(old, old.encode())]
+        assert await store.get_credential(old) is None
+        assert await store.get_credential(new) == new.encode() and await store.get_credential(other) == other.encode()
+        assert await store.sweep_credentials(credential_family("api"), None) == [(new, new.encode())]
+
+    async def test_sweep_publishes_evictions(self, store: Store) -> None:
+        """Each swept entry is announced as credential_evicted, so every replica drops its copy."""
+        seen: list[dict[str, str]] = []
+        store.subscribe(seen.append)
+        key = credential_key("api", "old", W)
+        await store.put_credential(key, b"v", expires_at=time.time() + 60)
+        await store.sweep_credentials(credential_family("api"), None)
+        await until(lambda: any(e.get("key") == key for e in seen))
+        assert [e["type"] for e in seen if e.get("key") == key] == ["credential_evicted"]
 
 
 class TestCodec:
@@ -450,7 +482,7 @@ class TestRedisAtRest:
     async def test_only_ciphertext(self, replicas: Make, raw: Redis) -> None:
         """No key, value or DUMP in Redis contains a credential, a grant's reason or its workload."""
         store = await replicas()
-        await store.put_credential(credential_key("stripe", W), encode_credential(cred()), expires_at=time.time() + 60)
+        await store.put_credential(credential_key("stripe", "d", W, store.key_digest), encode_credential(cred()), expires_at=time.time() + 60)
         g = grant(reason=f"reason {MARKER}")
         await store.put_grant(g)
         await store.put_grant(grant(rule="other"))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..definition import definition_digest
 from ..errors import CredentialError
 from ..identity import Workload
 from ..secrets import Secret
@@ -93,6 +94,8 @@ class Provider:
         self.credential = credential
         self.settings: Any = credential.settings
         self.deps = deps
+        # What the broker's cache keys carry: a changed definition never finds an old token.
+        self.digest = definition_digest(credential.kind, credential.settings)
 
     @property
     def name(self) -> str:
@@ -111,6 +114,13 @@ class Provider:
         Such values are read at every use (a stat for file secrets), so a rotated or removed
         secret takes effect on the next request instead of living on in a cache.
         """
+        return None
+
+    @property
+    def revocation_target(self) -> str | None:
+        """Where ``revoke`` sends a credential (an endpoint URL). The broker records it with each
+        credential it issues, and revokes one swept from the store after a restart only through a
+        provider with the same target: a token never travels to a server that did not issue it."""
         return None
 
     async def revoke(self, cred: IssuedCredential) -> None:

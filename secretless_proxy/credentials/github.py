@@ -151,6 +151,10 @@ class GitHubAppProvider(Provider):
     revocable = True
     settings: GitHubAppSettings
 
+    @property
+    def revocation_target(self) -> str | None:
+        return self.settings.base_url  # DELETE /installation/token goes to the GitHub that issued it
+
     async def fetch(self, ctx: RequestContext) -> IssuedCredential:
         s = self.settings
         body: dict[str, Any] = {}

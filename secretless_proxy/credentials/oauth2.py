@@ -209,6 +209,10 @@ class _TokenEndpointProvider(Provider):
         # Revocable only where an RFC 7009 endpoint is configured (base declares it per class).
         self.revocable = self.settings.revocation_url is not None  # type: ignore[misc]
 
+    @property
+    def revocation_target(self) -> str | None:
+        return self.settings.revocation_url
+
     def _form(self) -> dict[str, str | list[str]]:
         s = self.settings
         form: dict[str, str | list[str]] = {}

@@ -38,7 +38,9 @@ from .base import (
     STORE_UNAVAILABLE,
     Store,
     StoreError,
+    credential_family,
     credential_key,
+    credential_prefix,
     decode_credential,
     encode_credential,
     shared_fetch,
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVENTS", "STORE_UNAVAILABLE", "MemoryStore", "Sealer", "SealingError", "Store", "StoreConfig",
-    "StoreError", "credential_key", "decode_credential", "encode_credential", "open_store",
+    "StoreError", "credential_family", "credential_key", "credential_prefix", "decode_credential", "encode_credential", "open_store",
     "parse_store_section", "shared_fetch",
 ]
 
@@ -78,6 +80,7 @@ class StoreConfig:
 
 
 def open_store(config: StoreConfig | str = MEMORY, *, on_error: Callable[[str], None] | None = None,
+               on_event_rejected: Callable[[str], None] | None = None,
                now: Callable[[], float] = time.time) -> Store:
     """The store ``config`` describes, not started yet. ValueError if a key or password does not resolve."""
     if isinstance(config, str):
@@ -97,7 +100,7 @@ def open_store(config: StoreConfig | str = MEMORY, *, on_error: Callable[[str], 
         except SecretUnavailable as exc:
             raise ValueError(f"store password: cannot resolve {config.password}: {exc}") from None
     return RedisStore(config.url, sealer=sealer, password=password, tls=config.tls, prefix=config.key_prefix,
-                      timeout=config.timeout, on_error=on_error, now=now)
+                      timeout=config.timeout, on_error=on_error, on_event_rejected=on_event_rejected, now=now)
 
 
 def parse_store_section(src: Source, value: Any, base_dir: Path, *, resolve_secrets: bool = True) -> StoreConfig | None:

@@ -3,8 +3,11 @@
 Two implementations: ``memory.MemoryStore`` (the embedded default: one process, no
 dependencies) and ``redis.RedisStore`` (shared by replicas). Both keep these semantics:
 
-- **Credentials** are opaque bytes under a string key (``credential_key(name, scope)``), kept
-  until ``expires_at`` and never after. Use ``encode_credential``/``decode_credential`` to turn
+- **Credentials** are opaque bytes under a string key (``credential_key(...)``: a family, a
+  definition digest and a scope hash, ``<family>/<definition>/<scope>``), kept until
+  ``expires_at`` and never after. ``sweep_credentials(prefix, keep)`` deletes a family's entries
+  under other definitions (and hands their values back for revocation); ``key_digest`` is the
+  store's keyed hash for the parts of a key name (a Redis key never shows what it was made of). Use ``encode_credential``/``decode_credential`` to turn
   an ``IssuedCredential`` into bytes; Redis stores them sealed (``sealing.py``).
 - **Locks** (``acquire_lock``/``release_lock``) give distributed single flight: the token holder
   fetches, the others wait for the value; a lock expires by itself after ``ttl`` so a crashed
@@ -86,6 +89,15 @@ class Store(Protocol):
     async def delete_credential(self, key: str) -> bool:
         """Delete and publish ``credential_evicted``; True if a value was there."""
 
+    async def sweep_credentials(self, prefix: str, keep: str | None) -> list[tuple[str, bytes]]:
+        """Delete every credential whose key starts with ``prefix`` but not with ``keep`` (None: keep
+        none), publishing ``credential_evicted`` for each; returns the (key, value) pairs deleted."""
+        ...
+
+    def key_digest(self, text: str) -> str:
+        """A keyed hash of ``text`` (hex) for building key names; the same in every replica. No I/O."""
+        ...
+
     async def acquire_lock(self, key: str, ttl: float) -> str | None:
         """A token if the lock was free (it expires after ``ttl`` seconds), else None."""
 
@@ -123,9 +135,27 @@ class Store(Protocol):
         ...
 
 
-def credential_key(name: str, scope: str) -> str:
-    """The store key of a broker cache entry: the credential name plus a hash of its scope."""
-    return f"{name}/{hashlib.sha256(scope.encode()).hexdigest()[:32]}"
+def credential_key(family: str, definition: str, scope: str, digest: Callable[[str], str] | None = None) -> str:
+    """The store key of a broker cache entry: ``<family>/<definition hash>/<scope hash>``.
+
+    ``digest`` is the store's ``key_digest`` (keyed); without one, plain SHA-256. Entries of one
+    family under another definition share the prefix ``credential_family(family)`` and not
+    ``credential_prefix(family, definition, digest)``: that is what ``sweep_credentials`` takes.
+    """
+    hash_ = digest or _sha256
+    return f"{credential_prefix(family, definition, digest)}{hash_('scope:' + scope)[:32]}"
+
+
+def credential_family(family: str) -> str:
+    return f"{family}/"
+
+
+def credential_prefix(family: str, definition: str, digest: Callable[[str], str] | None = None) -> str:
+    return f"{family}/{(digest or _sha256)('definition:' + definition)[:24]}/"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_key(key: object) -> str:

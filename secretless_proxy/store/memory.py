@@ -8,6 +8,8 @@ Values are held in plaintext: they never leave the process, exactly like the bro
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import secrets
 import time
 from collections import deque
@@ -42,6 +44,7 @@ class MemoryStore:
         self._seq = 0
         self._subscribers = base.Subscribers()
         self.origin = secrets.token_hex(8)
+        self._name_key = secrets.token_bytes(32)  # key names never leave the process
 
     def __repr__(self) -> str:
         return f"MemoryStore(credentials={len(self._creds)}, grants={len(self._grants)})"
@@ -79,6 +82,19 @@ class MemoryStore:
         self._creds.pop(key, None)
         await self.publish({"type": "credential_evicted", "key": key})
         return found
+
+    async def sweep_credentials(self, prefix: str, keep: str | None) -> list[tuple[str, bytes]]:
+        out = []
+        for key in [k for k in self._creds if k.startswith(prefix) and not (keep and k.startswith(keep))]:
+            held = self._live(self._creds, key)
+            self._creds.pop(key, None)
+            if held is not None:
+                out.append((key, bytes(held.value)))  # type: ignore[arg-type]
+                await self.publish({"type": "credential_evicted", "key": key})
+        return out
+
+    def key_digest(self, text: str) -> str:
+        return hmac.new(self._name_key, text.encode(), hashlib.sha256).hexdigest()
 
     # -- locks ----------------------------------------------------------------------------
 

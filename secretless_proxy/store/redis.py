@@ -17,7 +17,7 @@ Keys (``prefix`` is ``secretless:`` by default)::
     <p>grants:<pair>        zset     grant ids of one (workload, rule) pair; PEXPIREAT = the last expiry
     <p>revoked              zset     tombstones: revoked grant id, score = revoked_at (ms); pruned after
                                      ``tombstone_ttl`` (30 days), which must outlive every grant
-    <p>events               channel  invalidation events (JSON, see base.py)
+    <p>events               channel  invalidation events (JSON, see base.py), signed (events.py)
     <p>audit:<stream>       stream   audit records, XADD MAXLEN
 
 Grants are sealed too: whoever can write to Redis cannot forge or extend one (it would not
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
+import hmac
 import logging
 import math
 import random
@@ -60,7 +60,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..grants import Grant, check_text, valid_grant_id
 from ..secrets import Secret
 from . import base
-from .base import Callback, Event, StoreError, check_event, check_grant, check_key
+from .base import Callback, Event, StoreError, check_grant, check_key
+from .events import EventSigner
 from .sealing import Sealer, SealingError
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ class RedisStore:
     def __init__(self, url: str, *, sealer: Sealer, password: Secret | None = None,
                  tls: TlsFiles | None = None, prefix: str = "secretless:", timeout: float = 0.5,
                  tombstone_ttl: float = TOMBSTONE_TTL, on_error: Callable[[str], None] | None = None,
+                 on_event_rejected: Callable[[str], None] | None = None,
                  now: Callable[[], float] = time.time) -> None:
         self.target = parse_url(url)
         self._url = url
@@ -250,6 +252,10 @@ class RedisStore:
         self._now = now
         self.origin = secrets.token_hex(8)
         self._channel = prefix + "events"
+        # Key names carry keyed hashes (definitions, scopes): whoever reads Redis cannot confirm a guess.
+        self._name_key = sealer.derive("key names")
+        # Events are signed: whoever can PUBLISH on the channel cannot evict or revoke (events.py).
+        self._signer = EventSigner(sealer, self._channel, now=now, on_reject=on_event_rejected)
         self._client: Redis | None = None
         self._events_client: Redis | None = None  # the subscription's own, never retrying, connection
         self._sentinel: Sentinel | None = None
@@ -342,6 +348,32 @@ class RedisStore:
             async with c.pipeline(transaction=True) as pipe:
                 return await pipe.delete(rkey).publish(self._channel, event).execute()
         return bool((await self._run("delete_credential", call))[0])
+
+    async def sweep_credentials(self, prefix: str, keep: str | None) -> list[tuple[str, bytes]]:
+        base_key = self._prefix + "cred:"
+        pattern = _glob_escape(base_key + check_key(prefix)) + "*"
+        keys = await self._run("sweep_credentials", lambda c: _scan(c, pattern))
+        out = []
+        for rkey in keys:
+            key = rkey.decode(errors="replace")[len(base_key):]
+            if keep and key.startswith(keep):
+                continue
+            event = self._event({"type": "credential_evicted", "key": key})
+
+            async def call(c: Any, rkey: bytes = rkey, event: str = event) -> list[Any]:
+                async with c.pipeline(transaction=True) as pipe:
+                    return await pipe.getdel(rkey).publish(self._channel, event).execute()
+            blob = (await self._run("sweep_credentials", call))[0]
+            if blob is None:
+                continue
+            try:
+                out.append((key, self._sealer.open(blob, aad=rkey.decode())))
+            except (SealingError, UnicodeDecodeError):
+                self._count("integrity")  # deleted all the same; nothing to revoke with
+        return out
+
+    def key_digest(self, text: str) -> str:
+        return hmac.new(self._name_key, text.encode(), hashlib.sha256).hexdigest()
 
     # -- locks ----------------------------------------------------------------------------
 
@@ -554,12 +586,8 @@ class RedisStore:
                 raise RedisTimeoutError("no answer on the event subscription")
 
     def _dispatch(self, data: bytes) -> None:
-        try:
-            if len(data) > base.MAX_EVENT_BYTES:
-                raise ValueError("too large")
-            event = check_event(json.loads(data))
-        except (ValueError, TypeError, UnicodeDecodeError):
-            log.warning("ignoring a malformed event on %s", self._channel)
+        event = self._signer.verify(data)  # None: malformed, unsigned, forged, stale or replayed (counted)
+        if event is None:
             return
         if event["type"] == "grant_revoked":
             self._remember(event["id"], self._now())
@@ -611,7 +639,7 @@ class RedisStore:
         return f"{parts.hostname}:{parts.port or 6379}"
 
     def _event(self, event: Mapping[str, Any]) -> str:
-        return json.dumps(check_event({**event, "origin": self.origin}), separators=(",", ":"))
+        return self._signer.sign({**event, "origin": self.origin})
 
     def _grant_key(self, grant_id: str) -> str:
         return self._prefix + "grant:" + grant_id
@@ -646,6 +674,15 @@ class RedisStore:
         if grant_id in self._revoked:
             grant = grant.revoked_as(at=self._revoked[grant_id], reason="revoked")
         return grant
+
+
+async def _scan(client: Any, pattern: str) -> list[bytes]:
+    return [key async for key in client.scan_iter(match=pattern, count=500)]
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob (MATCH): escape * ? [ ] and backslash."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _ms(seconds: float) -> int:

@@ -25,7 +25,9 @@ import secrets
 from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import SecretlessError, SecretUnavailable
 from ..secrets import SecretRef
@@ -67,7 +69,7 @@ def generate_key() -> str:
 class Sealer:
     """Seals with the active key, opens with whichever known key a blob names. ``repr`` shows ids only."""
 
-    __slots__ = ("_aeads", "_active")
+    __slots__ = ("_aeads", "_active", "_derived", "_keys")
 
     def __init__(self, keys: Mapping[str, bytes], active: str) -> None:
         if not keys:
@@ -80,6 +82,8 @@ class Sealer:
         if active not in keys:
             raise ValueError(f"active key {active!r} is not one of the keys ({', '.join(sorted(keys))})")
         self._aeads = {kid: AESGCM(key) for kid, key in keys.items()}
+        self._keys = dict(keys)
+        self._derived: dict[tuple[str, str], bytes] = {}
         self._active = active
 
     @classmethod
@@ -123,6 +127,20 @@ class Sealer:
         except InvalidTag:
             raise SealingError(f"the blob does not authenticate with key {kid!r}: it was altered "
                                "or belongs to another store key") from None
+
+    def derive(self, purpose: str, kid: str | None = None) -> bytes:
+        """A 32-byte subkey of key ``kid`` (default: the active one) for ``purpose`` (HKDF-SHA256, RFC 5869).
+
+        Event signatures and key-name digests use subkeys, never the sealing key itself, so one
+        purpose's outputs say nothing about another's. KeyError if ``kid`` is unknown.
+        """
+        kid = self._active if kid is None else kid
+        derived = self._derived.get((kid, purpose))
+        if derived is None:
+            hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=b"secretless-proxy store v1",
+                        info=purpose.encode())
+            derived = self._derived[(kid, purpose)] = hkdf.derive(self._keys[kid])
+        return derived
 
     def key_id_of(self, blob: bytes) -> str:
         """The id of the key a blob was sealed with (to find blobs still under an old key)."""
