@@ -70,6 +70,18 @@ class RateLimitedLog:
         self._log.warning("%s%s", message, f" ({more} more since the last such line)" if more else "")
 
 
+class _ClosedAcceptRetry(logging.Filter):
+    """asyncio's report of a paused accept() retrying on a listening socket closed meanwhile."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, ValueError) and "_start_serving" in record.getMessage()
+                    and "Invalid file descriptor" in str(exc))
+
+
+_CLOSED_ACCEPT_RETRY = _ClosedAcceptRetry()
+
+
 class AcceptErrors:
     """The event loop's exception handler, with ``accept()`` out of descriptors made one counted line.
 
@@ -96,6 +108,10 @@ class AcceptErrors:
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self._previous = loop.get_exception_handler()
         loop.set_exception_handler(self)
+        # After mitmproxy puts its own handler back (run() ending), a retry scheduled before the
+        # sockets closed can still fire while asyncio finishes shutting down: drop that one too.
+        if _CLOSED_ACCEPT_RETRY not in logging.getLogger("asyncio").filters:
+            logging.getLogger("asyncio").addFilter(_CLOSED_ACCEPT_RETRY)
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         exc = context.get("exception")
