@@ -36,9 +36,9 @@ from .observe import Observer
 from .policy import Decision, Deny
 from .refusal import (
     AUDIT_UNAVAILABLE,
+    BODY_TOO_LARGE,
     CREDENTIAL_UNAVAILABLE,
     DENY_MESSAGES,
-    BODY_TOO_LARGE,
     GRANT_REQUIRED,
     HEAD_TOO_LARGE,
     HOST_MISMATCH,

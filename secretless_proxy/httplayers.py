@@ -36,10 +36,10 @@ from mitmproxy.proxy.layers.http import (
     RequestHeaders,
     RequestProtocolError,
     RequestTrailers,
-    SendHttp,
     ResponseData,
     ResponseEndOfMessage,
     ResponseTrailers,
+    SendHttp,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server
@@ -165,6 +165,8 @@ class GuardedHttpStream(HttpStream):
             self._discarded = 0
             yield HttpResponseHeadersHook(self.flow)
             yield from self.send_response()
+            if streaming:
+                self.server_state = self.state_errored  # swallow what the aborted upstream still sends
         else:
             yield commands.CloseConnection(self.context.client)
             self.client_state = self.server_state = self.state_errored
@@ -189,6 +191,7 @@ class GuardedHttpStream(HttpStream):
         self.guard.on_refusal(self.flow, refusal)
         self.flow.response = error_response(self.flow.id, refusal)
         yield from self.send_response()
+        self.server_state = self.state_errored  # swallow what the aborted upstream still sends
 
 
 __all__ = ["Guard", "GuardedHttpLayer", "SCAN_LIMIT", "TARGET"]

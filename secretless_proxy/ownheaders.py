@@ -43,7 +43,7 @@ def strip(request: http.Request, *, websocket: bool) -> None:
     keep = {"upgrade"} if websocket else set()
     # Connection may name end-to-end framing headers too; mitmproxy owns those, never drop them.
     named -= {"content-length", "transfer-encoding", "host"} | keep
-    for name in list(dict.fromkeys(k.lower() for k in request.headers.keys())):
+    for name in list(dict.fromkeys(k.lower() for k in request.headers)):
         if name in keep:
             continue
         if name in HOP_BY_HOP or name in named or name.startswith(OWN_PREFIX):

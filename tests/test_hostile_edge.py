@@ -420,6 +420,42 @@ class TestLimits:
         assert r.status == 200, r
 
 
+class TestResponseScan:
+    SCAN = 64 * 1024
+
+    @pytest.fixture
+    def scan_proxy(self, proxy_factory, pki, upstream, allow_up):
+        inject = {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}
+        rules = [{"name": "checked", "workloads": [BILLING], "to": {"host": "localhost", "port": upstream.port},
+                  "inject": inject},
+                 {"name": "streamed", "workloads": [BILLING], "to": {"host": "localhost", "port": allow_up.port},
+                  "inject": {**inject, "echo_check": False}}]
+        return proxy_factory(base_config(pki, rules=rules, limits={"max_response_scan_bytes": self.SCAN}))
+
+    def _post(self, proxy, pki, port: int, body: bytes):
+        s = svid_tunnel(proxy, pki, port)
+        s.sendall(f"POST /v1/x HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        return read_response(s)
+
+    def test_inject_response_over_the_scan_window_is_withheld(self, scan_proxy, pki, upstream):
+        """An inject-rule response larger than max_response_scan_bytes is withheld: 502
+        response_too_large, none of its bytes reach the client, the refusal is audited."""
+        status, body = self._post(scan_proxy, pki, upstream.port, b"z" * (2 * self.SCAN))
+        assert (status, body["reason"], body["rule"]) == (502, "response_too_large", "checked")
+        assert "echo_check" in body["error"]
+        assert audited(scan_proxy, "response_too_large")
+
+    def test_inject_response_within_the_window_is_checked(self, scan_proxy, pki, upstream):
+        """A response under the window is buffered and an echoed credential is redacted."""
+        status, body = self._post(scan_proxy, pki, upstream.port, b"small")
+        assert status == 200 and SECRET not in json.dumps(body)
+
+    def test_echo_check_false_streams_a_large_response(self, scan_proxy, pki, allow_up):
+        """With inject.echo_check: false the response is streamed whole, past the scan window."""
+        status, body = self._post(scan_proxy, pki, allow_up.port, b"z" * (2 * self.SCAN))
+        assert status == 200 and body["body"] == "z" * (2 * self.SCAN)
+
+
 # -- §6 headers the proxy owns -------------------------------------------------------------------
 
 
