@@ -84,17 +84,30 @@ class GuardedHttp1Server(Http1Server):
         self.guard = guard
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
-        yield from super().read_headers(event)
-        limit = self.guard.limits().max_request_head_bytes
-        if self.state == self.read_headers and len(self.buf) > limit:  # still no end of head
-            from .protocols import refusal_bytes
+        from .protocols import PROTOCOL_REFUSED, classify
 
-            rid = self.guard.report_connection(self.context, HEAD_TOO_LARGE)
-            refusal = Refusal(431, HEAD_TOO_LARGE, f"the request head is larger than limits.max_request_head_bytes ({limit} bytes)")
-            self.buf.maybe_extract_at_most(len(self.buf))
-            yield commands.SendData(self.conn, refusal_bytes(rid, refusal))
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
+        limit = self.guard.limits().max_request_head_bytes
+        # Later requests on a kept-alive connection: bytes that are not a request line are refused
+        # like the first ones (protocols.Gate), not with mitmproxy's own unaudited 400 page.
+        # The buffer holds at most one head here (bounded below), so peeking at it is cheap.
+        if isinstance(event, events.DataReceived) and classify(bytes(self.buf), max_head=limit) == "refuse" \
+                and len(self.buf) <= limit:
+            yield from self._refuse(Refusal(400, PROTOCOL_REFUSED, "only HTTP/1.1 and HTTP/2 requests pass this proxy; "
+                                                                   "other bytes are refused"))
+            return
+        yield from super().read_headers(event)
+        if self.state == self.read_headers and len(self.buf) > limit:  # still no end of head
+            yield from self._refuse(Refusal(431, HEAD_TOO_LARGE,
+                                            f"the request head is larger than limits.max_request_head_bytes ({limit} bytes)"))
+
+    def _refuse(self, refusal: Refusal) -> layer.CommandGenerator[None]:
+        from .protocols import refusal_bytes
+
+        rid = self.guard.report_connection(self.context, refusal.reason)
+        self.buf.maybe_extract_at_most(len(self.buf))
+        yield commands.SendData(self.conn, refusal_bytes(rid, refusal))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
 
 
 class GuardedHttpStream(HttpStream):

@@ -221,6 +221,17 @@ class TestNoRawRelay:
             status, body = read_response(t)
             assert (status, body["reason"]) == (403, "no_rule")
 
+    def test_non_http_after_a_request_on_the_same_connection_refused(self, proxy, pki, allow_up):
+        """After one allowed request, non-HTTP bytes on the kept-alive connection are refused and audited."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert len(allow_up.requests) == 1
+        assert audited(proxy, "protocol_refused")
+
     def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
         """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""
         s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
