@@ -106,6 +106,19 @@ class Gate:
         self._make_http = make_http  # the guarded HTTP layer (head and body limits, client target)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        chosen = nextlayer.layer
+        self._decide(nextlayer)
+        if nextlayer.layer is not chosen and chosen is not None:
+            # mitmproxy's discarded choice registered itself in the shared context: take it out,
+            # so the layer stack says what actually runs (HttpStream finds its parent by position).
+            ctx_layers = nextlayer.context.layers
+            for lay in _chain(chosen):
+                for i, existing in enumerate(ctx_layers):
+                    if existing is lay:
+                        del ctx_layers[i]
+                        break
+
+    def _decide(self, nextlayer: layer.NextLayer) -> None:
         ctx = nextlayer.context
         chosen = nextlayer.layer
         if not isinstance(ctx.client.proxy_mode, RegularMode) or ctx.client.transport_protocol != "tcp":
@@ -113,7 +126,12 @@ class Gate:
             return
         if isinstance(chosen, (ClientTLSLayer, ServerTLSLayer)):
             # TLS interception: the proxy terminates the client's TLS and decides again inside it.
-            if not self._guard_tls_stack(chosen):
+            chain = _chain(chosen)
+            if any(isinstance(lay, ServerTLSLayer) and not any(lay is c for c in chain) for lay in ctx.layers):
+                # TLS inside the intercepted TLS would wrap the upstream connection twice and
+                # replace the SNI the destination was bound to: there is no use for it.
+                nextlayer.layer = self.refusal_layer(ctx, PROTOCOL_REFUSED, "TLS inside an intercepted TLS tunnel is not supported")
+            elif not self._guard_tls_stack(chosen):
                 nextlayer.layer = self.refusal_layer(ctx, PROTOCOL_REFUSED, "TLS passthrough is not supported")
             return
         if type(chosen) is HttpLayer and ctx.client.alpn == b"h2":
@@ -146,6 +164,11 @@ class Gate:
             return False
         child = top.child_layer
         if type(child) is HttpLayer:
+            layers = child.context.layers
+            for i, existing in enumerate(layers):
+                if existing is child:  # it registered itself in the shared context: take it out
+                    del layers[i]
+                    break
             top.child_layer = self._make_http(child.context, child.mode)
             return True
         return type(child) is layer.NextLayer
@@ -166,6 +189,15 @@ class Gate:
         except Exception as exc:  # noqa: BLE001 - reporting must never keep a refused connection open
             log.error("reporting a refused connection failed (%s)", type(exc).__name__)
         return rid
+
+
+def _chain(top: layer.Layer | None) -> list[layer.Layer]:
+    """``top`` and the layers already stacked under it (TLS layers' children)."""
+    out: list[layer.Layer] = []
+    while top is not None and not isinstance(top, layer.NextLayer) and not any(top is o for o in out):
+        out.append(top)
+        top = getattr(top, "child_layer", None)
+    return out
 
 
 def refusal_bytes(request_id: str, refusal: Refusal) -> bytes:

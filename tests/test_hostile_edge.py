@@ -249,6 +249,88 @@ class TestNoRawRelay:
         assert (status, body["reason"]) == (400, "protocol_refused")
 
 
+class TestTlsVariants:
+    def test_client_hello_in_one_byte_pieces_still_works(self, proxy, pki, upstream):
+        """A TLS handshake trickled in one-byte writes is still intercepted and judged (no refusal)."""
+        raw = open_tunnel(proxy.port, f"localhost:{upstream.port}")
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        for b in outgoing.read():
+            raw.sendall(bytes([b]))
+            time.sleep(0.002)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if data := outgoing.read():
+                    raw.sendall(data)
+                chunk = raw.recv(65536)
+                assert chunk, "proxy closed the trickled handshake"
+                incoming.write(chunk)
+        if data := outgoing.read():
+            raw.sendall(data)
+        tls.write(f"GET /v1/x HTTP/1.1\r\nHost: localhost:{upstream.port}\r\nConnection: close\r\n\r\n".encode())
+        raw.sendall(outgoing.read())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            try:
+                got += tls.read(65536)
+            except ssl.SSLWantReadError:
+                incoming.write(raw.recv(65536))
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+
+    def test_tls_inside_intercepted_tls_refused(self, proxy, pki, tls_target):
+        """A second TLS handshake inside the intercepted one is refused; the target sees nothing."""
+        outer = svid_tunnel(proxy, pki, tls_target.port)
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        inner = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            inner.do_handshake()
+        outer.sendall(out.read())
+        status, body = read_response(outer)
+        settle()
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert not tls_target.reached()
+
+    def test_connect_over_http2_to_the_proxy_refused(self, proxy, pki, upstream):
+        """HTTP/2 to the proxy itself (proxy hop) cannot open a CONNECT tunnel."""
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+        ctx.set_alpn_protocols(["h2"])
+        s = ctx.wrap_socket(connect(proxy.port), server_hostname="localhost")
+        _SOCKETS.append(s)
+        if s.selected_alpn_protocol() != "h2":
+            pytest.skip("the proxy hop did not negotiate h2: no HTTP/2 CONNECT possible")
+        # h2 refuses to send a CONNECT without :path on its own; the proxy must refuse it anyway.
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", f"localhost:{upstream.port}")])
+        s.sendall(conn.data_to_send())
+        status = None
+        while status is None:  # a 400, a reset stream or a closed connection: never a 200 tunnel
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                status = b"closed"
+                break
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    status = b"reset"
+            s.sendall(conn.data_to_send())
+        assert status in (b"400", b"reset", b"closed"), status
+        settle()
+        assert upstream.requests == []
+
+
 class TestUpgrades:
     def test_h2c_upgrade_refused(self, proxy, pki, allow_up):
         """`Upgrade: h2c` on an allow rule is refused upgrade_refused; the upstream sees nothing."""
