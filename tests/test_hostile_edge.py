@@ -232,6 +232,16 @@ class TestNoRawRelay:
         assert len(allow_up.requests) == 1
         assert audited(proxy, "protocol_refused")
 
+    def test_connect_inside_a_tunnel_never_tunnels(self, proxy, pki, tls_target):
+        """A CONNECT sent inside an intercepted tunnel is refused and audited; no nested tunnel opens."""
+        s = svid_tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"CONNECT 127.0.0.1:{tls_target.port} HTTP/1.1\r\nHost: 127.0.0.1:{tls_target.port}\r\n\r\n".encode())
+        status, _ = read_response(s)
+        settle()
+        assert status == 400
+        assert not tls_target.reached()
+        assert audited(proxy, "protocol_refused")
+
     def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
         """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""
         s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
