@@ -20,17 +20,18 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
-from . import hardening, inject, sigv4
+from . import hardening, inject, ownheaders, protocols, requesttarget, sigv4
 from . import identity as ident
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path
 from .breaker import Backoff
-from .config import Rule
+from .config import LimitsConfig, Rule
 from .connlimits import ConnectionGuard
 from .credentials import IssuedCredential, RequestContext
 from .destination import Destinations, proxy_listeners
 from .errors import ConfigError, CredentialError, IdentityError
+from .httplayers import SCAN_LIMIT, TARGET, Guard, GuardedHttpLayer
 from .identity import Workload
 from .matching import normalize_host
 from .metrics import Metrics, decision_for
@@ -38,9 +39,11 @@ from .observe import Observer
 from .policy import Decision, Deny
 from .refusal import (
     AUDIT_UNAVAILABLE,
+    BODY_TOO_LARGE,
     CREDENTIAL_UNAVAILABLE,
     DENY_MESSAGES,
     GRANT_REQUIRED,
+    HEAD_TOO_LARGE,
     HOST_MISMATCH,
     INTERNAL,
     NOT_CONFIGURED,
@@ -76,6 +79,7 @@ class _Injected:
     rule: str
     workload: str
     started: float
+    echo_check: bool = True
 
     def scrub(self, request: http.Request) -> None:
         """Remove the credential from the flow's copy of a request that has been sent."""
@@ -119,6 +123,16 @@ class Secretless:
         self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None)
         self.addons = [self.guard]
         self.drain: Drain | None = None
+        # Flows decided on their head (requestheaders), and sigv4 flows whose signature waits for the body.
+        self._decided: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._allowed: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._sign_later: weakref.WeakKeyDictionary[http.HTTPFlow, tuple] = weakref.WeakKeyDictionary()
+        self._forced = False
+        self._guard = Guard(limits=self._limits, on_refusal=self._report_refusal,
+                            report_connection=lambda c, reason: self.gate.report(c, reason))
+        self.gate = protocols.Gate(max_head=lambda: self._limits().max_request_head_bytes,
+                                   report=self._connection_refused,
+                                   make_http=lambda c, mode: GuardedHttpLayer(c, mode, guard=self._guard))
 
     @property
     def runtime(self):
@@ -138,6 +152,7 @@ class Secretless:
         )
 
     def configure(self, updated: set[str]) -> None:
+        protocols.check_options(ctx.options, updated, forced=self._forced)
         if "ssl_insecure" in updated and ctx.options.ssl_insecure:
             raise exceptions.OptionsError(
                 "ssl_insecure is not allowed with secretless-proxy: credentials must only reach verified upstreams"
@@ -176,7 +191,7 @@ class Secretless:
         # plain `mitmdump -s addons/secretless.py` is exactly as strict as `secretless-proxy run`.
         wanted = {
             "request_client_cert": True,
-            "connection_strategy": "lazy",  # no upstream connection before a request passed policy
+            **protocols.FORCED,  # no raw relay, no upstream connection before a request passed policy
             "ssl_verify_upstream_trusted_ca": str(services.upstream_bundle),
             "confdir": str(services.confdir),
         }
@@ -187,6 +202,7 @@ class Secretless:
         changes = {k: v for k, v in wanted.items() if getattr(ctx.options, k) != v}
         if changes:
             ctx.options.update(**changes)
+        self._forced = True
 
     async def running(self) -> None:
         services = self.services
@@ -288,6 +304,35 @@ class Secretless:
 
     # -- connection hooks -------------------------------------------------------------------
 
+    def next_layer(self, nextlayer) -> None:
+        # Only TLS interception and HTTP go on (protocols.py).
+        try:
+            if nextlayer.layer is None and (default := ctx.master.addons.get("nextlayer")) is not None:
+                default.next_layer(nextlayer)  # mitmdump may call us first: take mitmproxy's view, then judge it
+            self.gate.next_layer(nextlayer)
+        except Exception as exc:  # noqa: BLE001 - fail closed: a failed decision refuses the connection
+            log.error("layer decision failed (%s); connection refused", type(exc).__name__)
+            nextlayer.layer = self.gate.refusal_layer(nextlayer.context, protocols.PROTOCOL_REFUSED,
+                                                      "the proxy could not classify this connection")
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        self.gate.clienthello(data)
+
+    def _limits(self) -> LimitsConfig:
+        return self.services.config.limits if self.services is not None else LimitsConfig()
+
+    def _connection_refused(self, context, reason: str, request_id: str) -> None:
+        """A refusal below HTTP flows (non-HTTP bytes, oversized head): log, audit, count."""
+        st = self._conns.get(context.client)
+        who = st.identity.spiffe_id if st and isinstance(st.identity, Workload) else None
+        address = context.server.address
+        host = f"{address[0]}:{address[1]}" if address else ""
+        peer = context.client.peername
+        log.info("refused connection %s from %s to %s: %s", request_id, f"{peer[0]}:{peer[1]}" if peer else "?",
+                 host or "the proxy", reason)
+        self.observer.denied(request_id=request_id, workload=who, reason=reason, host=host, path="")
+        self.observer.request_done(rule=None, decision=decision_for(reason), overhead_seconds=0.0)
+
     def tls_established_client(self, data: tls.TlsData) -> None:
         try:
             self._on_client_tls(data.conn)  # type: ignore[arg-type]
@@ -322,20 +367,45 @@ class Secretless:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         st = self._conns.setdefault(flow.client_conn, ConnState())
+        refusal = protocols.connect_refusal(flow)
+        if refusal is not None:
+            self._refuse(flow, refusal)
+            return
         try:
             st.connect = (normalize_host(flow.request.host), flow.request.port)
         except ValueError:
-            flow.response = error_response(flow.id, Refusal(400, HOST_MISMATCH, "the CONNECT target is not a valid host"))
+            self._refuse(flow, Refusal(400, HOST_MISMATCH, "the CONNECT target is not a valid host"))
 
     # -- request path ----------------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Identity and policy are decided on the head: a refused request's body is never read
+        # (httplayers.GuardedHttpStream answers at once), an allowed one is streamed.
+        if flow.error and flow.request.method == "CONNECT" and flow.response is None:
+            # mitmproxy refuses a CONNECT inside a tunnel (its transparent mode) itself: audit and count it.
+            self._report_refusal(flow, Refusal(400, protocols.PROTOCOL_REFUSED, "CONNECT inside a tunnel is not supported"))
+            return
+        if flow.response or flow.error or not flow.live:
+            return
+        await self._decide(flow, on_head=True)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        if flow in self._sign_later:
+            await self._decide(flow, on_head=False, sign_only=True)
+        elif flow not in self._decided:
+            await self._decide(flow, on_head=False)  # not seen on its head (in-process tests, replays)
+
+    async def _decide(self, flow: http.HTTPFlow, *, on_head: bool, sign_only: bool = False) -> None:
+        self._decided.add(flow)
         started = time.perf_counter()
         rule, decision = None, "error"
         try:
-            rule, decision = await self._authorize_and_inject(flow)
+            if sign_only:
+                rule, decision = self._sign_deferred(flow)
+            else:
+                rule, decision = await self._authorize_and_inject(flow, on_head=on_head)
         except Refusal as refusal:
             rule, decision = refusal.rule, decision_for(refusal.reason)
             self._refuse(flow, refusal)
@@ -344,17 +414,22 @@ class Secretless:
             log.error("request %s refused after an internal error (%s)", flow.id, type(exc).__name__)
             self._refuse(flow, Refusal(502, INTERNAL, "the proxy failed to process this request"))
         finally:
-            self.observer.request_done(rule=rule, decision=decision, overhead_seconds=time.perf_counter() - started)
+            if decision != "pending":  # a sigv4 request is counted once, when it is signed
+                self.observer.request_done(rule=rule, decision=decision, overhead_seconds=time.perf_counter() - started)
 
-    async def _authorize_and_inject(self, flow: http.HTTPFlow) -> tuple[str, str]:
+    async def _authorize_and_inject(self, flow: http.HTTPFlow, *, on_head: bool) -> tuple[str, str]:
         services = self.services
         if services is None or services.broker is None:
             raise Refusal(503, NOT_CONFIGURED, "the proxy has no configuration loaded")
         runtime = services.runtime  # one runtime for the whole request, even across a reload
+        req = flow.request
+        _check_head(req, services.config.limits)
         st = self._conns.get(flow.client_conn) or ConnState()
         workload = _require_identity(st)
         host, port = self._destination(flow, st)
-        req = flow.request
+        for refusal in (ownheaders.method_refusal(req), protocols.upgrade_refusal(req)):
+            if refusal is not None:
+                raise refusal
         result = runtime.policy.decide(workload, host=host, port=port, scheme=req.scheme,
                                        method=req.method, path=req.path)
         if isinstance(result, Deny):
@@ -365,7 +440,10 @@ class Secretless:
         flow.metadata["secretless.rule"] = rule.name
         flow.metadata["secretless.workload"] = workload.spiffe_id
         grant_id = await self._require_grant(services, rule, workload) if rule.requires_grant else None
+        ownheaders.strip(req, websocket=bool(req.headers.get("upgrade")))
         if rule.inject is None:
+            req.stream = on_head  # nothing to inject or redact: stream the body through
+            self._allowed.add(flow)
             return rule.name, "allowed"
         if not self.observer.audit_ready():
             raise Refusal(503, AUDIT_UNAVAILABLE, "the audit log cannot be written; credentials are withheld", rule.name)
@@ -381,7 +459,23 @@ class Secretless:
                           retry_after=exc.retry_after if isinstance(exc, Backoff) else None) from None
         if not flow.live or flow.response is not None:
             raise Refusal(502, INTERNAL, "the request ended while its credential was brokered", rule.name)
-        inj = rule.inject
+        if rule.inject.sigv4 and on_head:
+            # The signature covers the body: sign in `request`, once the (bounded) body is in.
+            self._sign_later[flow] = (rule, cred, workload, services)
+            return rule.name, "pending"
+        self._inject(flow, rule, cred, workload, services)
+        req.stream = on_head  # the head carries the credential; the body has nothing to inject
+        return rule.name, "injected"
+
+    def _sign_deferred(self, flow: http.HTTPFlow) -> tuple[str, str]:
+        rule, cred, workload, services = self._sign_later.pop(flow)
+        self._inject(flow, rule, cred, workload, services)
+        return rule.name, "injected"
+
+    def _inject(self, flow: http.HTTPFlow, rule: Rule, cred: IssuedCredential, workload: Workload,
+                services: Services) -> None:
+        req, inj = flow.request, rule.inject
+        assert inj is not None
         if inj.sigv4:
             try:
                 needles = sigv4.sign(req, cred, region=inj.sigv4_region, service=inj.sigv4_service)
@@ -393,10 +487,10 @@ class Secretless:
             header = inj.header or ("Authorization" if inj.basic_password is not None else None)
             query = inj.query
         self._injected[flow] = _Injected(header=header, query=query, needles=needles, cred=cred,
-                                         rule=rule.name, workload=workload.spiffe_id, started=time.time())
+                                         rule=rule.name, workload=workload.spiffe_id, started=time.time(),
+                                         echo_check=inj.echo_check)
         flow.metadata["secretless.credential"] = cred.name
         services.last_used[cred.name] = time.time()
-        return rule.name, "injected"
 
     async def _require_grant(self, services: Services, rule: Rule, workload: Workload) -> str:
         """The id of an active grant for (workload, rule), read from the store on every request so
@@ -430,14 +524,25 @@ class Secretless:
                     raise ValueError("connect")
                 if st.inner_sni and normalize_host(st.inner_sni) != host:
                     raise ValueError("sni")
+            requesttarget.check(flow.metadata.get(TARGET, (req.scheme, req.authority)),
+                                host=host, port=req.port, scheme=req.scheme)
         except ValueError:
-            raise Refusal(403, HOST_MISMATCH, "the Host header, TLS SNI and CONNECT target must name the same destination") from None
+            raise Refusal(403, HOST_MISMATCH, "the request target, Host header, TLS SNI and CONNECT target must "
+                                              "name the same destination") from None
         if req.host != host:
             # Connect to exactly the name the policy decided on (``API.Example.com.`` → ``api.example.com``).
             req.host = host
+        requesttarget.rewrite(req, host=host, port=req.port)  # origin form, the decided Host
         return host, req.port
 
     def _refuse(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        self._report_refusal(flow, refusal)
+        self._sign_later.pop(flow, None)
+        flow.request.headers.pop("expect", None)  # no `100 Continue`: the body is not wanted
+        flow.response = error_response(flow.id, refusal)
+
+    def _report_refusal(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        """Log, audit and count a refusal (the caller answers the client)."""
         st = self._conns.get(flow.client_conn)
         who = st.identity.spiffe_id if st and isinstance(st.identity, Workload) else None
         path = clean_path(flow.request.path)
@@ -445,7 +550,6 @@ class Secretless:
                  path, who or "unknown", refusal.reason)
         self.observer.denied(request_id=flow.id, workload=who, reason=refusal.reason,
                              host=flow.request.pretty_host, path=path, rule=refusal.rule)
-        flow.response = error_response(flow.id, refusal)
 
     # -- upstream connections: only to the addresses admit() checked (destination.py) ----------
 
@@ -474,12 +578,19 @@ class Secretless:
         flow.response.headers[REQUEST_ID_HEADER] = flow.id
         injected = self._injected.get(flow)
         if injected is None:
+            if flow in self._allowed:
+                flow.response.stream = True  # allow rules: nothing to redact, never buffer
             return
         try:
             inject.redact(flow.response, injected.needles)
             # The request has been sent: scrub the copy in the flow so later addons, dumps
             # and saved flows never see the credential.
             injected.scrub(flow.request)
+            if injected.echo_check:
+                # The echo check needs the whole body: bounded (httplayers withholds past it).
+                flow.metadata[SCAN_LIMIT] = self._limits().max_response_scan_bytes
+            else:
+                flow.response.stream = True  # inject.echo_check: false (APIs that never echo)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
             flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))
@@ -509,6 +620,19 @@ class Secretless:
                            cred=injected.cred, method=flow.request.method, host=flow.request.host,
                            path=clean_path(flow.request.path), status=status,
                            duration=time.time() - injected.started)
+
+
+def _check_head(req: http.Request, limits: LimitsConfig) -> None:
+    """431/413 on the head: a head that arrived in one piece over the limit, a declared body over it."""
+    size = len(req.data.method) + len(req.data.path) + len(req.data.authority) + 14
+    size += sum(len(k) + len(v) + 4 for k, v in req.data.headers.fields)
+    if size > limits.max_request_head_bytes:
+        raise Refusal(431, HEAD_TOO_LARGE,
+                      f"the request head is larger than limits.max_request_head_bytes ({limits.max_request_head_bytes} bytes)")
+    declared = req.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > limits.max_request_body_bytes:
+        raise Refusal(413, BODY_TOO_LARGE,
+                      f"the request body is larger than limits.max_request_body_bytes ({limits.max_request_body_bytes} bytes)")
 
 
 def _require_identity(st: ConnState) -> Workload:

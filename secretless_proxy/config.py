@@ -115,6 +115,9 @@ class Injection:
     sigv4: bool = False  # re-sign the request with AWS SigV4 (aws_sigv4 credentials)
     sigv4_region: str | None = None  # default: derived from the host
     sigv4_service: str | None = None
+    # Buffer the response (up to limits.max_response_scan_bytes) to check it for an echoed
+    # credential. False streams it unchecked: for APIs that never echo, such as S3 downloads.
+    echo_check: bool = True
 
     @property
     def target(self) -> str:
@@ -579,7 +582,7 @@ def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destinat
 
 
 def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) -> Injection | None:
-    m = src.mapping(p, value, required=("credential",), optional=("header", "format", "basic", "query", "sigv4"))
+    m = src.mapping(p, value, required=("credential",), optional=("header", "format", "basic", "query", "sigv4", "echo_check"))
     if m is None or "credential" not in m:
         return None
     name = src.string(p + ("credential",), m["credential"])
@@ -630,6 +633,8 @@ def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) 
         kw["query"] = q
     if name is None or name not in creds or not kw:
         return None
+    if "echo_check" in m and (ec := src.boolean(p + ("echo_check",), m["echo_check"])) is not None:
+        kw["echo_check"] = ec
     return Injection(credential=name, **kw)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
-from .addresses import LOOPBACK, UNSPECIFIED, Allowance, AddressClass, IPAddress, classify, ip_literal, verdict
+from .addresses import LOOPBACK, UNSPECIFIED, AddressClass, Allowance, IPAddress, classify, ip_literal, verdict
 from .refusal import DESTINATION_PRIVATE, DNS_FAILED, DNS_TIMEOUT, Refusal
 from .resolver import DnsError, DnsTimeout, Resolver, ResolverConfig
 

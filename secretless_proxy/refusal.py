@@ -24,6 +24,13 @@ GRANT_REQUIRED = "grant_required"
 DESTINATION_PRIVATE = "destination_private"  # 403: an address the rule may not reach (destination.py)
 DNS_FAILED = "dns_failed"  # 502: the decided host does not resolve
 DNS_TIMEOUT = "dns_timeout"  # 504: the resolver did not answer in time
+# The edge (issue 8): what is not an HTTP request that policy can judge, or is too large to judge.
+PROTOCOL_REFUSED = "protocol_refused"  # raw TCP/UDP, non-HTTP bytes in a tunnel, h2 CONNECT, other modes
+UPGRADE_REFUSED = "upgrade_refused"  # Upgrade: h2c or anything but websocket
+METHOD_NOT_CANONICAL = "method_not_canonical"  # `get`, `Get`: methods are case-sensitive (RFC 9110 §9.1)
+HEAD_TOO_LARGE = "head_too_large"  # 431: request line + headers over limits.max_request_head_bytes
+BODY_TOO_LARGE = "body_too_large"  # 413: request body over limits.max_request_body_bytes
+RESPONSE_TOO_LARGE = "response_too_large"  # inject-rule response over limits.max_response_scan_bytes
 
 DENY_MESSAGES = {
     "no_rule": "no rule allows this workload to reach this destination",

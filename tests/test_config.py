@@ -838,3 +838,22 @@ class TestLimits:
             "limits:\n  revoke_on_shutdown: true\n")
         with pytest.raises(ConfigError, match=r"limits\.revoke_on_shutdown: needs store: memory://"):
             load_config(write(valid_dir, text))
+
+class TestEchoCheck:
+    def _rule(self, valid_dir: Path, inject: str) -> Path:
+        return write(valid_dir, HEAD + one_line_rule("{host: api.example.com}", f"inject: {inject}"))
+
+    def test_default_is_on(self, valid_dir: Path) -> None:
+        """An inject rule checks responses for an echoed credential unless told otherwise."""
+        cfg = load_config(self._rule(valid_dir, "{credential: github, header: Authorization}"))
+        assert cfg.rules[0].inject.echo_check is True
+
+    def test_opt_out_read(self, valid_dir: Path) -> None:
+        """`echo_check: false` is read into the rule (its responses are then streamed)."""
+        cfg = load_config(self._rule(valid_dir, "{credential: github, header: Authorization, echo_check: false}"))
+        assert cfg.rules[0].inject.echo_check is False
+
+    def test_non_boolean_named(self, valid_dir: Path) -> None:
+        """A non-boolean echo_check is an error naming its key path."""
+        with pytest.raises(ConfigError, match=re.escape("rules[0].inject.echo_check: must be true or false")):
+            load_config(self._rule(valid_dir, "{credential: github, header: Authorization, echo_check: off please}"))

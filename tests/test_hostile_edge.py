@@ -1,0 +1,628 @@
+"""A hostile client against the proxy's edge (issue 8 §1, §2, §3, §6): raw sockets, real TLS.
+
+Every target records connections and bytes (targets.py), not only parsed requests: a connection
+that reaches a target where policy should have stopped the request is a failure, whatever the
+client was answered.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import redis
+from conftest import BIN, SECRET, base_config, curl, tunnel
+from redis_server import RedisServer, free_port
+from targets import CountingTarget, Nginx
+from upstream import EchoUpstream
+
+from secretless_proxy import certs
+from secretless_proxy.devserver import tls_server_context
+
+BILLING = "spiffe://example.org/ns/prod/sa/billing"
+HEAD_LIMIT = 16 * 1024
+BODY_LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def allow_up(pki):
+    with EchoUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as up:
+        yield up
+
+
+@pytest.fixture
+def plain_target():
+    with CountingTarget() as t:
+        yield t
+
+
+@pytest.fixture
+def tls_target(pki):
+    with CountingTarget(tls_context=tls_server_context(certs.make_server_cert(ca=pki.upstream_ca))) as t:
+        yield t
+
+
+def rules(upstream, allow_up) -> list[dict]:
+    return [
+        {"name": "billing-to-api", "workloads": [BILLING],
+         "to": {"host": "localhost", "port": upstream.port, "methods": ["GET", "POST"], "paths": ["/v1/**"]},
+         "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}},
+        {"name": "billing-to-open", "workloads": [BILLING], "to": {"host": "localhost", "port": allow_up.port},
+         "action": "allow"},
+    ]
+
+
+@pytest.fixture
+def admin_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def proxy(proxy_factory, pki, upstream, allow_up, admin_port):
+    allow_up.requests.clear()
+    return proxy_factory(base_config(pki, rules=rules(upstream, allow_up), admin={"listen": f"127.0.0.1:{admin_port}"},
+                                     limits={"max_request_head_bytes": HEAD_LIMIT, "max_request_body_bytes": BODY_LIMIT}))
+
+
+# -- raw client helpers ------------------------------------------------------------------------
+
+_SOCKETS: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets():
+    yield
+    while _SOCKETS:
+        _SOCKETS.pop().close()
+
+
+def connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    _SOCKETS.append(s)
+    return s
+
+
+
+def open_tunnel(proxy_port: int, target: str) -> socket.socket:
+    s = connect(proxy_port)
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        assert chunk, "proxy closed during CONNECT"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return s
+
+
+def read_response(sock) -> tuple[int, dict]:
+    """Status and JSON body of one response (a non-JSON body is returned under 'raw')."""
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    body = resp.read()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, {"raw": body}
+
+
+def settle() -> None:
+    time.sleep(0.3)  # let a relay that got through (it must not) reach its target
+
+
+def audited(proxy, reason: str) -> bool:
+    return any(json.loads(line).get("reason") == reason for line in proxy.output().splitlines()
+               if line.startswith("{") and '"request.denied"' in line)
+
+
+def svid_tunnel(proxy, pki, port: int, *, alpn: list[str] | None = None, cert=True) -> ssl.SSLSocket:
+    raw = open_tunnel(proxy.port, f"localhost:{port}")
+    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+    if cert:
+        ctx.load_cert_chain(*pki.svid(BILLING))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    _SOCKETS.append(s)
+    return s
+
+
+# -- §1 no raw relay ---------------------------------------------------------------------------
+
+
+class TestNoRawRelay:
+    def test_split_write_in_plain_tunnel_is_judged_as_http(self, proxy, plain_target):
+        """`GE` then `T /internal …` in a tunnel is one HTTP request: judged (407), never relayed."""
+        s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
+        s.sendall(b"GE")
+        time.sleep(0.3)
+        s.sendall(f"T /internal HTTP/1.1\r\nHost: 127.0.0.1:{plain_target.port}\r\n\r\n".encode())
+        status, body = read_response(s)
+        settle()
+        assert (status, body["reason"]) == (407, "identity_missing")
+        assert not plain_target.reached()
+
+    def test_split_write_inside_tls_to_unnamed_host(self, proxy, pki, tls_target):
+        """A split request inside TLS to a host no rule names is refused 403, never relayed."""
+        s = svid_tunnel(proxy, pki, tls_target.port)
+        s.sendall(b"GE")
+        time.sleep(0.3)
+        s.sendall(f"T /internal HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n\r\n".encode())
+        status, body = read_response(s)
+        settle()
+        assert (status, body["reason"]) == (403, "no_rule")
+        assert not tls_target.reached()
+
+    @pytest.mark.parametrize("payload", [b"*1\r\n$4\r\nPING\r\n", b"PING\r\n", b"SET k v\r\n", b"\x00\x01\x02binary"])
+    def test_non_http_bytes_in_plain_tunnel_refused(self, proxy, plain_target, payload):
+        """Bytes that are not an HTTP request get 400 protocol_refused; the target sees nothing."""
+        s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
+        s.sendall(payload)
+        status, body = read_response(s)
+        settle()
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert not plain_target.reached()
+        assert audited(proxy, "protocol_refused")
+
+    def test_redis_through_tunnel_refused(self, proxy):
+        """A real Redis server behind a tunnel gets no connection; PING and SET never arrive."""
+        with RedisServer() as server:
+            admin = redis.Redis.from_url(server.url)
+            before = admin.info("stats")["total_connections_received"]
+            for payload in (b"*1\r\n$4\r\nPING\r\n", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"):
+                s = open_tunnel(proxy.port, f"127.0.0.1:{server.port}")
+                s.sendall(payload)
+                status, body = read_response(s)
+                assert (status, body["reason"]) == (400, "protocol_refused")
+            settle()
+            assert admin.info("stats")["total_connections_received"] == before
+            assert admin.get("k") is None
+            admin.close()
+
+    def test_non_http_inside_tls_tunnel_refused(self, proxy, pki, tls_target):
+        """Non-HTTP bytes inside the intercepted TLS (with a valid SVID) are refused, not relayed."""
+        s = svid_tunnel(proxy, pki, tls_target.port)
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        status, body = read_response(s)
+        settle()
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert not tls_target.reached()
+
+    def test_non_http_to_the_proxy_port_refused(self, proxy):
+        """Non-HTTP bytes sent straight to the proxy's port are refused and audited."""
+        s = connect(proxy.port)
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert audited(proxy, "protocol_refused")
+
+    @pytest.mark.parametrize("with_cert", [False, True])
+    def test_connect_to_the_admin_port_is_judged_by_policy(self, proxy, pki, admin_port, with_cert):
+        """CONNECT to the proxy's own admin port: /metrics is judged (407/403), never served."""
+        s = open_tunnel(proxy.port, f"127.0.0.1:{admin_port}")
+        s.sendall(b"GE")
+        time.sleep(0.2)
+        s.sendall(f"T /metrics HTTP/1.1\r\nHost: 127.0.0.1:{admin_port}\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (407, "identity_missing")
+        assert "secretless_" not in json.dumps(body)
+        if with_cert:  # the same through TLS with an identity: no rule names the admin port
+            t = svid_tunnel(proxy, pki, admin_port)
+            t.sendall(f"GET /metrics HTTP/1.1\r\nHost: localhost:{admin_port}\r\n\r\n".encode())
+            status, body = read_response(t)
+            assert (status, body["reason"]) == (403, "no_rule")
+
+    def test_non_http_after_a_request_on_the_same_connection_refused(self, proxy, pki, allow_up):
+        """After one allowed request, non-HTTP bytes on the kept-alive connection are refused and audited."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert len(allow_up.requests) == 1
+        assert audited(proxy, "protocol_refused")
+
+    def test_connect_inside_a_tunnel_never_tunnels(self, proxy, pki, tls_target):
+        """A CONNECT sent inside an intercepted tunnel is refused and audited; no nested tunnel opens."""
+        s = svid_tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"CONNECT 127.0.0.1:{tls_target.port} HTTP/1.1\r\nHost: 127.0.0.1:{tls_target.port}\r\n\r\n".encode())
+        status, _ = read_response(s)
+        settle()
+        assert status == 400
+        assert not tls_target.reached()
+        assert audited(proxy, "protocol_refused")
+
+    def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
+        """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""
+        s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        status, body = read_response(s)
+        settle()
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert not plain_target.reached()
+
+    def test_dns_port_gets_no_dns_relay(self, proxy):
+        """A tunnel to port 53 with DNS-over-TCP bytes is refused (mitmproxy would relay DNS)."""
+        s = open_tunnel(proxy.port, "127.0.0.1:53")
+        s.sendall(b"\x00\x1d\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07example\x03com\x00\x00\x01\x00\x01")
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (400, "protocol_refused")
+
+
+class TestTlsVariants:
+    def test_client_hello_in_one_byte_pieces_still_works(self, proxy, pki, upstream):
+        """A TLS handshake trickled in one-byte writes is still intercepted and judged (no refusal)."""
+        raw = open_tunnel(proxy.port, f"localhost:{upstream.port}")
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        for b in outgoing.read():
+            raw.sendall(bytes([b]))
+            time.sleep(0.002)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if data := outgoing.read():
+                    raw.sendall(data)
+                chunk = raw.recv(65536)
+                assert chunk, "proxy closed the trickled handshake"
+                incoming.write(chunk)
+        if data := outgoing.read():
+            raw.sendall(data)
+        tls.write(f"GET /v1/x HTTP/1.1\r\nHost: localhost:{upstream.port}\r\nConnection: close\r\n\r\n".encode())
+        raw.sendall(outgoing.read())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            try:
+                got += tls.read(65536)
+            except ssl.SSLWantReadError:
+                incoming.write(raw.recv(65536))
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+
+    def test_tls_inside_intercepted_tls_refused(self, proxy, pki, tls_target):
+        """A second TLS handshake inside the intercepted one is refused; the target sees nothing."""
+        outer = svid_tunnel(proxy, pki, tls_target.port)
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        inner = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            inner.do_handshake()
+        outer.sendall(out.read())
+        status, body = read_response(outer)
+        settle()
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert not tls_target.reached()
+
+    def test_connect_over_http2_to_the_proxy_refused(self, proxy, pki, upstream):
+        """HTTP/2 to the proxy itself (proxy hop) cannot open a CONNECT tunnel."""
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+        ctx.set_alpn_protocols(["h2"])
+        s = ctx.wrap_socket(connect(proxy.port), server_hostname="localhost")
+        _SOCKETS.append(s)
+        if s.selected_alpn_protocol() != "h2":
+            pytest.skip("the proxy hop did not negotiate h2: no HTTP/2 CONNECT possible")
+        # h2 refuses to send a CONNECT without :path on its own; the proxy must refuse it anyway.
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "CONNECT"), (":authority", f"localhost:{upstream.port}")])
+        s.sendall(conn.data_to_send())
+        status = None
+        while status is None:  # a 400, a reset stream or a closed connection: never a 200 tunnel
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                status = b"closed"
+                break
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+                elif isinstance(ev, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    status = b"reset"
+            s.sendall(conn.data_to_send())
+        assert status in (b"400", b"reset", b"closed"), status
+        settle()
+        assert upstream.requests == []
+
+
+class TestUpgrades:
+    def test_h2c_upgrade_refused(self, proxy, pki, allow_up):
+        """`Upgrade: h2c` on an allow rule is refused upgrade_refused; the upstream sees nothing."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                  "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (400, "upgrade_refused")
+        assert allow_up.requests == []
+
+    def test_other_upgrade_refused(self, proxy, pki, allow_up):
+        """Any Upgrade but websocket (here: a made-up tcp protocol) is refused."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (400, "upgrade_refused")
+        assert allow_up.requests == []
+
+    def test_websocket_upgrade_needs_identity_and_rule(self, proxy, pki, allow_up, tls_target):
+        """A WebSocket handshake is judged like any request: 407 without a cert, 403 without a rule,
+        forwarded (Upgrade intact) on an allow rule."""
+        ws = ("GET /chat HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+              "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        s = svid_tunnel(proxy, pki, allow_up.port, cert=False)
+        s.sendall(ws.format(port=allow_up.port).encode())
+        assert read_response(s)[1]["reason"] == "identity_missing"
+        s = svid_tunnel(proxy, pki, tls_target.port)
+        s.sendall(ws.format(port=tls_target.port).encode())
+        assert read_response(s)[1]["reason"] == "no_rule"
+        settle()
+        assert not tls_target.reached() and allow_up.requests == []
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(ws.format(port=allow_up.port).encode())
+        read_response(s)
+        [seen] = allow_up.requests
+        assert ("Upgrade", "websocket") in [(k.title(), v) for k, v in seen["headers"]]
+
+    def test_http2_authority_must_match_connect(self, proxy, pki, upstream):
+        """HTTP/2 inside the tunnel with :authority naming another host is refused host_mismatch."""
+        s = svid_tunnel(proxy, pki, upstream.port, alpn=["h2"])
+        assert s.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "attacker-app.example"),
+                              (":path", "/v1/x")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        status, data = None, b""
+        while True:
+            chunk = s.recv(65536)
+            assert chunk, "connection closed"
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+                elif isinstance(ev, h2.events.DataReceived):
+                    data += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    break
+            else:
+                s.sendall(conn.data_to_send())
+                continue
+            break
+        assert status == b"403"
+        assert json.loads(data)["reason"] == "host_mismatch"
+        assert upstream.requests == []
+
+
+# -- §2 the request target is the bound destination ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nginx(pki):
+    leaf = certs.make_server_cert(ca=pki.upstream_ca, hosts=("localhost", "attacker-app.example", "127.0.0.1"))
+    with Nginx(cert_pem=leaf.cert_pem(), key_pem=leaf.key_pem()) as n:
+        yield n
+
+
+class TestRequestTarget:
+    @pytest.fixture
+    def nginx_proxy(self, proxy_factory, pki, nginx):
+        rule = {"name": "billing-to-nginx", "workloads": [BILLING], "to": {"host": "localhost", "port": nginx.port},
+                "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+        return proxy_factory(base_config(pki, rules=[rule]))
+
+    @pytest.mark.parametrize("target", ["https://attacker-app.example/", "https://attacker-app.example:{port}/",
+                                        "https://localhost:1/", "http://localhost:{port}/"])
+    def test_absolute_form_naming_another_destination_is_refused(self, nginx_proxy, pki, nginx, target):
+        """An absolute-form target that differs from the tunnel (host, port or scheme) is 403
+        host_mismatch, and nginx gets no connection: neither virtual host sees the credential."""
+        before = nginx.probe()
+        s = svid_tunnel(nginx_proxy, pki, nginx.port)
+        s.sendall(f"GET {target.format(port=nginx.port)} HTTP/1.1\r\nHost: localhost:{nginx.port}\r\n\r\n".encode())
+        status, body = read_response(s)
+        s.close()
+        assert (status, body["reason"]) == (403, "host_mismatch")
+        assert nginx.probe() == before + 1  # no connection between the two probes
+        assert SECRET not in nginx.log("attacker") + nginx.log("localhost")
+
+    def test_absolute_form_naming_the_destination_goes_in_origin_form(self, nginx_proxy, pki, nginx):
+        """An absolute-form target naming the tunnel is forwarded in origin form with the decided Host:
+        the credential reaches only the localhost virtual host."""
+        s = svid_tunnel(nginx_proxy, pki, nginx.port)
+        s.sendall(f"GET https://localhost:{nginx.port}/v1/x HTTP/1.1\r\nHost: localhost:{nginx.port}\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert status == 200 and body["raw"] == b"vhost=localhost\n"
+        deadline = time.monotonic() + 5
+        while "GET /v1/x HTTP/1.1" not in nginx.log("localhost") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        line = nginx.log("localhost").splitlines()[-1]
+        assert "|GET /v1/x HTTP/1.1|" in line and line.endswith(f"Bearer {SECRET}")
+        assert nginx.log("attacker") == ""
+
+
+# -- §3 decide on the head, bounded bytes --------------------------------------------------------
+
+
+class TestLimits:
+    def test_oversized_head_without_cert_gets_431(self, proxy, plain_target):
+        """A request head over max_request_head_bytes gets 431 head_too_large before anything else."""
+        s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
+        s.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{plain_target.port}\r\n".encode())
+        try:
+            for _ in range(64):
+                s.sendall(b"X-Pad: " + b"a" * 1024 + b"\r\n")
+        except OSError:
+            pass  # the proxy may close while we are still writing
+        status, body = read_response(s)
+        settle()
+        assert (status, body["reason"]) == (431, "head_too_large")
+        assert "max_request_head_bytes" in body["error"]
+        assert not plain_target.reached()
+
+    def test_head_in_one_write_over_the_limit_gets_431(self, proxy, pki, allow_up):
+        """A head over the limit that arrives whole is refused on the head too."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nX-Pad: {'a' * (HEAD_LIMIT + 10)}\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (431, "head_too_large")
+        assert allow_up.requests == []
+
+    @pytest.mark.parametrize(("length", "status"), [(200 * 2**20, 413), (BODY_LIMIT, 407)])
+    def test_body_without_cert_is_refused_on_the_head(self, proxy, plain_target, length, status):
+        """An upload without a certificate is refused after its head (413 over the limit, else
+        407): the answer comes while most of the body is still unsent."""
+        s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
+        s.sendall(f"POST / HTTP/1.1\r\nHost: 127.0.0.1:{plain_target.port}\r\nContent-Length: {length}\r\n\r\n".encode()
+                  + b"x" * 65536)
+        got, body = read_response(s)
+        settle()
+        assert (got, body["reason"]) == (status, "body_too_large" if status == 413 else "identity_missing")
+        assert not plain_target.reached()
+
+    def test_declared_body_over_the_limit_gets_413(self, proxy, pki, allow_up):
+        """Content-Length over max_request_body_bytes gets 413 body_too_large; nothing goes upstream."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"POST / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nContent-Length: {BODY_LIMIT + 1}\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (413, "body_too_large")
+        assert allow_up.requests == []
+
+    def test_chunked_body_over_the_limit_gets_413(self, proxy, pki, allow_up):
+        """A chunked body that grows past the limit is cut off with 413 body_too_large."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"POST / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"%x\r\n%s\r\n" % (65536, b"y" * 65536)
+        try:
+            for _ in range(BODY_LIMIT // 65536 + 2):
+                s.sendall(chunk)
+        except OSError:
+            pass
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (413, "body_too_large")
+        assert all(len(r.get("body", b"")) <= BODY_LIMIT for r in allow_up.requests)
+
+    def test_body_within_the_limit_is_streamed_through(self, proxy, pki, upstream):
+        """A body under the limit on an inject rule arrives whole, with the credential."""
+        cert, key = pki.svid(BILLING)
+        r = curl("--cacert", pki.interception_ca_cert, "--cert", cert, "--key", key, "--data-binary", "@-",
+                 f"{upstream.url}/v1/upload", proxy=proxy.url)
+        assert r.status == 200, r
+
+
+class TestResponseScan:
+    SCAN = 64 * 1024
+
+    @pytest.fixture
+    def scan_proxy(self, proxy_factory, pki, upstream, allow_up):
+        inject = {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}
+        rules = [{"name": "checked", "workloads": [BILLING], "to": {"host": "localhost", "port": upstream.port},
+                  "inject": inject},
+                 {"name": "streamed", "workloads": [BILLING], "to": {"host": "localhost", "port": allow_up.port},
+                  "inject": {**inject, "echo_check": False}}]
+        return proxy_factory(base_config(pki, rules=rules, limits={"max_response_scan_bytes": self.SCAN}))
+
+    def _post(self, proxy, pki, port: int, body: bytes):
+        s = svid_tunnel(proxy, pki, port)
+        s.sendall(f"POST /v1/x HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        return read_response(s)
+
+    def test_inject_response_over_the_scan_window_is_withheld(self, scan_proxy, pki, upstream):
+        """An inject-rule response larger than max_response_scan_bytes is withheld: 502
+        response_too_large, none of its bytes reach the client, the refusal is audited."""
+        status, body = self._post(scan_proxy, pki, upstream.port, b"z" * (2 * self.SCAN))
+        assert (status, body["reason"], body["rule"]) == (502, "response_too_large", "checked")
+        assert "echo_check" in body["error"]
+        assert audited(scan_proxy, "response_too_large")
+
+    def test_inject_response_within_the_window_is_checked(self, scan_proxy, pki, upstream):
+        """A response under the window is buffered and an echoed credential is redacted."""
+        status, body = self._post(scan_proxy, pki, upstream.port, b"small")
+        assert status == 200 and SECRET not in json.dumps(body)
+
+    def test_echo_check_false_streams_a_large_response(self, scan_proxy, pki, allow_up):
+        """With inject.echo_check: false the response is streamed whole, past the scan window."""
+        status, body = self._post(scan_proxy, pki, allow_up.port, b"z" * (2 * self.SCAN))
+        assert status == 200 and body["body"] == "z" * (2 * self.SCAN)
+
+
+# -- §6 headers the proxy owns -------------------------------------------------------------------
+
+
+class TestOwnedHeaders:
+    def test_curl_proxy_user_never_forwarded(self, proxy, pki, allow_up):
+        """On an allow rule the upstream sees no Proxy-Authorization, also from curl --proxy-user."""
+        cert, key = pki.svid(BILLING)
+        r = curl("--cacert", pki.interception_ca_cert, "--cert", cert, "--key", key, "--proxy-user", "me:pw",
+                 "-H", "Proxy-Authorization: Basic c3B5OnNweQ==", "-H", "X-Secretless-Rule: other",
+                 f"https://localhost:{allow_up.port}/", proxy=proxy.url)
+        assert r.status == 200, r
+        [seen] = allow_up.requests
+        names = {k.lower() for k, _ in seen["headers"]}
+        assert not names & {"proxy-authorization", "x-secretless-rule"}
+
+    def test_own_and_hop_by_hop_headers_never_forwarded(self, proxy, pki, allow_up):
+        """X-Secretless-*, Proxy-Authorization and hop-by-hop headers (also those named in
+        Connection) are stripped; end-to-end headers stay."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nProxy-Authorization: Basic c3B5OnNweQ==\r\n"
+                  "X-Secretless-Request-Id: forged\r\nx-secretless-rule: other\r\nKeep-Alive: timeout=5\r\n"
+                  "Proxy-Connection: keep-alive\r\nTE: gzip\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n"
+                  "X-Keep: 1\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        [seen] = allow_up.requests
+        names = {k.lower() for k, _ in seen["headers"]}
+        assert not names & {"proxy-authorization", "x-secretless-request-id", "x-secretless-rule", "keep-alive",
+                            "proxy-connection", "te", "x-drop", "connection"}
+        assert "x-keep" in names
+
+    @pytest.mark.parametrize("method", ["get", "Get", "gEt"])
+    def test_non_canonical_method_refused(self, proxy, pki, upstream, method):
+        """`get`/`Get` do not pass a GET rule with the credential: 400 method_not_canonical."""
+        s = svid_tunnel(proxy, pki, upstream.port)
+        s.sendall(f"{method} /v1/x HTTP/1.1\r\nHost: localhost:{upstream.port}\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert (status, body["reason"]) == (400, "method_not_canonical")
+        assert upstream.requests == []
+
+
+# -- §1 the options that would reopen a path -----------------------------------------------------
+
+
+class TestOpenOptionsRefused:
+    @pytest.mark.parametrize(("args", "message"), [
+        (["--set", "tcp_hosts=.*"], "tcp_hosts"),
+        (["--ignore-hosts", ".*"], "ignore_hosts"),
+        (["--allow-hosts", "localhost"], "allow_hosts"),
+        (["--mode", "socks5"], "only the regular"),
+        (["--set", "udp_hosts=.*"], "udp_hosts"),
+    ])
+    def test_mitmdump_cannot_be_configured_open(self, pki, tmp_path, upstream, args, message):
+        """mitmdump -s addons/secretless.py refuses to start with an option that opens a relay."""
+        import yaml
+
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump(base_config(pki, rules=[])))
+        out = subprocess.run([str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "-p", "0", *args,
+                              "-s", str(Path(__file__).parents[1] / "addons" / "secretless.py"),
+                              "--set", f"secretless_config={cfg}"],
+                             capture_output=True, text=True, timeout=30, env={"TEST_STRIPE_KEY": SECRET, "PATH": ""})
+        text = out.stdout + out.stderr
+        assert out.returncode != 0, text
+        assert message in text and "not allowed with secretless-proxy" in text
+
+
+__all__ = ["tunnel"]
