@@ -33,6 +33,7 @@ from .matching import normalize_host
 from .metrics import Metrics, decision_for
 from .observe import Observer
 from .policy import Decision, Deny
+from .proof import Proof
 from .refusal import (
     AUDIT_UNAVAILABLE,
     CREDENTIAL_UNAVAILABLE,
@@ -56,9 +57,13 @@ log = logging.getLogger("secretless")
 class ConnState:
     """What one client connection has proven: its identity and, once tunnelled, its target."""
 
-    identity: Workload | IdentityError | None = None
+    proof: Proof = field(default_factory=Proof)  # the identity and the trust it was judged on
     connect: tuple[str, int] | None = None  # normalised CONNECT authority
     inner_sni: str | None = None  # SNI of the handshake inside the tunnel
+
+    @property
+    def identity(self) -> Workload | IdentityError | None:
+        return self.proof.result
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +263,10 @@ class Secretless:
     def tls_established_client(self, data: tls.TlsData) -> None:
         try:
             self._on_client_tls(data.conn)  # type: ignore[arg-type]
-        except Exception:
-            log.exception("identity check failed unexpectedly")
-            self._conns[data.conn] = ConnState(identity=IdentityError(ident.INVALID, "identity check failed"))  # type: ignore[index]
+        except Exception as exc:  # noqa: BLE001 - fail closed; the type only (no certificate bytes, no traceback)
+            log.error("identity check failed unexpectedly (%s); the connection is refused", type(exc).__name__)
+            st = self._conns.setdefault(data.conn, ConnState())  # type: ignore[arg-type]
+            st.proof.result = IdentityError(ident.INVALID, "the client certificate could not be checked")
 
     def _on_client_tls(self, client: Client) -> None:
         st = self._conns.setdefault(client, ConnState())
@@ -270,22 +276,13 @@ class Secretless:
             # The inner handshake of a proxy-hop (HTTPS_PROXY=https://) connection replaces the
             # certificate list with an empty one; the identity proven on the outer hop stays.
             return
-        if isinstance(st.identity, IdentityError):
-            return  # a failed proof on this connection is never upgraded by a later handshake
         runtime = self.runtime
         if runtime is None:
-            st.identity = IdentityError(ident.UNTRUSTED, "the proxy has no trust bundle loaded")
+            st.proof.result = IdentityError(ident.UNTRUSTED, "the proxy has no trust bundle loaded")
             return
-        try:
-            found: Workload | IdentityError = runtime.verifier.verify(
-                [c.to_cryptography() for c in client.certificate_list])
-        except IdentityError as exc:
-            found = exc
-        if isinstance(st.identity, Workload) and isinstance(found, Workload) and found.spiffe_id != st.identity.spiffe_id:
-            found = IdentityError(ident.CONFLICT, "two different workload certificates were presented on one connection")
-        if isinstance(found, IdentityError):
-            self.observer.cert_rejected(found.reason)
-        st.identity = found
+        refused = st.proof.handshake([c.to_cryptography() for c in client.certificate_list], runtime.verifier)
+        if refused is not None:
+            self.observer.cert_rejected(refused.reason)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         st = self._conns.setdefault(flow.client_conn, ConnState())
@@ -319,7 +316,7 @@ class Secretless:
             raise Refusal(503, NOT_CONFIGURED, "the proxy has no configuration loaded")
         runtime = services.runtime  # one runtime for the whole request, even across a reload
         st = self._conns.get(flow.client_conn) or ConnState()
-        workload = _require_identity(st)
+        workload = _require_identity(st, runtime)
         host, port = self._destination(flow, st)
         req = flow.request
         result = runtime.policy.decide(workload, host=host, port=port, scheme=req.scheme,
@@ -457,11 +454,9 @@ class Secretless:
                            duration=time.time() - injected.started)
 
 
-def _require_identity(st: ConnState) -> Workload:
-    if st.identity is None:
-        raise Refusal(407, ident.MISSING, "no client certificate was presented; present your workload certificate")
-    if isinstance(st.identity, IdentityError):
-        raise Refusal(407, st.identity.reason, str(st.identity))
-    if st.identity.not_after < time.time():
-        raise Refusal(407, ident.EXPIRED, "the client certificate has expired")
-    return st.identity
+def _require_identity(st: ConnState, runtime) -> Workload:
+    """The connection's workload, judged on ``runtime``'s trust (re-verified after a reload)."""
+    try:
+        return st.proof.current(runtime.verifier)
+    except IdentityError as exc:
+        raise Refusal(407, exc.reason, str(exc)) from None
