@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .bundles import load_bundle
 from .config import Config, Credential, load_config
 from .credentials import KINDS, Provider, ProviderDeps
-from .bundles import load_bundle
 from .identity import IdentityVerifier
 from .policy import Policy
 

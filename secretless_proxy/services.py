@@ -22,11 +22,11 @@ from cryptography import x509
 
 from . import tlsfiles
 from .broker import Broker, BrokerEvents
+from .bundles import load_bundle
 from .config import Config
 from .credentials import ProviderDeps
 from .errors import ConfigError
 from .grants import Grant
-from .bundles import load_bundle
 from .reload import FileWatcher
 from .runtime import Runtime, changed_credentials
 from .signing import JwtSigner
