@@ -75,8 +75,8 @@ def _spiffe(path: Path, data: bytes) -> list[x509.Certificate]:
     where = f"SPIFFE bundle {path}"
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{where} is not valid JSON") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{where} is not valid JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError(f"{where} must be a JSON object with a 'keys' list (a JWKS document)")
     for name in ("spiffe_sequence", "spiffe_refresh_hint"):

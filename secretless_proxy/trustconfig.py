@@ -25,6 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from .bundles import FORMATS, BundleSource, load_bundle
+from .secrets import expand_user
 from .spiffe import parse_trust_domain
 from .yamlsource import Path_, Source
 
@@ -135,9 +136,17 @@ def _source(src: Source, p: Path_, value: Any, base: Path) -> BundleSource | Non
     s = src.string(where, raw)
     if s is None:
         return None
-    path = Path(s).expanduser()
-    path = path if path.is_absolute() else base / path
-    if not path.is_file():
+    try:
+        path = expand_user(s)
+        path = path if path.is_absolute() else base / path
+        exists = path.is_file()
+    except ValueError as exc:
+        src.error(where, str(exc))
+        return None
+    except OSError as exc:  # ENAMETOOLONG, ELOOP...: is_file() only swallows "does not exist"
+        src.error(where, f"file {s[:200]} cannot be read ({exc.strerror or type(exc).__name__})")
+        return None
+    if not exists:
         src.error(where, f"file {path} does not exist")
         return None
     return BundleSource(path=path, format=fmt)  # type: ignore[arg-type]
