@@ -37,6 +37,7 @@ from .matching import normalize_host
 from .metrics import Metrics, decision_for
 from .observe import Observer
 from .policy import Decision, Deny
+from .proof import Proof
 from .refusal import (
     AUDIT_UNAVAILABLE,
     BODY_TOO_LARGE,
@@ -63,9 +64,13 @@ log = logging.getLogger("secretless")
 class ConnState:
     """What one client connection has proven: its identity and, once tunnelled, its target."""
 
-    identity: Workload | IdentityError | None = None
+    proof: Proof = field(default_factory=Proof)  # the identity and the trust it was judged on
     connect: tuple[str, int] | None = None  # normalised CONNECT authority
     inner_sni: str | None = None  # SNI of the handshake inside the tunnel
+
+    @property
+    def identity(self) -> Workload | IdentityError | None:
+        return self.proof.result
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,9 +341,10 @@ class Secretless:
     def tls_established_client(self, data: tls.TlsData) -> None:
         try:
             self._on_client_tls(data.conn)  # type: ignore[arg-type]
-        except Exception:
-            log.exception("identity check failed unexpectedly")
-            self._conns[data.conn] = ConnState(identity=IdentityError(ident.INVALID, "identity check failed"))  # type: ignore[index]
+        except Exception as exc:  # noqa: BLE001 - fail closed; the type only (no certificate bytes, no traceback)
+            log.error("identity check failed unexpectedly (%s); the connection is refused", type(exc).__name__)
+            st = self._conns.setdefault(data.conn, ConnState())  # type: ignore[arg-type]
+            st.proof.result = IdentityError(ident.INVALID, "the client certificate could not be checked")
 
     def _on_client_tls(self, client: Client) -> None:
         st = self._conns.setdefault(client, ConnState())
@@ -348,22 +354,13 @@ class Secretless:
             # The inner handshake of a proxy-hop (HTTPS_PROXY=https://) connection replaces the
             # certificate list with an empty one; the identity proven on the outer hop stays.
             return
-        if isinstance(st.identity, IdentityError):
-            return  # a failed proof on this connection is never upgraded by a later handshake
         runtime = self.runtime
         if runtime is None:
-            st.identity = IdentityError(ident.UNTRUSTED, "the proxy has no trust bundle loaded")
+            st.proof.result = IdentityError(ident.UNTRUSTED, "the proxy has no trust bundle loaded")
             return
-        try:
-            found: Workload | IdentityError = runtime.verifier.verify(
-                [c.to_cryptography() for c in client.certificate_list])
-        except IdentityError as exc:
-            found = exc
-        if isinstance(st.identity, Workload) and isinstance(found, Workload) and found.spiffe_id != st.identity.spiffe_id:
-            found = IdentityError(ident.CONFLICT, "two different workload certificates were presented on one connection")
-        if isinstance(found, IdentityError):
-            self.observer.cert_rejected(found.reason)
-        st.identity = found
+        refused = st.proof.handshake([c.to_cryptography() for c in client.certificate_list], runtime.verifier)
+        if refused is not None:
+            self.observer.cert_rejected(refused.reason)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         st = self._conns.setdefault(flow.client_conn, ConnState())
@@ -425,7 +422,7 @@ class Secretless:
         req = flow.request
         _check_head(req, services.config.limits)
         st = self._conns.get(flow.client_conn) or ConnState()
-        workload = _require_identity(st)
+        workload = _require_identity(st, runtime)
         host, port = self._destination(flow, st)
         for refusal in (ownheaders.method_refusal(req), protocols.upgrade_refusal(req)):
             if refusal is not None:
@@ -635,11 +632,9 @@ def _check_head(req: http.Request, limits: LimitsConfig) -> None:
                       f"the request body is larger than limits.max_request_body_bytes ({limits.max_request_body_bytes} bytes)")
 
 
-def _require_identity(st: ConnState) -> Workload:
-    if st.identity is None:
-        raise Refusal(407, ident.MISSING, "no client certificate was presented; present your workload certificate")
-    if isinstance(st.identity, IdentityError):
-        raise Refusal(407, st.identity.reason, str(st.identity))
-    if st.identity.not_after < time.time():
-        raise Refusal(407, ident.EXPIRED, "the client certificate has expired")
-    return st.identity
+def _require_identity(st: ConnState, runtime) -> Workload:
+    """The connection's workload, judged on ``runtime``'s trust (re-verified after a reload)."""
+    try:
+        return st.proof.current(runtime.verifier)
+    except IdentityError as exc:
+        raise Refusal(407, exc.reason, str(exc)) from None

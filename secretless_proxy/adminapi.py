@@ -56,7 +56,7 @@ from .certs import Issued, make_server_cert
 from .config import Config, Rule
 from .errors import IdentityError
 from .grants import Grant, check_text, new_grant, valid_grant_id
-from .identity import MISSING, IdentityVerifier, Workload
+from .identity import INVALID, MISSING, IdentityVerifier, Workload
 from .matching import WorkloadPattern, split_spiffe_id
 from .metrics import Metrics
 from .store.base import STORE_UNAVAILABLE, Store, StoreError
@@ -65,6 +65,9 @@ log = logging.getLogger("secretless.adminapi")
 
 MAX_BODY = 16384
 LONG_LIVED_KINDS = frozenset({"static"})  # injected as stored; every other kind is minted per lifetime
+# Identity refusals: 401 here, where the proxy port says 407. This is an origin server, not a
+# proxy (RFC 9110 §15.5.2, §15.5.8); the reason codes are the same closed set on both.
+IDENTITY_STATUS = 401
 _GRANT_FIELDS = ("workload", "rule", "ttl_seconds", "reason", "break_glass")
 _STATUS = {**_REASONS, 201: "Created", 401: "Unauthorized", 403: "Forbidden", 409: "Conflict",
            411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type"}
@@ -302,21 +305,25 @@ class AdminApiServer(Listener):
 
     def _identify(self, conn: SSL.Connection) -> Workload | _Refusal:
         """The verified admin on this connection, or the refusal to send."""
-        leaf = conn.get_peer_certificate(as_cryptography=True)
-        if leaf is None:
-            return _Refusal(401, MISSING, "no client certificate was presented; the admin API needs an admin's "
-                                          "X509-SVID (secretless-proxy --cert/--key)")
-        # On the server side OpenSSL's peer chain may or may not include the leaf: put it first once.
-        sent = conn.get_peer_cert_chain(as_cryptography=True) or []
-        chain = [leaf, *(c for c in sent if c != leaf)]
         try:
+            # On the server side OpenSSL's peer chain may or may not include the leaf: put it first once.
+            leaf = conn.get_peer_certificate(as_cryptography=True)
+            chain = [] if leaf is None else [leaf, *(c for c in conn.get_peer_cert_chain(as_cryptography=True) or []
+                                                     if c != leaf)]
+        except Exception as exc:  # noqa: BLE001 - a certificate cryptography cannot even load
+            return _Refusal(IDENTITY_STATUS, INVALID, f"the client certificate is malformed ({type(exc).__name__})")
+        if not chain:
+            return _Refusal(IDENTITY_STATUS, MISSING, "no client certificate was presented; the admin API needs an "
+                                                      "admin's X509-SVID (secretless-proxy --cert/--key)")
+        try:
+            # The same verifier as the proxy port: the leaf's own trust domain's bundle, strict IDs.
             workload = self.verifier().verify(chain)
-            admin = any(p.matches(workload.trust_domain, workload.path) for p in self.admins())
         except IdentityError as exc:
-            return _Refusal(401, exc.reason, str(exc))
-        except Exception as exc:  # noqa: BLE001 - no verifier (no config yet): refuse, never let through
+            return _Refusal(IDENTITY_STATUS, exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in verification: refuse, never let through
             log.error("admin API cannot verify identities (%s)", type(exc).__name__)
             return _Refusal(503, "not_configured", "the admin API cannot verify identities right now; see the proxy log")
+        admin = any(p.matches(workload.trust_domain, workload.path) for p in self.admins())
         if not admin:
             return _Refusal(403, "not_admin", f"workload {workload.spiffe_id} is not listed under admin.workloads",
                             workload=workload.spiffe_id)

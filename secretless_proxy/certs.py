@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +20,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .spiffe import parse_spiffe_id
 
 __all__ = [
     "Issued",
@@ -72,65 +73,15 @@ class Issued:
 
 # --- SPIFFE IDs -------------------------------------------------------------------------------
 
-_TRUST_DOMAIN_CHARS = re.compile(r"[a-z0-9._-]+\Z")
-_PATH_SEGMENT_CHARS = re.compile(r"[A-Za-z0-9._-]+\Z")
-_MAX_SPIFFE_ID_BYTES = 2048  # X509-SVID: URI SAN length limit
-_MAX_TRUST_DOMAIN = 255
-
 
 def validate_spiffe_id(s: str) -> str:
-    """Return ``s`` unchanged if it is a valid SPIFFE ID, else raise ValueError saying why."""
+    """Return ``s`` unchanged if it is a valid workload SPIFFE ID, else raise ValueError saying why.
 
-    def bad(reason: str) -> ValueError:
-        return ValueError(f"invalid SPIFFE ID {s!r}: {reason}")
-
-    if not s:
-        raise bad("it is empty")
-    if len(s.encode("utf-8")) > _MAX_SPIFFE_ID_BYTES:
-        raise bad(f"it is longer than {_MAX_SPIFFE_ID_BYTES} bytes")
-    scheme, sep, rest = s.partition("://")
-    if not sep:
-        raise bad("it must start with 'spiffe://'")
-    if scheme != "spiffe":
-        raise bad(f"the scheme must be 'spiffe', not {scheme!r}")
-    if "?" in rest:
-        raise bad("a query is not allowed")
-    if "#" in rest:
-        raise bad("a fragment is not allowed")
-    trust_domain, slash, path = rest.partition("/")
-    _check_trust_domain(trust_domain, bad)
-    if slash:
-        _check_path(path, bad)
+    The same strict parser the proxy verifies certificates with (``spiffe.py``): a certificate
+    minted here is one the proxy accepts, and no other.
+    """
+    parse_spiffe_id(s)
     return s
-
-
-def _check_trust_domain(td: str, bad: Callable[[str], ValueError]) -> None:
-    """Trust domain rules: non-empty, lowercase [a-z0-9._-], no userinfo or port."""
-    if not td:
-        raise bad("the trust domain is empty")
-    if "@" in td:
-        raise bad("user info is not allowed in the trust domain")
-    if ":" in td:
-        raise bad("a port is not allowed in the trust domain")
-    if len(td) > _MAX_TRUST_DOMAIN:
-        raise bad(f"the trust domain is longer than {_MAX_TRUST_DOMAIN} characters")
-    if not _TRUST_DOMAIN_CHARS.match(td):
-        if _TRUST_DOMAIN_CHARS.match(td.lower()):
-            raise bad("the trust domain must be lowercase")
-        raise bad("the trust domain may only contain a-z, 0-9, '.', '-' and '_'")
-
-
-def _check_path(path: str, bad: Callable[[str], ValueError]) -> None:
-    """Path rules: non-empty segments (no trailing slash), not '.' or '..', [A-Za-z0-9._-] only."""
-    for segment in path.split("/"):
-        if not segment:
-            raise bad("the path has an empty segment (double or trailing '/')")
-        if segment in (".", ".."):
-            raise bad(f"the path segment {segment!r} is not allowed")
-        if not _PATH_SEGMENT_CHARS.match(segment):
-            raise bad(
-                f"the path segment {segment!r} may only contain A-Z, a-z, 0-9, '.', '-' and '_'"
-            )
 
 
 # --- minting ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
 from .resolver import ResolverConfig
 from .secrets import SecretRef, expand_user
+from .trustconfig import IdentityConfig, parse_identity
 from .yamlsource import Path_, Source
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
@@ -30,12 +31,6 @@ _RESERVED_HEADERS = frozenset({
     "keep-alive", "proxy-connection", "x-secretless-request-id",
 })
 _LISTEN = re.compile(r"(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]+)):(\d{1,5})\Z")
-
-
-@dataclass(frozen=True, kw_only=True)
-class IdentityConfig:
-    trust_bundle: Path
-    trust_domains: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,7 +209,7 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
         src.error(("version",), f"unsupported config version {top['version']!r} (supported: 1)")
     if "default" in top:
         src.choice(("default",), top["default"], ("deny",))
-    identity = _identity(src, top.get("identity"), base) if "identity" in top else None
+    identity = parse_identity(src, top.get("identity"), base) if "identity" in top else None
     credentials = _credentials(src, top.get("credentials", {}), base)
     if resolve_secrets:
         # Even when other keys are wrong: one `check` run must report every problem it can find.
@@ -419,21 +414,6 @@ def _listen(src: Source, p: Path_, value: Any) -> tuple[str, int] | None:
         src.error(p, f"must be HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
         return None
     return (m.group(1) or m.group(2), int(m.group(3)))
-
-
-def _identity(src: Source, value: Any, base: Path) -> IdentityConfig | None:
-    p: Path_ = ("identity",)
-    m = src.mapping(p, value, required=("trust_bundle", "trust_domains"))
-    if m is None or "trust_bundle" not in m or "trust_domains" not in m:
-        return None
-    bundle = _path(src, p + ("trust_bundle",), m["trust_bundle"], base, must_exist=True)
-    domains = src.string_list(p + ("trust_domains",), m["trust_domains"])
-    for i, d in enumerate(domains or ()):
-        if not re.fullmatch(r"[a-z0-9._-]+", d):
-            src.error(p + ("trust_domains", i), f"invalid trust domain {d!r}: lower-case letters, digits, '.', '-', '_' only")
-    if bundle is None or domains is None:
-        return None
-    return IdentityConfig(trust_bundle=bundle, trust_domains=tuple(domains))
 
 
 def _credentials(src: Source, value: Any, base: Path) -> dict[str, Credential]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .matching import split_spiffe_id
+from .spiffe import parse_spiffe_id
 
 MIN_TTL = 60.0  # a shorter grant expires before anyone can use it
 MAX_TTL = 7 * 86400.0  # standing access belongs in a rule, not a grant
@@ -124,7 +124,7 @@ def _check(g: Grant) -> None:
         raise ValueError(f"invalid grant id {g.id!r}: 8 to 64 letters, digits, '-' or '_'")
     if not isinstance(g.workload, str) or "*" in g.workload:
         raise ValueError(f"a grant names one workload by its exact SPIFFE ID, got {g.workload!r}")
-    split_spiffe_id(g.workload)
+    parse_spiffe_id(g.workload)
     if not isinstance(g.rule, str) or not g.rule or len(g.rule) > 200 or _CONTROL.search(g.rule):
         raise ValueError(f"invalid rule name {g.rule!r}")
     check_text("reason", g.reason, required=False)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
 
+from .spiffe import parse_pattern, parse_spiffe_id
+
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _NUMERIC_TLD = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
 
@@ -134,23 +136,21 @@ class Glob:
         return self.regex.match(value) is not None
 
 
-_SPIFFE = re.compile(r"spiffe://([a-z0-9._-]+)(/[^?#]*)?\Z")
-
-
 def split_spiffe_id(text: str) -> tuple[str, str]:
-    """``spiffe://td/path`` → ``("td", "/path")``; raises ValueError naming what is wrong."""
-    m = _SPIFFE.match(text)
-    if not m:
-        raise ValueError(
-            f"invalid SPIFFE ID {text!r}: expected spiffe://<trust-domain>/<path> with a "
-            "lower-case trust domain"
-        )
-    return m.group(1), m.group(2) or ""
+    """A workload's ``spiffe://td/path`` → ``("td", "/path")``; ValueError naming what is wrong.
+
+    The strict parser of ``spiffe.py`` (a non-root path is required), under its old name.
+    """
+    sid = parse_spiffe_id(text)
+    return sid.trust_domain, sid.path
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadPattern:
-    """An exact SPIFFE ID or a path glob within one trust domain: ``spiffe://example.org/ns/*/sa/billing``."""
+    """An exact SPIFFE ID or a path glob within one trust domain: ``spiffe://example.org/ns/*/sa/billing``.
+
+    Parsed by the same rules as the IDs it is matched against (``spiffe.parse_pattern``).
+    """
 
     text: str
     trust_domain: str
@@ -160,13 +160,8 @@ class WorkloadPattern:
     def parse(cls, text: str) -> WorkloadPattern:
         if not isinstance(text, str):
             raise ValueError("a workload pattern must be a string")
-        td, path = split_spiffe_id(text)
-        if not path:
-            raise ValueError(
-                f"workload pattern {text!r} has no path: use {text.rstrip('/')}/** for every "
-                "workload of the trust domain"
-            )
-        return cls(text=text, trust_domain=td, path=Glob.parse(path))
+        sid = parse_pattern(text)
+        return cls(text=text, trust_domain=sid.trust_domain, path=Glob.parse(sid.path))
 
     def matches(self, trust_domain: str, path: str) -> bool:
         return trust_domain == self.trust_domain and self.path.matches(path)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .bundles import load_bundle
 from .config import Config, Credential, load_config
 from .credentials import KINDS, Provider, ProviderDeps
-from .identity import IdentityVerifier, load_trust_bundle
+from .identity import IdentityVerifier
 from .policy import Policy
 
 
@@ -29,10 +30,10 @@ class Runtime:
 
     @classmethod
     def build(cls, config: Config, deps: ProviderDeps) -> Runtime:
-        roots = load_trust_bundle(config.identity.trust_bundle)
+        bundles = {td: load_bundle(source) for td, source in config.identity.bundles.items()}
         providers = {name: KINDS[c.kind].provider(c, deps) for name, c in config.credentials.items()}
         return cls(config=config, policy=Policy(config.rules),
-                   verifier=IdentityVerifier(roots=roots, trust_domains=config.identity.trust_domains),
+                   verifier=IdentityVerifier(bundles=bundles),
                    providers=providers)
 
 

@@ -22,11 +22,11 @@ from cryptography import x509
 
 from . import tlsfiles
 from .broker import Broker, BrokerEvents
+from .bundles import load_bundle
 from .config import Config
 from .credentials import ProviderDeps
 from .errors import ConfigError
 from .grants import Grant
-from .identity import load_trust_bundle
 from .reload import FileWatcher
 from .runtime import Runtime, changed_credentials
 from .signing import JwtSigner
@@ -130,7 +130,7 @@ class Services:
 
     def _watched(self) -> list[Path]:
         cfg = self.config
-        return [Path(self.config_path), cfg.identity.trust_bundle] + (
+        return [Path(self.config_path), *cfg.identity.bundle_files()] + (
             [cfg.upstream_ca_bundle] if cfg.upstream_ca_bundle else [])
 
     def reload(self) -> bool:
@@ -199,11 +199,13 @@ class Services:
     def readiness(self) -> dict[str, str | None]:
         """Ready only with a loaded config, a valid trust bundle and interception CA."""
         checks: dict[str, str | None] = {"config": self.reload_error and f"last reload failed: {self.reload_error}"}
-        try:
-            load_trust_bundle(self.config.identity.trust_bundle)
-            checks["trust_bundle"] = None
-        except ValueError as exc:
-            checks["trust_bundle"] = str(exc)
+        checks["trust_bundle"] = None
+        for td, source in self.config.identity.bundles.items():
+            try:
+                load_bundle(source)
+            except ValueError as exc:
+                checks["trust_bundle"] = f"trust domain {td}: {exc}"
+                break
         ca = self.confdir / "mitmproxy-ca-cert.pem"
         try:
             x509.load_pem_x509_certificate(ca.read_bytes())

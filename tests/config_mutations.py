@@ -22,7 +22,8 @@ from secretless_proxy.errors import ConfigError
 
 BASE = {
     "version": 1,
-    "identity": {"trust_bundle": "ca/ca.pem", "trust_domains": ["example.org", "partner.example"]},
+    # One trust domain: the shorthand (two domains need one bundle each, issue 9).
+    "identity": {"trust_bundle": "ca/ca.pem", "trust_domains": ["example.org"]},
     "listen": "127.0.0.1:8080",
     "store": "memory://",
     "credentials": {

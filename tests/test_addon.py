@@ -142,7 +142,7 @@ class TestIdentityState:
         client = tflow.tclient_conn()
         handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
         st: ConnState = addon._conns[client]
-        st.identity = dataclasses.replace(st.identity, not_after=(datetime.now(UTC) - timedelta(seconds=1)).timestamp())
+        st.proof.result = dataclasses.replace(st.identity, not_after=(datetime.now(UTC) - timedelta(seconds=1)).timestamp())
         f = tunnelled_flow(client)
         await addon.request(f)
         assert json.loads(f.response.content)["reason"] == "identity_expired"

@@ -32,7 +32,7 @@ from secretless_proxy.adminapi import AdminApi, AdminApiServer, api_server_cert 
 from secretless_proxy.audit import AuditLog  # noqa: E402
 from secretless_proxy.broker import CachedInfo  # noqa: E402
 from secretless_proxy.config import Config, load_config  # noqa: E402
-from secretless_proxy.identity import IdentityVerifier, load_trust_bundle  # noqa: E402
+from secretless_proxy.identity import IdentityVerifier  # noqa: E402
 from secretless_proxy.metrics import Metrics  # noqa: E402
 from secretless_proxy.store import MemoryStore, Store  # noqa: E402
 from secretless_proxy.store.redis import RedisStore  # noqa: E402
@@ -177,7 +177,7 @@ async def start(pki: Pki, confdir: Path, tmp_path: Path, monkeypatch: pytest.Mon
         last_used: dict[str, float] = {}
         api = AdminApi(store=store, config=lambda: config, snapshot=lambda: list(snapshot), audit=lambda: audit,
                        metrics=metrics, last_used=lambda: last_used)
-        verifier = IdentityVerifier(roots=load_trust_bundle(pki.trust_bundle), trust_domains=("example.org",))
+        verifier = IdentityVerifier(bundles={"example.org": [pki.workload_ca.cert]})
         server = AdminApiServer("127.0.0.1", 0, api=api, verifier=lambda: verifier,
                                 admins=lambda: config.admin_workloads,
                                 server_cert=api_server_cert(confdir, ("127.0.0.1",)))

@@ -361,7 +361,6 @@ class TestValidateSpiffeId:
     @pytest.mark.parametrize(
         "good",
         [
-            "spiffe://example.org",
             "spiffe://example.org/workload",
             "spiffe://my_trust-domain.example.org/ns/prod/sa/api",
             "spiffe://example.org/A.b-c_D/..x/.y",
@@ -388,7 +387,9 @@ class TestValidateSpiffeId:
             ("example.org/x", "must start with 'spiffe://'"),
             ("spiffe:///x", "trust domain is empty"),
             ("spiffe://exa$mple.org/x", "trust domain may only contain"),
-            ("spiffe://example.org/a%20b", "may only contain A-Z"),
+            ("spiffe://example.org/a%20b", "percent-encoding is not allowed"),
+            ("spiffe://example.org/a b", "may only contain A-Z"),
+            ("spiffe://example.org", "needs a path after the trust domain"),
             ("", "it is empty"),
         ],
     )

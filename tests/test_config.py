@@ -21,8 +21,8 @@ FILE = "example.yaml"
 VALID = """\
 version: 1
 identity:
-  trust_bundle: ca/ca.pem
   trust_domains: [example.org, partner.example]
+  trust_bundles: {example.org: ca/ca.pem, partner.example: partner/ca.pem}
 listen: 127.0.0.1:8080
 interception_ca: mitm
 upstream:
@@ -472,10 +472,17 @@ def ca() -> Issued:
     return make_ca()
 
 
+@pytest.fixture(scope="module")
+def partner_ca() -> Issued:
+    return make_ca(common_name="partner CA")
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, ca: Issued, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A config directory with a real workload CA at ca/ca.pem and the test secrets set."""
+def workdir(tmp_path: Path, ca: Issued, partner_ca: Issued, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config directory with real workload CAs at ca/ca.pem (example.org) and partner/ca.pem
+    (partner.example), and the test secrets set."""
     write_ca(ca, tmp_path / "ca")
+    write_ca(partner_ca, tmp_path / "partner")
     monkeypatch.setenv("SECRETLESS_TEST_GITHUB", "ghs_test_value")
     monkeypatch.setenv("SECRETLESS_TEST_STRIPE", "sk_test_value")
     monkeypatch.delenv("NOPE_UNSET", raising=False)
@@ -501,7 +508,8 @@ class TestValidConfig:
     def test_top_level_fields(self, valid_dir: Path) -> None:
         """Top-level keys land in their typed fields; relative paths resolve against the config's directory."""
         cfg = load_config(valid_dir / FILE)
-        assert cfg.identity.trust_bundle == valid_dir / "ca" / "ca.pem"
+        assert cfg.identity.bundles["example.org"].path == valid_dir / "ca" / "ca.pem"
+        assert cfg.identity.bundles["partner.example"].path == valid_dir / "partner" / "ca.pem"
         assert cfg.identity.trust_domains == ("example.org", "partner.example")
         assert cfg.listen == ("127.0.0.1", 8080)
         assert cfg.interception_ca == valid_dir / "mitm"
@@ -518,7 +526,7 @@ class TestValidConfig:
         """Loaded from another working directory, relative paths still point next to the config file."""
         monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
         cfg = load_config(valid_dir / FILE)
-        assert cfg.identity.trust_bundle == valid_dir / "ca" / "ca.pem"
+        assert cfg.identity.bundles["example.org"].path == valid_dir / "ca" / "ca.pem"
         assert cfg.credentials["github"].settings.secret.target == str(valid_dir / "secrets" / "gh.token")
 
     def test_credentials(self, valid_dir: Path) -> None:

@@ -225,20 +225,22 @@ class TestWorkloadPattern:
         assert WorkloadPattern.parse(pattern).matches(td, path) is expected
 
     @pytest.mark.parametrize(
-        "text",
+        ("text", "why"),
         [
-            "https://example.org/a",
-            "spiffe://Example.org/a",
-            "spiffe:///a",
-            "spiffe://example.org/a?x=1",
-            "example.org/a",
+            ("https://example.org/a", "the scheme must be 'spiffe'"),
+            ("spiffe://Example.org/a", "the trust domain must be lowercase"),
+            ("spiffe:///a", "the trust domain is empty"),
+            ("spiffe://example.org/a?x=1", "a query is not allowed"),
+            ("example.org/a", "it must start with 'spiffe://'"),
+            ("spiffe://example.org/ns/../prod", "segment '..' is not allowed"),
+            ("spiffe://example.org/ns/", "empty segment"),
+            ("spiffe://example.org/ns/%2e%2e", "percent-encoding is not allowed"),
+            ("spiffe://example.org/ns/a**", "'\\*\\*' must be a whole path segment"),
         ],
     )
-    def test_not_a_spiffe_id_refused(self, text: str) -> None:
-        """Anything but spiffe://<lower-case trust domain>/<path> is refused with the expected shape."""
-        with pytest.raises(
-            ValueError, match=r"invalid SPIFFE ID .*expected spiffe://<trust-domain>/<path>"
-        ):
+    def test_not_a_spiffe_id_refused(self, text: str, why: str) -> None:
+        """A pattern follows the SPIFFE ID rules: each violation is refused with its reason."""
+        with pytest.raises(ValueError, match=r"invalid SPIFFE ID .*" + why):
             WorkloadPattern.parse(text)
 
     def test_missing_path_suggests_double_star(self) -> None:
@@ -254,9 +256,10 @@ class TestWorkloadPattern:
             WorkloadPattern.parse(42)  # type: ignore[arg-type]
 
     def test_split_spiffe_id(self) -> None:
-        """split_spiffe_id returns (trust domain, path) and '' for a bare trust domain."""
+        """split_spiffe_id returns (trust domain, path) and refuses a bare trust domain (no workload)."""
         assert split_spiffe_id("spiffe://example.org/ns/a") == ("example.org", "/ns/a")
-        assert split_spiffe_id("spiffe://example.org") == ("example.org", "")
+        with pytest.raises(ValueError, match="needs a path after the trust domain"):
+            split_spiffe_id("spiffe://example.org")
 
 
 class TestCanonicalPath:

@@ -17,8 +17,8 @@ BILLING = "spiffe://example.org/ns/prod/sa/billing"
 HEAD = """\
 version: 1
 identity:
-  trust_bundle: ca/ca.pem
   trust_domains: [example.org, partner.example]
+  trust_bundles: {example.org: ca/ca.pem, partner.example: partner/ca.pem}
 credentials:
   stripe: {kind: static, secret: env:SECRETLESS_TEST_STRIPE}
 rules:
@@ -59,10 +59,16 @@ def ca() -> Issued:
     return make_ca()
 
 
+@pytest.fixture(scope="module")
+def partner_ca() -> Issued:
+    return make_ca(common_name="partner CA")
+
+
 @pytest.fixture
-def make_policy(tmp_path: Path, ca: Issued, monkeypatch: pytest.MonkeyPatch) -> PolicyFactory:
+def make_policy(tmp_path: Path, ca: Issued, partner_ca: Issued, monkeypatch: pytest.MonkeyPatch) -> PolicyFactory:
     """Build a Policy from YAML rules (list items under 'rules:') through load_config."""
     write_ca(ca, tmp_path / "ca")
+    write_ca(partner_ca, tmp_path / "partner")
     monkeypatch.setenv("SECRETLESS_TEST_STRIPE", "sk_test_value")
 
     def build(rules: str) -> Policy:
