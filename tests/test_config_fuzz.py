@@ -74,5 +74,6 @@ class TestFuzzFindings:
         (fuzz_dir / "found.yaml").write_text(text)
         with pytest.raises(ConfigError) as err:
             load_config(fuzz_dir / "found.yaml")
-        assert (f"found.yaml:19 credentials.payments.token_url: must be an absolute https:// URL, got {url!r}"
+        line = 1 + text.splitlines().index(f"    token_url: {url}")
+        assert (f"found.yaml:{line} credentials.payments.token_url: must be an absolute https:// URL, got {url!r}"
                 in [str(i) for i in err.value.issues])
