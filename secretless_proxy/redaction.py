@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import os
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from mitmproxy import http
 from mitmproxy.websocket import WebSocketMessage
@@ -46,14 +44,41 @@ _DIGEST_KEY = os.urandom(32)  # the cache key is a keyed digest: nothing to lear
 _ALNUM = re.compile(r"[A-Za-z0-9]+")
 
 
-@dataclass(frozen=True, slots=True)
 class _Form:
-    """One form of a secret: a literal anchor and the pattern that matches it with any escapes."""
+    """One form of a secret: a literal anchor and the pattern that matches it with any escapes.
 
-    length: int
-    anchor: bytes | None = field(repr=False)
-    bpat: re.Pattern[bytes] = field(repr=False)
-    spat: re.Pattern[str] = field(repr=False)
+    The pattern is compiled on first use (the first time the anchor shows up), so deriving a
+    credential's forms costs microseconds and a response without an echo never compiles one.
+    """
+
+    __slots__ = ("length", "anchor", "_template", "_escapes", "_bpat", "_spat")
+
+    def __init__(self, template: str, *, escapes: bool = True) -> None:
+        self.length = len(template)
+        runs = [r for r in _ALNUM.findall(template) if len(r) >= _MIN_ANCHOR]
+        # 16 bytes of the longest literal run: CPython's short-needle search is the fastest.
+        self.anchor: bytes | None = max(runs, key=len)[:16].encode() if runs else None
+        self._template = template
+        self._escapes = escapes
+        self._bpat: re.Pattern[bytes] | None = None
+        self._spat: re.Pattern[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"_Form(length={self.length})"
+
+    def _pattern(self) -> str:
+        chars = (_char(c) for c in self._template) if self._escapes else (re.escape(c) for c in self._template)
+        return "".join(chars)
+
+    def sub_bytes(self, data: bytes) -> bytes:
+        if self._bpat is None:
+            self._bpat = re.compile(self._pattern().encode("utf-8", "surrogateescape"))
+        return self._bpat.sub(_MARKER_B, data)
+
+    def sub_str(self, text: str) -> str:
+        if self._spat is None:
+            self._spat = re.compile(self._pattern())
+        return self._spat.sub(MARKER, text)
 
 
 class Needles:
@@ -63,7 +88,7 @@ class Needles:
 
     def __init__(self, forms: Iterable[_Form] = ()) -> None:
         # Longest first: a whole padded token goes before the unpadded prefix it contains.
-        self._forms: tuple[_Form, ...] = tuple(sorted(set(forms), key=lambda f: -f.length))
+        self._forms: tuple[_Form, ...] = tuple(sorted(forms, key=lambda f: -f.length))
 
     def __repr__(self) -> str:
         return f"Needles({len(self._forms)} forms)"
@@ -78,19 +103,19 @@ class Needles:
         """``data`` with every form of every secret replaced by ``[REDACTED]``."""
         for f in self._forms:
             if f.anchor is None or f.anchor in data:
-                data = f.bpat.sub(_MARKER_B, data)
+                data = f.sub_bytes(data)
         return data
 
     def redact_str(self, text: str) -> str:
         """``text`` with every form of every secret replaced by ``[REDACTED]``."""
         for f in self._forms:
             if f.anchor is None or f.anchor.decode() in text:
-                text = f.spat.sub(MARKER, text)
+                text = f.sub_str(text)
         return text
 
-    def found_in(self, data: bytes) -> bool:
-        """Whether any form of any secret occurs in ``data``."""
-        return any((f.anchor is None or f.anchor in data) and f.bpat.search(data) for f in self._forms)
+    def may_occur_in(self, data: bytes) -> bool:
+        """False when no form can occur in ``data`` (no anchor is there): the fast path."""
+        return any(f.anchor is None or f.anchor in data for f in self._forms)
 
 
 def needles_for(*values: str, literals: Iterable[str] = ()) -> Needles:
@@ -105,7 +130,7 @@ def needles_for(*values: str, literals: Iterable[str] = ()) -> Needles:
             forms.extend(_cached_forms(v))
     for lit in literals:
         if lit:
-            forms.append(_compile(lit))
+            forms.append(_Form(lit, escapes=False))
     return Needles(forms)
 
 
@@ -119,9 +144,9 @@ def redact_message(message: http.Message, needles: Needles) -> None:
         reason = needles.redact_bytes(message.data.reason)
         if reason != message.data.reason:
             message.data.reason = reason
-    message.headers.fields = _redact_fields(message.headers.fields, needles)
+    _redact_headers(message.headers, needles)
     if message.trailers:
-        message.trailers.fields = _redact_fields(message.trailers.fields, needles)
+        _redact_headers(message.trailers, needles)
     if message.raw_content:
         body = message.get_content(strict=True)
         if body:
@@ -139,8 +164,11 @@ def redact_websocket_message(message: WebSocketMessage, needles: Needles) -> Non
         message.content = clean
 
 
-def _redact_fields(fields: tuple[tuple[bytes, bytes], ...], needles: Needles) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((needles.redact_bytes(k), needles.redact_bytes(v)) for k, v in fields)
+def _redact_headers(headers: http.Headers, needles: Needles) -> None:
+    # One anchor check over all fields (joined with a byte no form contains) before any per-field work.
+    if not needles.may_occur_in(b"\n".join(b"%s: %s" % kv for kv in headers.fields)):
+        return
+    headers.fields = tuple((needles.redact_bytes(k), needles.redact_bytes(v)) for k, v in headers.fields)
 
 
 # -- derivation ---------------------------------------------------------------------------------
@@ -150,13 +178,13 @@ _cache_lock = threading.Lock()
 
 
 def _cached_forms(value: str) -> tuple[_Form, ...]:
-    key = hmac.new(_DIGEST_KEY, value.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+    key = hashlib.blake2b(value.encode("utf-8", "surrogateescape"), key=_DIGEST_KEY, digest_size=16).digest()
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    forms = tuple(_compile(t) for t in _templates(value))
+    forms = tuple(_Form(t) for t in _templates(value))
     with _cache_lock:
         _cache[key] = forms
         while len(_cache) > _CACHE_SIZE:
@@ -184,14 +212,6 @@ def _templates(value: str) -> list[str]:
 
 
 _URLSAFE = str.maketrans("+/", "-_")
-
-
-def _compile(template: str) -> _Form:
-    pattern = "".join(_char(c) for c in template)
-    runs = [r for r in _ALNUM.findall(template) if len(r) >= _MIN_ANCHOR]
-    anchor = max(runs, key=len).encode() if runs else None
-    return _Form(length=len(template), anchor=anchor, bpat=re.compile(pattern.encode("utf-8", "surrogateescape")),
-                 spat=re.compile(pattern))
 
 
 def _char(c: str) -> str:
