@@ -21,7 +21,7 @@ from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
 from . import identity as ident
-from . import h1guard, inject, redaction, sigv4
+from . import inject, layerguard, redaction, sigv4
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path
@@ -118,7 +118,7 @@ class Secretless:
 
     def load(self, loader) -> None:
         logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
-        h1guard.install()  # trailers and quoted parse errors from mitmproxy's HTTP/1 layer (idempotent)
+        layerguard.install()  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
         loader.add_option(
             name="secretless_config", typespec=str, default="",
             help="Path of the secretless-proxy YAML config (rules, credentials, identity).",

@@ -9,7 +9,8 @@
   and without padding and at odd offsets, hex);
 - ``place``: one of ``PLACES``: the HTTP/1.1 reason phrase, a header, ``Location``, the body
   (plain, gzip, br, zstd), or ``ws``: a WebSocket upgrade after which every form is sent as its
-  own server message, then whatever the client sends is echoed back once.
+  own server message, then a ping with the value as payload; the client's first message is echoed
+  back and the server closes with the value as close reason; client pings are answered.
 
 Every value it received is kept in ``FormsUpstream.seen`` so a test can search what came back.
 Only the standard library plus brotli/zstandard/wsproto, which mitmproxy already depends on.
@@ -32,7 +33,7 @@ from urllib.parse import parse_qsl, quote, quote_plus
 import brotli
 import zstandard
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from secretless_proxy.certs import Issued
 from secretless_proxy.devserver import tls_server_context
@@ -156,6 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
         out += ws.send(TextMessage(data=text[:third], message_finished=False))
         out += ws.send(TextMessage(data=text[third:2 * third], message_finished=False))
         out += ws.send(TextMessage(data=text[2 * third:], message_finished=True))
+        out += ws.send(Ping(payload=value.encode()[:120]))  # control frames echo too
         self.connection.sendall(out)
         while True:
             data = self.connection.recv(65536)
@@ -166,6 +168,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if isinstance(event, Message):
                     reply = f"client said: {event.data}" if isinstance(event, TextMessage) else b"client said: " + event.data
                     self.connection.sendall(ws.send(TextMessage(data=reply) if isinstance(reply, str) else BytesMessage(data=reply)))
+                    # ...and the close reason (at most 123 bytes) carries the echo as well.
+                    self.connection.sendall(ws.send(CloseConnection(code=1000, reason=value[:100])))
+                elif isinstance(event, Ping):
+                    self.connection.sendall(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     self.connection.sendall(ws.send(event.response()))
                     return

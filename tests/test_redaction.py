@@ -12,12 +12,13 @@ import pytest
 import zstandard
 from echo_forms import FORMS
 from mitmproxy import http
+from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from secretless_proxy import h1guard, inject, redaction
+from secretless_proxy import inject, layerguard, redaction
 from secretless_proxy.config import Injection
 from secretless_proxy.redaction import MARKER, needles_for
 from secretless_proxy.secrets import Secret
@@ -180,19 +181,22 @@ class TestMessage:
         assert client.text == f"I am {self.S}"
 
 
-class TestH1Guard:
+class TestLayerGuard:
     def test_quoted_peer_bytes_are_cut_from_protocol_errors(self):
         """mitmproxy's parse errors quote the upstream's line; the quoted part never reaches the client."""
         msg = "Cannot parse HTTP response: Bad HTTP response line: b'HTTP/1.1 2x0 echo Bearer sk_live'"
-        assert h1guard.clean_message(msg) == "Cannot parse HTTP response: Bad HTTP response line"
-        assert h1guard.clean_message("peer closed connection (incomplete chunked read)") == \
+        assert layerguard.clean_message(msg) == "Cannot parse HTTP response: Bad HTTP response line"
+        assert layerguard.clean_message("peer closed connection (incomplete chunked read)") == \
             "peer closed connection (incomplete chunked read)"
 
     def test_wraps_the_readers_that_raise_on_trailers(self):
         """The wrapped mitmproxy readers are the ones that raise on trailers (fails if mitmproxy changes shape)."""
-        h1guard.install()
+        layerguard.install()
         body = _http1.Http1Connection.read_body
         assert getattr(body, "__secretless_guard__", False)
         assert "HTTP trailers are not implemented" in inspect.getsource(body.__wrapped__)
         assert getattr(_http1.Http1Client.read_headers, "__secretless_guard__", False)
         assert "Cannot parse HTTP response" in inspect.getsource(_http1.Http1Client.read_headers.__wrapped__)
+        relay = inspect.getsource(websocket.WebsocketLayer.relay_messages.__wrapped__)
+        assert "wsproto.events.Ping" in relay and "yield dst_ws.send2(ws_event)" in relay
+        assert getattr(websocket.WebsocketConnection.send2, "__secretless_guard__", False)

@@ -28,7 +28,7 @@ from conftest import SECRET, base_config, tunnel
 from echo_forms import FORMS, PLACES, FormsUpstream, TrailersUpstream
 from e2e_helpers_broker import AuthMoto
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import CloseConnection, Message
+from wsproto.events import CloseConnection, Message, Ping, Pong
 
 from secretless_proxy import certs
 
@@ -165,29 +165,45 @@ def _ws_rows(p, pki, up, injection: str) -> list[dict]:
         ws = Connection(ConnectionType.CLIENT)
         ws.receive_data(rest)
         messages: list[str | bytes] = []
+        control: list[bytes | str] = []  # ping payloads and the close reason the client got
+        pongs: list[bytes] = []
         want = len(FORMS) + 2
-        sent_client = False
+        sent_client = closed = False
         sock.settimeout(10)
-        while True:
+        while not closed:
             for event in ws.events():
                 if isinstance(event, Message):
                     messages.append(event.data)
-            if len(messages) >= want and not sent_client:
+                elif isinstance(event, Ping):
+                    control.append(bytes(event.payload))
+                    sock.sendall(ws.send(event.response()))
+                elif isinstance(event, Pong):
+                    pongs.append(bytes(event.payload))
+                elif isinstance(event, CloseConnection):
+                    control.append(event.reason or "")
+                    sock.sendall(ws.send(event.response()))
+                    closed = True
+            if len(messages) >= want and control and not sent_client:
+                sock.sendall(ws.send(Ping(payload=b"keepalive-1")))
                 sock.sendall(ws.send(Message(data="hello from the client, Bearer x+y/z=")))
                 sent_client = True
-            if len(messages) >= want + 1:
+            if closed:
                 break
             try:
                 data = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not data:
                 break
             ws.receive_data(data)
-        sock.sendall(ws.send(CloseConnection(code=1000)))
         sock.close()
+        assert closed, "the server's close frame did not arrive"
         assert len(messages) == want + 1, f"got {len(messages)} WebSocket messages, wanted {want + 1}"
         assert messages[-1] == "client said: hello from the client, Bearer x+y/z="  # client→server unchanged
+        assert pongs == [b"keepalive-1"]  # a pong answering the client's own ping keeps its payload
+        rows.append({"injection": injection, "protocol": "ws", "place": "ws ping payload, close reason",
+                     "form": "raw", "source": source, "status": 101,
+                     "texts": [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in control]})
         names = [*FORMS, "binary", "fragmented"]
         for name, msg in zip(names, messages, strict=False):
             text = msg if isinstance(msg, str) else msg.decode("utf-8", "replace")

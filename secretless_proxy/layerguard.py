@@ -1,4 +1,4 @@
-"""Two gaps in mitmproxy 12.2's HTTP/1 layer that reach the workload, closed at their source.
+"""Gaps in mitmproxy 12.2's HTTP/1 and WebSocket layers that reach the workload, closed at their source.
 
 1. **Trailers.** ``Http1Connection.read_body`` raises ``NotImplementedError("HTTP trailers are
    not implemented yet.")`` when a chunked message ends with trailer fields (mitmproxy
@@ -13,8 +13,14 @@
    malformed status or header line. Protocol-error and log messages from this layer are cut
    before the first quoted value.
 
-``install()`` wraps the two generator methods once per process; they are pinned to mitmproxy
-12.2 (``pyproject.toml``), and ``tests/test_h1guard.py`` fails if the wrapped code changes shape.
+3. **WebSocket control frames.** Pings and close frames are relayed without any hook (only data
+   messages reach ``websocket_message``), so a server could echo a credential in a ping payload
+   or a close reason (up to 123 bytes) and mitmproxy logs ping payloads. Toward the client, ping
+   payloads and close reasons are emptied, and a pong keeps its payload only when it answers a
+   ping the client itself sent on that connection (keep-alive libraries match them).
+
+``install()`` wraps these methods once per process; they are pinned to mitmproxy 12.2
+(``pyproject.toml``), and ``tests/test_redaction.py`` fails if the wrapped code changes shape.
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ import re
 from collections.abc import Callable, Generator
 from typing import Any
 
+from collections import deque
+
+import wsproto.events
 from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
@@ -49,10 +59,13 @@ def install() -> None:
         return
     _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
     _http1.Http1Client.read_headers = _guarded(_http1.Http1Client.read_headers)  # type: ignore[method-assign]
+    websocket.WebsocketLayer.relay_messages = _guarded(websocket.WebsocketLayer.relay_messages, trailers=False)  # type: ignore[method-assign]
+    websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
+    websocket.WebsocketConnection.send2 = _control_frames_scrubbed(websocket.WebsocketConnection.send2)  # type: ignore[method-assign]
     _installed = True
 
 
-def _guarded(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+def _guarded(method: Callable[..., Generator[Any, Any, Any]], *, trailers: bool = True) -> Callable[..., Generator[Any, Any, Any]]:
     @functools.wraps(method)
     def wrapper(self: _http1.Http1Connection, event: Any) -> Generator[Any, Any, Any]:
         gen = method(self, event)
@@ -63,6 +76,8 @@ def _guarded(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., G
             except StopIteration as stop:
                 return stop.value
             except NotImplementedError:  # trailers: the only NotImplementedError in these readers
+                if not trailers:
+                    raise
                 yield from _end_with_trailers(self)
                 return None
             sent = yield _clean(cmd)
@@ -88,3 +103,40 @@ def _clean(cmd: Any) -> Any:
     elif isinstance(cmd, commands.Log):
         cmd.message = clean_message(cmd.message)
     return cmd
+
+
+# -- WebSocket control frames --------------------------------------------------------------------
+
+_PINGS_KEPT = 16  # client pings remembered per connection, for their pongs
+
+
+def _recording_client_pings(events: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(events)
+    def wrapper(self: websocket.WebsocketConnection) -> Any:
+        for event in events(self):
+            if not self.client and isinstance(event, wsproto.events.Ping):  # a ping from the workload
+                self.__dict__.setdefault("_secretless_pings", deque(maxlen=_PINGS_KEPT)).append(bytes(event.payload))
+            yield event
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _control_frames_scrubbed(send2: Callable[..., commands.SendData]) -> Callable[..., commands.SendData]:
+    @functools.wraps(send2)
+    def wrapper(self: websocket.WebsocketConnection, event: wsproto.events.Event) -> commands.SendData:
+        if not self.client:  # this side talks to the workload
+            if isinstance(event, wsproto.events.Ping) and event.payload:
+                event = wsproto.events.Ping(payload=b"")
+            elif isinstance(event, wsproto.events.Pong) and event.payload:
+                pings = self.__dict__.get("_secretless_pings", ())
+                if bytes(event.payload) in pings:
+                    pings.remove(bytes(event.payload))
+                else:
+                    event = wsproto.events.Pong(payload=b"")
+            elif isinstance(event, wsproto.events.CloseConnection) and event.reason:
+                event = wsproto.events.CloseConnection(code=event.code, reason=None)
+        return send2(self, event)
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
