@@ -217,17 +217,34 @@ class FormsUpstream:
         self._server.server_close()
 
 
-class TrailersUpstream:
-    """An HTTP/1.1 TLS upstream whose chunked responses end with trailer fields (one of them an echo)."""
+def trailers_response(auth: bytes) -> bytes:
+    """A chunked response whose trailer fields echo the Authorization received."""
+    return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Echo\r\n"
+            b"Content-Type: text/plain\r\n\r\n5\r\nhello\r\n0\r\nX-Echo: " + auth + b"\r\n\r\n")
 
-    def __init__(self, *, server_cert: Issued) -> None:
+
+def bad_status_line_response(auth: bytes) -> bytes:
+    """A status line mitmproxy cannot parse, quoting the Authorization received."""
+    return b"HTTP/1.1 2x0 echo " + auth + b"\r\nContent-Length: 0\r\n\r\n"
+
+
+def bad_header_line_response(auth: bytes) -> bytes:
+    """A header line without a colon, quoting the Authorization received."""
+    return b"HTTP/1.1 200 OK\r\nX-Echo " + auth + b"\r\nContent-Length: 0\r\n\r\n"
+
+
+class RawUpstream:
+    """An HTTP/1.1 TLS upstream answering each request with ``respond(authorization)`` bytes as they are."""
+
+    def __init__(self, *, server_cert: Issued, respond: Callable[[bytes], bytes]) -> None:
+        self._respond = respond
         self._ctx = tls_server_context(server_cert)
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"https://localhost:{self.port}"
         self.requests = 0
 
-    def __enter__(self) -> TrailersUpstream:
+    def __enter__(self) -> RawUpstream:
         threading.Thread(target=self._serve, daemon=True).start()
         return self
 
@@ -254,8 +271,7 @@ class TrailersUpstream:
                 self.requests += 1
                 auth = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
                              if line.lower().startswith(b"authorization:")), b"")
-                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Echo\r\n"
-                             b"Content-Type: text/plain\r\n\r\n5\r\nhello\r\n0\r\nX-Echo: " + auth + b"\r\n\r\n")
+                conn.sendall(self._respond(auth))
                 conn.recv(4096)  # wait for the proxy to close
         except OSError:
             pass
