@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
-
-from collections import deque
 
 import wsproto.events
 from mitmproxy.proxy import commands

@@ -51,10 +51,11 @@ class _Form:
     credential's forms costs microseconds and a response without an echo never compiles one.
     """
 
-    __slots__ = ("length", "anchor", "_template", "_escapes", "_bpat", "_spat")
+    __slots__ = ("length", "max_bytes", "anchor", "_template", "_escapes", "_bpat", "_spat")
 
     def __init__(self, template: str, *, escapes: bool = True) -> None:
         self.length = len(template)
+        self.max_bytes = sum(_max_escaped(c) for c in template) if escapes else len(template.encode("utf-8", "surrogateescape"))
         runs = [r for r in _ALNUM.findall(template) if len(r) >= _MIN_ANCHOR]
         # 16 bytes of the longest literal run: CPython's short-needle search is the fastest.
         self.anchor: bytes | None = max(runs, key=len)[:16].encode() if runs else None
@@ -95,6 +96,12 @@ class Needles:
 
     def __bool__(self) -> bool:
         return bool(self._forms)
+
+    @property
+    def max_match_bytes(self) -> int:
+        """The longest byte string any form can match (every character escaped): the overlap a
+        chunked scan must keep between chunks so that no echo straddles a boundary unseen."""
+        return max((f.max_bytes for f in self._forms), default=0)
 
     def __add__(self, other: Needles) -> Needles:
         return Needles(self._forms + other._forms)
@@ -229,6 +236,13 @@ def _char(c: str) -> str:
     if c in '/"\\':
         alts.append(re.escape("\\" + c))
     return "(?:" + "|".join(alts) + ")"
+
+
+def _max_escaped(c: str) -> int:
+    if c.isascii() and c.isalnum():
+        return 1
+    utf8 = len(c.encode("utf-8", "surrogateescape"))
+    return max(3 * utf8, 6 * (len(c.encode("utf-16-be", "surrogatepass")) // 2))
 
 
 def _hex_any_case(number: int, width: int) -> str:

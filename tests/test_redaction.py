@@ -90,6 +90,15 @@ class TestForms:
         assert SECRETS["stripe"] not in repr(n) and "Needles(" in repr(n)
         assert all(isinstance(k, bytes) and SECRETS["stripe"].encode() not in k for k in redaction._cache)
 
+    def test_max_match_bytes_bounds_every_escaped_form(self):
+        """A fully escaped echo is never longer than max_match_bytes (the overlap a chunked scan keeps)."""
+        secret = SECRETS["space_and_quote"]
+        n = needles_for(secret)
+        longest = max(len(FORMS[f](secret).encode()) for f in FORMS)
+        escaped_all = "".join(f"\\u{ord(c):04x}" if not c.isalnum() else c for c in secret)
+        assert longest <= n.max_match_bytes and len(escaped_all) <= n.max_match_bytes
+        assert n.redact_str(escaped_all) == MARKER
+
     def test_derived_once_per_value(self):
         """A second request with the same credential value reuses the compiled forms."""
         a = redaction._cached_forms("sk_live_reused_value_123456")

@@ -25,6 +25,7 @@ from urllib.parse import unquote, unquote_plus
 import httpx
 import pytest
 from conftest import SECRET, base_config, tunnel
+from e2e_helpers_broker import AuthMoto
 from echo_forms import (
     FORMS,
     PLACES,
@@ -34,7 +35,6 @@ from echo_forms import (
     bad_status_line_response,
     trailers_response,
 )
-from e2e_helpers_broker import AuthMoto
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
@@ -173,6 +173,7 @@ def _ws_rows(p, pki, up, injection: str) -> list[dict]:
         ws = Connection(ConnectionType.CLIENT)
         ws.receive_data(rest)
         messages: list[str | bytes] = []
+        partial: str | bytes | None = None
         control: list[bytes | str] = []  # ping payloads and the close reason the client got
         pongs: list[bytes] = []
         want = len(FORMS) + 2
@@ -181,7 +182,10 @@ def _ws_rows(p, pki, up, injection: str) -> list[dict]:
         while not closed:
             for event in ws.events():
                 if isinstance(event, Message):
-                    messages.append(event.data)
+                    partial = partial + event.data if partial is not None else event.data
+                    if event.message_finished:  # frames of one message are joined, as an app sees them
+                        messages.append(partial)
+                        partial = None
                 elif isinstance(event, Ping):
                     control.append(bytes(event.payload))
                     sock.sendall(ws.send(event.response()))
