@@ -134,17 +134,29 @@ def _proxy(proxy_factory, pki, forms_upstream, moto, tmp_path, injection: str):
     return proxy_factory(cfg, env=env), audit, cfg["admin"]["listen"]
 
 
+class _H2First(ssl.SSLContext):
+    """httpx offers ALPN http/1.1 before h2, and mitmproxy honours the client's order: put h2 first."""
+
+    def set_alpn_protocols(self, protocols):
+        super().set_alpn_protocols(sorted(protocols, key=lambda p: p != "h2"))
+
+
 def _http_rows(p, pki, up, injection: str, http2: bool) -> list[dict]:
     cert, key = pki.svid(BILLING)
-    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+    ctx = (_H2First if http2 else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.interception_ca_cert)
     ctx.load_cert_chain(cert, key)
     rows = []
-    with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, http2=http2, http1=not http2,
+    # http1 stays on for the CONNECT to the proxy; inside the tunnel ALPN picks the protocol.
+    with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, http2=http2,
                       follow_redirects=False, timeout=15) as c:
         for source in INJECTIONS[injection][1]:
             for place in PLACES:
                 for form in FORMS:
-                    r = c.get(f"{up.url}/v1/echo/{place}/{form}/{source}?api_key=client-own")
+                    try:
+                        r = c.get(f"{up.url}/v1/echo/{place}/{form}/{source}?api_key=client-own")
+                    except httpx.HTTPError as exc:
+                        raise AssertionError(f"{place}/{form}/{source}: {type(exc).__name__}: {exc}") from None
                     assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
                     raw_reason = r.extensions.get("reason_phrase", b"").decode("latin-1")
                     texts = [raw_reason, *(f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in r.headers.raw),
