@@ -11,7 +11,7 @@ The derived patterns are cached per value (keyed by a keyed digest, never by the
 anything printable), so a request pays only for the scan. A ``Needles`` object never shows a
 value in its ``repr``.
 
-Public API: ``needles_for(*values, literals=())`` → ``Needles``; ``Needles.redact_bytes`` /
+Public API: ``needles_for(*values, per_request=())`` → ``Needles``; ``Needles.redact_bytes`` /
 ``Needles.redact_str`` for any body or text (the edge's bounded scan calls these);
 ``redact_message`` for a whole response (status line, headers, trailers, body) and
 ``redact_websocket_message`` for a server→client WebSocket message.
@@ -51,16 +51,15 @@ class _Form:
     credential's forms costs microseconds and a response without an echo never compiles one.
     """
 
-    __slots__ = ("length", "max_bytes", "anchor", "_template", "_escapes", "_bpat", "_spat")
+    __slots__ = ("length", "max_bytes", "anchor", "_template", "_bpat", "_spat")
 
-    def __init__(self, template: str, *, escapes: bool = True) -> None:
+    def __init__(self, template: str) -> None:
         self.length = len(template)
-        self.max_bytes = sum(_max_escaped(c) for c in template) if escapes else len(template.encode("utf-8", "surrogateescape"))
+        self.max_bytes = sum(_max_escaped(c) for c in template)
         runs = [r for r in _ALNUM.findall(template) if len(r) >= _MIN_ANCHOR]
         # 16 bytes of the longest literal run: CPython's short-needle search is the fastest.
         self.anchor: bytes | None = max(runs, key=len)[:16].encode() if runs else None
         self._template = template
-        self._escapes = escapes
         self._bpat: re.Pattern[bytes] | None = None
         self._spat: re.Pattern[str] | None = None
 
@@ -68,8 +67,7 @@ class _Form:
         return f"_Form(length={self.length})"
 
     def _pattern(self) -> str:
-        chars = (_char(c) for c in self._template) if self._escapes else (re.escape(c) for c in self._template)
-        return "".join(chars)
+        return "".join(_char(c) for c in self._template)
 
     def sub_bytes(self, data: bytes) -> bytes:
         if self._bpat is None:
@@ -125,19 +123,19 @@ class Needles:
         return any(f.anchor is None or f.anchor in data for f in self._forms)
 
 
-def needles_for(*values: str, literals: Iterable[str] = ()) -> Needles:
-    """The needles for credential ``values`` (every encoding, cached per value) and ``literals``.
+def needles_for(*values: str, per_request: Iterable[str] = ()) -> Needles:
+    """The needles for credential ``values`` (every form, derived once per value and cached).
 
-    ``literals`` are per-request strings worth redacting but not reusable (a SigV4 Authorization
-    value): matched with per-character escapes, not derived or cached.
+    ``per_request`` values (a SigV4 Authorization value, whose signature changes every request)
+    get the same forms without entering the cache, so they never evict a credential's entry.
     """
     forms: list[_Form] = []
     for v in values:
         if v:
             forms.extend(_cached_forms(v))
-    for lit in literals:
-        if lit:
-            forms.append(_Form(lit, escapes=False))
+    for v in per_request:
+        if v:
+            forms.extend(_Form(t) for t in _templates(v))
     return Needles(forms)
 
 

@@ -98,9 +98,9 @@ def sign(request: http.Request, cred: IssuedCredential, *, region: str | None = 
     for name in _SIGNING_HEADERS:
         if name in aws.headers:
             request.headers[name] = aws.headers[name]
-    # The signature is per request and not reusable: matched literally, not derived and cached.
+    # The Authorization value changes every request: its forms are derived but not cached.
     return needles_for(cred.secret.reveal(), token.reveal() if token else "",
-                       literals=(aws.headers["Authorization"],))
+                       per_request=(aws.headers["Authorization"],))
 
 
 def region_and_service(host: str) -> tuple[str, str]:
