@@ -100,15 +100,19 @@ def _decodings(text: str) -> list[bytes]:
     return found
 
 
+_WINDOW = 12
+
+
 def leaks(text: str, secrets: set[str]) -> list[str]:
-    """Which secrets (by a 12-byte window of them) can be recovered from ``text``."""
+    """Which secrets (by any 12-byte window of them) can be recovered from ``text``."""
+    grams: set[bytes] = set()
+    for d in _decodings(text):
+        grams.update(d[i:i + _WINDOW] for i in range(len(d) - _WINDOW + 1))
     hits = []
-    decoded = _decodings(text)
     for s in secrets:
         raw = s.encode()
-        window = min(12, len(raw))
-        pieces = {raw[i:i + window] for i in range(0, len(raw) - window + 1)}
-        if any(p in d for d in decoded for p in pieces):
+        assert len(raw) >= _WINDOW, "the oracle needs secrets of 12 bytes or more"
+        if any(raw[i:i + _WINDOW] in grams for i in range(len(raw) - _WINDOW + 1)):
             hits.append(s[:4] + "…")
     return hits
 
