@@ -897,7 +897,7 @@ class Bench:
             rules:
               - name: bench
                 workloads: ["spiffe://example.org/*"]
-                to: {{host: {UPSTREAM_HOST}, port: {self.upstream_port}}}
+                to: {{host: {UPSTREAM_HOST}, port: {self.upstream_port}, private: [127.0.0.0/8]}}
                 inject: {{credential: bench, header: Authorization, format: "Bearer {{secret}}"}}
             """) + (f"    {rule_extra}\n" if rule_extra else "") + "default: deny\n" + extra)
         cli("check", str(conf))  # a schema change fails here, with the checker's message in the log tail

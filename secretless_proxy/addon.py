@@ -20,13 +20,15 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
+from . import hardening, inject, layerguard, redaction, sigv4
 from . import identity as ident
-from . import inject, layerguard, redaction, sigv4
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
 from .audit import AuditLog, clean_path
 from .config import Rule
+from .connlimits import ConnectionGuard
 from .credentials import IssuedCredential, RequestContext
+from .destination import Destinations, proxy_listeners
 from .errors import ConfigError, CredentialError, IdentityError
 from .identity import Workload
 from .matching import normalize_host
@@ -47,6 +49,7 @@ from .refusal import (
     error_response,
 )
 from .services import Services
+from .shutdown import Drain
 from .store import StoreError
 
 log = logging.getLogger("secretless")
@@ -109,6 +112,12 @@ class Secretless:
         # Secret-bearing strings per flow, kept off flow.metadata so saved flows never hold them.
         self._injected: weakref.WeakKeyDictionary[http.HTTPFlow, _Injected] = weakref.WeakKeyDictionary()
         self._reload_pending: asyncio.Task | None = None
+        self.destinations = Destinations(config=lambda: self.services.config if self.services else None,
+                                         listeners=proxy_listeners)
+        # Connection caps and deadlines (connlimits.py): a sub-addon, so mitmdump -s loads it too.
+        self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None)
+        self.addons = [self.guard]
+        self.drain: Drain | None = None
 
     @property
     def runtime(self):
@@ -119,6 +128,10 @@ class Secretless:
     def load(self, loader) -> None:
         logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
         layerguard.install()  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
+        # Before any secret is loaded: no core dumps, no ptrace (issue 8 §7). Not in mitmproxy's
+        # in-process test master: that process is the test runner, not a proxy.
+        if type(loader.master).__module__ != "mitmproxy.test.taddons":
+            hardening.apply()
         loader.add_option(
             name="secretless_config", typespec=str, default="",
             help="Path of the secretless-proxy YAML config (rules, credentials, identity).",
@@ -186,6 +199,7 @@ class Secretless:
             host, port = services.config.admin_listen
             self.admin = AdminServer(host, port, metrics=self.metrics, readiness=self.readiness,
                                      oidc=services.oidc_documents)
+            self._limit_admin(self.admin, services)
             try:
                 await self.admin.start()
             except OSError as exc:
@@ -194,10 +208,15 @@ class Secretless:
                 return
         if services.config.admin_api_listen and not await self._start_admin_api(services):
             return
+        self.guard.start(admin_listeners={x.port: x.name for x in (self.admin, self.admin_api) if x is not None})
+        self.drain = Drain(self.guard, drain_seconds=lambda: services.config.limits.drain_seconds,
+                           revoke=self._revoke_all if services.config.limits.revoke_on_shutdown else None)
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._sighup)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self._sighup)
+            loop.add_signal_handler(signal.SIGTERM, self.drain.on_signal)  # replaces mitmdump's handler
         except (NotImplementedError, RuntimeError, ValueError):
-            log.warning("SIGHUP reload is not available here; the config file is still watched")
+            log.warning("SIGHUP reload and graceful SIGTERM are not available here; the config file is still watched")
         ps = ctx.master.addons.get("proxyserver")
         for addr in (ps.listen_addrs() if ps is not None else []):
             log.info("secretless-proxy listening on %s:%d", addr[0], addr[1])
@@ -214,6 +233,7 @@ class Secretless:
             cert = api_server_cert(services.confdir, hosts=tuple(dict.fromkeys(("localhost", "127.0.0.1", *names))))
             self.admin_api = AdminApiServer(host, port, api=api, verifier=lambda: services.runtime.verifier,
                                             admins=lambda: services.config.admin_workloads, server_cert=cert)
+            self._limit_admin(self.admin_api, services)
             await self.admin_api.start()
         except (OSError, ValueError) as exc:
             log.error("admin API on %s:%d failed: %s; stopping", host, port, getattr(exc, "strerror", None) or exc)
@@ -221,7 +241,17 @@ class Secretless:
             return False
         return True
 
+    def _limit_admin(self, listener: AdminServer | AdminApiServer, services: Services) -> None:
+        lim = services.config.limits
+        listener.set_limits(max_connections=lim.admin_max_connections,
+                            max_per_client=lim.admin_max_connections_per_client, metrics=self.metrics)
+
+    async def _revoke_all(self) -> int:
+        broker = self.services.broker if self.services else None
+        return await broker.evict(None, reason="shutdown") if broker is not None else 0
+
     async def done(self) -> None:
+        await self.guard.stop()
         if self.admin_api is not None:
             await self.admin_api.close()
         if self.admin is not None:
@@ -252,7 +282,8 @@ class Secretless:
         """The /readyz checks: None means passing, a string says what fails."""
         if self.services is None:
             return {"config": "no config loaded"}
-        return self.services.readiness() | {"audit": self.observer.audit.check()}
+        return self.services.readiness() | {"audit": self.observer.audit.check(),
+                                            "draining": self.drain.readiness() if self.drain else None}
 
     # -- connection hooks -------------------------------------------------------------------
 
@@ -329,6 +360,7 @@ class Secretless:
             raise Refusal(403, result.reason, DENY_MESSAGES[result.reason], result.rule)
         assert isinstance(result, Decision)
         rule = result.rule
+        await self.destinations.admit(flow, result)  # resolve, check and pin the addresses: before any credential
         flow.metadata["secretless.rule"] = rule.name
         flow.metadata["secretless.workload"] = workload.spiffe_id
         grant_id = await self._require_grant(services, rule, workload) if rule.requires_grant else None
@@ -412,6 +444,25 @@ class Secretless:
         self.observer.denied(request_id=flow.id, workload=who, reason=refusal.reason,
                              host=flow.request.pretty_host, path=path, rule=refusal.rule)
         flow.response = error_response(flow.id, refusal)
+
+    # -- upstream connections: only to the addresses admit() checked (destination.py) ----------
+
+    def server_connect(self, data) -> None:
+        try:
+            self.destinations.server_connect(data)
+        except Exception as exc:  # noqa: BLE001 - fail closed: no checked address, no connection
+            log.error("upstream connection refused after an internal error (%s)", type(exc).__name__)
+            data.server.error = "secretless-proxy: the destination check failed"
+
+    def server_connected(self, data) -> None:
+        try:
+            self.destinations.server_connected(data)
+        except Exception as exc:  # noqa: BLE001 - an unverified connection is never reused
+            log.error("upstream connection check failed (%s)", type(exc).__name__)
+            data.server.error = "secretless-proxy: the destination check failed"
+
+    def server_connect_error(self, data) -> None:
+        self.destinations.server_connect_error(data)
 
     # -- response path -----------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ checks, the signer's keys); answering on the loop reads it without locks or race
 would also need its own shutdown dance in ``done()``. The parser is deliberately small and
 strict: HTTP/1.0 or 1.1, ``GET``/``HEAD`` only, origin-form target, a request head of at most
 8 KiB read within 5 s, no request body, one request per connection (``Connection: close``).
-Anything else gets 400/404/405 and the connection is closed; at most 64 connections at once.
+Anything else gets 400/404/405 and the connection is closed. Connections are admitted by
+``Listener`` (``limits.admin_max_connections``, ``limits.admin_max_connections_per_client``).
 Nothing here blocks: the only work is rendering small documents.
 
 Endpoints:
@@ -32,9 +33,11 @@ from typing import Any
 
 from prometheus_client.exposition import choose_encoder
 
+from .connlimits import RateLimitedLog
 from .metrics import Metrics
 
 log = logging.getLogger("secretless.admin")
+_REFUSALS = RateLimitedLog(log)  # one line per reason every 10 s, however many connections
 
 MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
@@ -58,10 +61,28 @@ class _BadRequest(Exception):
 
 
 class Listener:
-    """What the admin listeners share: the asyncio server and the per-connection handler tasks."""
+    """What the admin listeners share: the asyncio server, admission and the handler tasks.
 
+    Admission (issue 8 §4): at most ``max_per_client`` connections from one address, and at
+    most ``max_connections`` in all. When the listener is full, the oldest connection that has
+    not yet sent its request is closed to make room: a probe sends its request at once and is
+    answered in milliseconds, so idle or trickling connections can never starve ``/healthz``,
+    ``/readyz`` or the admin API, whoever opens them.
+    """
+
+    name = "admin"
+    max_connections = MAX_CONNECTIONS
+    max_per_client = 32
+    _limit_metrics: Metrics | None = None  # where refusals are counted (set_limits)
     _server: asyncio.Server | None
     _handlers: set[asyncio.Task[None]]
+    _peers: dict[asyncio.Task[None], str]
+    _waiting: dict[asyncio.Task[None], None]  # still reading their request, oldest first: evictable
+
+    def set_limits(self, *, max_connections: int, max_per_client: int, metrics: Metrics | None) -> None:
+        self.max_connections, self.max_per_client, self._limit_metrics = max_connections, max_per_client, metrics
+        if metrics is not None:
+            metrics.track_open_connections(self.name, lambda: len(self._handlers))
 
     async def close(self) -> None:
         """Stop listening and drop open connections (wait_closed would wait for idle clients)."""
@@ -76,14 +97,47 @@ class Listener:
         await server.wait_closed()
 
     def _admit(self, writer: asyncio.StreamWriter) -> asyncio.Task[None] | None:
-        """Track this connection's handler task, or close it when MAX_CONNECTIONS are open."""
+        """Track this connection's handler task, or close it (see the class docstring)."""
         task = asyncio.current_task()
         assert task is not None
-        if len(self._handlers) >= MAX_CONNECTIONS:
+        if not hasattr(self, "_peers"):
+            self._peers, self._waiting = {}, {}
+        peer = writer.get_extra_info("peername")
+        addr = str(peer[0]) if peer else "?"
+        reason = None
+        if sum(1 for p in self._peers.values() if p == addr) >= self.max_per_client:
+            reason = "max_connections_per_client"
+        elif len(self._handlers) >= self.max_connections:
+            victim = next(iter(self._waiting), None)
+            if victim is None:
+                reason = "max_connections"
+            else:
+                self._waiting.pop(victim)
+                victim.cancel()  # its handler closes the socket
+                self._refused("max_connections")
+        if reason is not None:
             writer.close()
+            self._refused(reason)
             return None
         self._handlers.add(task)  # type: ignore[arg-type]
+        self._peers[task] = addr  # type: ignore[index]
+        self._waiting[task] = None  # type: ignore[index]
+        task.add_done_callback(self._forget)
         return task  # type: ignore[return-value]
+
+    def _request_read(self, task: asyncio.Task[None]) -> None:
+        """The request is in: this connection is being answered and no longer evictable."""
+        self._waiting.pop(task, None)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        self._peers.pop(task, None)
+        self._waiting.pop(task, None)
+
+    def _refused(self, reason: str) -> None:
+        if self._limit_metrics is not None:
+            self._limit_metrics.connection_refused(self.name, reason)
+        _REFUSALS.warning(f"{self.name}:{reason}", f"{self.name} listener: closed a connection ({reason})")
 
 
 class AdminServer(Listener):
@@ -117,7 +171,7 @@ class AdminServer(Listener):
         if task is None:
             return
         try:
-            await self._serve_one(reader, writer)
+            await self._serve_one(reader, writer, task)
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or stalled: nothing to answer
         except asyncio.CancelledError:
@@ -128,10 +182,12 @@ class AdminServer(Listener):
             self._handlers.discard(task)
             writer.close()
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         task: asyncio.Task[None]) -> None:
         head_only = False
         try:
             method, path, accept = await self._read_head(reader)
+            self._request_read(task)
             head_only = method == "HEAD"
             status, headers, body = self._route(method, path, accept)
         except _BadRequest as exc:

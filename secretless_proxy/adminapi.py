@@ -244,6 +244,8 @@ class AdminApi:
 class AdminApiServer(Listener):
     """The admin API's TLS listener; ``start()`` in ``running()``, ``close()`` in ``done()``."""
 
+    name = "admin_api"
+
     def __init__(self, host: str, port: int, *, api: AdminApi, verifier: Callable[[], IdentityVerifier],
                  admins: Callable[[], tuple[WorkloadPattern, ...]], server_cert: Issued) -> None:
         self.host = host
@@ -279,6 +281,7 @@ class AdminApiServer(Listener):
                     method, target, headers, body = await _read_request(tls)
                 except _Refusal as exc:
                     response = exc.response()
+                self._request_read(task)
             if isinstance(caller, _Refusal):  # answered before anything else: no hints for strangers
                 response = caller.response()
                 self._denied(caller, method, target)

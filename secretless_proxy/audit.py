@@ -6,7 +6,7 @@ Each event is one JSON object on one line with ``ts`` (RFC 3339, UTC) and ``even
 - ``credential.used``    request_id, workload, rule, credential, fingerprint, method, host, path,
                          status (upstream; null when no response came), duration_seconds
 - ``credential.revoked`` credential, kind, scope, fingerprint, reason (expired | config_changed |
-                         grant_revoked | grant_expired | manual)
+                         grant_revoked | grant_expired | manual | shutdown)
 - ``request.denied``     request_id, workload (null, with ``workload_unknown`` saying why), rule,
                          reason, host, path
 

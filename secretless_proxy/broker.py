@@ -39,7 +39,7 @@ from .store.base import Store, StoreError, credential_key, shared_fetch
 log = logging.getLogger(__name__)
 
 # The closed vocabulary of revocation reasons (a metric label: keep it bounded).
-REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual"})
+REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual", "shutdown"})
 GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
 
 _Key = tuple[str, str]  # (credential name, scope)

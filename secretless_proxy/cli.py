@@ -29,15 +29,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.file)
-        load_trust_bundle(cfg.identity.trust_bundle)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         print(f"{args.file}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    try:
+        load_trust_bundle(cfg.identity.trust_bundle)
+    except ValueError as exc:  # only the bundle's own errors are blamed on it
         print(f"{args.file}: identity.trust_bundle: {exc}", file=sys.stderr)
         return 1
+    from .destconfig import warnings
+
+    for warning in warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: OK ({len(cfg.rules)} rules, {len(cfg.credentials)} credentials)")
     return 0
 
@@ -74,10 +79,36 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         what = "forwarded as is" if rule.inject is None else \
             f"credential '{rule.inject.credential}' injected ({rule.inject.target})"
         print(f"allowed by rule '{rule.name}' ({cfg.source.name}:{rule.line}): {what}")
-        return 0
+        return 0 if args.no_resolve else _explain_addresses(cfg, rule, host, port)
     near = f" (nearest rule: '{result.rule}')" if result.rule else ""
     print(f"refused (403 {result.reason}){near}")
     return 2
+
+
+def _explain_addresses(cfg, rule, host: str, port: int) -> int:
+    """Where the proxy would connect: every address of ``host`` and its verdict (same checks as the proxy)."""
+    import asyncio
+
+    from .destination import PROXY_LISTENER, evaluate
+    from .resolver import DnsError, DnsTimeout, Resolver
+
+    listeners = [a for a in (cfg.listen, cfg.admin_listen, cfg.admin_api_listen) if a]
+    try:
+        checked = asyncio.run(evaluate(host, port, resolver=Resolver(cfg.resolver),
+                                       allowance=rule.to.private.union(cfg.allow_private), listeners=listeners))
+    except DnsTimeout as exc:
+        print(f"refused (504 dns_timeout): {exc}")
+        return 2
+    except DnsError as exc:
+        print(f"refused (502 dns_failed): {exc}")
+        return 2
+    for c in checked.checked:
+        why = "the proxy's own listener" if c.refused == PROXY_LISTENER else c.cls.describe()
+        print(f"  {c.address}  {why}: {'refused' if c.refused else 'passes'}")
+    if checked.refused is not None:
+        print("refused (403 destination_private): the rule does not allow every address this host resolves to (to.private)")
+        return 2
+    return 0
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
@@ -140,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", required=True)
     explain.add_argument("--workload", required=True, help="SPIFFE ID of the calling workload")
     explain.add_argument("--method", default="GET")
+    explain.add_argument("--no-resolve", action="store_true",
+                         help="skip resolving the host and checking its addresses (policy decision only)")
     explain.add_argument("url", help="the URL the workload calls, e.g. https://api.stripe.com/v1/charges")
     explain.set_defaults(func=_cmd_explain)
 

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import yamlsource
+from . import destconfig, yamlsource
+from .addresses import NOTHING, Allowance
 from .credentials import fields
 from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
-from .secrets import SecretRef
+from .resolver import ResolverConfig
+from .secrets import SecretRef, expand_user
 from .yamlsource import Path_, Source
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
@@ -93,6 +95,8 @@ class LimitsConfig:
     idle_timeout: float = 60.0  # keep-alive connection with no request in flight
     max_connections: int = 4096  # concurrent client connections, all clients
     max_connections_per_client: int = 256  # concurrent client connections from one address
+    admin_max_connections: int = 64  # each admin listener (admin.listen, admin.api_listen)
+    admin_max_connections_per_client: int = 32  # one address's share of an admin listener
     drain_seconds: float = 25.0  # on SIGTERM: how long in-flight requests may take to finish
     revoke_on_shutdown: bool = False  # on SIGTERM: revoke brokered credentials that support it
 
@@ -126,6 +130,7 @@ class Destination:
     ports: frozenset[int]
     methods: frozenset[str] | None
     paths: tuple[Glob, ...] | None
+    private: Allowance = NOTHING  # non-public addresses this rule may reach (destination.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +165,13 @@ class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    allow_private: Allowance = NOTHING  # upstream.allow_private: networks every rule may reach (dev/test)
+
+
+# Names a validator bug (an exception no parser above turned into an issue): the config fuzz test
+# asserts it never appears, so it is a safety net and not a way to hide one.
+UNEXPECTED = "the file could not be validated completely"
 
 
 def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
@@ -175,8 +187,14 @@ def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
             file=str(path), line=None, path="", message=f"cannot read the file ({type(exc).__name__})"
         )]) from exc
     src = yamlsource.load(text, file=path.name)
-    cfg = _parse(src, path.resolve().parent, path, hashlib.sha256(raw).hexdigest(),
-                 resolve_secrets=resolve_secrets)
+    try:
+        cfg = _parse(src, path.resolve().parent, path, hashlib.sha256(raw).hexdigest(),
+                     resolve_secrets=resolve_secrets)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a validator bug must still be a located, clean refusal
+        src.error((), f"{UNEXPECTED} ({type(exc).__name__}); the issues before it are real, please report this one")
+        cfg = None
     src.raise_if_issues()
     assert cfg is not None
     return cfg
@@ -205,10 +223,15 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     rules = _rules(src, top.get("rules"), credentials, identity) if "rules" in top else ()
     listen = _listen(src, ("listen",), top["listen"]) if "listen" in top else None
     ica = _path(src, ("interception_ca",), top["interception_ca"], base) if "interception_ca" in top else None
-    upstream_ca = None
-    if "upstream" in top and (up := src.mapping(("upstream",), top["upstream"], optional=("ca_bundle",))):
+    upstream_ca, resolver, allow_private = None, ResolverConfig(), NOTHING
+    if "upstream" in top and (up := src.mapping(("upstream",), top["upstream"],
+                                                 optional=("ca_bundle", "resolver", "allow_private"))):
         if "ca_bundle" in up:
             upstream_ca = _path(src, ("upstream", "ca_bundle"), up["ca_bundle"], base, must_exist=True)
+        if "resolver" in up:
+            resolver = destconfig.resolver(src, ("upstream", "resolver"), up["resolver"])
+        if "allow_private" in up:
+            allow_private = Allowance(networks=destconfig.networks(src, ("upstream", "allow_private"), up["allow_private"]))
     admin, api_listen, admins = _admin(src, top["admin"], identity) if "admin" in top else (None, None, ())
     signing = _signing(src, top["signing"], base, resolve_secrets) if "signing" in top else None
     broker = _broker(src, top["broker"]) if "broker" in top else BrokerConfig()
@@ -227,12 +250,16 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
     if any(r.requires_grant for r in rules) and store is not None and store.kind == "memory" and api_listen is None:
         src.error(("store",), "rules with requires_grant need grants from the admin API (admin.api_listen) "
                               "or a shared store; with neither, no grant could ever exist")
+    if limits.revoke_on_shutdown and store is not None and store.kind != "memory":
+        src.error(("limits", "revoke_on_shutdown"), "needs store: memory:// — with a shared store the other "
+                  "replicas keep using these credentials, and one replica's shutdown would revoke them for all")
     if identity is None or src.issues:
         return None
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
                   upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules,
                   admin_listen=admin, admin_api_listen=api_listen, admin_workloads=admins,
-                  signing=signing, broker=broker, audit=audit, limits=limits)
+                  signing=signing, broker=broker, audit=audit, limits=limits, resolver=resolver,
+                  allow_private=allow_private)
 
 
 # YAML key → (field, lower bound, upper bound); sizes in bytes, times in seconds.
@@ -247,7 +274,8 @@ _LIMIT_TIMES = {
     "idle_timeout_seconds": ("idle_timeout", 1, 3600),
     "drain_seconds": ("drain_seconds", 0, 3600),
 }
-_LIMIT_COUNTS = {"max_connections": (1, 1_000_000), "max_connections_per_client": (1, 1_000_000)}
+_LIMIT_COUNTS = {"max_connections": (1, 1_000_000), "max_connections_per_client": (1, 1_000_000),
+                 "admin_max_connections": (2, 10_000), "admin_max_connections_per_client": (1, 10_000)}
 
 
 def _limits(src: Source, value: Any) -> LimitsConfig:
@@ -268,6 +296,9 @@ def _limits(src: Source, value: Any) -> LimitsConfig:
     if limits.max_connections_per_client > limits.max_connections:
         src.error(p + ("max_connections_per_client",),
                   f"must not exceed limits.max_connections ({limits.max_connections})")
+    if limits.admin_max_connections_per_client > limits.admin_max_connections:
+        src.error(p + ("admin_max_connections_per_client",),
+                  f"must not exceed limits.admin_max_connections ({limits.admin_max_connections})")
     return limits
 
 
@@ -281,7 +312,11 @@ def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
         if sink == "stdout":
             sinks.append(sink)
         elif sink.startswith("file:") and len(sink) > 5:
-            path = Path(sink[5:]).expanduser()
+            try:
+                path = expand_user(sink[5:])
+            except ValueError as exc:
+                src.error(p + ("sinks", i), str(exc))
+                continue
             sinks.append("file:" + str(path if path.is_absolute() else base / path))
         else:
             src.error(p + ("sinks", i), f"unknown audit sink {sink!r} (use stdout or file:/path)")
@@ -353,10 +388,20 @@ def _path(src: Source, p: Path_, value: Any, base: Path, *, must_exist: bool = F
     s = src.string(p, value)
     if s is None:
         return None
-    out = Path(s).expanduser()
+    try:
+        out = expand_user(s)
+    except ValueError as exc:
+        src.error(p, str(exc))
+        return None
     out = out if out.is_absolute() else base / out
-    if must_exist and not out.is_file():
-        src.error(p, f"file {out} does not exist")
+    if must_exist:
+        try:
+            exists = out.is_file()
+        except OSError as exc:  # ENAMETOOLONG, ELOOP...: is_file() only swallows "does not exist"
+            src.error(p, f"file {str(out)[:200]} cannot be read ({exc.strerror or type(exc).__name__})")
+            return None
+        if not exists:
+            src.error(p, f"file {out} does not exist")
     return out
 
 
@@ -488,7 +533,7 @@ def _workloads(src: Source, p: Path_, value: Any, identity: IdentityConfig | Non
 
 
 def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destination | None:
-    m = src.mapping(p, value, required=("host",), optional=("port", "methods", "paths"))
+    m = src.mapping(p, value, required=("host",), optional=("port", "methods", "paths", "private"))
     if m is None or "host" not in m:
         return None
     hosts = []
@@ -522,9 +567,10 @@ def _destination(src: Source, p: Path_, value: Any, plaintext: bool) -> Destinat
             except ValueError as exc:
                 src.error(p + ("paths", i), str(exc))
         paths = tuple(globs)
+    private = destconfig.private(src, p + ("private",), m["private"]) if "private" in m else NOTHING
     if not hosts or src.issues:
         return None
-    return Destination(hosts=tuple(hosts), ports=ports, methods=methods, paths=paths)
+    return Destination(hosts=tuple(hosts), ports=ports, methods=methods, paths=paths, private=private)
 
 
 def _injection(src: Source, p: Path_, value: Any, creds: dict[str, Credential]) -> Injection | None:

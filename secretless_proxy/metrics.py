@@ -36,16 +36,24 @@ IDENTITY_REASONS = frozenset({
 DENY_REASONS = IDENTITY_REASONS | frozenset({
     "no_rule", "method", "path", "host_mismatch", "plaintext_upstream", "credential_unavailable",
     "internal_error", "store_unavailable", "audit_unavailable", "not_configured", "grant_required",
+    "destination_private", "dns_failed", "dns_timeout",
 })
 # Refusals that are the proxy's failure (5xx), not the client's: decision="error".
 ERROR_REASONS = frozenset({
     "credential_unavailable", "internal_error", "store_unavailable", "audit_unavailable", "not_configured",
+    "dns_failed", "dns_timeout",
 })
 DECISIONS = frozenset({"allowed", "injected", "denied", "error"})
 FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
 CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
-REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual"})
+REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual", "shutdown"})
 RELOAD_OUTCOMES = frozenset({"success", "error"})
+# Connection admission and deadlines (connlimits.py, admin.py): which listener, and why.
+LISTENERS = frozenset({"proxy", "admin", "admin_api"})
+CONN_REFUSAL_REASONS = frozenset({
+    "max_connections", "max_connections_per_client", "descriptor_limit", "shutting_down",
+})
+CONN_TIMEOUT_REASONS = frozenset({"handshake", "request_head", "idle"})
 # Why a grant was revoked, as a label: the admin API's free-text reason goes to the audit log only.
 GRANT_REVOCATION_REASONS = frozenset({"manual", "config_changed"})
 
@@ -163,12 +171,27 @@ class Metrics:
         self.store_errors = Counter(
             "secretless_store_errors_total", "Shared-store (Redis) operations that failed, by operation.",
             ["op"], registry=r)
+        self.conn_refused = Counter(
+            "secretless_connections_refused_total",
+            "Client connections closed at accept, by listener and reason (caps, descriptor limit, shutdown).",
+            ["listener", "reason"], registry=r)
+        self.conn_timeouts = Counter(
+            "secretless_connection_timeouts_total",
+            "Client connections closed for a missed deadline, by listener and phase (handshake, request_head, idle).",
+            ["listener", "reason"], registry=r)
+        self.open_connections = Gauge(
+            "secretless_open_connections", "Client connections open now, by listener.", ["listener"], registry=r)
         self.build_info.labels(*_versions()).set(1)
         # Zero-valued series for the closed vocabularies: rate() and alerts see a 0, not "no data".
         for reason in DENY_REASONS:
             self.denied.labels(reason)
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome)
+        for listener in LISTENERS:
+            for reason in CONN_REFUSAL_REASONS:
+                self.conn_refused.labels(listener, reason)
+            for reason in CONN_TIMEOUT_REASONS:
+                self.conn_timeouts.labels(listener, reason)
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -197,6 +220,18 @@ class Metrics:
     def store_error(self, op: str) -> None:
         """A shared-store operation failed (``op`` is the store's bounded operation name)."""
         self.store_errors.labels(op=op if op.isidentifier() and len(op) <= 32 else "other").inc()
+
+    def connection_refused(self, listener: str, reason: str) -> None:
+        self.conn_refused.labels(self._closed("listener", listener, LISTENERS),
+                                 self._closed("reason", reason, CONN_REFUSAL_REASONS)).inc()
+
+    def connection_timed_out(self, listener: str, reason: str) -> None:
+        self.conn_timeouts.labels(self._closed("listener", listener, LISTENERS),
+                                  self._closed("reason", reason, CONN_TIMEOUT_REASONS)).inc()
+
+    def track_open_connections(self, listener: str, count: Callable[[], int]) -> None:
+        """``secretless_open_connections{listener}`` read at scrape time from ``count``."""
+        self.open_connections.labels(self._closed("listener", listener, LISTENERS)).set_function(count)
 
     def cert_rejected(self, reason: str) -> None:
         self.cert_rejections.labels(self._closed("reason", reason, IDENTITY_REASONS)).inc()

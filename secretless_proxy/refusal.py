@@ -20,6 +20,9 @@ INTERNAL = "internal_error"
 NOT_CONFIGURED = "not_configured"
 STORE_UNAVAILABLE = "store_unavailable"
 GRANT_REQUIRED = "grant_required"
+DESTINATION_PRIVATE = "destination_private"  # 403: an address the rule may not reach (destination.py)
+DNS_FAILED = "dns_failed"  # 502: the decided host does not resolve
+DNS_TIMEOUT = "dns_timeout"  # 504: the resolver did not answer in time
 
 DENY_MESSAGES = {
     "no_rule": "no rule allows this workload to reach this destination",

@@ -54,6 +54,18 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
+
+def expand_user(text: str) -> Path:
+    """``Path(text).expanduser()``, with ``ValueError`` for a ``~user`` that does not exist.
+
+    ``expanduser()`` raises ``RuntimeError`` for an unknown user ("~ nobody", "~x/..."), which
+    would escape every parser that expects ``ValueError``.
+    """
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as exc:
+        raise ValueError(f"cannot expand {text[:100]!r}: the user after '~' does not exist") from exc
+
 @dataclass(frozen=True, kw_only=True)
 class SecretRef:
     """Where a secret comes from: ``env:NAME`` or ``file:/path``. Holds no value itself."""
@@ -77,7 +89,7 @@ class SecretRef:
             if not _ENV_NAME.match(target):
                 raise ValueError(f"invalid environment variable name {target!r} in {text!r}")
             return cls(scheme="env", target=target)
-        path = Path(target).expanduser()
+        path = expand_user(target)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         return cls(scheme="file", target=str(path))

@@ -146,11 +146,16 @@ class Services:
         except ConfigError as exc:
             for issue in exc.issues:
                 log.error("config reload rejected, still serving the previous config: %s", issue)
-            self.reload_error = f"{len(exc.issues)} error(s) in {self.config_path}"
+            self.reload_error = f"{len(exc.issues)} error(s) in {self.config_path}, first: {exc.issues[0]}"
             return False
         except (ValueError, OSError) as exc:
             log.error("config reload rejected, still serving the previous config: %s", exc)
             self.reload_error = str(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - whatever the cause, a failed reload is counted and shown
+            log.error("config reload rejected, still serving the previous config: %s: unexpected %s",
+                      self.config_path, type(exc).__name__)
+            self.reload_error = f"{self.config_path}: unexpected {type(exc).__name__}"
             return False
         old = self.runtime
         for what, before, after in (("listen", old.config.listen, runtime.config.listen),

@@ -4,6 +4,14 @@ PyYAML's ``safe_load`` forgets line numbers and silently keeps the last of two d
 Here the document is composed into nodes and converted by hand, so every value's line is known
 (for errors such as ``example.yaml:14 rules[2].inject.credential: ...``) and a duplicate key is
 an error instead of a silent override.
+
+Hostile input is bounded before PyYAML's recursive composer sees it: the text's size and its
+nesting depth (counted on the parser's events, which do not recurse) are checked first, and
+aliases cannot expand a document past ``MAX_DEPTH`` levels or ``MAX_VALUES`` values. Only the
+plain types of the YAML 1.2 core schema are accepted (null, booleans, integers, floats, strings,
+lists, mappings); any other tag (``!!binary``, ``!!timestamp``, ``!!set``, ``!!python/...``,
+local ``!tags``) is an error at its line, and so is a core tag on a value it cannot hold
+(``!!bool maybe``). Unquoted dates stay strings, as in YAML 1.2.
 """
 
 from __future__ import annotations
@@ -119,15 +127,67 @@ class Source:
         return value
 
 
+# A config file is a few kilobytes and a handful of levels deep; these bounds are far above any
+# real one and far below what exhausts memory or Python's recursion limit (about 1,000 frames).
+MAX_BYTES = 1024 * 1024
+MAX_DEPTH = 64
+
+_CORE = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {_CORE + t for t in ("null", "bool", "int", "float", "str")}
+_COLLECTION_TAGS = {yaml.SequenceNode: _CORE + "seq", yaml.MappingNode: _CORE + "map"}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without the YAML 1.1 implicit types outside the 1.2 core schema.
+
+    An unquoted ``2024-01-01`` or ``=`` stays a string instead of becoming a timestamp or a
+    ``!!value``; ``<<`` still resolves to the merge tag, so that it is reported, not applied.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in (_CORE + "timestamp", _CORE + "value")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
+
+
+def _check_depth(text: str, *, file: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH before anything recursive reads it."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError([ConfigIssue(
+                    file=file, line=event.start_mark.line + 1, path="",
+                    message=f"the document is nested more than {MAX_DEPTH} levels deep; refusing to read it",
+                )])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def load(text: str, *, file: str) -> Source:
-    """Parse one YAML document; syntax errors and duplicate keys become ConfigError."""
+    """Parse one YAML document; syntax errors, duplicate keys and hostile shapes become ConfigError."""
+    if len(text) > MAX_BYTES:
+        raise ConfigError([ConfigIssue(
+            file=file, line=None, path="",
+            message=f"the file is larger than {MAX_BYTES // 1024} KiB; refusing to read it",
+        )])
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_depth(text, file=file)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
+        mark, start = exc.problem_mark, exc.context_mark
+        context = exc.context or ""
+        if context and start is not None and (mark is None or start.line != mark.line):
+            context += f" that starts on line {start.line + 1}"  # where the mistake usually is
         raise ConfigError([ConfigIssue(
             file=file, line=mark.line + 1 if mark else None, path="",
-            message=f"invalid YAML: {exc.problem}" + (f" ({exc.context})" if exc.context else ""),
+            message=f"invalid YAML: {exc.problem}" + (f" ({context})" if context else ""),
         )]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue(file=file, line=None, path="", message=f"invalid YAML: {exc}")]) from exc
@@ -137,6 +197,11 @@ def load(text: str, *, file: str) -> Source:
         src.raise_if_issues()
     try:
         src.data = _convert(node, (), src, yaml.constructor.SafeConstructor(), set())
+    except _TooDeep as exc:
+        raise ConfigError([ConfigIssue(
+            file=file, line=src.lines.get(exc.top), path=render_path(exc.top),
+            message=f"YAML aliases nest this value more than {MAX_DEPTH} levels deep; write it out",
+        )]) from None
     except _TooLarge:
         raise ConfigError([ConfigIssue(
             file=file, line=None, path="",
@@ -153,12 +218,22 @@ class _TooLarge(Exception):
     pass
 
 
+class _TooDeep(Exception):
+    def __init__(self, top: Path_) -> None:
+        self.top = top
+
+
 def _convert(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.SafeConstructor,
              open_nodes: set[int]) -> Any:
     src.lines.setdefault(path, node.start_mark.line + 1)
     if len(src.lines) > MAX_VALUES:
         raise _TooLarge
+    if len(path) > MAX_DEPTH:  # reached through aliases: the text itself was checked already
+        raise _TooDeep(path[:1])
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if node.tag != _COLLECTION_TAGS[type(node)]:
+            src.error(path, f"unsupported YAML tag '{_tag_name(node.tag)}' (plain lists and mappings only)")
+            return None
         # An alias inside its own anchor (`&a [*a]`) would recurse until RecursionError.
         if id(node) in open_nodes:
             src.error(path, "a YAML alias refers to its own anchor; write the value out")
@@ -168,10 +243,21 @@ def _convert(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.S
             return _convert_collection(node, path, src, ctor, open_nodes)
         finally:
             open_nodes.discard(id(node))
+    return _scalar(node, path, src, ctor)
+
+
+def _scalar(node: yaml.Node, path: Path_, src: Source, ctor: yaml.constructor.SafeConstructor,
+            *, line: int | None = None) -> Any:
+    """A scalar of the core schema, or None with an issue recorded (never an exception)."""
+    if node.tag not in _SCALAR_TAGS:
+        src.error(path, f"unsupported YAML tag '{_tag_name(node.tag)}' "
+                        "(plain strings, numbers, booleans and null only)", line=line)
+        return None
     try:
         return ctor.construct_object(node, deep=True)
-    except yaml.constructor.ConstructorError as exc:
-        src.error(path, f"unsupported YAML value ({exc.problem})")
+    except Exception as exc:  # noqa: BLE001 - PyYAML raises KeyError/ValueError for `!!bool maybe`
+        shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+        src.error(path, f"{shown!r} is not a valid {_tag_name(node.tag)} ({type(exc).__name__})", line=line)
         return None
 
 
@@ -188,7 +274,10 @@ def _convert_collection(node: yaml.MappingNode | yaml.SequenceNode, path: Path_,
             if not isinstance(key_node, yaml.ScalarNode):
                 src.error(path, "mapping keys must be plain strings", line=key_line)
                 continue
-            key = str(ctor.construct_object(key_node))
+            key_value = _scalar(key_node, path, src, ctor, line=key_line)
+            if key_value is None and key_node.tag != _CORE + "null":
+                continue
+            key = str(key_value)
             kpath = path + (key,)
             if key in out:
                 src.error(kpath, f"duplicate key '{key}' (first defined on line {src.lines[kpath]})",

@@ -31,6 +31,7 @@ from secretless_proxy import certs  # noqa: E402
 BIN = Path(sys.executable).parent
 SECRET = "sk_test_51SECRETvalue0123456789"
 LISTENING = re.compile(r"secretless-proxy listening on [^\s:]+:(\d+)")
+LOOPBACK_NETS = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass
@@ -86,7 +87,9 @@ def base_config(pki: Pki, *, rules: list[dict], credentials: dict | None = None,
         "version": 1,
         "identity": {"trust_bundle": str(pki.trust_bundle), "trust_domains": ["example.org"]},
         "interception_ca": str(pki.interception_dir),
-        "upstream": {"ca_bundle": str(pki.upstream_ca_file)},
+        # The test upstreams listen on loopback, which is refused by default (issue 16): allowed here
+        # explicitly, as a test-only operator allowance; test_e2e_destination.py runs without it.
+        "upstream": {"ca_bundle": str(pki.upstream_ca_file), "allow_private": list(LOOPBACK_NETS)},
         "credentials": credentials if credentials is not None else {"stripe": {"kind": "static", "secret": "env:TEST_STRIPE_KEY"}},
         "rules": rules,
         "default": "deny",
@@ -120,9 +123,10 @@ class ProxyProcess:
                 self.proc.wait()
 
 
-def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20) -> ProxyProcess:
+def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20,
+                cwd: Path | None = None) -> ProxyProcess:
     with open(log_path, "wb") as fh:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL, cwd=cwd)
     p = ProxyProcess(proc=proc, log_path=log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,7 +146,10 @@ def proxy_factory(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., ProxyProce
     """Start a proxy with a config dict; ``via="mitmdump"`` uses the plain -s entry script."""
     started: list[ProxyProcess] = []
 
-    def start(config: dict, *, env: dict[str, str] | None = None, via: str = "run") -> ProxyProcess:
+    def start(config: dict, *, env: dict[str, str] | None = None, via: str = "run",
+              wrap: tuple[str, ...] = (), cwd: Path | None = None) -> ProxyProcess:
+        """``wrap`` prefixes the command (e.g. ``("prlimit", "--nofile=256", "--")``); the proxy
+        keeps the pid (prlimit execs it). ``cwd`` is the proxy's working directory."""
         n = len(started)
         cfg_path = tmp_path / f"config{n}.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -155,7 +162,7 @@ def proxy_factory(pki: Pki, tmp_path: Path) -> Iterator[Callable[..., ProxyProce
             cmd = [str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "-p", "0",
                    "-s", str(Path(__file__).parents[1] / "addons" / "secretless.py"),
                    "--set", f"secretless_config={cfg_path}"]
-        p = start_proxy(cmd, log_path=tmp_path / f"proxy{n}.log", env=full_env)
+        p = start_proxy([*wrap, *cmd], log_path=tmp_path / f"proxy{n}.log", env=full_env, cwd=cwd)
         p.secrets = (SECRET, *(env or {}).values())
         started.append(p)
         return p
@@ -228,3 +235,69 @@ def request_context(spiffe_id: str = "spiffe://example.org/ns/prod/sa/billing", 
     workload = Workload(spiffe_id=spiffe_id, trust_domain=td, path="/" + wl_path,
                         not_after=time.time() + 3600 if not_after is None else not_after, cert_sha256="00")
     return RequestContext(workload=workload, host=host, port=443, method="GET", path=path, rule=rule)
+
+
+# -- a real DNS server on loopback (dnsmasq) --------------------------------------------------
+
+# name → addresses, answered by the session's dnsmasq (authoritative for these zones, NXDOMAIN
+# for other names in them). One host-record line per address, so a name may have several.
+DNS_ZONES = ("example.com", "dest.test")
+DNS_RECORDS: dict[str, tuple[str, ...]] = {
+    "api.example.com": ("127.0.0.1",),
+}
+
+
+@dataclass
+class DnsServer:
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def nameserver(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def queries(self, name: str) -> int:
+        """How many queries for ``name`` dnsmasq has logged so far."""
+        return sum(1 for line in self.log_path.read_text(errors="replace").splitlines()
+                   if re.search(rf"query\[\w+\] {re.escape(name)} from", line))
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_dnsmasq(records: dict[str, tuple[str, ...]], *, log_path: Path, zones=DNS_ZONES, ttl: int = 300) -> DnsServer:
+    """dnsmasq on 127.0.0.1:<free port>, no upstream servers, no /etc/hosts, query log to a file."""
+    assert Path("/usr/sbin/dnsmasq").exists(), "dnsmasq is required (Makefile SYSTEM_DEPS)"
+    port = free_udp_port()
+    args = ["/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+            "--no-negcache", "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={port}", "--pid-file=",
+            "--log-queries", f"--log-facility={log_path}", f"--local-ttl={ttl}", "--user=" + os.environ.get("USER", "root")]
+    args += [f"--local=/{z}/" for z in zones]
+    for name, addrs in records.items():
+        args += [f"--host-record={name},{a}" for a in addrs]
+    err = log_path.with_suffix(".stderr")
+    with open(err, "wb") as fh:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=fh, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"dnsmasq exited: {err.read_text(errors='replace')}")
+        if log_path.exists() and "started" in log_path.read_text(errors="replace"):
+            return DnsServer(port=port, proc=proc, log_path=log_path)
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("dnsmasq did not start")
+
+
+@pytest.fixture(scope="session")
+def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
+    """The session's DNS server, answering DNS_RECORDS (test modules with other names start their own)."""
+    log_path = tmp_path_factory.mktemp("dns") / "dnsmasq.log"
+    server = start_dnsmasq(DNS_RECORDS, log_path=log_path)
+    yield server
+    server.proc.terminate()
+    server.proc.wait(timeout=10)

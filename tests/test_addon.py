@@ -42,10 +42,12 @@ def write_config(tmp_path, pki, **over) -> str:
 
 
 @pytest.fixture
-async def addon_ctx(tmp_path, pki, env):
+async def addon_ctx(tmp_path, pki, env, dnsmasq):
     addon = Secretless()
     with taddons.context(Proxyserver(), TlsConfig(), addon) as tctx:
-        tctx.configure(addon, secretless_config=write_config(tmp_path, pki))
+        # api.example.com resolves (through the test's dnsmasq) to loopback, which base_config allows.
+        upstream = base_config(pki, rules=[])["upstream"] | {"resolver": {"nameservers": [dnsmasq.nameserver]}}
+        tctx.configure(addon, secretless_config=write_config(tmp_path, pki, upstream=upstream))
         await addon.services.start()
         yield addon, tctx
         await addon.services.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from secretless_proxy.certs import Issued, make_ca, write_ca
-from secretless_proxy.config import load_config
+from secretless_proxy.config import LimitsConfig, load_config
 from secretless_proxy.errors import ConfigError, ConfigIssue
 
 CLI = Path(sys.executable).with_name("secretless-proxy")
@@ -813,9 +813,28 @@ class TestLimits:
         ("  max_conections: 5", "did you mean 'max_connections'"),
         ("  max_connections: 5\n  max_connections_per_client: 6", "must not exceed limits.max_connections (5)"),
         ("  revoke_on_shutdown: yes please", "limits.revoke_on_shutdown: must be true or false"),
+        ("  admin_max_connections: 1", "limits.admin_max_connections: must be an integer from 2"),
+        ("  admin_max_connections: 4\n  admin_max_connections_per_client: 5",
+         "must not exceed limits.admin_max_connections (4)"),
     ])
     def test_bad_values_named(self, valid_dir: Path, line: str, fragment: str) -> None:
         """A wrong limit is reported with its key path and what would be valid."""
         text = (valid_dir / FILE).read_text() + "limits:\n" + line + "\n"
         with pytest.raises(ConfigError, match=re.escape(fragment)):
+            load_config(write(valid_dir, text))
+
+    def test_admin_limits_land_in_fields(self, valid_dir: Path) -> None:
+        """The admin listeners' caps are read into their own fields, with defaults below the proxy's."""
+        assert LimitsConfig().admin_max_connections_per_client <= LimitsConfig().admin_max_connections
+        text = (valid_dir / FILE).read_text() + "limits:\n  admin_max_connections: 10\n  admin_max_connections_per_client: 3\n"
+        lim = load_config(write(valid_dir, text)).limits
+        assert (lim.admin_max_connections, lim.admin_max_connections_per_client) == (10, 3)
+
+    def test_revoke_on_shutdown_needs_memory_store(self, valid_dir: Path) -> None:
+        """revoke_on_shutdown with a shared store is refused: one replica stopping would revoke for all."""
+        (valid_dir / "secrets" / "store.key").write_text("ab" * 32 + "\n")
+        text = (valid_dir / FILE).read_text().replace(
+            "store: memory://", "store: {url: 'redis://127.0.0.1:1/0', encryption_keys: {k1: file:secrets/store.key}}") + (
+            "limits:\n  revoke_on_shutdown: true\n")
+        with pytest.raises(ConfigError, match=r"limits\.revoke_on_shutdown: needs store: memory://"):
             load_config(write(valid_dir, text))

@@ -318,6 +318,15 @@ class TestKubernetes:
             assert any(p.startswith(m.rstrip("/") + "/") for m in mounts), p
         assert c["args"][:3] == ["run", "--config", "/etc/secretless/config.yaml"]
 
+    def test_grace_period_outlasts_the_drain(self, k8s_config: dict) -> None:
+        """terminationGracePeriodSeconds covers preStop, limits.drain_seconds and the revocation timeout."""
+        pod = k8s("Deployment")["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop[0] == "sleep"
+        budget = float(pre_stop[1]) + k8s_config["limits"]["drain_seconds"] + k8s_config["broker"]["timeout_seconds"]
+        assert pod["terminationGracePeriodSeconds"] > budget
+
     def test_kustomize_renders(self) -> None:
         """kubectl kustomize renders the example (skipped without kubectl)."""
         kubectl = shutil.which("kubectl")
@@ -337,6 +346,15 @@ class TestSystemd:
         assert argv[0].endswith("/secretless-proxy")
         args = build_parser().parse_args(argv[1:])
         assert (args.command, args.config) == ("run", "/etc/secretless/config.yaml")
+
+    def test_stop_timeout_outlasts_the_drain(self) -> None:
+        """TimeoutStopSec is longer than the default limits.drain_seconds, and core files are off."""
+        from secretless_proxy.config import LimitsConfig
+
+        lines = UNIT.read_text().splitlines()
+        (stop,) = [x for x in lines if x.startswith("TimeoutStopSec=")]
+        assert float(stop.removeprefix("TimeoutStopSec=").removesuffix("s")) > LimitsConfig().drain_seconds + 5
+        assert "LimitCORE=0" in lines
 
     def test_systemd_analyze_verify(self, tmp_path: Path) -> None:
         """systemd-analyze verify finds nothing wrong but the binary's install path (skipped without it)."""

@@ -589,7 +589,7 @@ class TestReadiness:
         replace(good)
         wait_for(lambda: admin.get("/readyz").status_code == 200, what="/readyz 200 again")
         assert admin.get("/readyz").json() == {"ready": True, "failing": [], "checks": {
-            "audit": "ok", "config": "ok", "interception_ca": "ok", "store": "ok", "trust_bundle": "ok"}}
+            "audit": "ok", "config": "ok", "draining": "ok", "interception_ca": "ok", "store": "ok", "trust_bundle": "ok"}}
         assert admin.get("/healthz").status_code == 200
         assert admin.scrape().value("secretless_ready") == 1
 
@@ -641,3 +641,33 @@ class TestRequestId:
         assert "X-Secretless-Request-Id" not in r.headers  # README: transport failures are mitmproxy's page
         assert SECRET not in r.text
         wait_for(lambda: f"request {rid} to localhost:{dead} failed upstream" in proxy.output(), what="log line")
+
+
+class TestHostileReload:
+    def test_deep_and_tagged_files_are_counted_shown_and_logged(self, proxy_factory, pki, upstream):
+        """A live reload of a 1,000-level or a tagged file is counted as an error, named in /readyz with
+        file:line, logged with file:line, and the previous config keeps serving."""
+        proxy = start(proxy_factory, base_config(pki, rules=[inject_rule(upstream)]))
+        name = proxy.config_path.name
+        before = proxy.admin.scrape().value("secretless_config_reloads_total", outcome="error")
+        hostile = [
+            ("version: 1\nidentity: " + "[" * 1000 + "]" * 1000 + "\n",
+             f"{name}:2: the document is nested more than 64 levels deep"),
+            ("version: 1\nidentity: !!python/object/apply:os.system ['true']\nrules: []\n",
+             f"{name}:2 identity: unsupported YAML tag '!!python/object/apply:os.system'"),
+            ("version: !!bool maybe\nidentity: {}\nrules: []\n", f"{name}:1 version: 'maybe' is not a valid !!bool"),
+        ]
+        for n, (text, located) in enumerate(hostile, start=1):
+            proxy.rewrite(text)
+            wait_for(lambda n=n: proxy.admin.scrape().value("secretless_config_reloads_total", outcome="error")
+                     >= before + n, what=f"hostile file {n} rejected")
+            ready = proxy.admin.get("/readyz")
+            assert ready.status_code == 503 and "config" in ready.json()["failing"]
+            assert located in ready.json()["checks"]["config"]
+            assert re.search("config reload rejected, still serving the previous config: " + re.escape(located),
+                             proxy.output())
+            with client(proxy, pki, pki.svid(BILLING)) as s:
+                assert s.get(f"{upstream.url}/v1/charges", timeout=10).status_code == 200
+        assert proxy.alive
+        output = proxy.output()
+        assert "Traceback" not in output and "RecursionError" not in output

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from conftest import SECRET, Pki
+from conftest import LOOPBACK_NETS, SECRET, Pki
 from e2e_helpers_broker import TimedIdP, free_port, metric
 from e2e_helpers_replicas import (
     ADMIN,
@@ -90,7 +90,7 @@ def fleet_config(pki: Pki, upstream: Any, idp: TimedIdP, redis_url: str, *, audi
         "version": 1,
         "identity": {"trust_bundle": str(pki.trust_bundle), "trust_domains": ["example.org"]},
         "interception_ca": str(pki.interception_dir),
-        "upstream": {"ca_bundle": str(pki.upstream_ca_file)},
+        "upstream": {"ca_bundle": str(pki.upstream_ca_file), "allow_private": list(LOOPBACK_NETS)},  # loopback upstreams
         "store": {"url": redis_url, "encryption_keys": {"k1": "env:SECRETLESS_STORE_KEY"}, "active_key": "k1"},
         "credentials": {
             "stripe": {"kind": "static", "secret": "env:TEST_STRIPE_KEY"},

@@ -38,7 +38,7 @@ def config(tmp_path_factory) -> Path:
 
 
 def explain(config: Path, url: str, *, workload: str, method: str = "GET") -> tuple[int, str]:
-    r = subprocess.run([str(CLI), "explain", "--config", str(config), "--workload", workload, "--method", method, url],
+    r = subprocess.run([str(CLI), "explain", "--no-resolve", "--config", str(config), "--workload", workload, "--method", method, url],
                        capture_output=True, text=True, timeout=60)
     assert "Traceback" not in r.stderr
     return r.returncode, r.stdout + r.stderr

@@ -26,11 +26,15 @@ def url(src: Source, p: Path_, value: Any, *, https_only: bool = True) -> str | 
     s = src.string(p, value)
     if s is None:
         return None
-    parts = urlsplit(s)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    try:
+        parts = urlsplit(s)
+        hostname, _ = parts.hostname, parts.port
+    except ValueError:  # "Invalid IPv6 URL" (an unbalanced '['), or a port that is not 0-65535
+        hostname = None
+    if not hostname or parts.scheme not in ("https", "http"):
         src.error(p, f"must be an absolute https:// URL, got {s!r}")
         return None
-    if parts.scheme == "http" and https_only and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if parts.scheme == "http" and https_only and hostname not in ("127.0.0.1", "localhost", "::1"):
         src.error(p, f"{s!r} would send credentials in plaintext: use https:// (http:// is allowed for loopback only)")
         return None
     return s

@@ -141,8 +141,11 @@ def _parse_endpoint(src: Source, p: Path_, m: dict[str, Any], base: Path, *, exc
         kw["audience"] = tuple(aud)
     if "resource" in m and (res := src.string_list(p + ("resource",), m["resource"])) is not None:
         for i, r in enumerate(res):
-            parts = urlsplit(r)
-            if not parts.scheme or not (parts.netloc or parts.path) or parts.fragment or "#" in r:
+            try:
+                parts = urlsplit(r)
+            except ValueError:  # an unbalanced '[' in the authority
+                parts = None
+            if parts is None or not parts.scheme or not (parts.netloc or parts.path) or parts.fragment or "#" in r:
                 # RFC 8707 §2: an absolute URI without a fragment.
                 src.error(p + ("resource", i), f"must be an absolute URI without a fragment, got {r!r}")
         kw["resource"] = tuple(res)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..credentials import fields
 from ..errors import SecretUnavailable
-from ..secrets import SecretRef
+from ..secrets import SecretRef, expand_user
 from ..yamlsource import Path_, Source
 from .base import (
     EVENTS,
@@ -223,7 +223,11 @@ def _tls(src: Source, p: Path_, value: Any, base_dir: Path, cls: type[TlsFiles])
         s = src.string(p + (name,), m[name])
         if s is None:
             return None
-        path = Path(s).expanduser()
+        try:
+            path = expand_user(s)
+        except ValueError as exc:
+            src.error(p + (name,), str(exc))
+            return None
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             src.error(p + (name,), f"file {path} does not exist")

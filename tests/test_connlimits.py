@@ -1,0 +1,262 @@
+"""In-process tests of connection admission, deadlines, the EMFILE handler and admin-listener eviction.
+
+The real-process behaviour (slowloris, prlimit, SIGTERM) is in test_edge_limits.py; these pin
+the rules themselves with mitmproxy's tflow clients and real loopback sockets for the admin
+listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from dataclasses import replace
+
+import httpx
+import pytest
+from mitmproxy.test import taddons, tflow
+from prometheus_client import CollectorRegistry
+
+from secretless_proxy.admin import AdminServer
+from secretless_proxy.config import LimitsConfig
+from secretless_proxy.connlimits import FD_RESERVE, AcceptErrors, ConnectionGuard, RateLimitedLog, descriptor_budget
+from secretless_proxy.metrics import Metrics
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refused(m: Metrics, reason: str, listener: str = "proxy") -> float:
+    return m.registry.get_sample_value("secretless_connections_refused_total",
+                                       {"listener": listener, "reason": reason}) or 0.0
+
+
+def client(peer: str = "127.0.0.1"):
+    c = tflow.tclient_conn()
+    c.peername = (peer, 40000)
+    return c
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+class TestRateLimitedLog:
+    def test_one_line_per_interval_with_the_count(self, caplog) -> None:
+        """Repeats within the interval are counted, and the next line says how many it stands for."""
+        clock = Clock()
+        rlog = RateLimitedLog(logging.getLogger("t"), every=10, clock=clock)
+        with caplog.at_level(logging.WARNING, logger="t"):
+            for _ in range(500):
+                rlog.warning("k", "refusing")
+            clock.now += 10
+            rlog.warning("k", "refusing")
+        assert [r.getMessage() for r in caplog.records] == ["refusing", "refusing (499 more since the last such line)"]
+
+    def test_keys_are_independent(self, caplog) -> None:
+        """A different kind of event is not hidden by another's interval."""
+        rlog = RateLimitedLog(logging.getLogger("t"), every=10, clock=Clock())
+        with caplog.at_level(logging.WARNING, logger="t"):
+            rlog.warning("a", "A")
+            rlog.warning("b", "B")
+        assert [r.getMessage() for r in caplog.records] == ["A", "B"]
+
+
+class TestAcceptErrors:
+    def _handler(self, metrics: Metrics):
+        seen: list[dict] = []
+        h = AcceptErrors(metrics, RateLimitedLog(logging.getLogger("t")))
+        h._previous = lambda loop, ctx: seen.append(ctx)
+        return h, seen
+
+    def test_emfile_counted_once_per_pause_and_not_passed_on(self, metrics: Metrics) -> None:
+        """asyncio's 100 reports per wakeup count as one descriptor_limit pause and reach no other handler."""
+        h, seen = self._handler(metrics)
+        ctx = {"message": AcceptErrors.MESSAGE, "exception": OSError(errno.EMFILE, "Too many open files")}
+        for _ in range(100):
+            h(None, ctx)
+        assert refused(metrics, "descriptor_limit") == 1
+        assert seen == []
+
+    def test_admin_port_is_labelled(self, metrics: Metrics) -> None:
+        """An accept failure on an admin listener's socket is counted under that listener."""
+        h, _ = self._handler(metrics)
+        h.listeners = {9464: "admin"}
+
+        class Sock:
+            def getsockname(self):
+                return ("127.0.0.1", 9464)
+
+        h(None, {"message": AcceptErrors.MESSAGE, "socket": Sock(), "exception": OSError(errno.EMFILE, "x")})
+        assert refused(metrics, "descriptor_limit", "admin") == 1
+
+    def test_other_errors_go_to_the_previous_handler(self, metrics: Metrics) -> None:
+        """Anything else is mitmproxy's business, unchanged."""
+        h, seen = self._handler(metrics)
+        ctx = {"message": "Task exception was never retrieved", "exception": RuntimeError("boom")}
+        h(None, ctx)
+        assert seen == [ctx]
+
+
+class TestDescriptorBudget:
+    def test_two_descriptors_per_connection_after_the_reserve(self) -> None:
+        """256 descriptors with one admin listener of 64 carry 72 client connections."""
+        assert descriptor_budget(256, 1, 64) == (256 - FD_RESERVE - 64) // 2 == 72
+
+    def test_never_zero(self) -> None:
+        """A tiny limit still admits one connection rather than none."""
+        assert descriptor_budget(16, 2, 64) == 1
+
+
+class TestAdmission:
+    def guard(self, metrics: Metrics, **limits) -> ConnectionGuard:
+        lim = replace(LimitsConfig(), **limits)
+        return ConnectionGuard(metrics, lambda: lim)
+
+    def test_per_client_cap(self, metrics: Metrics) -> None:
+        """The (n+1)th connection from one address is refused; another address is admitted."""
+        g = self.guard(metrics, max_connections=10, max_connections_per_client=2)
+        conns = [client("10.0.0.1") for _ in range(3)]
+        for c in conns:
+            g.client_connected(c)
+        assert [c.error for c in conns] == [None, None, "refused: max_connections_per_client"]
+        other = client("10.0.0.2")
+        g.client_connected(other)
+        assert other.error is None and g.open_connections == 3
+        assert refused(metrics, "max_connections_per_client") == 1
+
+    def test_ipv4_mapped_ipv6_is_the_same_client(self, metrics: Metrics) -> None:
+        """::ffff:10.0.0.1 and 10.0.0.1 share one per-client budget."""
+        g = self.guard(metrics, max_connections=10, max_connections_per_client=1)
+        a, b = client("10.0.0.1"), client("::ffff:10.0.0.1")
+        g.client_connected(a)
+        g.client_connected(b)
+        assert (a.error, b.error) == (None, "refused: max_connections_per_client")
+
+    def test_global_cap_and_release(self, metrics: Metrics) -> None:
+        """At max_connections the next is refused; a disconnect frees a slot."""
+        g = self.guard(metrics, max_connections=2, max_connections_per_client=2)
+        a, b, c = client("10.0.0.1"), client("10.0.0.2"), client("10.0.0.3")
+        for x in (a, b, c):
+            g.client_connected(x)
+        assert c.error == "refused: max_connections"
+        g.client_disconnected(a)
+        d = client("10.0.0.3")
+        g.client_connected(d)
+        assert d.error is None
+
+    def test_descriptor_cap_lowers_the_configured_one(self, metrics: Metrics) -> None:
+        """The effective cap is the smaller of max_connections and what the descriptors carry."""
+        g = self.guard(metrics, max_connections=4096)
+        g.fd_cap = 1
+        a, b = client("10.0.0.1"), client("10.0.0.2")
+        g.client_connected(a)
+        g.client_connected(b)
+        assert (a.error, b.error) == (None, "refused: max_connections")
+
+    def test_draining_refuses_everything(self, metrics: Metrics) -> None:
+        """During a shutdown drain no new connection is admitted."""
+        g = self.guard(metrics)
+        g.draining = True
+        c = client()
+        g.client_connected(c)
+        assert c.error == "refused: shutting_down"
+        assert refused(metrics, "shutting_down") == 1
+
+    def test_admission_bug_refuses(self, metrics: Metrics) -> None:
+        """If admission itself fails, the connection is closed, never admitted."""
+        g = ConnectionGuard(metrics, lambda: 1 / 0)  # type: ignore[arg-type,return-value]
+        c = client()
+        g.client_connected(c)
+        assert c.error == "admission failed"
+
+
+class TestPhases:
+    def test_request_lifecycle(self, metrics: Metrics) -> None:
+        """Handshake deadline at accept, none while a request is in flight, idle deadline after it."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            f = tflow.tflow()
+            g.client_connected(f.client_conn)
+            conn = g._conns[f.client_conn]
+            assert (conn.phase, conn.deadline is not None) == ("handshake", True)
+            g.requestheaders(f)
+            assert (conn.phase, conn.deadline, g.in_flight()) == ("active", None, 1)
+            g.response(f)
+            assert (conn.phase, g.in_flight()) == ("idle", 0)
+            assert conn.deadline is not None
+
+    def test_refused_head_keeps_a_deadline_for_its_body(self, metrics: Metrics) -> None:
+        """A request answered on its head (flow.response set) gets request_head_timeout for the body it owes."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            f = tflow.tflow(resp=True)
+            g.client_connected(f.client_conn)
+            g.requestheaders(f)
+            conn = g._conns[f.client_conn]
+            assert (conn.phase, conn.deadline is not None) == ("request_head", True)
+
+    def test_websocket_is_in_flight_until_it_ends(self, metrics: Metrics) -> None:
+        """An open WebSocket is never idle; its end starts the idle deadline."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            f = tflow.twebsocketflow()
+            g.client_connected(f.client_conn)
+            g.requestheaders(f)
+            g.response(f)
+            g.websocket_start(f)
+            conn = g._conns[f.client_conn]
+            assert (conn.phase, conn.deadline, g.in_flight()) == ("active", None, 1)
+            g.websocket_end(f)
+            assert (conn.phase, g.in_flight()) == ("idle", 0)
+
+    def test_connect_restarts_the_handshake_clock(self, metrics: Metrics) -> None:
+        """A CONNECT head is not a request in flight: the inner handshake gets its own deadline."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            f = tflow.tflow()
+            f.request.method = "CONNECT"
+            g.client_connected(f.client_conn)
+            g.http_connect(f)
+            g.requestheaders(f)
+            conn = g._conns[f.client_conn]
+            assert (conn.phase, conn.tunnelled, g.in_flight()) == ("handshake", True, 0)
+
+
+class TestAdminEviction:
+    async def test_full_listener_evicts_the_oldest_silent_connection(self, metrics: Metrics) -> None:
+        """With every slot held by silent connections, a probe is answered and the oldest silent one is closed."""
+        server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
+        server.set_limits(max_connections=4, max_per_client=5, metrics=metrics)
+        host, port = await server.start()
+        held = [await asyncio.open_connection(host, port) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        try:
+            async with httpx.AsyncClient(timeout=3) as c:
+                assert (await c.get(f"http://{host}:{port}/healthz")).status_code == 200
+            assert await asyncio.wait_for(held[0][0].read(), 2) == b""  # the oldest was closed
+            assert refused(metrics, "max_connections", "admin") == 1
+        finally:
+            for _, w in held:
+                w.close()
+            await server.close()
+
+    async def test_per_client_cap_on_the_admin_listener(self, metrics: Metrics) -> None:
+        """One address gets max_per_client connections; the next is closed at once."""
+        server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
+        server.set_limits(max_connections=10, max_per_client=2, metrics=metrics)
+        host, port = await server.start()
+        held = [await asyncio.open_connection(host, port) for _ in range(3)]
+        try:
+            assert await asyncio.wait_for(held[2][0].read(), 2) == b""
+            assert refused(metrics, "max_connections_per_client", "admin") == 1
+        finally:
+            for _, w in held:
+                w.close()
+            await server.close()

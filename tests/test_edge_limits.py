@@ -1,0 +1,510 @@
+"""Hostile clients against the proxy's connection limits, deadlines, shutdown and process hardening.
+
+Issue 8 §4, §5 and §7, each against a real proxy process on loopback: raw sockets and real TLS
+for slowloris variants, many source addresses on 127.0.0.0/8 for per-client caps, ``prlimit``
+for the descriptor limit, SIGTERM with requests in flight at a real slow TLS upstream, and a
+real SIGABRT for core dumps. Attackers connect from 127.0.0.2 and up; the honest client and
+the probes from 127.0.0.1, as a kubelet and a workload would from their own addresses.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import base_config, curl, http_exchange, tunnel
+from idp import IdP
+from slow_upstream import SlowUpstream
+
+from secretless_proxy import certs
+
+BILLING = "spiffe://example.org/ns/prod/sa/billing"
+ADMIN = "spiffe://example.org/ns/ops/sa/admin"
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: prctl, prlimit, 127.0.0.0/8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def allow_rule(port: int) -> dict:
+    return {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": port},
+            "action": "allow"}
+
+
+def config(pki, port: int, *, limits: dict | None = None, admin: dict | None = None, **extra) -> dict:
+    cfg = base_config(pki, rules=[allow_rule(port)], **extra)
+    cfg["admin"] = admin or {"listen": f"127.0.0.1:{free_port()}"}
+    if limits:
+        cfg["limits"] = limits
+    return cfg
+
+
+def admin_url(proxy) -> str:
+    m = re.search(r"admin listener on ([\d.]+:\d+)", proxy.output())
+    assert m, proxy.output()
+    return f"http://{m.group(1)}"
+
+
+def probe(url: str) -> int:
+    """One liveness/readiness probe as a kubelet sends it: a fresh connection, 2 s budget; 0 = failed."""
+    try:
+        return requests.get(url, timeout=2, proxies={"http": None, "https": None}).status_code
+    except requests.RequestException:
+        return 0
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = requests.get(url + "/metrics", timeout=5).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(name + ("{" + want + "}" if labels else " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{want}}} not exported")
+
+
+_OPEN: list[socket.socket] = []  # every socket a test opens, closed at teardown however it ends
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def connect_from(src: str, port: int) -> socket.socket:
+    s = socket.socket()
+    _OPEN.append(s)
+    s.bind((src, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def closed_within(sock: socket.socket, seconds: float, *, trickle: bytes = b"") -> bool:
+    """Whether the peer closes ``sock`` within ``seconds`` (writing ``trickle`` a byte at a time meanwhile)."""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.2)
+    i = 0
+    while time.monotonic() < deadline:
+        if i < len(trickle):
+            try:
+                sock.sendall(trickle[i:i + 1])
+            except OSError:
+                return True
+            i += 1
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def session(pki, proxy, cert) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.proxies = {"https": proxy.url}
+    s.verify = pki.interception_ca_cert
+    s.cert = cert
+    return s
+
+
+def open_tunnel(proxy, port: int, pki) -> ssl.SSLSocket:
+    t = tunnel(proxy.port, ("localhost", port), sni="localhost", ca=pki.interception_ca_cert, cert=pki.svid(BILLING))
+    _OPEN.append(t)
+    return t
+
+
+def get_on(sock: ssl.SSLSocket, path: str = "/v1/x") -> int:
+    return http_exchange(sock, f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")[0]
+
+
+# -- §4 deadlines --------------------------------------------------------------------------------
+
+
+class TestSlowloris:
+    @pytest.fixture
+    def proxy(self, proxy_factory, pki, upstream):
+        return proxy_factory(config(pki, upstream.port, limits={
+            "handshake_timeout_seconds": 1, "request_head_timeout_seconds": 1, "idle_timeout_seconds": 30}))
+
+    def test_stalled_tls_handshake_is_closed(self, proxy, pki, upstream):
+        """A proxy-hop client that stops inside its TLS ClientHello is closed at the handshake deadline."""
+        s = connect_from("127.0.0.2", proxy.port)
+        s.sendall(b"\x16\x03\x01\x02\x00\x01")  # a TLS record header and the first byte of a ClientHello
+        assert closed_within(s, 8), "a stalled TLS handshake was held open"
+        assert metric(admin_url(proxy), "secretless_connection_timeouts_total", listener="proxy", reason="handshake") >= 1
+
+    def test_trickled_connect_head_is_closed(self, proxy, pki, upstream):
+        """A CONNECT head sent one byte every 0.2 s never completes and is closed at the handshake deadline."""
+        s = connect_from("127.0.0.2", proxy.port)
+        head = f"CONNECT localhost:{upstream.port} HTTP/1.1\r\nHost: localhost\r\nX-Pad: {'a' * 200}\r\n\r\n"
+        assert closed_within(s, 8, trickle=head.encode()), "a trickled CONNECT head was held open"
+
+    def test_stalled_handshake_inside_tunnel_is_closed(self, proxy, pki, upstream):
+        """After a CONNECT, a client that never starts the inner TLS handshake is closed."""
+        s = connect_from("127.0.0.2", proxy.port)
+        s.sendall(f"CONNECT localhost:{upstream.port} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed_within(s, 8), "a tunnel without its TLS handshake was held open"
+
+    def test_trickled_request_head_on_keepalive_is_closed(self, proxy, pki, upstream):
+        """A second request head trickled on a kept-alive tunnel is cut at request_head_timeout, not idle (30 s)."""
+        t = open_tunnel(proxy, upstream.port, pki)
+        assert get_on(t) == 200
+        started = time.monotonic()
+        head = b"GET /v1/y HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 400 + b"\r\n\r\n"
+        assert closed_within(t, 10, trickle=head), "a trickled request head was held open"
+        assert time.monotonic() - started < 10  # far below the 30 s idle deadline
+        assert metric(admin_url(proxy), "secretless_connection_timeouts_total", listener="proxy",
+                      reason="request_head") >= 1
+        assert len(upstream.requests) == 1, "the trickled request reached the upstream"
+
+    def test_honest_client_is_served_during_slowloris(self, proxy, pki, upstream):
+        """While 50 connections trickle, a real client with a certificate is served at once."""
+        attackers = [connect_from("127.0.0.2", proxy.port) for _ in range(50)]
+        for a in attackers:
+            a.sendall(b"CONN")
+        cert, key = pki.svid(BILLING)
+        r = curl("--cacert", pki.interception_ca_cert, "--cert", cert, "--key", key, f"{upstream.url}/v1/x",
+                 proxy=proxy.url)
+        assert r.status == 200, r
+        for a in attackers:
+            a.close()
+
+
+class TestIdle:
+    def test_idle_keepalive_closed_but_not_while_in_flight(self, proxy_factory, pki):
+        """An idle kept-alive tunnel is closed at idle_timeout; a request in flight longer than that is not cut."""
+        with SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow:
+            proxy = proxy_factory(config(pki, slow.port, limits={"idle_timeout_seconds": 1}))
+            with session(pki, proxy, pki.svid(BILLING)) as s:
+                assert s.get(f"{slow.url}/slow/3", timeout=20).status_code == 200  # 3 s in flight > 1 s idle
+            t = open_tunnel(proxy, slow.port, pki)
+            assert closed_within(t, 8), "an idle tunnel was held open past idle_timeout"
+            assert metric(admin_url(proxy), "secretless_connection_timeouts_total", listener="proxy", reason="idle") >= 1
+
+
+# -- §4 caps ---------------------------------------------------------------------------------------
+
+
+class TestConnectionCaps:
+    @pytest.mark.parametrize("via", ["run", "mitmdump"])
+    def test_per_client_cap(self, proxy_factory, pki, upstream, via):
+        """One address gets max_connections_per_client connections; the next is closed, others are served."""
+        proxy = proxy_factory(config(pki, upstream.port, limits={
+            "max_connections_per_client": 4, "handshake_timeout_seconds": 60}), via=via)
+        held = [connect_from("127.0.0.2", proxy.port) for _ in range(4)]
+        time.sleep(0.3)
+        fifth = connect_from("127.0.0.2", proxy.port)
+        assert closed_within(fifth, 3), "the fifth connection from one address was admitted"
+        assert all(not closed_within(h, 0.2) for h in held), "admitted connections were closed"
+        cert, key = pki.svid(BILLING)
+        r = curl("--cacert", pki.interception_ca_cert, "--cert", cert, "--key", key, f"{upstream.url}/v1/x",
+                 proxy=proxy.url)
+        assert r.status == 200, r
+        assert metric(admin_url(proxy), "secretless_connections_refused_total", listener="proxy",
+                      reason="max_connections_per_client") >= 1
+        assert metric(admin_url(proxy), "secretless_open_connections", listener="proxy") == 4
+
+    def test_global_cap_keeps_established_clients_served(self, proxy_factory, pki, upstream):
+        """At max_connections new connections are closed at once; an established tunnel keeps being served."""
+        proxy = proxy_factory(config(pki, upstream.port, limits={
+            "max_connections": 6, "max_connections_per_client": 6, "handshake_timeout_seconds": 60}))
+        t = open_tunnel(proxy, upstream.port, pki)
+        held = [connect_from(f"127.0.0.{3 + i}", proxy.port) for i in range(5)]
+        time.sleep(0.3)
+        late = connect_from("127.0.0.9", proxy.port)
+        assert closed_within(late, 3), "a connection over max_connections was admitted"
+        assert [get_on(t) for _ in range(10)] == [200] * 10
+        for h in held:
+            h.close()
+        time.sleep(0.5)
+        cert, key = pki.svid(BILLING)
+        r = curl("--cacert", pki.interception_ca_cert, "--cert", cert, "--key", key, f"{upstream.url}/v1/x",
+                 proxy=proxy.url)
+        assert r.status == 200, r
+        assert metric(admin_url(proxy), "secretless_connections_refused_total", listener="proxy",
+                      reason="max_connections") >= 1
+
+
+class TestDescriptorLimit:
+    """``prlimit --nofile=256``: the proxy sizes its cap to what 256 descriptors carry."""
+
+    ATTACK = 300
+
+    def test_at_the_descriptor_limit(self, proxy_factory, pki, upstream, capsys):
+        """300 idle connections under a 256-descriptor limit: established, new clients and probes are served; the log is bounded."""
+        proxy = proxy_factory(config(pki, upstream.port, limits={
+            "max_connections_per_client": 32, "handshake_timeout_seconds": 4}),
+            wrap=("prlimit", "--nofile=256", "--"))
+        admin = admin_url(proxy)
+        assert "at most 72 client connections" in proxy.output()
+        cert = pki.svid(BILLING)
+        t = open_tunnel(proxy, upstream.port, pki)
+        assert get_on(t) == 200
+        figures: dict[str, object] = {}
+
+        def refused(reason: str) -> float:
+            return metric(admin, "secretless_connections_refused_total", listener="proxy", reason=reason)
+
+        # Phase 1: 300 idle connections from one address (beyond the limit): the per-client cap holds them to 32.
+        attackers = [connect_from("127.0.0.2", proxy.port) for _ in range(self.ATTACK)]
+        # Measured once the proxy has taken all 300 from its listen backlog (32 held, 268 refused).
+        _wait_for(lambda: refused("max_connections_per_client") >= self.ATTACK - 32, 30)
+        figures["one address: established 200s"] = sum(get_on(t) == 200 for _ in range(20))
+        figures["one address: new-client 200s"] = sum(new_client(pki, proxy, cert, f"{upstream.url}/v1/x", timeout=5) == 200
+                          for _ in range(20))
+        figures["one address: probe 200s"] = sum(probe(admin + p) == 200 for p in ("/healthz", "/readyz") * 10)
+        assert figures["one address: established 200s"] == 20
+        assert figures["one address: new-client 200s"] == 20
+        assert figures["one address: probe 200s"] == 20
+        for a in attackers:
+            a.close()
+
+        # Phase 2: 300 idle connections from ten addresses fill the cap (72 at 256 descriptors).
+        before = refused("max_connections")
+        attackers = [connect_from(f"127.0.0.{10 + i % 10}", proxy.port) for i in range(self.ATTACK)]
+        _wait_for(lambda: refused("max_connections") - before >= self.ATTACK - 72, 30)
+        figures["ten addresses: established 200s"] = sum(get_on(t) == 200 for _ in range(20))
+        figures["ten addresses: probe 200s"] = sum(probe(admin + p) == 200 for p in ("/healthz", "/readyz") * 10)
+        started = time.monotonic()
+        figures["ten addresses: new-client 200s while full"] = sum(new_client(pki, proxy, cert, f"{upstream.url}/v1/x", timeout=2) == 200
+                          for _ in range(5))
+        figures["ten addresses: refusal seconds (5 tries)"] = round(time.monotonic() - started, 2)
+        time.sleep(5)  # handshake_timeout_seconds: 4 cuts the idle attackers
+        figures["ten addresses: new-client 200s after handshake_timeout"] = sum(new_client(pki, proxy, cert, f"{upstream.url}/v1/x", timeout=5) == 200
+                          for _ in range(20))
+        assert figures["ten addresses: established 200s"] == 20
+        assert figures["ten addresses: probe 200s"] == 20
+        assert figures["ten addresses: new-client 200s after handshake_timeout"] == 20
+        for a in attackers:
+            a.close()
+
+        out = proxy.output()
+        figures["refused max_connections"] = metric(admin, "secretless_connections_refused_total",
+                                                    listener="proxy", reason="max_connections")
+        figures["refused max_connections_per_client"] = metric(admin, "secretless_connections_refused_total",
+                                                               listener="proxy", reason="max_connections_per_client")
+        figures["handshake timeouts"] = metric(admin, "secretless_connection_timeouts_total",
+                                               listener="proxy", reason="handshake")
+        figures["log bytes"], figures["log lines"] = len(out.encode()), out.count("\n")
+        with capsys.disabled():
+            print("\n[descriptor limit figures]", figures)
+        assert "Traceback" not in out
+        assert out.count("refusing client connections") <= 12, out  # one line per reason per 10 s
+        assert len(out) < 64 * 1024
+
+    def test_accept_emfile_is_counted_and_logged_once(self, proxy_factory, pki, upstream, capsys):
+        """When accept() itself runs out of descriptors the proxy logs one line (no traceback) and counts it."""
+        proxy = proxy_factory(config(pki, upstream.port), wrap=("prlimit", "--nofile=256", "--"))
+        admin = admin_url(proxy)
+        # Lower the limit under the running proxy, below what its cap was sized for.
+        subprocess.run(["prlimit", f"--pid={proxy.proc.pid}", "--nofile=64"], check=True)
+        attackers = []
+        for i in range(120):
+            try:
+                attackers.append(connect_from(f"127.0.0.{2 + i % 8}", proxy.port))
+            except OSError:
+                break
+        time.sleep(3)
+        out = proxy.output()
+        for a in attackers:
+            a.close()
+        time.sleep(1)
+        with capsys.disabled():
+            print("\n[EMFILE figures]", {"log bytes": len(out), "log lines": out.count("\n"),
+                                         "descriptor_limit": metric(admin, "secretless_connections_refused_total",
+                                                                    listener="proxy", reason="descriptor_limit")})
+        assert "Traceback" not in out
+        assert out.count("out of file descriptors") <= 2, out
+        assert metric(admin, "secretless_connections_refused_total", listener="proxy", reason="descriptor_limit") >= 1
+        assert probe(admin + "/healthz") == 200
+
+
+def new_client(pki, proxy, cert, url: str, *, timeout: float) -> int:
+    """One request from a client that has no connection to the proxy yet (a fresh session)."""
+    with session(pki, proxy, cert) as s:
+        return _status(lambda: s.get(url, timeout=timeout))
+
+
+def _status(call) -> int:
+    try:
+        return call().status_code
+    except requests.RequestException:
+        return 0
+
+
+# -- §4 admin listeners ----------------------------------------------------------------------------
+
+
+class TestAdminUnderAttack:
+    def test_probes_answered_while_admin_and_proxy_ports_are_flooded(self, proxy_factory, pki, upstream):
+        """200 idle connections on the admin port and 200 on the proxy port: every probe still gets 200."""
+        proxy = proxy_factory(config(pki, upstream.port, limits={"handshake_timeout_seconds": 60}))
+        admin = admin_url(proxy)
+        admin_port = int(admin.rsplit(":", 1)[1])
+        flood = [connect_from(f"127.0.0.{2 + i % 8}", admin_port) for i in range(200)]
+        flood += [connect_from(f"127.0.0.{2 + i % 8}", proxy.port) for i in range(200)]
+        for s in flood[:100]:
+            s.sendall(b"GET /metr")  # half a request: trickling, not idle
+        codes = [probe(admin + p) for p in ("/healthz", "/readyz") * 15]
+        assert codes == [200] * 30, codes
+        for s in flood:
+            s.close()
+        assert metric(admin, "secretless_connections_refused_total", listener="admin", reason="max_connections") >= 1
+
+    def test_admin_api_answers_while_flooded(self, proxy_factory, pki, upstream):
+        """200 idle connections on the admin API port: an admin's mTLS request is still answered."""
+        cfg = config(pki, upstream.port, admin={"listen": f"127.0.0.1:{free_port()}", "api_listen": "127.0.0.1:0",
+                                                "workloads": [ADMIN]})
+        proxy = proxy_factory(cfg)
+        m = re.search(r"admin API on https://127\.0\.0\.1:(\d+)", proxy.output())
+        assert m, proxy.output()
+        api_port = int(m.group(1))
+        flood = [connect_from(f"127.0.0.{2 + i % 8}", api_port) for i in range(200)]
+        cert = pki.svid(ADMIN)
+        codes = []
+        for _ in range(10):
+            try:
+                codes.append(requests.get(f"https://127.0.0.1:{api_port}/v1/grants", cert=cert, timeout=3,
+                                          verify=pki.interception_ca_cert).status_code)
+            except requests.RequestException:
+                codes.append(0)
+        for s in flood:
+            s.close()
+        assert codes == [200] * 10, codes
+
+
+# -- §5 graceful shutdown --------------------------------------------------------------------------
+
+
+def _fire(pki, proxy, url: str, n: int) -> tuple[list, ThreadPoolExecutor]:
+    cert = pki.svid(BILLING)
+
+    def one() -> int:
+        with session(pki, proxy, cert) as s:
+            return _status(lambda: s.get(url, timeout=30))
+
+    pool = ThreadPoolExecutor(n)
+    return [pool.submit(one) for _ in range(n)], pool
+
+
+def _wait_for(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+class TestGracefulShutdown:
+    def test_sigterm_drains_in_flight_requests(self, proxy_factory, pki):
+        """SIGTERM with 20 requests in flight: all complete, /readyz says draining, new connections are refused, exit 0."""
+        with SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow:
+            proxy = proxy_factory(config(pki, slow.port, limits={"drain_seconds": 20}))
+            admin = admin_url(proxy)
+            futures, pool = _fire(pki, proxy, f"{slow.url}/slow/3", 20)
+            _wait_for(lambda: slow.arrived >= 10, 20)
+            proxy.proc.send_signal(signal.SIGTERM)
+            _wait_for(lambda: "no longer accepting connections" in proxy.output(), 5)
+            ready = requests.get(admin + "/readyz", timeout=2)
+            with pytest.raises(ConnectionRefusedError):
+                _OPEN.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=2))
+            results = [f.result(timeout=40) for f in futures]
+            pool.shutdown()
+            assert proxy.proc.wait(timeout=30) == 0
+        assert (ready.status_code, "draining" in ready.json()["failing"]) == (503, True), ready.text
+        assert results == [200] * 20
+        assert slow.arrived == slow.completed == 20
+        assert "drained in" in proxy.output()
+
+    @pytest.mark.parametrize("via", ["run", "mitmdump"])
+    def test_requests_past_the_deadline_are_cut(self, proxy_factory, pki, via):
+        """With drain_seconds 1, requests needing 8 s are cut and the process exits 0 well before they finish."""
+        with SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow:
+            proxy = proxy_factory(config(pki, slow.port, limits={"drain_seconds": 1}), via=via)
+            futures, pool = _fire(pki, proxy, f"{slow.url}/slow/8", 5)
+            _wait_for(lambda: slow.arrived >= 5, 20)
+            started = time.monotonic()
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.proc.wait(timeout=15) == 0
+            stopped_after = time.monotonic() - started
+            results = [f.result(timeout=20) for f in futures]
+            pool.shutdown()
+            completed = slow.completed
+        assert stopped_after < 6, stopped_after
+        assert completed == 0 and 200 not in results, results
+        assert "cutting 5 request(s) still in flight" in proxy.output()
+
+    @pytest.mark.parametrize("revoke", [True, False], ids=["revoke_on_shutdown", "default"])
+    def test_revoke_on_shutdown(self, proxy_factory, pki, upstream, revoke):
+        """With revoke_on_shutdown the brokered OAuth2 token is revoked at the IdP (RFC 7009) on SIGTERM; by default not."""
+        with IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp:
+            creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
+                                  "revocation_url": idp.revoke_url, "client_id": "billing",
+                                  "client_secret": "env:TEST_CLIENT_SECRET"}}
+            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": upstream.port},
+                    "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
+            cfg = base_config(pki, rules=[rule], credentials=creds, limits={"revoke_on_shutdown": revoke})
+            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            with session(pki, proxy, pki.svid(BILLING)) as s:
+                assert s.get(f"{upstream.url}/v1/x", timeout=10).status_code == 200
+            issued = list(idp.issued)
+            assert len(issued) == 1
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.proc.wait(timeout=30) == 0
+            revoked = [tok for tok, _ in idp.revoked]
+        assert revoked == (issued if revoke else [])
+        proxy.secrets = (*proxy.secrets, *issued)  # the token itself never reaches the log
+
+
+# -- §7 core dumps -------------------------------------------------------------------------------
+
+
+def _aborts_leave_core(cwd: Path, code: str) -> bool:
+    """Run ``code`` (which aborts) with the core limit raised to unlimited in ``cwd``; whether a core file appeared."""
+    cwd.mkdir()
+    ran = subprocess.run(["prlimit", "--core=unlimited", "--", sys.executable, "-c", code], cwd=cwd, check=False,
+                         capture_output=True)
+    assert ran.returncode == -signal.SIGABRT, ran  # it really aborted (and set_non_dumpable read back 0)
+    return any(cwd.iterdir())
+
+
+class TestCoreDumps:
+    def test_proxy_writes_no_core_file(self, proxy_factory, pki, upstream, tmp_path):
+        """Started with an unlimited core limit, the proxy runs with RLIMIT_CORE 0 0, non-dumpable, and a SIGABRT leaves no core."""
+        if not _aborts_leave_core(tmp_path / "control", "import os; os.abort()"):
+            pytest.skip("this kernel writes no core files to the working directory (kernel.core_pattern)")
+        work = tmp_path / "proxy-cwd"
+        work.mkdir()
+        proxy = proxy_factory(config(pki, upstream.port), cwd=work, wrap=("prlimit", "--core=unlimited", "--"))
+        assert "core dumps disabled (dumpable=0, RLIMIT_CORE=0)" in proxy.output()
+        limits = Path(f"/proc/{proxy.proc.pid}/limits").read_text()
+        assert re.search(r"Max core file size\s+0\s+0\s", limits), limits
+        proxy.proc.send_signal(signal.SIGABRT)
+        assert proxy.proc.wait(timeout=10) == -signal.SIGABRT
+        assert list(work.iterdir()) == [], "the proxy wrote a core file"
+
+    def test_non_dumpable_alone_stops_core_files(self, tmp_path):
+        """PR_SET_DUMPABLE 0 as the proxy sets it stops a core file even with the core limit unlimited."""
+        if not _aborts_leave_core(tmp_path / "control", "import os; os.abort()"):
+            pytest.skip("this kernel writes no core files to the working directory (kernel.core_pattern)")
+        code = ("import os, sys; from secretless_proxy import hardening; "
+                "sys.exit(3) if hardening.set_non_dumpable() != 0 else os.abort()")
+        assert not _aborts_leave_core(tmp_path / "non-dumpable", code)
