@@ -20,7 +20,7 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
-from . import hardening, inject, ownheaders, protocols, requesttarget, sigv4
+from . import hardening, inject, layerguard, ownheaders, protocols, redaction, requesttarget, sigv4
 from . import identity as ident
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
@@ -79,7 +79,7 @@ class _Injected:
 
     header: str | None
     query: str | None
-    needles: tuple[str, ...] = field(repr=False)  # the secret as it travels: never in a repr
+    needles: redaction.Needles = field(repr=False)  # every form of the secret an echo may take
     cred: IssuedCredential = field(repr=False)
     rule: str
     workload: str
@@ -147,6 +147,7 @@ class Secretless:
 
     def load(self, loader) -> None:
         logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
+        layerguard.install()  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
         # Before any secret is loaded: no core dumps, no ptrace (issue 8 §7). Not in mitmproxy's
         # in-process test master: that process is the test runner, not a proxy.
         if type(loader.master).__module__ != "mitmproxy.test.taddons":
@@ -579,7 +580,7 @@ class Secretless:
                 flow.response.stream = True  # allow rules: nothing to redact, never buffer
             return
         try:
-            inject.redact(flow.response, injected.needles)
+            redaction.redact_message(flow.response, injected.needles)
             # The request has been sent: scrub the copy in the flow so later addons, dumps
             # and saved flows never see the credential.
             injected.scrub(flow.request)
@@ -593,15 +594,29 @@ class Secretless:
             flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        injected = self._injected.pop(flow, None)
+        # A WebSocket keeps its needles until websocket_end: its messages are redacted too.
+        injected = self._injected.get(flow) if flow.websocket else self._injected.pop(flow, None)
         if injected is None or flow.response is None:
             return
         try:
-            inject.redact(flow.response, injected.needles)
+            redaction.redact_message(flow.response, injected.needles)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
             flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))
         self._audit_used(flow, injected, flow.response.status_code)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        injected = self._injected.get(flow)
+        if injected is None or flow.websocket is None:
+            return
+        try:
+            redaction.redact_websocket_message(flow.websocket.messages[-1], injected.needles)
+        except Exception as exc:  # noqa: BLE001 - fail closed: the message is not relayed
+            log.error("redaction failed for a WebSocket message of %s (%s); message dropped", flow.id, type(exc).__name__)
+            flow.websocket.messages[-1].drop()
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._injected.pop(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy answers transport failures with its own page (no request id): log the id here.

@@ -24,6 +24,7 @@ from botocore.credentials import ReadOnlyCredentials
 from mitmproxy import http
 
 from .credentials.base import IssuedCredential
+from .redaction import Needles, needles_for
 
 __all__ = ["region_and_service", "sign"]
 
@@ -55,8 +56,8 @@ _SIGNING_NAMES = {
 
 
 def sign(request: http.Request, cred: IssuedCredential, *, region: str | None = None,
-         service: str | None = None) -> tuple[str, ...]:
-    """Re-sign ``request`` with ``cred`` (an aws_sigv4 credential); returns the strings to redact.
+         service: str | None = None) -> Needles:
+    """Re-sign ``request`` with ``cred`` (an aws_sigv4 credential); returns the needles to redact.
 
     ``region``/``service``: the rule's ``inject.sigv4`` values; when None, the credential's
     configured defaults (``cred.meta``), then what the host says. ValueError when the scope
@@ -97,10 +98,9 @@ def sign(request: http.Request, cred: IssuedCredential, *, region: str | None = 
     for name in _SIGNING_HEADERS:
         if name in aws.headers:
             request.headers[name] = aws.headers[name]
-    needles = [cred.secret.reveal(), aws.headers["Authorization"]]
-    if token:
-        needles.append(token.reveal())
-    return tuple(needles)
+    # The Authorization value changes every request: its forms are derived but not cached.
+    return needles_for(cred.secret.reveal(), token.reveal() if token else "",
+                       per_request=(aws.headers["Authorization"],))
 
 
 def region_and_service(host: str) -> tuple[str, str]:

@@ -217,6 +217,24 @@ class TestResponsePath:
         assert b"[REDACTED]" in f.response.content
         assert f.response.headers["X-Secretless-Request-Id"] == f.id
 
+    async def test_websocket_messages_redacted_for_the_connection_life(self, addon_ctx, pki):
+        """After the 101, server messages are redacted until websocket_end; client messages pass as sent."""
+        from mitmproxy.websocket import WebSocketData, WebSocketMessage
+        from wsproto.frame_protocol import Opcode
+
+        addon, _ = addon_ctx
+        f = await self._injected_flow(addon, pki)
+        f.response = tflow.tresp(status_code=101)
+        f.websocket = WebSocketData()
+        addon.responseheaders(f)
+        addon.response(f)
+        for from_client in (False, True, False):
+            f.websocket.messages.append(WebSocketMessage(Opcode.TEXT, from_client, f"echo {SECRET}".encode()))
+            addon.websocket_message(f)
+        assert [m.text for m in f.websocket.messages] == ["echo [REDACTED]", f"echo {SECRET}", "echo [REDACTED]"]
+        addon.websocket_end(f)
+        assert f not in addon._injected
+
     async def test_undecodable_body_is_withheld(self, addon_ctx, pki):
         """A body in an encoding we cannot decode cannot be checked for an echo: 502, not passed on."""
         addon, _ = addon_ctx

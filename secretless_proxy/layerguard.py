@@ -1,0 +1,141 @@
+"""Gaps in mitmproxy 12.2's HTTP/1 and WebSocket layers that reach the workload, closed at their source.
+
+1. **Trailers.** ``Http1Connection.read_body`` raises ``NotImplementedError("HTTP trailers are
+   not implemented yet.")`` when a chunked message ends with trailer fields (mitmproxy
+   ``proxy/layers/http/_http1.py``, unchanged up to its main branch). The exception escapes the
+   layer, mitmproxy logs "mitmproxy has crashed!" with a traceback, and the stream is left with
+   no event: the client waits until its own timeout (600 s in the reported case). Here a message
+   with trailers ends its stream with a protocol error instead: a 502 from an upstream, a 400 for
+   a client, and the connection is closed. The trailer fields are never read, so never relayed.
+2. **Parse errors quote the peer's bytes.** "Cannot parse HTTP response: Bad HTTP response line:
+   b'HTTP/1.1 200 echo Bearer sk_…'" is sent to the client in mitmproxy's error page and kept in
+   ``flow.error`` (which the addon logs): an upstream could echo a credential through a
+   malformed status or header line. Protocol-error and log messages from this layer are cut
+   before the first quoted value.
+
+3. **WebSocket control frames.** Pings and close frames are relayed without any hook (only data
+   messages reach ``websocket_message``), so a server could echo a credential in a ping payload
+   or a close reason (up to 123 bytes) and mitmproxy logs ping payloads. Toward the client, ping
+   payloads and close reasons are emptied, and a pong keeps its payload only when it answers a
+   ping the client itself sent on that connection (keep-alive libraries match them).
+
+``install()`` wraps these methods once per process; they are pinned to mitmproxy 12.2
+(``pyproject.toml``), and ``tests/test_redaction.py`` fails if the wrapped code changes shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any
+
+import wsproto.events
+from mitmproxy.proxy import commands
+from mitmproxy.proxy.layers import websocket
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
+
+__all__ = ["RESPONSE_TRAILERS", "REQUEST_TRAILERS", "clean_message", "install"]
+
+RESPONSE_TRAILERS = "the upstream sent HTTP/1.1 trailer fields, which this proxy does not relay"
+REQUEST_TRAILERS = "HTTP/1.1 request trailer fields are not supported by this proxy"
+_QUOTED = re.compile(r"""(?::\s*)?b?['"].*""", re.S)
+_installed = False
+
+
+def clean_message(message: str) -> str:
+    """``message`` cut before its first quoted value (the peer's bytes), e.g. ``b'...'``."""
+    return _QUOTED.sub("", message) or "protocol error"
+
+
+def install() -> None:
+    """Wrap mitmproxy's HTTP/1 body and response-head readers (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
+    _http1.Http1Client.read_headers = _guarded(_http1.Http1Client.read_headers)  # type: ignore[method-assign]
+    websocket.WebsocketLayer.relay_messages = _guarded(websocket.WebsocketLayer.relay_messages, trailers=False)  # type: ignore[method-assign]
+    websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
+    websocket.WebsocketConnection.send2 = _control_frames_scrubbed(websocket.WebsocketConnection.send2)  # type: ignore[method-assign]
+    _installed = True
+
+
+def _guarded(method: Callable[..., Generator[Any, Any, Any]], *, trailers: bool = True) -> Callable[..., Generator[Any, Any, Any]]:
+    @functools.wraps(method)
+    def wrapper(self: _http1.Http1Connection, event: Any) -> Generator[Any, Any, Any]:
+        gen = method(self, event)
+        sent: Any = None
+        while True:
+            try:
+                cmd = gen.send(sent)
+            except StopIteration as stop:
+                return stop.value
+            except NotImplementedError:  # trailers: the only NotImplementedError in these readers
+                if not trailers:
+                    raise
+                yield from _end_with_trailers(self)
+                return None
+            sent = yield _clean(cmd)
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _end_with_trailers(conn: _http1.Http1Connection) -> Generator[Any, Any, None]:
+    conn.state = conn.done
+    if isinstance(conn, _http1.Http1Server):
+        yield commands.SendData(conn.conn, _http1.make_error_response(400, REQUEST_TRAILERS))
+        yield commands.CloseConnection(conn.conn)
+        yield ReceiveHttp(RequestProtocolError(conn.stream_id, REQUEST_TRAILERS, ErrorCode.GENERIC_CLIENT_ERROR))
+    else:
+        yield commands.CloseConnection(conn.conn)
+        yield ReceiveHttp(ResponseProtocolError(conn.stream_id, RESPONSE_TRAILERS, ErrorCode.GENERIC_SERVER_ERROR))
+
+
+def _clean(cmd: Any) -> Any:
+    if isinstance(cmd, ReceiveHttp) and isinstance(cmd.event, (RequestProtocolError, ResponseProtocolError)):
+        cmd.event.message = clean_message(cmd.event.message)
+    elif isinstance(cmd, commands.Log):
+        cmd.message = clean_message(cmd.message)
+    return cmd
+
+
+# -- WebSocket control frames --------------------------------------------------------------------
+
+_PINGS_KEPT = 16  # client pings remembered per connection, for their pongs
+
+
+def _recording_client_pings(events: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(events)
+    def wrapper(self: websocket.WebsocketConnection) -> Any:
+        for event in events(self):
+            if not self.client and isinstance(event, wsproto.events.Ping):  # a ping from the workload
+                self.__dict__.setdefault("_secretless_pings", deque(maxlen=_PINGS_KEPT)).append(bytes(event.payload))
+            yield event
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _control_frames_scrubbed(send2: Callable[..., commands.SendData]) -> Callable[..., commands.SendData]:
+    @functools.wraps(send2)
+    def wrapper(self: websocket.WebsocketConnection, event: wsproto.events.Event) -> commands.SendData:
+        if not self.client:  # this side talks to the workload
+            if isinstance(event, wsproto.events.Ping) and event.payload:
+                event = wsproto.events.Ping(payload=b"")
+            elif isinstance(event, wsproto.events.Pong) and event.payload:
+                pings = self.__dict__.get("_secretless_pings", ())
+                if bytes(event.payload) in pings:
+                    pings.remove(bytes(event.payload))
+                else:
+                    event = wsproto.events.Pong(payload=b"")
+            elif isinstance(event, wsproto.events.CloseConnection) and event.reason:
+                event = wsproto.events.CloseConnection(code=event.code, reason=None)
+        return send2(self, event)
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper

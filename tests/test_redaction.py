@@ -1,0 +1,211 @@
+"""In-process redaction tables: every echo form × secret shape × injection form × place (no sockets)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import inspect
+import zlib
+
+import brotli
+import pytest
+import zstandard
+from echo_forms import FORMS
+from mitmproxy import http
+from mitmproxy.proxy.layers import websocket
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.test import tflow
+from mitmproxy.websocket import WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from secretless_proxy import inject, layerguard, redaction
+from secretless_proxy.config import Injection
+from secretless_proxy.redaction import MARKER, needles_for
+from secretless_proxy.secrets import Secret
+
+SECRETS = {
+    "stripe": "sk_test_51SECRETvalue0123456789",
+    "plus_slash_eq": "ab+cd/ef=gh+ij/kl==mn",
+    "space_and_quote": "pass word \"quoted\" & <tag> 'x'",
+    "non_ascii": "clé-secrète-€-0123456789",
+}
+
+
+def _recoverable(data: bytes, secret: str) -> bool:
+    """Whether ``secret`` (or a base64/hex of a 12-byte piece of it) is still in ``data``."""
+    raw = secret.encode()
+    w = min(12, len(raw))
+    for i in range(len(raw) - w + 1):
+        piece = raw[i:i + w]
+        if piece in data or piece.hex().encode() in data.lower():
+            return True
+    return False
+
+
+def injection(**kw) -> Injection:
+    return Injection(credential="c", **kw)
+
+
+class TestForms:
+    @pytest.mark.parametrize("form", list(FORMS))
+    @pytest.mark.parametrize("name", list(SECRETS))
+    def test_every_form_of_every_secret_is_redacted(self, name, form):
+        """Each echo form of the secret, between other text, is replaced and the text around it kept."""
+        secret = SECRETS[name]
+        echo = FORMS[form](secret)
+        out = needles_for(secret).redact_bytes(f"before {echo} after".encode())
+        assert MARKER.encode() in out
+        assert out.startswith(b"before ") and out.endswith(b" after")
+        assert echo.encode() not in out
+
+    @pytest.mark.parametrize("offset", range(6))
+    def test_base64_at_any_offset_inside_a_larger_blob(self, offset):
+        """Base64 of a document holding the secret at any byte offset loses every 12-byte piece of it."""
+        secret = SECRETS["stripe"]
+        blob = base64.b64encode(b"x" * offset + f'{{"auth": "Bearer {secret}"}}'.encode()).decode()
+        out = needles_for(secret).redact_str(blob)
+        assert MARKER in out
+        core = out.replace(MARKER, "")
+        for i in range(0, len(core) - 3):
+            try:
+                decoded = base64.b64decode(core[i:][: (len(core) - i) // 4 * 4])
+            except ValueError:
+                continue
+            assert not _recoverable(decoded, secret)
+
+    def test_mixed_escapes_in_one_echo(self):
+        """A token whose '=' is %3D and whose '/' is \\/ in the same echo is still caught."""
+        secret = SECRETS["plus_slash_eq"]
+        echo = secret.replace("=", "%3d", 1).replace("/", "\\/", 1).replace("+", "\\u002B", 1)
+        assert needles_for(secret).redact_str(f"x{echo}y") == f"x{MARKER}y"
+
+    def test_unrelated_text_is_left_alone(self):
+        """Text without the secret comes back byte for byte (no false positives on short forms)."""
+        body = b'{"id": 1, "items": ["a", "b"], "note": "c2tfdGVzdA== is not it", "hex": "deadbeef"}'
+        assert needles_for(SECRETS["stripe"]).redact_bytes(body) == body
+
+    def test_repr_and_cache_show_no_secret(self):
+        """Needles print only a count, and the cache is keyed by a keyed digest, not the value."""
+        n = needles_for(SECRETS["stripe"])
+        assert SECRETS["stripe"] not in repr(n) and "Needles(" in repr(n)
+        assert all(isinstance(k, bytes) and SECRETS["stripe"].encode() not in k for k in redaction._cache)
+
+    def test_max_match_bytes_bounds_every_escaped_form(self):
+        """A fully escaped echo is never longer than max_match_bytes (the overlap a chunked scan keeps)."""
+        secret = SECRETS["space_and_quote"]
+        n = needles_for(secret)
+        longest = max(len(FORMS[f](secret).encode()) for f in FORMS)
+        escaped_all = "".join(f"\\u{ord(c):04x}" if not c.isalnum() else c for c in secret)
+        assert longest <= n.max_match_bytes and len(escaped_all) <= n.max_match_bytes
+        assert n.redact_str(escaped_all) == MARKER
+
+    def test_derived_once_per_value(self):
+        """A second request with the same credential value reuses the compiled forms."""
+        a = redaction._cached_forms("sk_live_reused_value_123456")
+        b = redaction._cached_forms("sk_live_reused_value_123456")
+        assert a is b
+
+
+class TestInjectionForms:
+    """What inject.apply returns covers the value as it travels and as an echo re-encodes it."""
+
+    def _needles_and_echoes(self, kind: str, secret: str):
+        req = tflow.treq()
+        if kind == "header":
+            n = inject.apply(req, injection(header="Authorization", format="Bearer {secret}"), Secret(secret))
+            return n, [req.headers["Authorization"], secret]
+        if kind == "basic":
+            n = inject.apply(req, injection(basic_username="billing", basic_password="{secret}"), Secret(secret))
+            token = req.headers["Authorization"].partition(" ")[2]
+            return n, [token, token.rstrip("="), secret, f"billing:{secret}"]
+        n = inject.apply(req, injection(query="api_key"), Secret(secret))
+        return n, [req.query["api_key"], secret]
+
+    @pytest.mark.parametrize("form", list(FORMS))
+    @pytest.mark.parametrize("kind", ["header", "basic", "query"])
+    def test_injected_value_in_every_form(self, kind, form):
+        """Whatever travels (Bearer value, basic token and its unpadded prefix, query value) is redacted in every form."""
+        secret = SECRETS["plus_slash_eq"]
+        needles, echoes = self._needles_and_echoes(kind, secret)
+        for echo in echoes:
+            out = needles.redact_bytes(f"<{FORMS[form](echo)}>".encode())
+            assert not _recoverable(out, secret), (echo, out)
+
+    def test_url_encoded_basic_token_in_location(self):
+        """The issue's case: a basic token whose '=' padding became %3D in a Location header."""
+        req = tflow.treq()
+        needles = inject.apply(req, injection(basic_username="u", basic_password="{secret}"), Secret("p@ss-word"))
+        token = req.headers["Authorization"].partition(" ")[2]
+        assert token.endswith("=")
+        resp = tflow.tresp()
+        resp.headers["Location"] = "https://x.example/cb?t=" + token.replace("=", "%3D")
+        redaction.redact_message(resp, needles)
+        assert resp.headers["Location"] == f"https://x.example/cb?t={MARKER}"
+
+
+class TestMessage:
+    S = SECRETS["stripe"]
+
+    @pytest.mark.parametrize("encoding,compress", [
+        ("identity", lambda b: b), ("gzip", gzip.compress), ("br", brotli.compress),
+        ("deflate", zlib.compress), ("zstd", zstandard.ZstdCompressor().compress)])
+    def test_body_in_every_content_encoding(self, encoding, compress):
+        """The decoded body is redacted and re-encoded in its own encoding."""
+        resp = tflow.tresp()
+        resp.headers["Content-Encoding"] = encoding
+        resp.raw_content = compress(f"echo {base64.b64encode(self.S.encode()).decode()}".encode())
+        redaction.redact_message(resp, needles_for(self.S))
+        assert resp.headers["Content-Encoding"] == encoding
+        assert resp.get_content() == f"echo {MARKER}".encode()
+
+    def test_unknown_encoding_raises(self):
+        """A body that cannot be decoded cannot be checked: ValueError, so the caller withholds it."""
+        resp = tflow.tresp()
+        resp.headers["Content-Encoding"] = "x-unknown"
+        resp.raw_content = self.S.encode()
+        with pytest.raises(ValueError):
+            redaction.redact_message(resp, needles_for(self.S))
+
+    def test_reason_headers_names_and_trailers(self):
+        """The reason phrase, header values and names, and trailers are all redacted."""
+        resp = tflow.tresp()
+        resp.reason = f"echo Bearer {self.S}"
+        resp.headers["X-Echo"] = self.S.encode().hex()
+        resp.headers[f"X-{self.S}"] = "1"
+        resp.trailers = http.Headers(grpc_message=f"bad token {self.S}".encode())
+        redaction.redact_message(resp, needles_for(self.S))
+        assert resp.reason == f"echo Bearer {MARKER}"
+        assert resp.headers["X-Echo"] == MARKER
+        assert f"X-{MARKER}" in resp.headers
+        assert resp.trailers["grpc-message"] == f"bad token {MARKER}"
+
+    def test_websocket_server_message_redacted_client_message_kept(self):
+        """A server→client WebSocket message is redacted; a client→server one is relayed as sent."""
+        n = needles_for(self.S)
+        server = WebSocketMessage(Opcode.TEXT, False, f"you are {self.S}".encode())
+        client = WebSocketMessage(Opcode.TEXT, True, f"I am {self.S}".encode())
+        redaction.redact_websocket_message(server, n)
+        redaction.redact_websocket_message(client, n)
+        assert server.text == f"you are {MARKER}"
+        assert client.text == f"I am {self.S}"
+
+
+class TestLayerGuard:
+    def test_quoted_peer_bytes_are_cut_from_protocol_errors(self):
+        """mitmproxy's parse errors quote the upstream's line; the quoted part never reaches the client."""
+        msg = "Cannot parse HTTP response: Bad HTTP response line: b'HTTP/1.1 2x0 echo Bearer sk_live'"
+        assert layerguard.clean_message(msg) == "Cannot parse HTTP response: Bad HTTP response line"
+        assert layerguard.clean_message("peer closed connection (incomplete chunked read)") == \
+            "peer closed connection (incomplete chunked read)"
+
+    def test_wraps_the_readers_that_raise_on_trailers(self):
+        """The wrapped mitmproxy readers are the ones that raise on trailers (fails if mitmproxy changes shape)."""
+        layerguard.install()
+        body = _http1.Http1Connection.read_body
+        assert getattr(body, "__secretless_guard__", False)
+        assert "HTTP trailers are not implemented" in inspect.getsource(body.__wrapped__)
+        assert getattr(_http1.Http1Client.read_headers, "__secretless_guard__", False)
+        assert "Cannot parse HTTP response" in inspect.getsource(_http1.Http1Client.read_headers.__wrapped__)
+        relay = inspect.getsource(websocket.WebsocketLayer.relay_messages.__wrapped__)
+        assert "wsproto.events.Ping" in relay and "yield dst_ws.send2(ws_event)" in relay
+        assert getattr(websocket.WebsocketConnection.send2, "__secretless_guard__", False)

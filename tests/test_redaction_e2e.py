@@ -1,0 +1,318 @@
+"""The redaction table, end to end: every echo form × every injection form × HTTP/1.1, HTTP/2, WebSocket.
+
+A real proxy process, a real TLS upstream (tests/echo_forms.py) that echoes the credential it
+received, re-encoded, in the status line, a header, Location, a plain/gzip/br/zstd body or
+WebSocket messages; real clients (httpx over HTTP/1.1 and HTTP/2, a raw TLS socket + wsproto for
+WebSocket). Everything that comes back, the proxy's log, its audit file and its metrics are
+searched for the secret by an oracle that decodes what it finds (URL, JSON, base64 at every
+offset, hex) rather than by the proxy's own needle list.
+
+Set ``REDACTION_TABLE=/path`` to append one JSON line per (injection, protocol, place, form).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import socket
+import ssl
+from pathlib import Path
+from urllib.parse import unquote, unquote_plus
+
+import httpx
+import pytest
+from conftest import SECRET, base_config, tunnel
+from e2e_helpers_broker import AuthMoto
+from echo_forms import (
+    FORMS,
+    PLACES,
+    FormsUpstream,
+    RawUpstream,
+    bad_header_line_response,
+    bad_status_line_response,
+    trailers_response,
+)
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection, Message, Ping, Pong
+
+from secretless_proxy import certs
+
+BILLING = "spiffe://example.org/ns/prod/sa/billing"
+INJECTIONS = {
+    "header": ({"header": "Authorization", "format": "Bearer {secret}"}, ("auth", "token")),
+    "basic": ({"basic": {"username": "billing", "password": "{secret}"}}, ("auth", "token", "password")),
+    "query": ({"query": "api_key"}, ("query",)),
+    "sigv4": ({"sigv4": {"region": "us-east-1", "service": "sts"}}, ("amz", "auth")),
+}
+
+
+@pytest.fixture(scope="module")
+def forms_upstream(pki):
+    with FormsUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    with AuthMoto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the oracle: does any of these texts still carry a secret, in any form? ---------------------
+
+_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
+_HEX_RUN = re.compile(r"(?:[0-9a-fA-F]{2}){6,}")
+
+
+def _unescape(text: str) -> list[str]:
+    out = [text, unquote(text), unquote_plus(text)]
+    json_like = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text).replace("\\/", "/")
+    out += [json_like, unquote(json_like)]
+    return out
+
+
+def _decodings(text: str) -> list[bytes]:
+    found = []
+    for t in _unescape(text):
+        found.append(t.encode("utf-8", "surrogateescape"))
+        for run in _B64_RUN.findall(t):
+            std = run.replace("-", "+").replace("_", "/").rstrip("=")
+            for skip in range(4):  # every character offset: an echo may start mid-group
+                part = std[skip:]
+                part = part[: len(part) - len(part) % 4]
+                try:
+                    found.append(base64.b64decode(part))
+                except (binascii.Error, ValueError):
+                    pass
+        for run in _HEX_RUN.findall(t):
+            for skip in (0, 1):
+                part = run[skip:]
+                found.append(bytes.fromhex(part[: len(part) - len(part) % 2]))
+    return found
+
+
+_WINDOW = 12
+
+
+def leaks(text: str, secrets: set[str]) -> list[str]:
+    """Which secrets (by any 12-byte window of them) can be recovered from ``text``."""
+    grams: set[bytes] = set()
+    for d in _decodings(text):
+        grams.update(d[i:i + _WINDOW] for i in range(len(d) - _WINDOW + 1))
+    hits = []
+    for s in secrets:
+        raw = s.encode()
+        assert len(raw) >= _WINDOW, "the oracle needs secrets of 12 bytes or more"
+        if any(raw[i:i + _WINDOW] in grams for i in range(len(raw) - _WINDOW + 1)):
+            hits.append(s[:4] + "…")
+    return hits
+
+
+# -- clients -----------------------------------------------------------------------------------
+
+
+def _proxy(proxy_factory, pki, forms_upstream, moto, tmp_path, injection: str):
+    inject, _ = INJECTIONS[injection]
+    creds = None
+    env = {}
+    if injection == "sigv4":
+        creds = {"stripe": {"kind": "aws_sigv4", "role_arn": moto.role_arn,
+                            "base_credentials": {"access_key_id": "env:TEST_AWS_KEY_ID",
+                                                 "secret_access_key": "env:TEST_AWS_SECRET"},
+                            "sts_endpoint": moto.url, "region": "us-east-1", "service": "sts"}}
+        env = {"TEST_AWS_KEY_ID": moto.key_id, "TEST_AWS_SECRET": moto.secret}
+    rule = {"name": "echo", "workloads": [BILLING], "to": {"host": "localhost", "port": forms_upstream.port},
+            "inject": {"credential": "stripe", **inject}}
+    audit = tmp_path / "audit.log"
+    cfg = base_config(pki, rules=[rule], credentials=creds, audit={"sinks": [f"file:{audit}"]},
+                      admin={"listen": f"127.0.0.1:{free_port()}"})
+    return proxy_factory(cfg, env=env), audit, cfg["admin"]["listen"]
+
+
+class _H2First(ssl.SSLContext):
+    """httpx offers ALPN http/1.1 before h2, and mitmproxy honours the client's order: put h2 first."""
+
+    def set_alpn_protocols(self, protocols):
+        super().set_alpn_protocols(sorted(protocols, key=lambda p: p != "h2"))
+
+
+def _http_rows(p, pki, up, injection: str, http2: bool) -> list[dict]:
+    cert, key = pki.svid(BILLING)
+    ctx = (_H2First if http2 else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.interception_ca_cert)
+    ctx.load_cert_chain(cert, key)
+    rows = []
+    # http1 stays on for the CONNECT to the proxy; inside the tunnel ALPN picks the protocol.
+    with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, http2=http2,
+                      follow_redirects=False, timeout=15) as c:
+        for source in INJECTIONS[injection][1]:
+            for place in PLACES:
+                for form in FORMS:
+                    try:
+                        r = c.get(f"{up.url}/v1/echo/{place}/{form}/{source}?api_key=client-own")
+                    except httpx.HTTPError as exc:
+                        raise AssertionError(f"{place}/{form}/{source}: {type(exc).__name__}: {exc}") from None
+                    assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+                    raw_reason = r.extensions.get("reason_phrase", b"").decode("latin-1")
+                    texts = [raw_reason, *(f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in r.headers.raw),
+                             r.content.decode("utf-8", "replace")]
+                    rows.append({"injection": injection, "protocol": "h2" if http2 else "h1.1", "place": place,
+                                 "form": form, "source": source, "status": r.status_code, "texts": texts})
+    return rows
+
+
+def _ws_rows(p, pki, up, injection: str) -> list[dict]:
+    cert, key = pki.svid(BILLING)
+    rows = []
+    for source in INJECTIONS[injection][1]:
+        sock = tunnel(p.port, ("localhost", up.port), sni="localhost", ca=pki.interception_ca_cert, cert=(cert, key))
+        key_b64 = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /v1/echo/ws/all/{source}?api_key=client-own HTTP/1.1\r\nHost: localhost:{up.port}\r\n"
+                      f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key_b64}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        head, _, rest = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        ws = Connection(ConnectionType.CLIENT)
+        ws.receive_data(rest)
+        messages: list[str | bytes] = []
+        partial: str | bytes | None = None
+        control: list[bytes | str] = []  # ping payloads and the close reason the client got
+        pongs: list[bytes] = []
+        want = len(FORMS) + 2
+        sent_client = closed = False
+        sock.settimeout(10)
+        while not closed:
+            for event in ws.events():
+                if isinstance(event, Message):
+                    partial = partial + event.data if partial is not None else event.data
+                    if event.message_finished:  # frames of one message are joined, as an app sees them
+                        messages.append(partial)
+                        partial = None
+                elif isinstance(event, Ping):
+                    control.append(bytes(event.payload))
+                    sock.sendall(ws.send(event.response()))
+                elif isinstance(event, Pong):
+                    pongs.append(bytes(event.payload))
+                elif isinstance(event, CloseConnection):
+                    control.append(event.reason or "")
+                    sock.sendall(ws.send(event.response()))
+                    closed = True
+            if len(messages) >= want and control and not sent_client:
+                sock.sendall(ws.send(Ping(payload=b"keepalive-1")))
+                sock.sendall(ws.send(Message(data="hello from the client, Bearer x+y/z=")))
+                sent_client = True
+            if closed:
+                break
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            ws.receive_data(data)
+        sock.close()
+        assert closed, "the server's close frame did not arrive"
+        assert len(messages) == want + 1, f"got {len(messages)} WebSocket messages, wanted {want + 1}"
+        assert messages[-1] == "client said: hello from the client, Bearer x+y/z="  # client→server unchanged
+        assert pongs == [b"keepalive-1"]  # a pong answering the client's own ping keeps its payload
+        rows.append({"injection": injection, "protocol": "ws", "place": "ws ping payload, close reason",
+                     "form": "raw", "source": source, "status": 101,
+                     "texts": [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in control]})
+        names = [*FORMS, "binary", "fragmented"]
+        for name, msg in zip(names, messages, strict=False):
+            text = msg if isinstance(msg, str) else msg.decode("utf-8", "replace")
+            rows.append({"injection": injection, "protocol": "ws", "place": "ws message", "form": name,
+                         "source": source, "status": 101, "texts": [text]})
+    return rows
+
+
+def _record(rows: list[dict], secrets: set[str]) -> list[str]:
+    failures = []
+    out = os.environ.get("REDACTION_TABLE")
+    for row in rows:
+        found = [h for t in row["texts"] for h in leaks(t, secrets)]
+        row["result"] = "LEAK" if found else "redacted"
+        if found:
+            failures.append(f"{row['injection']}/{row['protocol']}/{row['place']}/{row['form']}/{row['source']}")
+        if out:
+            with open(out, "a") as fh:
+                fh.write(json.dumps({k: v for k, v in row.items() if k != "texts"}) + "\n")
+    return failures
+
+
+def _secrets(up, injection: str) -> set[str]:
+    secrets = set(up.seen) - {"", "client-own"}
+    if injection != "sigv4":
+        secrets.add(SECRET)
+    # The whole Authorization value is a secret only through its credential part.
+    return {s.partition(" ")[2] if s.startswith(("Bearer ", "Basic ")) else s for s in secrets
+            if not s.startswith("AWS4-HMAC-SHA256")} | {s.rpartition("Signature=")[2] for s in secrets
+                                                        if s.startswith("AWS4-HMAC-SHA256")}
+
+
+@pytest.mark.parametrize("protocol", ["h1.1", "h2", "ws"])
+@pytest.mark.parametrize("injection", list(INJECTIONS))
+def test_redaction_table(proxy_factory, pki, forms_upstream, moto, tmp_path, injection, protocol):
+    """No echo form of the injected credential comes back, in any place, over any protocol, or in logs, audit, metrics."""
+    forms_upstream.seen.clear()
+    p, audit, admin = _proxy(proxy_factory, pki, forms_upstream, moto, tmp_path, injection)
+    if protocol == "ws":
+        rows = _ws_rows(p, pki, forms_upstream, injection)
+    else:
+        rows = _http_rows(p, pki, forms_upstream, injection, http2=protocol == "h2")
+    secrets = _secrets(forms_upstream, injection)
+    assert secrets and all(len(s) >= 16 for s in secrets), "the upstream did not receive the credential"
+    assert all(r["status"] in (101, 200, 302) for r in rows), {r["status"] for r in rows}
+    failures = _record(rows, secrets)
+    assert not failures, f"{len(failures)} of {len(rows)} echoes leaked: {failures[:20]}"
+    metrics = httpx.get(f"http://{admin}/metrics", trust_env=False).text
+    for name, text in (("proxy log", p.output()), ("audit", Path(audit).read_text()), ("metrics", metrics)):
+        assert not leaks(text, secrets), f"a secret is in the {name}"
+    p.secrets = (*p.secrets, *secrets)  # the fixture's teardown searches the log for them too
+
+
+class TestUpstreamProtocolErrors:
+    def _get_twice(self, proxy_factory, pki, respond):
+        with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond) as up:
+            rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                    "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+            p = proxy_factory(base_config(pki, rules=[rule]))
+            cert, key = pki.svid(BILLING)
+            ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+            ctx.load_cert_chain(cert, key)
+            with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
+                first = c.get(f"{up.url}/v1/x")
+                again = c.get(f"{up.url}/v1/y")  # the proxy is still serving
+            assert up.requests == 2
+        for r in (first, again):
+            assert r.status_code == 502
+            assert not leaks(r.text + str(r.headers) + r.reason_phrase, {SECRET})
+        out = p.output()
+        assert not leaks(out, {SECRET})
+        assert "Traceback" not in out and "has crashed" not in out
+        return first
+
+    def test_http1_trailers_end_promptly_with_502_and_nothing_leaks(self, proxy_factory, pki):
+        """An upstream's chunked trailers end the request at once with a 502 naming why; the echo in them never arrives."""
+        r = self._get_twice(proxy_factory, pki, trailers_response)  # httpx's timeout is 10 s: no 600 s hang
+        assert "trailer fields" in r.text
+
+    @pytest.mark.parametrize("respond", [bad_status_line_response, bad_header_line_response])
+    def test_malformed_response_error_does_not_quote_the_upstream(self, proxy_factory, pki, respond):
+        """A status or header line mitmproxy cannot parse gives a 502 that names the problem, not the line's bytes."""
+        r = self._get_twice(proxy_factory, pki, respond)
+        assert "Cannot parse HTTP response" in r.text
