@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from secretless_proxy.certs import make_ca, write_ca
+
 sys.path.insert(0, str(Path(__file__).parent))
 from test_broker import Clock, FakeProvider, context  # noqa: E402
 
@@ -269,8 +271,8 @@ class TestConfig:
 
 
 def _broker_config(tmp_path: Path, line: str) -> Path:
-    bundle = tmp_path / "ca.pem"
-    bundle.write_text("")
+    write_ca(make_ca(), tmp_path / "ca")  # config loading reads the trust bundle: it must be a real one
+    bundle = tmp_path / "ca" / "ca.pem"
     path = tmp_path / f"c{abs(hash(line))}.yaml"
     path.write_text(f"version: 1\nidentity: {{trust_bundle: {bundle}, trust_domains: [example.org]}}\n"
                     f"credentials: {{}}\nrules: []\nbroker:\n  {line}\n")
