@@ -25,6 +25,8 @@ from typing import Literal
 
 from cryptography import x509
 
+from .safefile import NotAFile, TooLarge, read_limited
+
 BundleFormat = Literal["auto", "pem", "spiffe"]
 FORMATS = ("auto", "pem", "spiffe")
 MAX_BUNDLE_BYTES = 16 * 1024 * 1024
@@ -42,7 +44,9 @@ def load_bundle(source: BundleSource) -> list[x509.Certificate]:
     """Every CA certificate of the bundle; ValueError naming the file and what is wrong."""
     path = source.path
     try:
-        data = path.read_bytes()
+        data = read_limited(path, limit=MAX_BUNDLE_BYTES)
+    except (NotAFile, TooLarge) as exc:
+        raise ValueError(f"cannot read trust bundle: {exc}") from exc
     except OSError as exc:
         raise ValueError(f"cannot read trust bundle {path}: {exc.strerror or exc}") from exc
     if len(data) > MAX_BUNDLE_BYTES:

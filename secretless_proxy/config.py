@@ -19,6 +19,7 @@ from .credentials import fields
 from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
 from .resolver import ResolverConfig
+from .safefile import NotAFile, TooLarge, read_limited
 from .secrets import SecretRef, expand_user
 from .trustconfig import IdentityConfig, parse_identity
 from .yamlsource import Path_, Source
@@ -177,10 +178,12 @@ def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
     """Read and validate a config file. Raises ConfigError listing every problem found."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path, limit=yamlsource.MAX_BYTES)
         text = raw.decode("utf-8")
     except FileNotFoundError as exc:
         raise ConfigError([ConfigIssue(file=str(path), line=None, path="", message="file not found")]) from exc
+    except (NotAFile, TooLarge) as exc:  # a FIFO would block a live reload forever; /dev/zero never ends
+        raise ConfigError([ConfigIssue(file=str(path), line=None, path="", message=str(exc))]) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigIssue(
             file=str(path), line=None, path="", message=f"cannot read the file ({type(exc).__name__})"
@@ -404,7 +407,7 @@ def _path(src: Source, p: Path_, value: Any, base: Path, *, must_exist: bool = F
             src.error(p, f"file {str(out)[:200]} cannot be read ({exc.strerror or type(exc).__name__})")
             return None
         if not exists:
-            src.error(p, f"file {out} does not exist")
+            src.error(p, f"file {out} is not a regular file" if out.exists() else f"file {out} does not exist")
     return out
 
 

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import SecretUnavailable
+from .safefile import NotAFile, TooLarge, read_limited
+
+# A key, a token, a PEM chain: far below this. A larger file (or /dev/zero) is refused, not read.
+MAX_SECRET_BYTES = 1024 * 1024
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # A value that would end up in an HTTP header must not be able to start a new header line.
@@ -111,10 +115,11 @@ class SecretRef:
                 raise SecretUnavailable(f"environment variable {self.target} is not set")
         else:
             try:
-                with open(self.target, encoding="utf-8") as fh:
-                    value = fh.read()
+                value = read_limited(self.target, limit=MAX_SECRET_BYTES).decode("utf-8")
             except FileNotFoundError as exc:
                 raise SecretUnavailable(f"secret file {self.target} does not exist") from exc
+            except (NotAFile, TooLarge) as exc:  # a FIFO, a device, a directory, a huge file: never read
+                raise SecretUnavailable(f"secret file {exc}") from exc
             except (OSError, UnicodeDecodeError) as exc:
                 raise SecretUnavailable(f"secret file {self.target} cannot be read ({type(exc).__name__})") from exc
         if not value.strip() or "\x00" in value:
@@ -130,10 +135,11 @@ class SecretRef:
             if cached is not None and cached[0] == key:
                 return cached[1]
             # newline="": see the bytes on disk; universal newlines would turn a lone CR into LF.
-            with open(self.target, encoding="utf-8", newline="") as fh:
-                raw = fh.read()
+            raw = read_limited(self.target, limit=MAX_SECRET_BYTES).decode("utf-8")
         except FileNotFoundError as exc:
             raise SecretUnavailable(f"secret file {self.target} does not exist") from exc
+        except (NotAFile, TooLarge) as exc:  # a FIFO, a device, a directory, a huge file: never read
+            raise SecretUnavailable(f"secret file {exc}") from exc
         except (OSError, UnicodeDecodeError) as exc:
             raise SecretUnavailable(
                 f"secret file {self.target} cannot be read ({type(exc).__name__})"

@@ -9,8 +9,10 @@ from pathlib import Path
 import certifi
 
 from .config import Config
+from .safefile import read_limited
 
 SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
+MAX_CA_BUNDLE_BYTES = 16 * 1024 * 1024  # certifi's is ~300 KB; a FIFO or /dev/zero is refused, not read
 DEFAULT_CONFDIR = Path("~/.secretless-proxy").expanduser()
 
 
@@ -30,7 +32,7 @@ def upstream_ca_bundle(config: Config) -> Path:
     parts += [Path(p) for p in SYSTEM_BUNDLES if os.path.exists(p)]
     if config.upstream_ca_bundle is not None:
         parts.append(config.upstream_ca_bundle)
-    data = b"\n".join(p.read_bytes().strip() + b"\n" for p in parts)
+    data = b"\n".join(read_limited(p, limit=MAX_CA_BUNDLE_BYTES).strip() + b"\n" for p in parts)
     # Named by content: mitmproxy caches TLS contexts by file name, so a changed bundle must
     # get a new name to be picked up on reload.
     out = confdir(config) / f"upstream-ca-bundle-{hashlib.sha256(data).hexdigest()[:12]}.pem"

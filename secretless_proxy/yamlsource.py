@@ -17,6 +17,7 @@ local ``!tags``) is an error at its line, and so is a core tag on a value it can
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ class Source:
     data: Any
     lines: dict[Path_, int]
     issues: list[ConfigIssue] = field(default_factory=list)
+    dropped: int = 0  # issues past MAX_ISSUES, counted and not kept
 
     def line(self, path: Path_) -> int | None:
         while True:
@@ -60,11 +62,21 @@ class Source:
             path = path[:-1]
 
     def error(self, path: Path_, message: str, *, line: int | None = None) -> None:
+        if len(self.issues) >= MAX_ISSUES:
+            self.dropped += 1
+            return
+        rendered = render_path(path)
         self.issues.append(ConfigIssue(
-            file=self.file, line=line or self.line(path), path=render_path(path), message=message
+            file=self.file, line=line or self.line(path),
+            path=rendered if len(rendered) <= 200 else rendered[:200] + "...",
+            message=message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "... (cut)",
         ))
 
     def raise_if_issues(self) -> None:
+        if self.dropped:
+            self.issues.append(ConfigIssue(file=self.file, line=None, path="",
+                                           message=f"{self.dropped} more issue(s) not shown; fix the ones above first"))
+            self.dropped = 0
         if self.issues:
             raise ConfigError(self.issues)
 
@@ -131,6 +143,11 @@ class Source:
 # real one and far below what exhausts memory or Python's recursion limit (about 1,000 frames).
 MAX_BYTES = 1024 * 1024
 MAX_DEPTH = 64
+MAX_KEY_CHARS = 256  # keys are names: config keys, credential and trust-domain names
+# Issues are located and short: a hostile file (aliases of one huge key) cannot make check or a
+# reload print megabytes. Past MAX_ISSUES, one more line says how many were left out.
+MAX_ISSUES = 200
+MAX_MESSAGE_CHARS = 600
 
 _CORE = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_CORE + t for t in ("null", "bool", "int", "float", "str")}
@@ -138,17 +155,57 @@ _COLLECTION_TAGS = {yaml.SequenceNode: _CORE + "seq", yaml.MappingNode: _CORE + 
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader without the YAML 1.1 implicit types outside the 1.2 core schema.
+    """SafeLoader that resolves plain scalars as the YAML 1.2 core schema does, not as YAML 1.1.
 
-    An unquoted ``2024-01-01`` or ``=`` stays a string instead of becoming a timestamp or a
-    ``!!value``; ``<<`` still resolves to the merge tag, so that it is reported, not applied.
+    PyYAML implements YAML 1.1, where ``yes``/``on`` are booleans, ``0443`` is octal 291, ``7:23``
+    is base 60 (443), ``1_000`` is 1000 and ``2024-01-01`` a timestamp. Under the 1.2 core schema
+    (what every other YAML tool an operator uses assumes) all of those are strings, except
+    ``0443``, which is decimal 443. ``<<`` still resolves to the merge tag, so it is reported.
     """
 
-    yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers
-                if tag not in (_CORE + "timestamp", _CORE + "value")]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
+    yaml_implicit_resolvers: dict = {}
+
+
+def _core_resolvers() -> None:
+    # YAML 1.2.2 §10.3.2 (core schema), in the order a plain scalar is tried.
+    add = _Loader.add_implicit_resolver
+    add(_CORE + "null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""])
+    add(_CORE + "bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    add(_CORE + "int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+    add(_CORE + "float", re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    add(_CORE + "merge", re.compile(r"^(?:<<)$"), ["<"])
+
+
+_core_resolvers()
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    """Integers and booleans with their YAML 1.2 core meaning, for plain and ``!!int``/``!!bool`` alike."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = self.construct_scalar(node)
+        if re.fullmatch(r"[-+]?[0-9]+", value):
+            return int(value, 10)  # 0443 is 443: no YAML 1.1 octal
+        if re.fullmatch(r"0o[0-7]+", value):
+            return int(value[2:], 8)
+        if re.fullmatch(r"0x[0-9a-fA-F]+", value):
+            return int(value[2:], 16)
+        raise ValueError(f"not an integer: {value!r}")
+
+    def construct_yaml_bool(self, node: yaml.ScalarNode) -> bool:
+        value = self.construct_scalar(node)
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"not a boolean: {value!r}")  # `yes`, `on`: YAML 1.1 only
+        return value.lower() == "true"
+
+
+_Constructor.add_constructor(_CORE + "int", _Constructor.construct_yaml_int)
+_Constructor.add_constructor(_CORE + "bool", _Constructor.construct_yaml_bool)
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
 
 
 def _tag_name(tag: str) -> str:
@@ -196,7 +253,7 @@ def load(text: str, *, file: str) -> Source:
         src.error((), "the file is empty")
         src.raise_if_issues()
     try:
-        src.data = _convert(node, (), src, yaml.constructor.SafeConstructor(), set())
+        src.data = _convert(node, (), src, _Constructor(), set())
     except _TooDeep as exc:
         raise ConfigError([ConfigIssue(
             file=file, line=src.lines.get(exc.top), path=render_path(exc.top),
@@ -274,10 +331,16 @@ def _convert_collection(node: yaml.MappingNode | yaml.SequenceNode, path: Path_,
             if not isinstance(key_node, yaml.ScalarNode):
                 src.error(path, "mapping keys must be plain strings", line=key_line)
                 continue
-            key_value = _scalar(key_node, path, src, ctor, line=key_line)
-            if key_value is None and key_node.tag != _CORE + "null":
+            if key_node.tag != _CORE + "str":
+                # `1:`, `~:`, `true:` are not names: str() would make "1", "None", "True" of them.
+                src.error(path, f"mapping keys must be plain strings, got {_shown(key_node.value)} "
+                                f"({_tag_name(key_node.tag)}); quote it if it is a name", line=key_line)
                 continue
-            key = str(key_value)
+            key = key_node.value
+            if len(key) > MAX_KEY_CHARS:
+                src.error(path, f"a key of {len(key)} characters (at most {MAX_KEY_CHARS}): {_shown(key)}",
+                          line=key_line)
+                continue
             kpath = path + (key,)
             if key in out:
                 src.error(kpath, f"duplicate key '{key}' (first defined on line {src.lines[kpath]})",

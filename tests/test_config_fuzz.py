@@ -77,3 +77,64 @@ class TestFuzzFindings:
         line = 1 + text.splitlines().index(f"    token_url: {url}")
         assert (f"found.yaml:{line} credentials.payments.token_url: must be an absolute https:// URL, got {url!r}"
                 in [str(i) for i in err.value.issues])
+
+
+class TestWhatIsAtThePath:
+    """Found by a hostile review: files were read whole, and blocking, before any check."""
+
+    def _check(self, path):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        cli = Path(sys.executable).with_name("secretless-proxy")
+        return subprocess.run([str(cli), "check", str(path)], capture_output=True, text=True, timeout=60)
+
+    def test_fifo_config_is_refused_not_waited_on(self, tmp_path):
+        """`check` on a FIFO answers at once that it is not a regular file (it used to hang forever)."""
+        import os
+
+        os.mkfifo(tmp_path / "config.yaml")
+        out = self._check(tmp_path / "config.yaml")
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "config.yaml is not a regular file (a FIFO)" in out.stderr
+
+    def test_dev_zero_config_is_refused(self, tmp_path):
+        """A symlink to /dev/zero is refused without reading it (it used to end in MemoryError)."""
+        (tmp_path / "config.yaml").symlink_to("/dev/zero")
+        out = self._check(tmp_path / "config.yaml")
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "is not a regular file (a character device)" in out.stderr
+
+    def test_huge_sparse_files_are_refused_unread(self, fuzz_dir, tmp_path):
+        """A 3 GB sparse config or trust bundle is refused by its size, never read into memory."""
+        from secretless_proxy.config import load_config
+        from secretless_proxy.errors import ConfigError
+
+        big = tmp_path / "big.yaml"
+        with open(big, "wb") as fh:
+            fh.truncate(3 * 1024 ** 3)
+        with pytest.raises(ConfigError, match=r"big\.yaml is larger than 1 MiB \(3072 MiB\)"):
+            load_config(big)
+        bundle = tmp_path / "bundle.pem"
+        with open(bundle, "wb") as fh:
+            fh.truncate(3 * 1024 ** 3)
+        text = config_mutations.base_text().replace("trust_bundle: ca/ca.pem", f"trust_bundle: {bundle}")
+        (fuzz_dir / "found.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"identity\.trust_bundle: .*bundle\.pem is larger than 16 MiB"):
+            load_config(fuzz_dir / "found.yaml")
+
+    def test_fifo_secret_file_is_a_located_issue(self, fuzz_dir):
+        """A `file:` secret that is a FIFO is an issue at its key (it used to block the loader)."""
+        import os
+
+        from secretless_proxy.config import load_config
+        from secretless_proxy.errors import ConfigError
+
+        fifo = fuzz_dir / "secrets" / "fifo.token"
+        if not fifo.exists():
+            os.mkfifo(fifo)
+        text = config_mutations.base_text().replace("file:secrets/gh.token", "file:secrets/fifo.token")
+        (fuzz_dir / "found.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"credentials\.github\.secret: .*fifo\.token is not a regular file \(a FIFO\)"):
+            load_config(fuzz_dir / "found.yaml")

@@ -671,3 +671,18 @@ class TestHostileReload:
         assert proxy.alive
         output = proxy.output()
         assert "Traceback" not in output and "RecursionError" not in output
+
+    def test_config_replaced_by_a_fifo_never_freezes_the_proxy(self, proxy_factory, pki, upstream, tmp_path):
+        """A config file swapped for a FIFO (an atomic mv) is a failed reload; the event loop never blocks on it."""
+        proxy = start(proxy_factory, base_config(pki, rules=[inject_rule(upstream)]))
+        before = proxy.admin.scrape().value("secretless_config_reloads_total", outcome="error")
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        os.replace(fifo, proxy.config_path)
+        wait_for(lambda: proxy.admin.scrape().value("secretless_config_reloads_total", outcome="error") > before,
+                 what="the FIFO reload rejected")
+        assert proxy.admin.get("/healthz").status_code == 200
+        assert "is not a regular file (a FIFO)" in proxy.admin.get("/readyz").json()["checks"]["config"]
+        with client(proxy, pki, pki.svid(BILLING)) as s:
+            assert s.get(f"{upstream.url}/v1/charges", timeout=10).status_code == 200
+        assert proxy.alive and "Traceback" not in proxy.output()

@@ -272,7 +272,7 @@ class TestFileSecret:
 
     def test_directory_is_unreadable(self, tmp_path: Path) -> None:
         """A path that is a directory raises SecretUnavailable, not a raw OSError."""
-        with pytest.raises(SecretUnavailable, match=r"cannot be read \(IsADirectoryError\)"):
+        with pytest.raises(SecretUnavailable, match=r"is not a regular file \(a directory\)"):
             self.ref_to(tmp_path).resolve()
 
     def test_non_utf8_is_unreadable(self, tmp_path: Path) -> None:

@@ -64,6 +64,25 @@ class TestBounds:
         assert "that starts on line 2" in found[0]
 
 
+class TestAmplification:
+    def test_aliased_huge_keys_give_bounded_output(self):
+        """2,000 aliases of one 100 KB key: a few short issues, not 400 MB of duplicate-key errors."""
+        text = "\n".join(["version: 1", "junk: &a " + "x" * 100_000, "zz:"] + [f"  *a : {i}" for i in range(2000)])
+        src = yamlsource.load(text + "\n", file="t.yaml")
+        with pytest.raises(ConfigError) as err:
+            src.raise_if_issues()
+        found = [str(i) for i in err.value.issues]
+        assert len(found) == 201 and sum(len(i) for i in found) < 50_000
+        assert found[0] == "t.yaml: 1800 more issue(s) not shown; fix the ones above first"
+        assert found[1].startswith("t.yaml:2 zz: a key of 100000 characters (at most 256): 'xxxx")
+
+    def test_long_values_are_cut_in_messages(self):
+        """An issue quoting a 100 KB value is cut to a readable length."""
+        src = yamlsource.load("n: 1\n", file="t.yaml")
+        src.error(("n",), "must be short, got " + "y" * 100_000)
+        assert len(str(src.issues[0])) < 700 and str(src.issues[0]).endswith("... (cut)")
+
+
 class TestTags:
     @pytest.mark.parametrize("value, tag", [
         ("!!binary aGVsbG8=", "!!binary"),
@@ -101,8 +120,27 @@ class TestTags:
         """A tagged mapping key is refused where it is, and the rest of the mapping still loads."""
         src = yamlsource.load("m:\n  ? !!binary aGk=\n  : 1\n  b: 2\n", file="t.yaml")
         assert [str(i) for i in src.issues] == [
-            "t.yaml:2 m: unsupported YAML tag '!!binary' (plain strings, numbers, booleans and null only)"]
+            "t.yaml:2 m: mapping keys must be plain strings, got 'aGk=' (!!binary); quote it if it is a name"]
         assert src.data == {"m": {"b": 2}}
+
+    @pytest.mark.parametrize("text, value", [
+        ("port: 0443", 443), ("port: 7:23", "7:23"), ("private: yes", "yes"), ("private: on", "on"),
+        ("n: 1_000", "1_000"), ("x: 0o17", 15), ("x: 0x1F", 31), ("b: TRUE", True), ("b: Yes", "Yes"),
+    ])
+    def test_plain_scalars_mean_what_yaml_1_2_says(self, text, value):
+        """Plain scalars resolve by the YAML 1.2 core schema: no 1.1 octal, base 60 or yes/on booleans."""
+        src = yamlsource.load(text + "\n", file="t.yaml")
+        assert src.issues == [] and list(src.data.values()) == [value]
+        assert type(list(src.data.values())[0]) is type(value)
+
+    @pytest.mark.parametrize("key, tag", [("~", "!!null"), ("null", "!!null"), ("1", "!!int"), ("true", "!!bool"),
+                                          ("1.5", "!!float")])
+    def test_non_string_keys_refused(self, key, tag):
+        """`~:`, `1:`, `true:` are refused where they are, not turned into the names "None", "1", "True"."""
+        src = yamlsource.load(f"credentials:\n  {key}: {{kind: static}}\n  ok: 1\n", file="t.yaml")
+        assert [str(i) for i in src.issues] == [
+            f"t.yaml:2 credentials: mapping keys must be plain strings, got {key!r} ({tag}); quote it if it is a name"]
+        assert src.data == {"credentials": {"ok": 1}}
 
     def test_core_values_still_load(self):
         """Plain and explicitly tagged core values load as before; unquoted dates stay strings."""
