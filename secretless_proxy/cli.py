@@ -34,8 +34,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.file}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
     from .destconfig import warnings
+    from .lint import cross_rule_echo
 
-    for warning in warnings(cfg):
+    for warning in warnings(cfg) + cross_rule_echo(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.file}: OK ({len(cfg.rules)} rules, {len(cfg.credentials)} credentials)")
     return 0
