@@ -148,9 +148,11 @@ class Secretless:
     def load(self, loader) -> None:
         logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
         layerguard.install()  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
-        # Before any secret is loaded: no core dumps, no ptrace (issue 8 §7). Not in mitmproxy's
-        # in-process test master: that process is the test runner, not a proxy.
-        if type(loader.master).__module__ != "mitmproxy.test.taddons":
+        # Before any secret is loaded: no core dumps, no ptrace (issue 8 §7). `secretless-proxy run`
+        # does it before it builds its master (server.run); here it is for mitmdump/mitmweb -s.
+        # Never for a bare Master, which is also what mitmproxy's in-process test helpers build:
+        # RLIMIT_CORE 0 cannot be raised again, and that process is the test runner.
+        if type(loader.master).__module__.startswith("mitmproxy.tools."):
             hardening.apply()
         loader.add_option(
             name="secretless_config", typespec=str, default="",

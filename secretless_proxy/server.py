@@ -16,6 +16,7 @@ from mitmproxy import exceptions, master, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from prometheus_client import disable_created_metrics
 
+from . import hardening
 from .addon import Secretless
 
 log = logging.getLogger("secretless")
@@ -56,4 +57,5 @@ def run(config_path: str, listen: tuple[str, int] | None) -> int:
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     # One series per metric, not a *_created twin of each: dashboards and alerts don't use them.
     disable_created_metrics()
+    hardening.apply()  # before the config (and any secret) is read: no core dumps, no ptrace
     return asyncio.run(_serve(config_path, listen))

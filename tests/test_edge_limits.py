@@ -10,6 +10,7 @@ the probes from 127.0.0.1, as a kubelet and a workload would from their own addr
 from __future__ import annotations
 
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -487,19 +488,34 @@ def _aborts_leave_core(cwd: Path, code: str) -> bool:
 
 
 class TestCoreDumps:
-    def test_proxy_writes_no_core_file(self, proxy_factory, pki, upstream, tmp_path):
+    @pytest.mark.parametrize("via", ["run", "mitmdump"])
+    def test_proxy_writes_no_core_file(self, proxy_factory, pki, upstream, tmp_path, via):
         """Started with an unlimited core limit, the proxy runs with RLIMIT_CORE 0 0, non-dumpable, and a SIGABRT leaves no core."""
         if not _aborts_leave_core(tmp_path / "control", "import os; os.abort()"):
             pytest.skip("this kernel writes no core files to the working directory (kernel.core_pattern)")
         work = tmp_path / "proxy-cwd"
         work.mkdir()
-        proxy = proxy_factory(config(pki, upstream.port), cwd=work, wrap=("prlimit", "--core=unlimited", "--"))
+        proxy = proxy_factory(config(pki, upstream.port), cwd=work, wrap=("prlimit", "--core=unlimited", "--"), via=via)
         assert "core dumps disabled (dumpable=0, RLIMIT_CORE=0)" in proxy.output()
         limits = Path(f"/proc/{proxy.proc.pid}/limits").read_text()
         assert re.search(r"Max core file size\s+0\s+0\s", limits), limits
         proxy.proc.send_signal(signal.SIGABRT)
         assert proxy.proc.wait(timeout=10) == -signal.SIGABRT
         assert list(work.iterdir()) == [], "the proxy wrote a core file"
+
+    def test_in_process_addon_leaves_the_test_runner_alone(self, pki, tmp_path):
+        """Loading the addon into a bare mitmproxy Master (as in-process tests do) does not lower this
+        process's core limit: RLIMIT_CORE 0 could never be raised again, and later tests need it."""
+        from mitmproxy.addons.proxyserver import Proxyserver
+        from mitmproxy.addons.tlsconfig import TlsConfig
+        from mitmproxy.test import taddons
+
+        from secretless_proxy.addon import Secretless
+
+        before = resource.getrlimit(resource.RLIMIT_CORE)
+        with taddons.context(Proxyserver(), TlsConfig(), Secretless()):
+            pass
+        assert resource.getrlimit(resource.RLIMIT_CORE) == before
 
     def test_non_dumpable_alone_stops_core_files(self, tmp_path):
         """PR_SET_DUMPABLE 0 as the proxy sets it stops a core file even with the core limit unlimited."""
