@@ -256,9 +256,9 @@ class TestFallback:
         f.request.host, f.request.port = "api.example.com", 443
         await addon.destinations.admit(f, Decision(addon.runtime.policy.rules[0]))
         state = addon.destinations._clients[f.client_conn]
-        pin = state.pins[("api.example.com", 443)]
-        state.pins[("api.example.com", 443)] = Pin(host=pin.host, port=pin.port, allowance=pin.allowance, rule=pin.rule,
-                                                   addresses=(ip.ip_address("127.0.0.7"), ip.ip_address("127.0.0.1")))
+        (pin,) = state.pins[("api.example.com", 443)].values()
+        state.remember(Pin(host=pin.host, port=pin.port, allowance=pin.allowance, rule=pin.rule,
+                           addresses=(ip.ip_address("127.0.0.7"), ip.ip_address("127.0.0.1"))))
         first = hook_data(f)
         addon.server_connect(first)
         assert first.server.address == ("127.0.0.7", 443)
