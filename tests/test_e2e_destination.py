@@ -290,23 +290,124 @@ class TestRebinding:
             assert [q["path"] for q in echo.requests] == ["/first"]
 
     def test_reused_connection_is_rechecked_for_each_rule(self, pki, client, proxy_factory, echo):
-        """A pooled connection to loopback, opened under a rule that allows it, is not reused by a
-        request whose rule does not — even when the name now resolves somewhere public."""
-        with RebindingDns({"pool.dest.test": [("127.0.0.1",), ("8.8.8.8",)]}) as rdns:
+        """A pooled connection opened under one rule is not reused by a request whose rule does not
+        allow its peer: that request gets its own connection, to an address its own rule allows."""
+        with RebindingDns({"pool.dest.test": [("127.0.0.1",), ("127.0.0.2",)]}) as rdns:
             rules = [{"name": "internal", "workloads": [BILLING], "to": {"host": "pool.dest.test", "port": echo.port,
-                      "paths": ["/internal/**"], "private": ["127.0.0.0/8"]}, "action": "allow"},
-                     {"name": "public", "workloads": [BILLING], "to": {"host": "pool.dest.test", "port": echo.port},
-                      "action": "allow"}]
+                      "paths": ["/internal/**"], "private": ["127.0.0.1/32"]}, "action": "allow"},
+                     {"name": "other", "workloads": [BILLING], "to": {"host": "pool.dest.test", "port": echo.port,
+                      "private": ["127.0.0.2/32"]}, "action": "allow"}]
             p = proxy_factory(dest_config(pki, rules, nameserver=rdns.nameserver))
             echo.requests.clear()
             s = tunnel(p.port, ("pool.dest.test", echo.port), sni="pool.dest.test", ca=pki.interception_ca_cert, cert=client)
             assert http_exchange(s, f"GET /internal/a HTTP/1.1\r\nHost: pool.dest.test:{echo.port}\r\n\r\n")[0] == 200
-            status, body = http_exchange(s, f"GET /public HTTP/1.1\r\nHost: pool.dest.test:{echo.port}\r\n\r\n")
+            status, body = http_exchange(s, f"GET /other HTTP/1.1\r\nHost: pool.dest.test:{echo.port}\r\n\r\n")
             s.close()
-            assert status == 403 and json.loads(body)["reason"] == "destination_private"
-            assert json.loads(body)["rule"] == "public"
+            # The echo upstream listens on 127.0.0.1 only: the new connection to 127.0.0.2 is refused.
+            assert status == 502, body
+            answer = json.loads(body)
+            assert (answer["reason"], answer["rule"]) == ("upstream_unreachable", "other")
+            assert "127.0.0.2" not in body.decode()
             assert [q["path"] for q in echo.requests] == ["/internal/a"]
-            assert "upstream connection to pool.dest.test" in p.output() and "at 8.8.8.8" not in p.output()
+            out = p.output()
+            assert "at 127.0.0.1 (rule internal)" in out and "at 127.0.0.2 (rule other)" in out
+
+
+class TestPinsPerRequest:
+    def test_concurrent_streams_under_two_rules_reach_only_their_own_addresses(self, pki, client, proxy_factory,
+                                                                              tmp_path):
+        """Two HTTP/2 streams on one client connection, same host, two rules allowing different
+        addresses, a TTL-0 answer that changes between their lookups: the injected stream (held back
+        by a slow token) still goes to its own checked address, never over the other rule's connection."""
+        from h2_upstream import H2Upstream, SlowTokenEndpoint, h2_get_concurrently
+
+        srv = certs.make_server_cert(ca=pki.upstream_ca, hosts=("race.dest.test",))
+        certs.write_svid(srv, tmp_path / "srv", ca=pki.upstream_ca)
+        up = H2Upstream(("127.0.0.2", "127.0.0.3"), cert_file=str(tmp_path / "srv/svid.pem"),
+                        key_file=str(tmp_path / "srv/svid-key.pem"))
+        token = SlowTokenEndpoint("RULE_A_TOKEN_x81", delay=1.5)
+        try:
+            with RebindingDns({"race.dest.test": [("127.0.0.2",), ("127.0.0.3",)]}) as rdns:
+                rules = [{"name": "A", "workloads": [BILLING], "to": {"host": "race.dest.test", "port": up.port,
+                          "paths": ["/a"], "private": ["127.0.0.2/32"]},
+                          "inject": {"credential": "a-token", "header": "Authorization", "format": "Bearer {secret}"}},
+                         {"name": "B", "workloads": [BILLING], "to": {"host": "race.dest.test", "port": up.port,
+                          "paths": ["/b"], "private": ["127.0.0.3/32"]}, "action": "allow"}]
+                cfg = dest_config(pki, rules, nameserver=rdns.nameserver)
+                cfg["credentials"] = {"a-token": {"kind": "oauth2_client_credentials", "token_url": token.url,
+                                                  "client_id": "a", "client_secret": "env:TEST_STRIPE_KEY"}}
+                p = proxy_factory(cfg)
+                p.secrets = (*p.secrets, "RULE_A_TOKEN_x81")
+                sock = h2_tunnel(p.port, ("race.dest.test", up.port), ca=pki.interception_ca_cert, cert=client)
+                status = h2_get_concurrently(sock, f"race.dest.test:{up.port}", ["/a", "/b"], gap=0.5)
+                sock.close()
+        finally:
+            token.close()
+            up.close()
+        assert status == {"/a": 200, "/b": 200}
+        assert sorted(up.seen) == [("127.0.0.2", "/a", "Bearer RULE_A_TOKEN_x81"), ("127.0.0.3", "/b", None)]
+        out = p.output()
+        assert "at 127.0.0.2 (rule A)" in out and "at 127.0.0.3 (rule B)" in out
+
+
+def h2_tunnel(proxy_port: int, target: tuple[str, int], *, ca: str, cert: tuple[str, str]):
+    """CONNECT through the proxy, then TLS offering only h2, with the client certificate."""
+    import ssl
+
+    raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    raw.sendall(f"CONNECT {target[0]}:{target[1]} HTTP/1.1\r\nHost: {target[0]}:{target[1]}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += raw.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.load_cert_chain(*cert)
+    ctx.set_alpn_protocols(["h2"])
+    sock = ctx.wrap_socket(raw, server_hostname=target[0])
+    assert sock.selected_alpn_protocol() == "h2"
+    return sock
+
+
+class TestUpstreamFailures:
+    def test_failed_connections_answer_the_error_contract(self, pki, client, proxy_factory, tmp_path):
+        """A refused connection and a non-TLS upstream answer JSON 502 upstream_unreachable /
+        upstream_tls_failed, counted, without the resolved address; the proxy log has it."""
+        closed = free_port()
+        plain = socket.create_server(("127.0.0.1", 0))
+        pport = plain.getsockname()[1]
+
+        def answer() -> None:
+            while True:
+                try:
+                    c, _ = plain.accept()
+                except OSError:
+                    return
+                c.recv(1024)
+                c.sendall(b"HTTP/1.0 400 no\r\n\r\n")
+                c.close()
+        threading.Thread(target=answer, daemon=True).start()
+        admin = free_port()
+        try:
+            with RebindingDns({"internal.dest.test": [("127.0.0.1",)]}) as rdns:
+                rule = {"name": "local", "workloads": [BILLING], "to": {"host": "internal.dest.test", "port": [closed, pport],
+                        "private": ["127.0.0.1/32"]},
+                        "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+                p = proxy_factory(dest_config(pki, [rule], nameserver=rdns.nameserver,
+                                              admin={"listen": f"127.0.0.1:{admin}"}))
+                p.admin_port = admin  # type: ignore[attr-defined]
+                seen = {}
+                for port in (closed, pport):
+                    r = curl("--cacert", pki.interception_ca_cert, "--cert", client[0], "--key", client[1],
+                             f"https://internal.dest.test:{port}/", proxy=p.url)
+                    assert "127.0.0.1" not in r.body and "<html" not in r.body.lower()
+                    body = json.loads(r.body)
+                    assert set(body) == {"error", "reason", "rule", "request_id"} and body["rule"] == "local"
+                    seen[port] = (r.status, body["reason"])
+        finally:
+            plain.close()
+        assert seen == {closed: (502, "upstream_unreachable"), pport: (502, "upstream_tls_failed")}
+        assert denied_count(p, "upstream_unreachable") == 1 and denied_count(p, "upstream_tls_failed") == 1
+        assert f"Connect call failed ('127.0.0.1', {closed})" in p.output()  # the log keeps the address
 
 
 class TestResolverFailures:
