@@ -270,6 +270,40 @@ class TestProxyItself:
             assert "the proxy itself" in body["error"]
 
 
+class TestOwnListenersOnPortZero:
+    def test_admin_on_port_zero_is_refused_at_its_bound_port(self, pki, client, proxy_factory):
+        """admin.listen with port 0: the port it actually bound is the proxy's own, refused even
+        under a rule that allows loopback, and never connected to."""
+        import re
+        import time
+
+        import yaml
+
+        def config(port: int) -> dict:
+            rule = {"name": "to-local", "workloads": [BILLING], "to": {"host": "127.0.0.2", "port": port,
+                    "private": ["127.0.0.0/8"]}, "inject": {"credential": "stripe", "header": "Authorization"}}
+            return dest_config(pki, [rule], nameserver="127.0.0.1:53", admin={"listen": "127.0.0.2:0"})
+        p = proxy_factory(config(1))
+        for _ in range(100):
+            m = re.search(r"admin listener on 127\.0\.0\.2:(\d+)", p.output())
+            if m:
+                break
+            time.sleep(0.1)
+        assert m, p.output()
+        admin = int(m.group(1))
+        time.sleep(1.1)  # a new mtime for the watcher
+        args = list(p.proc.args)  # type: ignore[arg-type]
+        Path(args[args.index("--config") + 1]).write_text(yaml.safe_dump(config(admin), sort_keys=False))
+        for _ in range(100):
+            if "config reloaded" in p.output():
+                break
+            time.sleep(0.1)
+        assert "config reloaded" in p.output()
+        status, body = get(pki, client, f"https://127.0.0.2:{admin}/metrics", p)
+        assert status == 403 and body["reason"] == "destination_private" and "proxy itself" in body["error"]
+        assert f"upstream connection to 127.0.0.2:{admin}" not in p.output()
+
+
 class TestRebinding:
     def test_connects_to_the_address_that_was_checked(self, pki, client, proxy_factory, echo):
         """A name that answers loopback once and the metadata address afterwards: the request goes
@@ -437,6 +471,8 @@ def test_explain_shows_addresses_and_verdicts(pki, dns, tmp_path: Path):
                             *extra, url], capture_output=True, text=True, timeout=60)
         assert "Traceback" not in r.stderr
         return r.returncode, r.stdout
+    rc, out = explain("https://mixed.dest.test:0/")
+    assert (rc, out.strip()) == (2, "refused (400): port 0 is not a destination port")  # not judged as :443
     rc, out = explain("https://mixed.dest.test/")
     assert rc == 2
     assert "8.8.8.8  public: passes" in out and "10.0.0.1  private: refused" in out
