@@ -25,6 +25,7 @@ name the resolved address; the proxy log keeps it.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -384,7 +385,7 @@ def upstream_refusal(error: str, *, host: str, rule: str | None) -> Refusal:
             return Refusal(502, INTERNAL, "the proxy failed to open the upstream connection", rule)
         return Refusal(403, DESTINATION_PRIVATE, f"the upstream connection to {host} would reach an address this "
                        "rule does not allow (to.private)", rule)
-    if "timed out" in text or "timeout" in text:
+    if "timed out" in text or "timeout" in text or f"[errno {errno.ETIMEDOUT}]" in text:  # asyncio: "[Errno 110] Connect call failed"
         return Refusal(504, UPSTREAM_TIMEOUT, f"the upstream {host} did not answer in time", rule)
     if any(w in text for w in _TLS_WORDS):
         return Refusal(502, UPSTREAM_TLS_FAILED, f"no verified TLS connection to the upstream {host} could be made", rule)
