@@ -274,6 +274,8 @@ class Destinations:
         pin = self._flows.get(flow)
         if pin is None:
             return "an unadmitted request"
+        if (flow.request.host, flow.request.port) != (pin.host, pin.port):
+            return "a destination other than the admitted one"  # changed after admit (another addon)
         if server.peername:
             addr: IPAddress | None = ipaddress.ip_address(server.peername[0].split("%", 1)[0])
         else:

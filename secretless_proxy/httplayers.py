@@ -207,7 +207,7 @@ class GuardedHttpStream(HttpStream):
             self.guard.on_refusal(self.flow, refusal)
         streaming = self.client_state == self.state_wait_for_request_headers or self.flow.request.stream
         self.flow.response = error_response(self.flow.id, refusal)
-        if streaming:
+        if streaming and self.context.client.alpn != b"h2":  # HTTP/2 has no Connection header; the stream ends
             self.flow.response.headers["Connection"] = "close"  # the body may still come: never read it
         yield from self.send_response()
         return False  # mitmproxy's callers stop here (a streamed body is then ignored)

@@ -326,6 +326,8 @@ class TestPinsPerFlow:
         assert refusal is not None and (refusal.status, refusal.reason, refusal.rule) == (403, "destination_private", "A")
         assert "127.0.0.3" not in refusal.message
         assert dest.send_refusal(fb, b_conn) is None
+        fb.request.host = "elsewhere.partner.test"  # changed after its admission (another addon)
+        assert dest.send_refusal(fb, b_conn) is not None
 
     def test_client_pin_table_is_bounded(self):
         """One client connection naming many hosts (or one host under many rules) keeps a bounded table."""

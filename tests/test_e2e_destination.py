@@ -405,7 +405,10 @@ def h2_tunnel(proxy_port: int, target: tuple[str, int], *, ca: str, cert: tuple[
 class TestUpstreamFailures:
     def test_failed_connections_answer_the_error_contract(self, pki, client, proxy_factory, tmp_path):
         """A refused connection and a non-TLS upstream answer JSON 502 upstream_unreachable /
-        upstream_tls_failed, counted, without the resolved address; the proxy log has it."""
+        upstream_tls_failed, counted, without the resolved address (HTTP/1 and HTTP/2 clients); the
+        proxy log has it."""
+        from h2_upstream import h2_get_concurrently
+
         closed = free_port()
         plain = socket.create_server(("127.0.0.1", 0))
         pport = plain.getsockname()[1]
@@ -437,10 +440,14 @@ class TestUpstreamFailures:
                     body = json.loads(r.body)
                     assert set(body) == {"error", "reason", "rule", "request_id"} and body["rule"] == "local"
                     seen[port] = (r.status, body["reason"])
+                sock = h2_tunnel(p.port, ("internal.dest.test", closed), ca=pki.interception_ca_cert, cert=client)
+                h2_status = h2_get_concurrently(sock, f"internal.dest.test:{closed}", ["/h2"], gap=0)
+                sock.close()
         finally:
             plain.close()
+        assert h2_status == {"/h2": 502}  # an HTTP/2 client gets the same answer on its stream
         assert seen == {closed: (502, "upstream_unreachable"), pport: (502, "upstream_tls_failed")}
-        assert denied_count(p, "upstream_unreachable") == 1 and denied_count(p, "upstream_tls_failed") == 1
+        assert denied_count(p, "upstream_unreachable") == 2 and denied_count(p, "upstream_tls_failed") == 1
         assert f"Connect call failed ('127.0.0.1', {closed})" in p.output()  # the log keeps the address
 
 
