@@ -255,6 +255,11 @@ class Destinations:
         """``server`` is a new connection opened to send ``flow``: it goes where ``flow`` was checked."""
         self._for[server] = self._flows.get(flow, _UNADMITTED)
 
+    def opened_as(self, server: Server) -> tuple[str, int] | None:
+        """The (host, port) a connection we pointed at an address was opened for."""
+        pin = self._opened.get(server)
+        return (pin.host, pin.port) if pin is not None else None
+
     def reusable(self, flow: http.HTTPFlow, server: Server) -> bool:
         """May ``flow`` be sent over the open (or opening) connection ``server``?"""
         return self._why_not(flow, server) is None

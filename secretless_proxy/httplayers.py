@@ -39,6 +39,7 @@ from mitmproxy.connection import Server
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
     GetHttpConnection,
+    GetHttpConnectionCompleted,
     HttpLayer,
     HttpStream,
     RequestData,
@@ -69,6 +70,7 @@ class Upstreams(Protocol):
     def opening(self, flow: http.HTTPFlow, server: Server) -> None: ...
     def reusable(self, flow: http.HTTPFlow, server: Server) -> bool: ...
     def send_refusal(self, flow: http.HTTPFlow, server: Server) -> Refusal | None: ...
+    def opened_as(self, server: Server) -> tuple[str, int] | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,25 +109,36 @@ class GuardedHttpLayer(HttpLayer):
             yield from super().get_connection(event, reuse=reuse)
             return
         if reuse:
-            chosen = self._reuse_candidate(event)
-            if chosen is not None and not upstreams.reusable(flow, chosen):
-                reuse = False  # another rule's connection: this flow gets its own
-        for command in super().get_connection(event, reuse=reuse):
+            # mitmproxy's reuse, in its order, but only of a connection this flow's rule allows; one
+            # still being opened counts under the name it was opened for (server_connect put an
+            # address in its place until it is open).
+            mine = next((c for c in self._reuse_candidates(event, upstreams) if upstreams.reusable(flow, c)), None)
+            if mine is not None and mine in self.waiting_for_establishment:
+                self.waiting_for_establishment[mine].append(event)
+                return
+            if mine is not None:
+                stream = self.command_sources.pop(event)
+                reply = (None, mine.error) if mine.error else (mine, None)
+                yield from self.event_to_child(stream, GetHttpConnectionCompleted(event, reply))  # type: ignore[arg-type]
+                return
+        for command in super().get_connection(event, reuse=False):  # a new connection, for this flow
             if isinstance(command, commands.OpenConnection) and isinstance(command.connection, Server):
                 upstreams.opening(flow, command.connection)
             yield command
 
-    def _reuse_candidate(self, event: GetHttpConnection) -> Server | None:
-        """The open connection mitmproxy's get_connection would hand to ``event`` (same order, same tests)."""
+    def _reuse_candidates(self, event: GetHttpConnection, upstreams: Upstreams) -> list[Server]:
+        """The connections mitmproxy's get_connection would consider for ``event``, in its order."""
+        out = []
         for c in self.connections:
-            if not event.connection_spec_matches(c):
+            if not isinstance(c, Server) or c.tls != event.tls or c.via != event.via \
+                    or c.transport_protocol != event.transport_protocol:
                 continue
-            assert isinstance(c, Server)
-            if c in self.waiting_for_establishment or c.error:
-                return c
-            if c.connected and not (self.context.client.alpn == b"h2" and c.alpn != b"h2"):
-                return c
-        return None
+            if c.address != event.address and upstreams.opened_as(c) != event.address:
+                continue
+            if c in self.waiting_for_establishment or c.error or \
+                    (c.connected and not (self.context.client.alpn == b"h2" and c.alpn != b"h2")):
+                out.append(c)
+        return out
 
 
 class GuardedHttp1Server(Http1Server):

@@ -352,7 +352,8 @@ class TestPinsPerRequest:
                                                                               tmp_path):
         """Two HTTP/2 streams on one client connection, same host, two rules allowing different
         addresses, a TTL-0 answer that changes between their lookups: the injected stream (held back
-        by a slow token) still goes to its own checked address, never over the other rule's connection."""
+        by a slow token) still goes to its own checked address, never over the other rule's connection;
+        later streams reuse the connection of their own rule (two upstream connections in all)."""
         from h2_upstream import H2Upstream, SlowTokenEndpoint, h2_get_concurrently
 
         srv = certs.make_server_cert(ca=pki.upstream_ca, hosts=("race.dest.test",))
@@ -361,25 +362,30 @@ class TestPinsPerRequest:
                         key_file=str(tmp_path / "srv/svid-key.pem"))
         token = SlowTokenEndpoint("RULE_A_TOKEN_x81", delay=1.5)
         try:
-            with RebindingDns({"race.dest.test": [("127.0.0.2",), ("127.0.0.3",)]}) as rdns:
+            answers = [("127.0.0.2",), ("127.0.0.3",)] * 2  # one lookup per stream, in stream order
+            with RebindingDns({"race.dest.test": answers}) as rdns:
                 rules = [{"name": "A", "workloads": [BILLING], "to": {"host": "race.dest.test", "port": up.port,
-                          "paths": ["/a"], "private": ["127.0.0.2/32"]},
+                          "paths": ["/a/**"], "private": ["127.0.0.2/32"]},
                           "inject": {"credential": "a-token", "header": "Authorization", "format": "Bearer {secret}"}},
                          {"name": "B", "workloads": [BILLING], "to": {"host": "race.dest.test", "port": up.port,
-                          "paths": ["/b"], "private": ["127.0.0.3/32"]}, "action": "allow"}]
+                          "paths": ["/b/**"], "private": ["127.0.0.3/32"]}, "action": "allow"}]
                 cfg = dest_config(pki, rules, nameserver=rdns.nameserver)
                 cfg["credentials"] = {"a-token": {"kind": "oauth2_client_credentials", "token_url": token.url,
                                                   "client_id": "a", "client_secret": "env:TEST_STRIPE_KEY"}}
                 p = proxy_factory(cfg)
                 p.secrets = (*p.secrets, "RULE_A_TOKEN_x81")
                 sock = h2_tunnel(p.port, ("race.dest.test", up.port), ca=pki.interception_ca_cert, cert=client)
-                status = h2_get_concurrently(sock, f"race.dest.test:{up.port}", ["/a", "/b"], gap=0.5)
+                status = h2_get_concurrently(sock, f"race.dest.test:{up.port}", ["/a/1", "/b/1", "/a/2", "/b/2"],
+                                             gap=0.4)
                 sock.close()
         finally:
             token.close()
             up.close()
-        assert status == {"/a": 200, "/b": 200}
-        assert sorted(up.seen) == [("127.0.0.2", "/a", "Bearer RULE_A_TOKEN_x81"), ("127.0.0.3", "/b", None)]
+        assert status == {"/a/1": 200, "/b/1": 200, "/a/2": 200, "/b/2": 200}
+        bearer = "Bearer RULE_A_TOKEN_x81"
+        assert sorted(up.seen) == [("127.0.0.2", "/a/1", bearer), ("127.0.0.2", "/a/2", bearer),
+                                   ("127.0.0.3", "/b/1", None), ("127.0.0.3", "/b/2", None)]
+        assert sorted(up.connections) == ["127.0.0.2", "127.0.0.3"]  # each rule's connection reused, no third
         out = p.output()
         assert "at 127.0.0.2 (rule A)" in out and "at 127.0.0.3 (rule B)" in out
 
