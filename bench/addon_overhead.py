@@ -79,6 +79,7 @@ async def per_request_modes(credential: dict, *, flows: int, repeats: int, modes
         samples: dict[str, list[float]] = {m: [] for m in modes}
         for _, destination in [(r, m) for r in range(repeats + 1) for m in modes]:  # first round: warm-up
             addon.destinations.admit = skip if destination == "off" else real_admit  # type: ignore[method-assign]
+            addon._decided.clear()  # each pass decides its flows again (a decided flow is skipped in `request`)
             t0 = time.perf_counter()
             for f, resp, conn in batch:
                 f.response = None

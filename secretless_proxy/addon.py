@@ -29,7 +29,7 @@ from .breaker import Backoff
 from .config import LimitsConfig, Rule
 from .connlimits import ConnectionGuard
 from .credentials import IssuedCredential, RequestContext
-from .destination import Destinations, proxy_listeners
+from .destination import Destinations, proxy_listeners, upstream_refusal
 from .errors import ConfigError, CredentialError, IdentityError
 from .httplayers import SCAN_LIMIT, TARGET, Guard, GuardedHttpLayer
 from .identity import Workload
@@ -123,7 +123,7 @@ class Secretless:
         self._injected: weakref.WeakKeyDictionary[http.HTTPFlow, _Injected] = weakref.WeakKeyDictionary()
         self._reload_pending: asyncio.Task | None = None
         self.destinations = Destinations(config=lambda: self.services.config if self.services else None,
-                                         listeners=proxy_listeners)
+                                         listeners=self._own_listeners)
         # Connection caps and deadlines (connlimits.py): a sub-addon, so mitmdump -s loads it too.
         self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None)
         self.addons = [self.guard]
@@ -134,7 +134,8 @@ class Secretless:
         self._sign_later: weakref.WeakKeyDictionary[http.HTTPFlow, tuple] = weakref.WeakKeyDictionary()
         self._forced = False
         self._guard = Guard(limits=self._limits, on_refusal=self._report_refusal,
-                            report_connection=lambda c, reason: self.gate.report(c, reason))
+                            report_connection=lambda c, reason: self.gate.report(c, reason),
+                            upstreams=self.destinations, on_upstream_failure=self._upstream_failed)
         self.gate = protocols.Gate(max_head=lambda: self._limits().max_request_head_bytes,
                                    report=self._connection_refused,
                                    make_http=lambda c, mode: GuardedHttpLayer(c, mode, guard=self._guard))
@@ -233,6 +234,7 @@ class Secretless:
                 return
         if services.config.admin_api_listen and not await self._start_admin_api(services):
             return
+        self.destinations.listeners_changed()  # the admin listeners' bound ports are known now
         self.guard.start(admin_listeners={x.port: x.name for x in (self.admin, self.admin_api) if x is not None})
         self.drain = Drain(self.guard, drain_seconds=lambda: services.config.limits.drain_seconds,
                            revoke=self._revoke_all if services.config.limits.revoke_on_shutdown else None)
@@ -569,6 +571,23 @@ class Secretless:
 
     def server_connect_error(self, data) -> None:
         self.destinations.server_connect_error(data)
+
+    def _own_listeners(self) -> list[tuple[str, int]]:
+        """Every socket this process listens on, as bound (a configured port 0 is the real port here)."""
+        admin = [(x.host, x.port) for x in (self.admin, self.admin_api) if x is not None and x.port]
+        return [*proxy_listeners(), *admin]
+
+    def _upstream_failed(self, flow: http.HTTPFlow, error: str) -> Refusal:
+        """A failed upstream connection: the error contract, audited and counted. mitmproxy's text
+        (which may name the resolved address) goes to the proxy log only."""
+        log.warning("request %s to %s:%d: the upstream connection failed: %s", flow.id, flow.request.host,
+                    flow.request.port, error)
+        refusal = upstream_refusal(error, host=flow.request.host, rule=flow.metadata.get("secretless.rule"))
+        injected = self._injected.pop(flow, None)
+        if injected is not None:
+            injected.scrub(flow.request)  # never sent: nothing to audit as used
+        self._report_refusal(flow, refusal)
+        return refusal
 
     # -- response path -----------------------------------------------------------------------
 

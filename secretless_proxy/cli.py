@@ -66,7 +66,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError(f"--url must be an absolute http(s) URL, got {args.url!r}")
     host = normalize_host(url.hostname)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    port = url.port if url.port is not None else (443 if url.scheme == "https" else 80)
+    if port == 0:  # `url.port or 443` would judge :0 as :443; the proxy never connects to port 0
+        print("refused (400): port 0 is not a destination port")
+        return 2
     workload = Workload(spiffe_id=args.workload, trust_domain=td, path=path, not_after=float("inf"), cert_sha256="")
     if td not in cfg.identity.trust_domains:
         print(f"refused (407 identity_trust_domain): trust domain '{td}' is not in identity.trust_domains")

@@ -5,31 +5,49 @@ to exactly those addresses.
 credential is fetched. It resolves the decided host (or takes an IP literal as it is), classifies
 every address (``addresses.py``) and refuses the request when any of them is not public and the
 rule does not allow it (``to.private``, plus the operator's ``upstream.allow_private``), or when
-one is the proxy's own listener. The checked addresses are then *pinned* for the client
-connection and host. mitmproxy's ``server_connect`` hook replaces the host name in the new
-server connection's address with a pinned address, so the connection goes exactly where the
-check looked — a second lookup between check and connect (DNS rebinding) never happens. SNI and
-certificate verification still use the name (mitmproxy sets the SNI before ``server_connect``).
+one is the proxy's own listener. The checked addresses are then *pinned* to that flow: another
+request's admission (another rule, a changed DNS answer) never changes them.
+
+The HTTP layer (``httplayers.GuardedHttpLayer``) says which flow a new upstream connection is
+opened for; mitmproxy's ``server_connect`` hook then replaces the host name in its address with
+an address pinned for that flow, so the connection goes exactly where the check looked — a second
+lookup between check and connect (DNS rebinding) never happens. SNI and certificate verification
+still use the name (mitmproxy sets the SNI before ``server_connect``).
 
 After the connection is open the name is put back into its address, so keep-alive reuse keeps
-working; a request that would reuse an open connection has that connection's peer address
-checked against its own rule first.
+working; an open connection is reused for a request only if its peer address passes *that*
+request's rule (otherwise a new connection is opened), and the connection a request is about to
+be sent over is judged once more right before it goes (``send_refusal``).
+
+Upstream connection failures become error-contract refusals (``upstream_refusal``) that never
+name the resolved address; the proxy log keeps it.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 from .addresses import LOOPBACK, UNSPECIFIED, AddressClass, Allowance, IPAddress, classify, ip_literal, verdict
-from .refusal import DESTINATION_PRIVATE, DNS_FAILED, DNS_TIMEOUT, Refusal
+from .refusal import (
+    DESTINATION_PRIVATE,
+    DNS_FAILED,
+    DNS_TIMEOUT,
+    INTERNAL,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_TLS_FAILED,
+    UPSTREAM_UNREACHABLE,
+    Refusal,
+)
 from .resolver import DnsError, DnsTimeout, Resolver, ResolverConfig
 
 if TYPE_CHECKING:
@@ -43,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("secretless")
 
 PROXY_LISTENER = "proxy_listener"  # the verdict for the proxy's own ports: never allowed
+OWN_ERROR = "secretless-proxy: "  # prefix of the connection errors set here (and in addon.py)
 FAILED_SECONDS = 30.0  # after a failed connect, the pin's other checked addresses are tried first
 
 
@@ -126,21 +145,51 @@ class Pin:
     rule: str
 
 
+MAX_HOSTS_PER_CLIENT = 64  # (host, port) pairs remembered per client connection (oldest dropped)
+MAX_PINS_PER_HOST = 8  # distinct (rule, allowance) pins kept per (host, port) on one client connection
+
+
 @dataclass(slots=True)
 class _ClientPins:
-    pins: dict[tuple[str, int], Pin] = field(default_factory=dict)
-    servers: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # connections we opened
+    """Pins of one client connection, for connections opened without a flow (in-process callers).
+
+    Connections the HTTP layer opens carry their flow's own pin (``opening``) and never read this."""
+
+    pins: OrderedDict[tuple[str, int], OrderedDict[tuple[str, Allowance], Pin]] = field(default_factory=OrderedDict)
+
+    def remember(self, pin: Pin) -> None:
+        key = (pin.host, pin.port)
+        per_host = self.pins.pop(key, None) or OrderedDict()
+        self.pins[key] = per_host  # most recently used last
+        per_host.pop((pin.rule, pin.allowance), None)
+        per_host[(pin.rule, pin.allowance)] = pin
+        while len(per_host) > MAX_PINS_PER_HOST:
+            per_host.popitem(last=False)
+        while len(self.pins) > MAX_HOSTS_PER_CLIENT:
+            self.pins.popitem(last=False)
+
+
+_UNADMITTED = None  # the pin of a connection opened for a flow that admit() never passed
 
 
 class Destinations:
-    """Per-process destination checks; reads the live config on every call (reloads apply)."""
+    """Per-process destination checks; reads the live config on every call (reloads apply).
+
+    A request is only ever sent over a connection whose peer was judged against *its own* rule:
+    each admitted flow has its own pin (``admit``); the HTTP layer tells us which flow a new
+    connection is opened for (``opening``), asks before reusing an open connection for another
+    flow (``reusable``) and checks again right before the request goes out (``send_refusal``).
+    """
 
     def __init__(self, *, config: Callable[[], Config | None], listeners: Callable[[], list[tuple[str, int]]]) -> None:
         self._config = config
         self._listeners = listeners
         self._resolver: Resolver | None = None
+        self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, Pin] = weakref.WeakKeyDictionary()
         self._clients: weakref.WeakKeyDictionary[Client, _ClientPins] = weakref.WeakKeyDictionary()
+        self._for: weakref.WeakKeyDictionary[Server, Pin | None] = weakref.WeakKeyDictionary()  # opened for
         self._opened: weakref.WeakKeyDictionary[Server, Pin] = weakref.WeakKeyDictionary()
+        self._target: weakref.WeakKeyDictionary[Server, IPAddress] = weakref.WeakKeyDictionary()
         self._own: tuple[object, float, tuple[tuple[str, int], ...]] | None = None
         # Addresses whose last connection attempt failed → until when to prefer the pin's others
         # (a dual-stack name whose first address is unreachable must not fail every request).
@@ -156,13 +205,20 @@ class Destinations:
         return self._resolver
 
     def own_listeners(self, cfg: Config) -> tuple[tuple[str, int], ...]:
-        """The proxy's own listening addresses, asked again after a reload or a second (ports opening)."""
+        """The proxy's own listening addresses as bound (port 0 resolved), asked again after a
+        reload, a second, or ``listeners_changed()``."""
         now = time.monotonic()
         if self._own is not None and self._own[0] is cfg and now - self._own[1] < 1.0:
             return self._own[2]
-        own = (*self._listeners(), *(a for a in (cfg.admin_listen, cfg.admin_api_listen) if a))
+        # The configured admin addresses count too until their listeners are bound (a port 0 in the
+        # config is no port: the bound one comes from ``listeners``).
+        configured = (a for a in (cfg.admin_listen, cfg.admin_api_listen) if a and a[1])
+        own = tuple(dict.fromkeys((*self._listeners(), *configured)))
         self._own = (cfg, now, own)
         return own
+
+    def listeners_changed(self) -> None:
+        self._own = None
 
     async def admit(self, flow: http.HTTPFlow, decision: Decision) -> None:
         """Check where ``flow`` would go and pin it; raises Refusal (403/502/504) otherwise."""
@@ -185,33 +241,63 @@ class Destinations:
             log.info("request %s refused: %s:%d resolves to %s (%s), which rule %s does not allow", flow.id,
                      host, port, c.address, c.cls.describe(), rule.name)
             raise Refusal(403, DESTINATION_PRIVATE, _message(host, c, len(checked.checked)), rule.name)
+        pin = Pin(host=host, port=port, addresses=checked.addresses, allowance=allowance, rule=rule.name)
+        self._flows[flow] = pin  # this flow's own: another flow's admission never changes it
         state = self._clients.get(flow.client_conn)
         if state is None:
             state = self._clients[flow.client_conn] = _ClientPins()
-        elif len(state.servers):
-            self._recheck_open(state, host, port, allowance, rule.name, cfg)
-        addresses = checked.addresses
-        pin = state.pins.get((host, port))
-        if pin is None or pin.addresses != addresses or pin.allowance is not allowance or pin.rule != rule.name:
-            state.pins[(host, port)] = Pin(host=host, port=port, addresses=addresses, allowance=allowance, rule=rule.name)
+        state.remember(pin)
         flow.metadata["secretless.addresses"] = list(checked.texts)
 
-    def _recheck_open(self, state: _ClientPins, host: str, port: int, allowance: Allowance, rule: str,
-                      cfg: Config) -> None:
-        """A request that would reuse an open connection must be allowed to reach its peer too."""
-        for server in list(state.servers):
-            if server.timestamp_end is not None:
-                state.servers.discard(server)  # closed: never reused
-                continue
-            if not server.connected or server.address != (host, port) or not server.peername:
-                continue
-            cls = classify(server.peername[0].split("%", 1)[0])
-            why = PROXY_LISTENER if _is_listener(cls, port, self.own_listeners(cfg)) else verdict(cls, allowance)
-            if why:
-                log.info("refused: the open connection to %s:%d reaches %s (%s), which rule %s does not allow",
-                         host, port, cls.address, cls.describe(), rule)
-                raise Refusal(403, DESTINATION_PRIVATE, f"the open connection to {host} reaches a {_kind(why)} "
-                              "address, which this rule does not allow (to.private)", rule)
+    # -- the HTTP layer's connection choice (httplayers.GuardedHttpLayer) -------------------------
+
+    def opening(self, flow: http.HTTPFlow, server: Server) -> None:
+        """``server`` is a new connection opened to send ``flow``: it goes where ``flow`` was checked."""
+        self._for[server] = self._flows.get(flow, _UNADMITTED)
+
+    def opened_as(self, server: Server) -> tuple[str, int] | None:
+        """The (host, port) a connection we pointed at an address was opened for."""
+        pin = self._opened.get(server)
+        return (pin.host, pin.port) if pin is not None else None
+
+    def reusable(self, flow: http.HTTPFlow, server: Server) -> bool:
+        """May ``flow`` be sent over the open (or opening) connection ``server``?"""
+        return self._why_not(flow, server) is None
+
+    def send_refusal(self, flow: http.HTTPFlow, server: Server) -> Refusal | None:
+        """The last check, with the connection ``flow`` is about to be sent over."""
+        why = self._why_not(flow, server)
+        if why is None:
+            return None
+        pin = self._flows.get(flow)
+        log.error("request %s refused: its upstream connection to %s:%d reaches %s, which rule %s does not allow",
+                  flow.id, flow.request.host, flow.request.port, why, pin.rule if pin else "?")
+        return Refusal(403, DESTINATION_PRIVATE, f"the upstream connection to {flow.request.host} reaches an address "
+                       "this rule does not allow (to.private)", pin.rule if pin else None)
+
+    def _why_not(self, flow: http.HTTPFlow, server: Server) -> str | None:
+        pin = self._flows.get(flow)
+        if pin is None:
+            return "an unadmitted request"
+        if (flow.request.host, flow.request.port) != (pin.host, pin.port):
+            return "a destination other than the admitted one"  # changed after admit (another addon)
+        if server.peername:
+            addr: IPAddress | None = ipaddress.ip_address(server.peername[0].split("%", 1)[0])
+        else:
+            addr = self._target.get(server)
+        if addr is None:
+            # Not pointed anywhere yet: it will go where the flow it was opened for was checked,
+            # which is fine for this flow only if its rule allows the same.
+            other = self._for.get(server)
+            if other is not None and other.allowance == pin.allowance and other.port == pin.port:
+                return None
+            return "an address checked for another rule"
+        cfg = self._config()
+        cls = classify(addr)
+        if cfg is None or _is_listener(cls, pin.port, self.own_listeners(cfg)):
+            return f"{addr} (the proxy itself)"
+        why = verdict(cls, pin.allowance)
+        return f"{addr} ({cls.describe()})" if why else None
 
     # -- mitmproxy's server connection hooks ----------------------------------------------------
 
@@ -221,23 +307,34 @@ class Destinations:
         if server.address is None:
             return
         host, port = server.address
-        state = self._clients.get(data.client)
-        pin = state.pins.get((host, port)) if state else None
-        if pin is None or not pin.addresses:
+        if server in self._for:  # opened by the HTTP layer for one flow: that flow's pin, only
+            pin = self._for[server]
+            pins = [pin] if pin is not None and (pin.host, pin.port) == (host, port) else []
+        else:  # no flow known: an address every pin of this client for the host allows
+            state = self._clients.get(data.client)
+            pins = list(reversed(state.pins.get((host, port), {}).values())) if state else []
+        if not pins or not any(p.addresses for p in pins):
             log.error("refusing an upstream connection to %s:%d that no request admitted", host, port)
-            server.error = "secretless-proxy: no checked address for this destination"
+            server.error = OWN_ERROR + "no checked address for this destination"
             return
         now = time.monotonic()
-        target = next((a for a in pin.addresses if self._failed.get(a, 0.0) <= now), pin.addresses[0])
         cfg = self._config()
-        cls = classify(target)
-        if cfg is None or _is_listener(cls, port, self.own_listeners(cfg)) or verdict(cls, pin.allowance):
-            log.error("refusing an upstream connection to %s (%s) for %s:%d", target, cls.describe(), host, port)
-            server.error = "secretless-proxy: the checked address is not allowed"
+        own = self.own_listeners(cfg) if cfg is not None else ()
+
+        def allowed(a: IPAddress) -> bool:
+            cls = classify(a)
+            return cfg is not None and not _is_listener(cls, port, own) and all(not verdict(cls, p.allowance) for p in pins)
+        candidates = [a for p in pins for a in p.addresses]
+        target = next((a for a in candidates if self._failed.get(a, 0.0) <= now and allowed(a)), None) \
+            or next((a for a in candidates if allowed(a)), None)
+        if target is None:
+            log.error("refusing an upstream connection to %s:%d: no checked address is allowed for every rule "
+                      "that may use it (%s)", host, port, ", ".join(sorted({p.rule for p in pins})))
+            server.error = OWN_ERROR + "the checked address is not allowed"
             return
-        assert state is not None
-        state.servers.add(server)
+        pin = next(p for p in pins if target in p.addresses)
         self._opened[server] = pin
+        self._target[server] = target
         server.address = (str(target), port)
         log.info("upstream connection to %s:%d at %s (rule %s)", host, port, target, pin.rule)
 
@@ -251,7 +348,7 @@ class Destinations:
         if peer is None or ipaddress.ip_address(peer) != ipaddress.ip_address(server.address[0]):
             log.error("upstream connection for %s:%d reached %s, not the checked %s", pin.host, pin.port, peer,
                       server.address[0])
-            server.error = "secretless-proxy: connected to an unchecked address"  # never reused
+            server.error = OWN_ERROR + "connected to an unchecked address"  # never reused
             return
         # mitmproxy refuses to change the address of an open connection (Server.__setattr__) because
         # it would no longer say where the connection goes; here it returns to the name the request
@@ -281,6 +378,25 @@ def _message(host: str, c: Checked, total: int) -> str:
     if c.refused == PROXY_LISTENER:
         return f"{host} {what} the proxy itself, which no rule may reach"
     return f"{host} {what} a {_kind(c.refused or '')} address, which this rule does not allow (to.private)"
+
+
+_TLS_WORDS = ("tls", "ssl", "certificate", "handshake", "alpn")
+
+
+def upstream_refusal(error: str, *, host: str, rule: str | None) -> Refusal:
+    """The error-contract answer for a failed upstream connection. ``error`` is mitmproxy's text
+    (it may name the resolved address): it goes to the proxy log, never into the answer."""
+    text = error.lower()
+    if text.startswith(OWN_ERROR):
+        if "destination check failed" in text or "no checked address" in text:
+            return Refusal(502, INTERNAL, "the proxy failed to open the upstream connection", rule)
+        return Refusal(403, DESTINATION_PRIVATE, f"the upstream connection to {host} would reach an address this "
+                       "rule does not allow (to.private)", rule)
+    if "timed out" in text or "timeout" in text or f"[errno {errno.ETIMEDOUT}]" in text:  # asyncio: "[Errno 110] Connect call failed"
+        return Refusal(504, UPSTREAM_TIMEOUT, f"the upstream {host} did not answer in time", rule)
+    if any(w in text for w in _TLS_WORDS):
+        return Refusal(502, UPSTREAM_TLS_FAILED, f"no verified TLS connection to the upstream {host} could be made", rule)
+    return Refusal(502, UPSTREAM_UNREACHABLE, f"the upstream {host} could not be reached", rule)
 
 
 def proxy_listeners() -> list[tuple[str, int]]:

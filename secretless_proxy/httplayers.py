@@ -17,6 +17,13 @@ These subclasses change exactly that, and nothing else:
   - a buffered response over ``flow.metadata[SCAN_LIMIT]`` (inject rules: the echo check needs the
     whole body) is withheld with ``502 response_too_large`` and the upstream stream is aborted.
 
+- ``GuardedHttpLayer.get_connection`` / ``GuardedHttpStream.make_server_connection``: the
+  connection a request is sent over is judged for that request (``destination.Destinations``): a
+  new connection is tagged with the flow it is opened for, an open one is reused only if its peer
+  passes the flow's own rule, and the connection given to the flow is checked once more before the
+  request goes out. A failed upstream connection is answered with the error contract
+  (``on_upstream_failure``), not mitmproxy's HTML page naming the resolved address.
+
 The addon reports every refusal made here through ``on_refusal`` (audit, metric, log).
 """
 
@@ -24,11 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
 from mitmproxy import http
 from mitmproxy.proxy import commands, events, layer
+from mitmproxy.connection import Server
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
+    GetHttpConnection,
+    GetHttpConnectionCompleted,
     HttpLayer,
     HttpStream,
     RequestData,
@@ -53,6 +64,15 @@ SCAN_LIMIT = "secretless.scan_limit"  # bytes of response body the echo check ma
 LINGER_BYTES = 1024 * 1024  # body bytes of a refused request read (and dropped) before closing
 
 
+class Upstreams(Protocol):
+    """Which upstream connection a flow may use (destination.Destinations)."""
+
+    def opening(self, flow: http.HTTPFlow, server: Server) -> None: ...
+    def reusable(self, flow: http.HTTPFlow, server: Server) -> bool: ...
+    def send_refusal(self, flow: http.HTTPFlow, server: Server) -> Refusal | None: ...
+    def opened_as(self, server: Server) -> tuple[str, int] | None: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Guard:
     """What the guarded layers need from the addon."""
@@ -60,6 +80,9 @@ class Guard:
     limits: Callable[[], LimitsConfig]
     on_refusal: Callable[[http.HTTPFlow, Refusal], None]  # audit + metric + log of a flow's refusal
     report_connection: Callable[[layer.Context, str], str]  # same for a refusal before any flow; returns an id
+    upstreams: Upstreams | None = None
+    # A failed upstream connection (mitmproxy's error text) → the refusal to answer with (audited, counted).
+    on_upstream_failure: Callable[[http.HTTPFlow, str], Refusal] | None = None
 
 
 class GuardedHttpLayer(HttpLayer):
@@ -76,6 +99,46 @@ class GuardedHttpLayer(HttpLayer):
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         self.streams[stream_id] = GuardedHttpStream(self.context.fork(), stream_id, guard=self.guard)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+    def get_connection(self, event: GetHttpConnection, *, reuse: bool = True) -> layer.CommandGenerator[None]:
+        """mitmproxy's choice, except that a connection is reused only for a flow whose rule allows
+        its peer, and a new one is tagged with its flow before ``server_connect`` runs."""
+        upstreams = self.guard.upstreams
+        flow = getattr(self.command_sources.get(event), "flow", None)
+        if upstreams is None or not isinstance(flow, http.HTTPFlow):
+            yield from super().get_connection(event, reuse=reuse)
+            return
+        if reuse:
+            # mitmproxy's reuse, in its order, but only of a connection this flow's rule allows; one
+            # still being opened counts under the name it was opened for (server_connect put an
+            # address in its place until it is open).
+            mine = next((c for c in self._reuse_candidates(event, upstreams) if upstreams.reusable(flow, c)), None)
+            if mine is not None and mine in self.waiting_for_establishment:
+                self.waiting_for_establishment[mine].append(event)
+                return
+            if mine is not None:
+                stream = self.command_sources.pop(event)
+                reply = (None, mine.error) if mine.error else (mine, None)
+                yield from self.event_to_child(stream, GetHttpConnectionCompleted(event, reply))  # type: ignore[arg-type]
+                return
+        for command in super().get_connection(event, reuse=False):  # a new connection, for this flow
+            if isinstance(command, commands.OpenConnection) and isinstance(command.connection, Server):
+                upstreams.opening(flow, command.connection)
+            yield command
+
+    def _reuse_candidates(self, event: GetHttpConnection, upstreams: Upstreams) -> list[Server]:
+        """The connections mitmproxy's get_connection would consider for ``event``, in its order."""
+        out = []
+        for c in self.connections:
+            if not isinstance(c, Server) or c.tls != event.tls or c.via != event.via \
+                    or c.transport_protocol != event.transport_protocol:
+                continue
+            if c.address != event.address and upstreams.opened_as(c) != event.address:
+                continue
+            if c in self.waiting_for_establishment or c.error or \
+                    (c.connected and not (self.context.client.alpn == b"h2" and c.alpn != b"h2")):
+                out.append(c)
+        return out
 
 
 class GuardedHttp1Server(Http1Server):
@@ -133,6 +196,34 @@ class GuardedHttpStream(HttpStream):
             self.flow.response.headers["Connection"] = "close"
             yield HttpResponseHeadersHook(self.flow)
             yield from self.send_response()
+
+    def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        """mitmproxy's, plus: a failed connection is answered with the error contract, and the
+        connection the request will go over is judged for this request right before it is sent."""
+        upstreams, on_failure = self.guard.upstreams, self.guard.on_upstream_failure
+        if upstreams is None or on_failure is None:
+            return (yield from super().make_server_connection())
+        connection, err = yield GetHttpConnection(
+            (self.flow.request.host, self.flow.request.port),
+            self.flow.request.scheme == "https",
+            self.flow.server_conn.via,
+            self.flow.server_conn.transport_protocol,
+        )
+        if err:
+            refusal = on_failure(self.flow, err)  # logs mitmproxy's text; the answer never names the address
+        else:
+            assert isinstance(connection, Server)
+            refusal = upstreams.send_refusal(self.flow, connection)
+            if refusal is None:
+                self.context.server = self.flow.server_conn = connection
+                return True
+            self.guard.on_refusal(self.flow, refusal)
+        streaming = self.client_state == self.state_wait_for_request_headers or self.flow.request.stream
+        self.flow.response = error_response(self.flow.id, refusal)
+        if streaming and self.context.client.alpn != b"h2":  # HTTP/2 has no Connection header; the stream ends
+            self.flow.response.headers["Connection"] = "close"  # the body may still come: never read it
+        yield from self.send_response()
+        return False  # mitmproxy's callers stop here (a streamed body is then ignored)
 
     @expect(RequestData, RequestTrailers, RequestEndOfMessage)
     def state_discard_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:

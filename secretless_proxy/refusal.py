@@ -24,6 +24,10 @@ GRANT_REQUIRED = "grant_required"
 DESTINATION_PRIVATE = "destination_private"  # 403: an address the rule may not reach (destination.py)
 DNS_FAILED = "dns_failed"  # 502: the decided host does not resolve
 DNS_TIMEOUT = "dns_timeout"  # 504: the resolver did not answer in time
+# A failed upstream connection (destination.upstream_refusal): never names the resolved address.
+UPSTREAM_UNREACHABLE = "upstream_unreachable"  # 502: connection refused, reset, no route
+UPSTREAM_TLS_FAILED = "upstream_tls_failed"  # 502: no TLS, a failed handshake or an unverified certificate
+UPSTREAM_TIMEOUT = "upstream_timeout"  # 504: the upstream did not answer the connection in time
 # The edge (issue 8): what is not an HTTP request that policy can judge, or is too large to judge.
 PROTOCOL_REFUSED = "protocol_refused"  # raw TCP/UDP, non-HTTP bytes in a tunnel, h2 CONNECT, other modes
 UPGRADE_REFUSED = "upgrade_refused"  # Upgrade: h2c or anything but websocket

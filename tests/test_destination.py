@@ -256,9 +256,9 @@ class TestFallback:
         f.request.host, f.request.port = "api.example.com", 443
         await addon.destinations.admit(f, Decision(addon.runtime.policy.rules[0]))
         state = addon.destinations._clients[f.client_conn]
-        pin = state.pins[("api.example.com", 443)]
-        state.pins[("api.example.com", 443)] = Pin(host=pin.host, port=pin.port, allowance=pin.allowance, rule=pin.rule,
-                                                   addresses=(ip.ip_address("127.0.0.7"), ip.ip_address("127.0.0.1")))
+        (pin,) = state.pins[("api.example.com", 443)].values()
+        state.remember(Pin(host=pin.host, port=pin.port, allowance=pin.allowance, rule=pin.rule,
+                           addresses=(ip.ip_address("127.0.0.7"), ip.ip_address("127.0.0.1"))))
         first = hook_data(f)
         addon.server_connect(first)
         assert first.server.address == ("127.0.0.7", 443)
@@ -267,3 +267,98 @@ class TestFallback:
         second = hook_data(tflow.tflow(client_conn=f.client_conn))
         addon.server_connect(second)
         assert second.server.address == ("127.0.0.1", 443) and second.server.error is None
+
+
+def two_rule_config(tmp_path: Path, pki, nameserver: str):
+    """Rules A (inject, may reach 127.0.0.2 only) and B (allow, 127.0.0.3 only) for one host."""
+    rules = [{"name": "A", "workloads": [BILLING], "to": {"host": "api.partner.test", "paths": ["/a"],
+              "private": ["127.0.0.2/32"]}, "inject": {"credential": "stripe", "header": "Authorization"}},
+             {"name": "B", "workloads": [BILLING], "to": {"host": "api.partner.test", "paths": ["/b"],
+              "private": ["127.0.0.3/32"]}, "action": "allow"}]
+    cfg = base_config(pki, rules=rules)
+    cfg["upstream"] = {"ca_bundle": str(pki.upstream_ca_file), "resolver": {"nameservers": [nameserver]}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return load_config(path, resolve_secrets=False)
+
+
+class TestPinsPerFlow:
+    async def test_another_rules_admission_never_moves_a_flows_connection(self, tmp_path, pki):
+        """Two flows on one client connection, same host, two rules, a TTL-0 answer that changes:
+        each flow's connection goes to its own checked address; a connection opened without a
+        flow gets only an address every rule allows (here none); the other rule's open connection
+        is neither reused for nor sent over by the first flow."""
+        from mitmproxy.connection import Server
+
+        from secretless_proxy.destination import Destinations
+
+        with RebindingDns({"api.partner.test": [("127.0.0.2",), ("127.0.0.3",)]}) as rdns:
+            cfg = two_rule_config(tmp_path, pki, rdns.nameserver)
+            dest = Destinations(config=lambda: cfg, listeners=lambda: [("127.0.0.1", 8080)])
+            rules = {r.name: r for r in cfg.rules}
+            client = tflow.tclient_conn()
+            fa, fb = tflow.tflow(client_conn=client), tflow.tflow(client_conn=client)
+            for f, path in ((fa, "/a"), (fb, "/b")):
+                f.request.host, f.request.port, f.request.path = "api.partner.test", 443, path
+            await dest.admit(fa, Decision(rule=rules["A"]))
+            await dest.admit(fb, Decision(rule=rules["B"]))
+        assert (fa.metadata["secretless.addresses"], fb.metadata["secretless.addresses"]) == (["127.0.0.2"], ["127.0.0.3"])
+
+        untagged = Server(address=("api.partner.test", 443))
+        dest.server_connect(ServerConnectionHookData(server=untagged, client=client))
+        assert untagged.error == "secretless-proxy: the checked address is not allowed"
+
+        conns = {}
+        for f in (fb, fa):  # B connects first, as in the race
+            srv = Server(address=("api.partner.test", 443))
+            dest.opening(f, srv)
+            dest.server_connect(ServerConnectionHookData(server=srv, client=client))
+            assert srv.error is None
+            conns[f.request.path] = srv
+        assert conns["/a"].address == ("127.0.0.2", 443) and conns["/b"].address == ("127.0.0.3", 443)
+
+        b_conn = conns["/b"]
+        b_conn.state, b_conn.peername = ConnectionState.OPEN, ("127.0.0.3", 443)
+        dest.server_connected(ServerConnectionHookData(server=b_conn, client=client))
+        assert b_conn.address == ("api.partner.test", 443)  # its name back, as mitmproxy matches reuse on it
+        assert not dest.reusable(fa, b_conn) and dest.reusable(fb, b_conn)
+        refusal = dest.send_refusal(fa, b_conn)
+        assert refusal is not None and (refusal.status, refusal.reason, refusal.rule) == (403, "destination_private", "A")
+        assert "127.0.0.3" not in refusal.message
+        assert dest.send_refusal(fb, b_conn) is None
+        fb.request.host = "elsewhere.partner.test"  # changed after its admission (another addon)
+        assert dest.send_refusal(fb, b_conn) is not None
+
+    def test_client_pin_table_is_bounded(self):
+        """One client connection naming many hosts (or one host under many rules) keeps a bounded table."""
+        from secretless_proxy.addresses import NOTHING
+        from secretless_proxy.destination import MAX_HOSTS_PER_CLIENT, MAX_PINS_PER_HOST, Pin, _ClientPins
+
+        table = _ClientPins()
+        for i in range(MAX_HOSTS_PER_CLIENT * 3):
+            table.remember(Pin(host=f"h{i}.example.com", port=443, addresses=(), allowance=NOTHING, rule="r"))
+        for i in range(MAX_PINS_PER_HOST * 3):
+            table.remember(Pin(host="one.example.com", port=443, addresses=(), allowance=NOTHING, rule=f"r{i}"))
+        assert len(table.pins) == MAX_HOSTS_PER_CLIENT
+        assert len(table.pins[("one.example.com", 443)]) == MAX_PINS_PER_HOST
+        assert ("h0.example.com", 443) not in table.pins  # the oldest went first
+
+
+class TestUpstreamRefusal:
+    @pytest.mark.parametrize(("error", "status", "reason"), [
+        ("[Errno 111] Connect call failed ('10.1.2.3', 443)", 502, "upstream_unreachable"),
+        ("[Errno 113] Connect call failed ('10.1.2.3', 443)", 502, "upstream_unreachable"),
+        ("[Errno 110] Connect call failed ('10.1.2.3', 443)", 504, "upstream_timeout"),
+        ("The remote server does not speak TLS.", 502, "upstream_tls_failed"),
+        ("Certificate verify failed: unable to get local issuer certificate", 502, "upstream_tls_failed"),
+        ("secretless-proxy: the checked address is not allowed", 403, "destination_private"),
+        ("secretless-proxy: the destination check failed", 502, "internal_error"),
+    ])
+    def test_failures_map_to_the_contract_without_the_address(self, error, status, reason):
+        """Each kind of failed upstream connection has its status and reason; the answer never quotes the address."""
+        from secretless_proxy.destination import upstream_refusal
+        from secretless_proxy.metrics import DENY_REASONS
+
+        r = upstream_refusal(error, host="internal.example.com", rule="r")
+        assert (r.status, r.reason, r.rule) == (status, reason, "r") and reason in DENY_REASONS
+        assert "10.1.2.3" not in r.message and "Errno" not in r.message

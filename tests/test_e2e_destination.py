@@ -270,6 +270,40 @@ class TestProxyItself:
             assert "the proxy itself" in body["error"]
 
 
+class TestOwnListenersOnPortZero:
+    def test_admin_on_port_zero_is_refused_at_its_bound_port(self, pki, client, proxy_factory):
+        """admin.listen with port 0: the port it actually bound is the proxy's own, refused even
+        under a rule that allows loopback, and never connected to."""
+        import re
+        import time
+
+        import yaml
+
+        def config(port: int) -> dict:
+            rule = {"name": "to-local", "workloads": [BILLING], "to": {"host": "127.0.0.2", "port": port,
+                    "private": ["127.0.0.0/8"]}, "inject": {"credential": "stripe", "header": "Authorization"}}
+            return dest_config(pki, [rule], nameserver="127.0.0.1:53", admin={"listen": "127.0.0.2:0"})
+        p = proxy_factory(config(1))
+        for _ in range(100):
+            m = re.search(r"admin listener on 127\.0\.0\.2:(\d+)", p.output())
+            if m:
+                break
+            time.sleep(0.1)
+        assert m, p.output()
+        admin = int(m.group(1))
+        time.sleep(1.1)  # a new mtime for the watcher
+        args = list(p.proc.args)  # type: ignore[arg-type]
+        Path(args[args.index("--config") + 1]).write_text(yaml.safe_dump(config(admin), sort_keys=False))
+        for _ in range(100):
+            if "config reloaded" in p.output():
+                break
+            time.sleep(0.1)
+        assert "config reloaded" in p.output()
+        status, body = get(pki, client, f"https://127.0.0.2:{admin}/metrics", p)
+        assert status == 403 and body["reason"] == "destination_private" and "proxy itself" in body["error"]
+        assert f"upstream connection to 127.0.0.2:{admin}" not in p.output()
+
+
 class TestRebinding:
     def test_connects_to_the_address_that_was_checked(self, pki, client, proxy_factory, echo):
         """A name that answers loopback once and the metadata address afterwards: the request goes
@@ -290,23 +324,137 @@ class TestRebinding:
             assert [q["path"] for q in echo.requests] == ["/first"]
 
     def test_reused_connection_is_rechecked_for_each_rule(self, pki, client, proxy_factory, echo):
-        """A pooled connection to loopback, opened under a rule that allows it, is not reused by a
-        request whose rule does not — even when the name now resolves somewhere public."""
-        with RebindingDns({"pool.dest.test": [("127.0.0.1",), ("8.8.8.8",)]}) as rdns:
+        """A pooled connection opened under one rule is not reused by a request whose rule does not
+        allow its peer: that request gets its own connection, to an address its own rule allows."""
+        with RebindingDns({"pool.dest.test": [("127.0.0.1",), ("127.0.0.2",)]}) as rdns:
             rules = [{"name": "internal", "workloads": [BILLING], "to": {"host": "pool.dest.test", "port": echo.port,
-                      "paths": ["/internal/**"], "private": ["127.0.0.0/8"]}, "action": "allow"},
-                     {"name": "public", "workloads": [BILLING], "to": {"host": "pool.dest.test", "port": echo.port},
-                      "action": "allow"}]
+                      "paths": ["/internal/**"], "private": ["127.0.0.1/32"]}, "action": "allow"},
+                     {"name": "other", "workloads": [BILLING], "to": {"host": "pool.dest.test", "port": echo.port,
+                      "private": ["127.0.0.2/32"]}, "action": "allow"}]
             p = proxy_factory(dest_config(pki, rules, nameserver=rdns.nameserver))
             echo.requests.clear()
             s = tunnel(p.port, ("pool.dest.test", echo.port), sni="pool.dest.test", ca=pki.interception_ca_cert, cert=client)
             assert http_exchange(s, f"GET /internal/a HTTP/1.1\r\nHost: pool.dest.test:{echo.port}\r\n\r\n")[0] == 200
-            status, body = http_exchange(s, f"GET /public HTTP/1.1\r\nHost: pool.dest.test:{echo.port}\r\n\r\n")
+            status, body = http_exchange(s, f"GET /other HTTP/1.1\r\nHost: pool.dest.test:{echo.port}\r\n\r\n")
             s.close()
-            assert status == 403 and json.loads(body)["reason"] == "destination_private"
-            assert json.loads(body)["rule"] == "public"
+            # The echo upstream listens on 127.0.0.1 only: the new connection to 127.0.0.2 is refused.
+            assert status == 502, body
+            answer = json.loads(body)
+            assert (answer["reason"], answer["rule"]) == ("upstream_unreachable", "other")
+            assert "127.0.0.2" not in body.decode()
             assert [q["path"] for q in echo.requests] == ["/internal/a"]
-            assert "upstream connection to pool.dest.test" in p.output() and "at 8.8.8.8" not in p.output()
+            out = p.output()
+            assert "at 127.0.0.1 (rule internal)" in out and "at 127.0.0.2 (rule other)" in out
+
+
+class TestPinsPerRequest:
+    def test_concurrent_streams_under_two_rules_reach_only_their_own_addresses(self, pki, client, proxy_factory,
+                                                                              tmp_path):
+        """Two HTTP/2 streams on one client connection, same host, two rules allowing different
+        addresses, a TTL-0 answer that changes between their lookups: the injected stream (held back
+        by a slow token) still goes to its own checked address, never over the other rule's connection;
+        later streams reuse the connection of their own rule (two upstream connections in all)."""
+        from h2_upstream import H2Upstream, SlowTokenEndpoint, h2_get_concurrently
+
+        srv = certs.make_server_cert(ca=pki.upstream_ca, hosts=("race.dest.test",))
+        certs.write_svid(srv, tmp_path / "srv", ca=pki.upstream_ca)
+        up = H2Upstream(("127.0.0.2", "127.0.0.3"), cert_file=str(tmp_path / "srv/svid.pem"),
+                        key_file=str(tmp_path / "srv/svid-key.pem"))
+        token = SlowTokenEndpoint("RULE_A_TOKEN_x81", delay=1.5)
+        try:
+            answers = [("127.0.0.2",), ("127.0.0.3",)] * 2  # one lookup per stream, in stream order
+            with RebindingDns({"race.dest.test": answers}) as rdns:
+                rules = [{"name": "A", "workloads": [BILLING], "to": {"host": "race.dest.test", "port": up.port,
+                          "paths": ["/a/**"], "private": ["127.0.0.2/32"]},
+                          "inject": {"credential": "a-token", "header": "Authorization", "format": "Bearer {secret}"}},
+                         {"name": "B", "workloads": [BILLING], "to": {"host": "race.dest.test", "port": up.port,
+                          "paths": ["/b/**"], "private": ["127.0.0.3/32"]}, "action": "allow"}]
+                cfg = dest_config(pki, rules, nameserver=rdns.nameserver)
+                cfg["credentials"] = {"a-token": {"kind": "oauth2_client_credentials", "token_url": token.url,
+                                                  "client_id": "a", "client_secret": "env:TEST_STRIPE_KEY"}}
+                p = proxy_factory(cfg)
+                p.secrets = (*p.secrets, "RULE_A_TOKEN_x81")
+                sock = h2_tunnel(p.port, ("race.dest.test", up.port), ca=pki.interception_ca_cert, cert=client)
+                status = h2_get_concurrently(sock, f"race.dest.test:{up.port}", ["/a/1", "/b/1", "/a/2", "/b/2"],
+                                             gap=0.4)
+                sock.close()
+        finally:
+            token.close()
+            up.close()
+        assert status == {"/a/1": 200, "/b/1": 200, "/a/2": 200, "/b/2": 200}
+        bearer = "Bearer RULE_A_TOKEN_x81"
+        assert sorted(up.seen) == [("127.0.0.2", "/a/1", bearer), ("127.0.0.2", "/a/2", bearer),
+                                   ("127.0.0.3", "/b/1", None), ("127.0.0.3", "/b/2", None)]
+        assert sorted(up.connections) == ["127.0.0.2", "127.0.0.3"]  # each rule's connection reused, no third
+        out = p.output()
+        assert "at 127.0.0.2 (rule A)" in out and "at 127.0.0.3 (rule B)" in out
+
+
+def h2_tunnel(proxy_port: int, target: tuple[str, int], *, ca: str, cert: tuple[str, str]):
+    """CONNECT through the proxy, then TLS offering only h2, with the client certificate."""
+    import ssl
+
+    raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    raw.sendall(f"CONNECT {target[0]}:{target[1]} HTTP/1.1\r\nHost: {target[0]}:{target[1]}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += raw.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.load_cert_chain(*cert)
+    ctx.set_alpn_protocols(["h2"])
+    sock = ctx.wrap_socket(raw, server_hostname=target[0])
+    assert sock.selected_alpn_protocol() == "h2"
+    return sock
+
+
+class TestUpstreamFailures:
+    def test_failed_connections_answer_the_error_contract(self, pki, client, proxy_factory, tmp_path):
+        """A refused connection and a non-TLS upstream answer JSON 502 upstream_unreachable /
+        upstream_tls_failed, counted, without the resolved address (HTTP/1 and HTTP/2 clients); the
+        proxy log has it."""
+        from h2_upstream import h2_get_concurrently
+
+        closed = free_port()
+        plain = socket.create_server(("127.0.0.1", 0))
+        pport = plain.getsockname()[1]
+
+        def answer() -> None:
+            while True:
+                try:
+                    c, _ = plain.accept()
+                except OSError:
+                    return
+                c.recv(1024)
+                c.sendall(b"HTTP/1.0 400 no\r\n\r\n")
+                c.close()
+        threading.Thread(target=answer, daemon=True).start()
+        admin = free_port()
+        try:
+            with RebindingDns({"internal.dest.test": [("127.0.0.1",)]}) as rdns:
+                rule = {"name": "local", "workloads": [BILLING], "to": {"host": "internal.dest.test", "port": [closed, pport],
+                        "private": ["127.0.0.1/32"]},
+                        "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+                p = proxy_factory(dest_config(pki, [rule], nameserver=rdns.nameserver,
+                                              admin={"listen": f"127.0.0.1:{admin}"}))
+                p.admin_port = admin  # type: ignore[attr-defined]
+                seen = {}
+                for port in (closed, pport):
+                    r = curl("--cacert", pki.interception_ca_cert, "--cert", client[0], "--key", client[1],
+                             f"https://internal.dest.test:{port}/", proxy=p.url)
+                    assert "127.0.0.1" not in r.body and "<html" not in r.body.lower()
+                    body = json.loads(r.body)
+                    assert set(body) == {"error", "reason", "rule", "request_id"} and body["rule"] == "local"
+                    seen[port] = (r.status, body["reason"])
+                sock = h2_tunnel(p.port, ("internal.dest.test", closed), ca=pki.interception_ca_cert, cert=client)
+                h2_status = h2_get_concurrently(sock, f"internal.dest.test:{closed}", ["/h2"], gap=0)
+                sock.close()
+        finally:
+            plain.close()
+        assert h2_status == {"/h2": 502}  # an HTTP/2 client gets the same answer on its stream
+        assert seen == {closed: (502, "upstream_unreachable"), pport: (502, "upstream_tls_failed")}
+        assert denied_count(p, "upstream_unreachable") == 2 and denied_count(p, "upstream_tls_failed") == 1
+        assert f"Connect call failed ('127.0.0.1', {closed})" in p.output()  # the log keeps the address
 
 
 class TestResolverFailures:
@@ -336,6 +484,8 @@ def test_explain_shows_addresses_and_verdicts(pki, dns, tmp_path: Path):
                             *extra, url], capture_output=True, text=True, timeout=60)
         assert "Traceback" not in r.stderr
         return r.returncode, r.stdout
+    rc, out = explain("https://mixed.dest.test:0/")
+    assert (rc, out.strip()) == (2, "refused (400): port 0 is not a destination port")  # not judged as :443
     rc, out = explain("https://mixed.dest.test/")
     assert rc == 2
     assert "8.8.8.8  public: passes" in out and "10.0.0.1  private: refused" in out

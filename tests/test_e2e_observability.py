@@ -626,7 +626,9 @@ class TestRequestId:
 
 
     def test_upstream_failure_is_logged_and_audited_with_the_id(self, proxy_factory, pki, upstream, tmp_path):
-        """An unreachable upstream gets mitmproxy's own 502 (no id header, documented); the id is in log and audit."""
+        """An unreachable upstream gets the error contract (502 upstream_unreachable, with the id),
+        audited as a refusal with that id and logged with the address; the credential never left,
+        so no credential.used."""
         audit_path = tmp_path / "audit.log"
         dead = free_port()  # nothing listens here
         rule = {**inject_rule(upstream, name="dead-upstream"), "to": {"host": "localhost", "port": dead}}
@@ -634,13 +636,17 @@ class TestRequestId:
         with client(proxy, pki, pki.svid(BILLING)) as s:
             r = s.get(f"https://localhost:{dead}/v1/x", timeout=10)
         assert r.status_code == 502
-        used = wait_for(lambda: [e for e in audit_events(audit_path) if e["event"] == "credential.used"],
-                        what="credential.used")
-        assert [(e["rule"], e["status"]) for e in used] == [("dead-upstream", None)]
-        rid = used[0]["request_id"]
-        assert "X-Secretless-Request-Id" not in r.headers  # README: transport failures are mitmproxy's page
-        assert SECRET not in r.text
-        wait_for(lambda: f"request {rid} to localhost:{dead} failed upstream" in proxy.output(), what="log line")
+        body = r.json()
+        assert (body["reason"], body["rule"]) == ("upstream_unreachable", "dead-upstream")
+        rid = body["request_id"]
+        assert r.headers["X-Secretless-Request-Id"] == rid
+        assert SECRET not in r.text and "127.0.0.1" not in r.text and "::1" not in r.text
+        denied = wait_for(lambda: [e for e in audit_events(audit_path) if e["event"] == "request.denied"],
+                          what="request.denied")
+        assert [(e["request_id"], e["reason"], e["rule"]) for e in denied] == [(rid, "upstream_unreachable", "dead-upstream")]
+        assert not [e for e in audit_events(audit_path) if e["event"] == "credential.used"]
+        wait_for(lambda: f"request {rid} to localhost:{dead}: the upstream connection failed" in proxy.output(),
+                 what="log line")
 
 
 class TestHostileReload:
