@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mitmproxy import http
-from mitmproxy.proxy import commands, events, layer
 from mitmproxy.connection import Server
+from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
     GetHttpConnection,
