@@ -37,7 +37,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import wsproto.events
-from mitmproxy.proxy import commands
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
@@ -49,6 +49,7 @@ RESPONSE_TRAILERS = "the upstream sent HTTP/1.1 trailer fields, which this proxy
 REQUEST_TRAILERS = "HTTP/1.1 request trailer fields are not supported by this proxy"
 RESPONSE_HEAD_TOO_LARGE = "the upstream's response head is larger than limits.max_response_head_bytes"
 _DEFAULT_HEAD_LIMIT = 64 * 1024
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a head, as h11's ReceiveBuffer finds it
 _head_limit: Callable[[], int] = lambda: _DEFAULT_HEAD_LIMIT  # noqa: E731 - replaced by install()
 _QUOTED = re.compile(r"""(?::\s*)?b?['"].*""", re.S)
 _installed = False
@@ -99,14 +100,19 @@ def _guarded(method: Callable[..., Generator[Any, Any, Any]], *, trailers: bool 
 def _bounded_head(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
     @functools.wraps(method)
     def wrapper(self: _http1.Http1Client, event: Any) -> Generator[Any, Any, Any]:
-        result = yield from method(self, event)
-        # Still reading this head (the state did not move on) and already past the bound.
-        if self.state == self.read_headers and self.stream_id is not None and len(self.buf) > _head_limit():
-            self.buf.maybe_extract_at_most(len(self.buf))
-            self.state = self.done
-            yield commands.CloseConnection(self.conn)
-            yield ReceiveHttp(ResponseProtocolError(self.stream_id, RESPONSE_HEAD_TOO_LARGE, ErrorCode.GENERIC_SERVER_ERROR))
-        return result
+        # The buffer already holds this event's bytes: the head is what precedes the first blank
+        # line (as h11 finds it), or all of it while there is none. The buffer is at most one read
+        # past the bound, so searching it is cheap.
+        if isinstance(event, events.DataReceived) and self.request is not None and self.stream_id is not None:
+            end = _BLANK_LINE.search(bytes(self.buf))
+            if (end.end() if end else len(self.buf)) > _head_limit():
+                self.buf.maybe_extract_at_most(len(self.buf))
+                self.state = self.done
+                yield commands.CloseConnection(self.conn)
+                yield ReceiveHttp(ResponseProtocolError(self.stream_id, RESPONSE_HEAD_TOO_LARGE,
+                                                        ErrorCode.GENERIC_SERVER_ERROR))
+                return None
+        return (yield from method(self, event))
 
     wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
     return wrapper

@@ -157,7 +157,8 @@ def redact_message(message: http.Message, needles: Needles, *, max_body: int = 1
     if message.trailers:
         _redact_headers(message.trailers, needles)
     if message.raw_content:
-        body = bodydecode.decode(message.raw_content, message.headers.get("content-encoding"), max_body)
+        # Every Content-Encoding field: a client applies two `gzip` fields as `gzip, gzip` (withheld).
+        body = bodydecode.decode(message.raw_content, ", ".join(message.headers.get_all("content-encoding")), max_body)
         if body:
             clean = needles.redact_bytes(body)
             if clean != body:

@@ -92,3 +92,13 @@ def test_redact_message_bounds_the_decoded_body():
     r.raw_content = gzip.compress(b"\0" * (4 << 20) + SECRET)
     with pytest.raises(bodydecode.TooLarge):
         redaction.redact_message(r, redaction.needles_for(SECRET.decode()), max_body=1 << 20)
+
+
+def test_two_content_encoding_fields_are_stacked_codings():
+    """Two `Content-Encoding: gzip` fields mean gzip twice to a client: not checkable, ValueError."""
+    from mitmproxy import http
+
+    r = http.Response.make(200, b"", [(b"Content-Encoding", b"gzip"), (b"Content-Encoding", b"gzip")])
+    r.raw_content = gzip.compress(gzip.compress(SECRET))
+    with pytest.raises(ValueError, match="unsupported content-encoding"):
+        redaction.redact_message(r, redaction.needles_for(SECRET.decode()))

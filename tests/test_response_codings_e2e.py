@@ -214,6 +214,15 @@ def test_response_head_over_the_limit_is_refused(proxy_factory, pki):
     assert audited(p, "response_head_too_large")
 
 
+def test_complete_head_over_the_limit_in_one_read_is_refused(proxy_factory, pki):
+    """A head over max_response_head_bytes is refused also when it ends (blank line) in the same read."""
+    def respond(auth: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\n" + (b"X-Echo: " + auth + b"\r\n") * 800 + b"Content-Length: 2\r\n\r\nok"
+    [got], _ = _exchange(proxy_factory, pki, respond, limits={"max_response_head_bytes": 16 * 1024})
+    assert_no_secret(got)
+    assert _json(got)[1]["reason"] == "response_head_too_large"
+
+
 def test_response_head_under_the_limit_passes(proxy_factory, pki):
     """A large head under max_response_head_bytes is relayed (its echoes redacted)."""
     def respond(auth: bytes) -> bytes:
