@@ -98,7 +98,8 @@ def test_two_content_encoding_fields_are_stacked_codings():
     """Two `Content-Encoding: gzip` fields mean gzip twice to a client: not checkable, ValueError."""
     from mitmproxy import http
 
-    r = http.Response.make(200, b"", [(b"Content-Encoding", b"gzip"), (b"Content-Encoding", b"gzip")])
+    r = http.Response.make(200, b"")
+    r.headers = http.Headers([(b"Content-Encoding", b"gzip"), (b"Content-Encoding", b"gzip")])
     r.raw_content = gzip.compress(gzip.compress(SECRET))
     with pytest.raises(ValueError, match="unsupported content-encoding"):
         redaction.redact_message(r, redaction.needles_for(SECRET.decode()))
