@@ -125,7 +125,8 @@ class Secretless:
         self.destinations = Destinations(config=lambda: self.services.config if self.services else None,
                                          listeners=proxy_listeners)
         # Connection caps and deadlines (connlimits.py): a sub-addon, so mitmdump -s loads it too.
-        self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None)
+        self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None,
+                                     identified=self._identified)
         self.addons = [self.guard]
         self.drain: Drain | None = None
         # Flows decided on their head (requestheaders), and sigv4 flows whose signature waits for the body.
@@ -385,6 +386,8 @@ class Secretless:
             return
         if flow.response or flow.error or not flow.live:
             return
+        if not self.guard.admit_request(flow):
+            return  # its connection is being closed for abuse (connlimits.py): not judged, not audited
         await self._decide(flow, on_head=True)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -538,6 +541,10 @@ class Secretless:
         self._sign_later.pop(flow, None)
         flow.request.headers.pop("expect", None)  # no `100 Continue`: the body is not wanted
         flow.response = error_response(flow.id, refusal)
+
+    def _identified(self, client: Client) -> bool:
+        st = self._conns.get(client)
+        return st is not None and isinstance(st.identity, Workload)
 
     def _report_refusal(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         """Log, audit and count a refusal (the caller answers the client)."""

@@ -47,6 +47,12 @@ from .metrics import Metrics
 log = logging.getLogger("secretless.limits")
 
 LOG_EVERY = 10.0  # seconds between two log lines about the same kind of refusal
+# Abuse of one connection (invariant 7): a client without a verified identity gets this many refused
+# requests, then the connection is closed; any client resetting more than RESETS_PER_WINDOW streams
+# in RESET_WINDOW seconds (HTTP/2 "rapid reset", CVE-2023-44487) is closed too.
+ANONYMOUS_REFUSALS = 8
+RESETS_PER_WINDOW = 200
+RESET_WINDOW = 10.0
 TICK = 0.25  # deadline resolution
 FD_RESERVE = 48  # listening sockets, epoll, log/audit files, Redis, provider HTTP clients
 
@@ -149,6 +155,10 @@ class _Conn:
     activity_seen: float = 0.0  # mitmproxy's last-activity stamp (wall clock) when last looked at
     tunnelled: bool = False
     in_flight: int = 0
+    refused: int = 0  # requests refused while the connection had no verified identity
+    resets: int = 0  # streams the client reset in the window that began at reset_window
+    reset_window: float = 0.0
+    closing: str | None = None  # why the connection is being closed: no request is decided any more
 
 
 def descriptor_budget(nofile: int, admin_listeners: int, admin_max: int) -> int:
@@ -159,9 +169,11 @@ def descriptor_budget(nofile: int, admin_listeners: int, admin_max: int) -> int:
 class ConnectionGuard:
     """mitmproxy hooks that admit, time and close client connections on the proxy port."""
 
-    def __init__(self, metrics: Metrics, limits: Callable[[], LimitsConfig | None]) -> None:
+    def __init__(self, metrics: Metrics, limits: Callable[[], LimitsConfig | None], *,
+                 identified: Callable[[Client], bool] = lambda client: False) -> None:
         self.metrics = metrics
         self._limits = limits
+        self._identified = identified  # whether the client connection has a verified workload identity
         self._conns: weakref.WeakKeyDictionary[Client, _Conn] = weakref.WeakKeyDictionary()
         self._per_peer: Counter[str] = Counter()
         self._task: asyncio.Task | None = None
@@ -262,6 +274,21 @@ class ConnectionGuard:
         if conn is not None and conn.tunnelled and conn.in_flight == 0:
             self._idle(conn)
 
+    def admit_request(self, flow: http.HTTPFlow) -> bool:
+        """False (and the flow killed) when its connection is being closed for abuse.
+
+        Called by ``Secretless.requestheaders`` before anything is decided, so a request that
+        arrives after the limit is neither judged, logged nor audited: the audit records per
+        anonymous connection stay at most ``ANONYMOUS_REFUSALS``.
+        """
+        conn = self._conns.get(flow.client_conn)
+        if conn is None or conn.closing is None:
+            return True
+        if flow.killable:
+            flow.kill()
+        self._close_soon(flow.client_conn)
+        return False
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)
         if conn is not None and flow.request.method != "CONNECT":
@@ -272,6 +299,11 @@ class ConnectionGuard:
                 conn.phase, conn.deadline = "request_head", time.monotonic() + self.limits.request_head_timeout
             else:
                 conn.phase, conn.deadline = "active", None
+            if flow.response is not None and conn.closing is None and not self._identified(flow.client_conn):
+                conn.refused += 1
+                if conn.refused >= ANONYMOUS_REFUSALS:
+                    self._abuse(flow, conn, "anonymous_refusals",
+                                f"closed a client connection without identity after {conn.refused} refused requests")
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         # A WebSocket is a request in flight for as long as it is open: no idle deadline cuts it.
@@ -288,6 +320,33 @@ class ConnectionGuard:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._request_over(flow)
+        conn = self._conns.get(flow.client_conn)
+        if conn is None or conn.closing is not None or flow.error is None or "reset by client" not in flow.error.msg:
+            return
+        now = time.monotonic()
+        if now - conn.reset_window >= RESET_WINDOW:
+            conn.reset_window, conn.resets = now, 0
+        conn.resets += 1
+        if conn.resets > RESETS_PER_WINDOW:
+            self._abuse(flow, conn, "stream_resets", f"closed a client connection that reset more than "
+                        f"{RESETS_PER_WINDOW} streams in {RESET_WINDOW:.0f} s")
+
+    def _abuse(self, flow: http.HTTPFlow, conn: _Conn, reason: str, message: str) -> None:
+        """Close the connection once: HTTP/1 after this response (``Connection: close``), else now."""
+        conn.closing = reason
+        self.metrics.connection_closed("proxy", reason)
+        self.rlog.warning("abuse:" + reason, message)
+        if flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
+            flow.response.headers["Connection"] = "close"
+        else:
+            # After this hook: the response just decided is written first (HTTP/2: its stream ends).
+            self._close_soon(flow.client_conn)
+
+    def _close_soon(self, client: Client) -> None:
+        def close() -> None:
+            ps = ctx.master.addons.get("proxyserver")
+            _close(getattr(ps, "connections", {}).get(client.id), client, "closed for abuse")
+        asyncio.get_running_loop().call_soon(close)
 
     def _request_over(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)
