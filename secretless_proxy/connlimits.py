@@ -320,18 +320,25 @@ class ConnectionGuard:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._request_over(flow)
-        conn = self._conns.get(flow.client_conn)
-        if conn is None or conn.closing is not None or flow.error is None or "reset by client" not in flow.error.msg:
+
+    def stream_reset(self, client: Client) -> None:
+        """The client reset a stream before its response was sent (``httplayers.GuardedHttpLayer``)."""
+        conn = self._conns.get(client)
+        if conn is None or conn.closing is not None:
             return
         now = time.monotonic()
         if now - conn.reset_window >= RESET_WINDOW:
             conn.reset_window, conn.resets = now, 0
         conn.resets += 1
         if conn.resets > RESETS_PER_WINDOW:
-            self._abuse(flow, conn, "stream_resets", f"closed a client connection that reset more than "
-                        f"{RESETS_PER_WINDOW} streams in {RESET_WINDOW:.0f} s")
+            conn.closing = "stream_resets"
+            self.metrics.connection_closed("proxy", "stream_resets")
+            self.rlog.warning("abuse:stream_resets", f"closed a client connection that reset more than "
+                              f"{RESETS_PER_WINDOW} streams in {RESET_WINDOW:.0f} s")
+            self._close_soon(client)
 
     def _abuse(self, flow: http.HTTPFlow, conn: _Conn, reason: str, message: str) -> None:
+        # HTTP/1 refusals on the head already close (httplayers.GuardedHttpStream); this is for h2.
         """Close the connection once: HTTP/1 after this response (``Connection: close``), else now."""
         conn.closing = reason
         self.metrics.connection_closed("proxy", reason)

@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Callable
 
 from mitmproxy import http
+from mitmproxy.connection import Client
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -60,6 +61,8 @@ class Guard:
     limits: Callable[[], LimitsConfig]
     on_refusal: Callable[[http.HTTPFlow, Refusal], None]  # audit + metric + log of a flow's refusal
     report_connection: Callable[[layer.Context, str], str]  # same for a refusal before any flow; returns an id
+    # The client reset a stream still in flight (HTTP/2 rapid reset): connlimits.ConnectionGuard counts it.
+    on_reset: Callable[[Client], None] = lambda client: None
 
 
 class GuardedHttpLayer(HttpLayer):
@@ -72,6 +75,14 @@ class GuardedHttpLayer(HttpLayer):
                 and not (self.context.client.alpn or b"").startswith(b"h3"):
             self.connections.setdefault(self.context.client, GuardedHttp1Server(self.context.fork(), guard=self.guard))
         yield from super()._handle_event(event)
+
+    def event_to_child(self, child, event: events.Event):
+        # A reset reaches a stream mitmproxy still tracks: one whose response is not done yet (even
+        # when the reset came in the same read as its HEADERS, before the request hooks ran).
+        if isinstance(event, RequestProtocolError) and isinstance(child, HttpStream) \
+                and "reset by client" in event.message:
+            self.guard.on_reset(self.context.client)
+        yield from super().event_to_child(child, event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         self.streams[stream_id] = GuardedHttpStream(self.context.fork(), stream_id, guard=self.guard)
