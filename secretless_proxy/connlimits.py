@@ -19,6 +19,13 @@ client trickling one byte at a time never trips:
 - ``request_head``: from the first byte of a request to the end of its head;
 - ``idle``: a kept-alive connection with no request in flight.
 
+**Abuse** of an open connection closes it (invariant 7: one connection must not fill the audit
+log or starve the event loop): ``ANONYMOUS_REFUSALS`` refused requests without a verified
+identity (HTTP/2; an HTTP/1 refusal closes already), or more than ``RESETS_PER_WINDOW`` streams
+reset by the client in ``RESET_WINDOW`` seconds (HTTP/2 rapid reset). Requests arriving after
+that are killed before the addon judges them (``admit_request``), so they are not audited.
+Counted in ``secretless_connections_closed_total{listener="proxy",reason}``.
+
 No deadline runs while a request (or a WebSocket) is in flight, except for a request refused on
 its head whose body has not arrived: it gets ``request_head`` again. A closed connection is counted in
 ``secretless_connection_timeouts_total{listener="proxy",reason}``; refusals in
