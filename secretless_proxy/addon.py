@@ -136,7 +136,7 @@ class Secretless:
         self._forced = False
         self._guard = Guard(limits=self._limits, on_refusal=self._report_refusal,
                             report_connection=lambda c, reason: self.gate.report(c, reason),
-                            on_reset=self.guard.stream_reset)
+                            on_reset=self.guard.stream_reset, admit_stream=self.guard.admit_stream)
         self.gate = protocols.Gate(max_head=lambda: self._limits().max_request_head_bytes,
                                    report=self._connection_refused,
                                    make_http=lambda c, mode: GuardedHttpLayer(c, mode, guard=self._guard))

@@ -60,6 +60,7 @@ LOG_EVERY = 10.0  # seconds between two log lines about the same kind of refusal
 ANONYMOUS_REFUSALS = 8
 RESETS_PER_WINDOW = 200
 RESET_WINDOW = 10.0
+CLOSE_DELAY = 0.2  # seconds: lets the refusals already decided reach the client before the close
 TICK = 0.25  # deadline resolution
 FD_RESERVE = 48  # listening sockets, epoll, log/audit files, Redis, provider HTTP clients
 
@@ -163,6 +164,7 @@ class _Conn:
     tunnelled: bool = False
     in_flight: int = 0
     refused: int = 0  # requests refused while the connection had no verified identity
+    anonymous_streams: int = 0  # requests (streams) opened while it had none
     resets: int = 0  # streams the client reset in the window that began at reset_window
     reset_window: float = 0.0
     closing: str | None = None  # why the connection is being closed: no request is decided any more
@@ -273,6 +275,7 @@ class ConnectionGuard:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)
         if conn is not None:  # the CONNECT head is in: now the inner handshake, on a fresh clock
+            conn.anonymous_streams = 0  # the CONNECT itself was a stream: count the requests inside
             conn.tunnelled = True
             conn.phase, conn.deadline = "handshake", time.monotonic() + self.limits.handshake_timeout
 
@@ -291,10 +294,32 @@ class ConnectionGuard:
         conn = self._conns.get(flow.client_conn)
         if conn is None or conn.closing is None:
             return True
+        if conn.closing == "anonymous_refusals" and conn.refused < ANONYMOUS_REFUSALS:
+            return True  # one of the requests admit_stream let in: it gets its (audited) refusal
         if flow.killable:
             flow.kill()
         self._close_soon(flow.client_conn)
         return False
+
+    def admit_stream(self, client: Client) -> bool:
+        """Whether the HTTP layer may open a stream (a request) on ``client`` (``httplayers``).
+
+        Without an identity every request is refused, so a connection gets ``ANONYMOUS_REFUSALS``
+        of them: the next one closes it before a flow is made. This bounds the work of one read of
+        HTTP/2 frames (thousands of HEADERS frames in 64 KiB), not only the audit records.
+        """
+        conn = self._conns.get(client)
+        if conn is None:
+            return True
+        if conn.closing is None and not self._identified(client):
+            conn.anonymous_streams += 1
+            if conn.anonymous_streams > ANONYMOUS_REFUSALS:
+                if conn.closing is None:
+                    # Closed a little later: the refusals of the requests let in are answered first.
+                    self._closing(client, conn, "anonymous_refusals", f"closed a client connection without "
+                                  f"identity after {ANONYMOUS_REFUSALS} requests", delay=CLOSE_DELAY)
+                return False
+        return conn.closing is None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)
@@ -306,11 +331,12 @@ class ConnectionGuard:
                 conn.phase, conn.deadline = "request_head", time.monotonic() + self.limits.request_head_timeout
             else:
                 conn.phase, conn.deadline = "active", None
-            if flow.response is not None and conn.closing is None and not self._identified(flow.client_conn):
+            if flow.response is not None and not self._identified(flow.client_conn):
                 conn.refused += 1
-                if conn.refused >= ANONYMOUS_REFUSALS:
-                    self._abuse(flow, conn, "anonymous_refusals",
-                                f"closed a client connection without identity after {conn.refused} refused requests")
+                if conn.refused >= ANONYMOUS_REFUSALS and conn.closing is None:
+                    # (An HTTP/1 refusal on the head closes its connection already: httplayers.py.)
+                    self._closing(flow.client_conn, conn, "anonymous_refusals", f"closed a client connection "
+                                  f"without identity after {conn.refused} refused requests")
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         # A WebSocket is a request in flight for as long as it is open: no idle deadline cuts it.
@@ -338,29 +364,21 @@ class ConnectionGuard:
             conn.reset_window, conn.resets = now, 0
         conn.resets += 1
         if conn.resets > RESETS_PER_WINDOW:
-            conn.closing = "stream_resets"
-            self.metrics.connection_closed("proxy", "stream_resets")
-            self.rlog.warning("abuse:stream_resets", f"closed a client connection that reset more than "
-                              f"{RESETS_PER_WINDOW} streams in {RESET_WINDOW:.0f} s")
-            self._close_soon(client)
+            self._closing(client, conn, "stream_resets", f"closed a client connection that reset more than "
+                          f"{RESETS_PER_WINDOW} streams in {RESET_WINDOW:.0f} s")
 
-    def _abuse(self, flow: http.HTTPFlow, conn: _Conn, reason: str, message: str) -> None:
-        # HTTP/1 refusals on the head already close (httplayers.GuardedHttpStream); this is for h2.
-        """Close the connection once: HTTP/1 after this response (``Connection: close``), else now."""
+    def _closing(self, client: Client, conn: _Conn, reason: str, message: str, *, delay: float = 0.0) -> None:
         conn.closing = reason
         self.metrics.connection_closed("proxy", reason)
         self.rlog.warning("abuse:" + reason, message)
-        if flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
-            flow.response.headers["Connection"] = "close"
-        else:
-            # After this hook: the response just decided is written first (HTTP/2: its stream ends).
-            self._close_soon(flow.client_conn)
+        self._close_soon(client, delay)
 
-    def _close_soon(self, client: Client) -> None:
+    def _close_soon(self, client: Client, delay: float = 0.0) -> None:
+        """Close after the current hook: the response it decided is written first (its stream ends)."""
         def close() -> None:
             ps = ctx.master.addons.get("proxyserver")
             _close(getattr(ps, "connections", {}).get(client.id), client, "closed for abuse")
-        asyncio.get_running_loop().call_soon(close)
+        asyncio.get_running_loop().call_later(delay, close)
 
     def _request_over(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)

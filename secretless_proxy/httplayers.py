@@ -63,6 +63,9 @@ class Guard:
     report_connection: Callable[[layer.Context, str], str]  # same for a refusal before any flow; returns an id
     # The client reset a stream still in flight (HTTP/2 rapid reset): connlimits.ConnectionGuard counts it.
     on_reset: Callable[[Client], None] = lambda client: None
+    # Whether the client may open one more stream (connlimits.ConnectionGuard.admit_stream): a stream
+    # not admitted is dropped before mitmproxy makes a flow or runs a hook for it.
+    admit_stream: Callable[[Client], bool] = lambda client: True
 
 
 class GuardedHttpLayer(HttpLayer):
@@ -85,6 +88,8 @@ class GuardedHttpLayer(HttpLayer):
         yield from super().event_to_child(child, event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        if not self.guard.admit_stream(self.context.client):
+            return  # HttpLayer.event_to_child drops the events of a stream it does not hold
         self.streams[stream_id] = GuardedHttpStream(self.context.fork(), stream_id, guard=self.guard)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 
