@@ -22,8 +22,9 @@ client trickling one byte at a time never trips:
 **Abuse** of an open connection closes it (invariant 7: one connection must not fill the audit
 log or starve the event loop): ``ANONYMOUS_REFUSALS`` refused requests without a verified
 identity (HTTP/2; an HTTP/1 refusal closes already), or more than ``RESETS_PER_WINDOW`` streams
-reset by the client in ``RESET_WINDOW`` seconds (HTTP/2 rapid reset). Requests arriving after
-that are killed before the addon judges them (``admit_request``), so they are not audited.
+reset by the client in ``RESET_WINDOW`` seconds (HTTP/2 rapid reset). Streams past the limit
+are dropped by the HTTP layer before a flow exists (``admit_stream``, httplayers.py); a request
+already made is killed before the addon judges it (``admit_request``): neither is audited.
 Counted in ``secretless_connections_closed_total{listener="proxy",reason}``.
 
 No deadline runs while a request (or a WebSocket) is in flight, except for a request refused on
