@@ -126,7 +126,8 @@ class Secretless:
         self.destinations = Destinations(config=lambda: self.services.config if self.services else None,
                                          listeners=self._own_listeners)
         # Connection caps and deadlines (connlimits.py): a sub-addon, so mitmdump -s loads it too.
-        self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None)
+        self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None,
+                                     identified=self._identified)
         self.addons = [self.guard]
         self.drain: Drain | None = None
         # Flows decided on their head (requestheaders), and sigv4 flows whose signature waits for the body.
@@ -136,7 +137,8 @@ class Secretless:
         self._forced = False
         self._guard = Guard(limits=self._limits, on_refusal=self._report_refusal,
                             report_connection=lambda c, reason: self.gate.report(c, reason),
-                            upstreams=self.destinations, on_upstream_failure=self._upstream_failed)
+                            upstreams=self.destinations, on_upstream_failure=self._upstream_failed,
+                            on_reset=self.guard.stream_reset, admit_stream=self.guard.admit_stream)
         self.gate = protocols.Gate(max_head=lambda: self._limits().max_request_head_bytes,
                                    report=self._connection_refused,
                                    make_http=lambda c, mode: GuardedHttpLayer(c, mode, guard=self._guard))
@@ -390,6 +392,8 @@ class Secretless:
             return
         if flow.response or flow.error or not flow.live:
             return
+        if not self.guard.admit_request(flow):
+            return  # its connection is being closed for abuse (connlimits.py): not judged, not audited
         await self._decide(flow, on_head=True)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -543,6 +547,10 @@ class Secretless:
         self._sign_later.pop(flow, None)
         flow.request.headers.pop("expect", None)  # no `100 Continue`: the body is not wanted
         flow.response = error_response(flow.id, refusal)
+
+    def _identified(self, client: Client) -> bool:
+        st = self._conns.get(client)
+        return st is not None and isinstance(st.identity, Workload)
 
     def _report_refusal(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         """Log, audit and count a refusal (the caller answers the client)."""

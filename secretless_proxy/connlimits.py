@@ -19,6 +19,14 @@ client trickling one byte at a time never trips:
 - ``request_head``: from the first byte of a request to the end of its head;
 - ``idle``: a kept-alive connection with no request in flight.
 
+**Abuse** of an open connection closes it (invariant 7: one connection must not fill the audit
+log or starve the event loop): ``ANONYMOUS_REFUSALS`` refused requests without a verified
+identity (HTTP/2; an HTTP/1 refusal closes already), or more than ``RESETS_PER_WINDOW`` streams
+reset by the client in ``RESET_WINDOW`` seconds (HTTP/2 rapid reset). Streams past the limit
+are dropped by the HTTP layer before a flow exists (``admit_stream``, httplayers.py); a request
+already made is killed before the addon judges it (``admit_request``): neither is audited.
+Counted in ``secretless_connections_closed_total{listener="proxy",reason}``.
+
 No deadline runs while a request (or a WebSocket) is in flight, except for a request refused on
 its head whose body has not arrived: it gets ``request_head`` again. A closed connection is counted in
 ``secretless_connection_timeouts_total{listener="proxy",reason}``; refusals in
@@ -47,6 +55,13 @@ from .metrics import Metrics
 log = logging.getLogger("secretless.limits")
 
 LOG_EVERY = 10.0  # seconds between two log lines about the same kind of refusal
+# Abuse of one connection (invariant 7): a client without a verified identity gets this many refused
+# requests, then the connection is closed; any client resetting more than RESETS_PER_WINDOW streams
+# in RESET_WINDOW seconds (HTTP/2 "rapid reset", CVE-2023-44487) is closed too.
+ANONYMOUS_REFUSALS = 8
+RESETS_PER_WINDOW = 200
+RESET_WINDOW = 10.0
+CLOSE_DELAY = 0.2  # seconds: lets the refusals already decided reach the client before the close
 TICK = 0.25  # deadline resolution
 FD_RESERVE = 48  # listening sockets, epoll, log/audit files, Redis, provider HTTP clients
 
@@ -149,6 +164,11 @@ class _Conn:
     activity_seen: float = 0.0  # mitmproxy's last-activity stamp (wall clock) when last looked at
     tunnelled: bool = False
     in_flight: int = 0
+    refused: int = 0  # requests refused while the connection had no verified identity
+    anonymous_streams: int = 0  # requests (streams) opened while it had none
+    resets: int = 0  # streams the client reset in the window that began at reset_window
+    reset_window: float = 0.0
+    closing: str | None = None  # why the connection is being closed: no request is decided any more
 
 
 def descriptor_budget(nofile: int, admin_listeners: int, admin_max: int) -> int:
@@ -159,9 +179,11 @@ def descriptor_budget(nofile: int, admin_listeners: int, admin_max: int) -> int:
 class ConnectionGuard:
     """mitmproxy hooks that admit, time and close client connections on the proxy port."""
 
-    def __init__(self, metrics: Metrics, limits: Callable[[], LimitsConfig | None]) -> None:
+    def __init__(self, metrics: Metrics, limits: Callable[[], LimitsConfig | None], *,
+                 identified: Callable[[Client], bool] = lambda client: False) -> None:
         self.metrics = metrics
         self._limits = limits
+        self._identified = identified  # whether the client connection has a verified workload identity
         self._conns: weakref.WeakKeyDictionary[Client, _Conn] = weakref.WeakKeyDictionary()
         self._per_peer: Counter[str] = Counter()
         self._task: asyncio.Task | None = None
@@ -254,6 +276,7 @@ class ConnectionGuard:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)
         if conn is not None:  # the CONNECT head is in: now the inner handshake, on a fresh clock
+            conn.anonymous_streams = 0  # the CONNECT itself was a stream: count the requests inside
             conn.tunnelled = True
             conn.phase, conn.deadline = "handshake", time.monotonic() + self.limits.handshake_timeout
 
@@ -261,6 +284,43 @@ class ConnectionGuard:
         conn = self._conns.get(data.conn)  # type: ignore[call-overload]
         if conn is not None and conn.tunnelled and conn.in_flight == 0:
             self._idle(conn)
+
+    def admit_request(self, flow: http.HTTPFlow) -> bool:
+        """False (and the flow killed) when its connection is being closed for abuse.
+
+        Called by ``Secretless.requestheaders`` before anything is decided, so a request that
+        arrives after the limit is neither judged, logged nor audited: the audit records per
+        anonymous connection stay at most ``ANONYMOUS_REFUSALS``.
+        """
+        conn = self._conns.get(flow.client_conn)
+        if conn is None or conn.closing is None:
+            return True
+        if conn.closing == "anonymous_refusals" and conn.refused < ANONYMOUS_REFUSALS:
+            return True  # one of the requests admit_stream let in: it gets its (audited) refusal
+        if flow.killable:
+            flow.kill()
+        self._close_soon(flow.client_conn)
+        return False
+
+    def admit_stream(self, client: Client) -> bool:
+        """Whether the HTTP layer may open a stream (a request) on ``client`` (``httplayers``).
+
+        Without an identity every request is refused, so a connection gets ``ANONYMOUS_REFUSALS``
+        of them: the next one closes it before a flow is made. This bounds the work of one read of
+        HTTP/2 frames (thousands of HEADERS frames in 64 KiB), not only the audit records.
+        """
+        conn = self._conns.get(client)
+        if conn is None:
+            return True
+        if conn.closing is None and not self._identified(client):
+            conn.anonymous_streams += 1
+            if conn.anonymous_streams > ANONYMOUS_REFUSALS:
+                if conn.closing is None:
+                    # Closed a little later: the refusals of the requests let in are answered first.
+                    self._closing(client, conn, "anonymous_refusals", f"closed a client connection without "
+                                  f"identity after {ANONYMOUS_REFUSALS} requests", delay=CLOSE_DELAY)
+                return False
+        return conn.closing is None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)
@@ -272,6 +332,12 @@ class ConnectionGuard:
                 conn.phase, conn.deadline = "request_head", time.monotonic() + self.limits.request_head_timeout
             else:
                 conn.phase, conn.deadline = "active", None
+            if flow.response is not None and not self._identified(flow.client_conn):
+                conn.refused += 1
+                if conn.refused >= ANONYMOUS_REFUSALS and conn.closing is None:
+                    # (An HTTP/1 refusal on the head closes its connection already: httplayers.py.)
+                    self._closing(flow.client_conn, conn, "anonymous_refusals", f"closed a client connection "
+                                  f"without identity after {conn.refused} refused requests")
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         # A WebSocket is a request in flight for as long as it is open: no idle deadline cuts it.
@@ -288,6 +354,32 @@ class ConnectionGuard:
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._request_over(flow)
+
+    def stream_reset(self, client: Client) -> None:
+        """The client reset a stream before its response was sent (``httplayers.GuardedHttpLayer``)."""
+        conn = self._conns.get(client)
+        if conn is None or conn.closing is not None:
+            return
+        now = time.monotonic()
+        if now - conn.reset_window >= RESET_WINDOW:
+            conn.reset_window, conn.resets = now, 0
+        conn.resets += 1
+        if conn.resets > RESETS_PER_WINDOW:
+            self._closing(client, conn, "stream_resets", f"closed a client connection that reset more than "
+                          f"{RESETS_PER_WINDOW} streams in {RESET_WINDOW:.0f} s")
+
+    def _closing(self, client: Client, conn: _Conn, reason: str, message: str, *, delay: float = 0.0) -> None:
+        conn.closing = reason
+        self.metrics.connection_closed("proxy", reason)
+        self.rlog.warning("abuse:" + reason, message)
+        self._close_soon(client, delay)
+
+    def _close_soon(self, client: Client, delay: float = 0.0) -> None:
+        """Close after the current hook: the response it decided is written first (its stream ends)."""
+        def close() -> None:
+            ps = ctx.master.addons.get("proxyserver")
+            _close(getattr(ps, "connections", {}).get(client.id), client, "closed for abuse")
+        asyncio.get_running_loop().call_later(delay, close)
 
     def _request_over(self, flow: http.HTTPFlow) -> None:
         conn = self._conns.get(flow.client_conn)

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mitmproxy import http
-from mitmproxy.connection import Server
+from mitmproxy.connection import Client, Server
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     ErrorCode,
@@ -99,6 +99,11 @@ class Guard:
     upstreams: Upstreams | None = None
     # A failed upstream connection (mitmproxy's error text) → the refusal to answer with (audited, counted).
     on_upstream_failure: Callable[[http.HTTPFlow, str], Refusal] | None = None
+    # The client reset a stream still in flight (HTTP/2 rapid reset): connlimits.ConnectionGuard counts it.
+    on_reset: Callable[[Client], None] = lambda client: None
+    # Whether the client may open one more stream (connlimits.ConnectionGuard.admit_stream): a stream
+    # not admitted is dropped before mitmproxy makes a flow or runs a hook for it.
+    admit_stream: Callable[[Client], bool] = lambda client: True
 
 
 class GuardedHttpLayer(HttpLayer):
@@ -112,7 +117,17 @@ class GuardedHttpLayer(HttpLayer):
             self.connections.setdefault(self.context.client, GuardedHttp1Server(self.context.fork(), guard=self.guard))
         yield from super()._handle_event(event)
 
+    def event_to_child(self, child, event: events.Event):
+        # A reset reaches a stream mitmproxy still tracks: one whose response is not done yet (even
+        # when the reset came in the same read as its HEADERS, before the request hooks ran).
+        if isinstance(event, RequestProtocolError) and isinstance(child, HttpStream) \
+                and "reset by client" in event.message:
+            self.guard.on_reset(self.context.client)
+        yield from super().event_to_child(child, event)
+
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        if not self.guard.admit_stream(self.context.client):
+            return  # HttpLayer.event_to_child drops the events of a stream it does not hold
         self.streams[stream_id] = GuardedHttpStream(self.context.fork(), stream_id, guard=self.guard)
         yield from self.event_to_child(self.streams[stream_id], events.Start())
 

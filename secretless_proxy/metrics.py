@@ -58,6 +58,9 @@ CONN_REFUSAL_REASONS = frozenset({
     "max_connections", "max_connections_per_client", "descriptor_limit", "shutting_down",
 })
 CONN_TIMEOUT_REASONS = frozenset({"handshake", "request_head", "idle"})
+# An open connection closed for what it did (connlimits.py): too many refused requests without a
+# verified identity, or too many streams reset by the client (HTTP/2 rapid reset).
+CONN_CLOSE_REASONS = frozenset({"anonymous_refusals", "stream_resets"})
 STORE_EVENT_REJECTIONS = frozenset({"malformed", "unsigned", "forged", "stale", "replayed"})  # store/events.py
 # Why a grant was revoked, as a label: the admin API's free-text reason goes to the audit log only.
 GRANT_REVOCATION_REASONS = frozenset({"manual", "config_changed"})
@@ -184,6 +187,10 @@ class Metrics:
             "secretless_connection_timeouts_total",
             "Client connections closed for a missed deadline, by listener and phase (handshake, request_head, idle).",
             ["listener", "reason"], registry=r)
+        self.conn_closed = Counter(
+            "secretless_connections_closed_total",
+            "Open client connections closed for abuse, by listener and reason (anonymous_refusals, stream_resets).",
+            ["listener", "reason"], registry=r)
         self.open_connections = Gauge(
             "secretless_open_connections", "Client connections open now, by listener.", ["listener"], registry=r)
         self.breaker_open = Gauge(
@@ -206,6 +213,8 @@ class Metrics:
                 self.conn_refused.labels(listener, reason)
             for reason in CONN_TIMEOUT_REASONS:
                 self.conn_timeouts.labels(listener, reason)
+        for reason in CONN_CLOSE_REASONS:
+            self.conn_closed.labels("proxy", reason)
         for reason in STORE_EVENT_REJECTIONS:
             self.store_events_rejected.labels(reason)
 
@@ -257,6 +266,10 @@ class Metrics:
     def connection_refused(self, listener: str, reason: str) -> None:
         self.conn_refused.labels(self._closed("listener", listener, LISTENERS),
                                  self._closed("reason", reason, CONN_REFUSAL_REASONS)).inc()
+
+    def connection_closed(self, listener: str, reason: str) -> None:
+        self.conn_closed.labels(self._closed("listener", listener, LISTENERS),
+                                self._closed("reason", reason, CONN_CLOSE_REASONS)).inc()
 
     def connection_timed_out(self, listener: str, reason: str) -> None:
         self.conn_timeouts.labels(self._closed("listener", listener, LISTENERS),

@@ -260,3 +260,59 @@ class TestAdminEviction:
             for _, w in held:
                 w.close()
             await server.close()
+
+
+def closed_for(m: Metrics, reason: str) -> float:
+    return m.registry.get_sample_value("secretless_connections_closed_total",
+                                       {"listener": "proxy", "reason": reason}) or 0.0
+
+
+class TestAbuse:
+    async def test_anonymous_connection_gets_a_bounded_number_of_streams(self, metrics: Metrics) -> None:
+        """Without identity: 8 streams admitted, the 9th closes the connection (counted once); with one: no limit."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig(), identified=lambda c: c.peername[0] == "10.0.0.9")
+            anon, known = client("10.0.0.1"), client("10.0.0.9")
+            g.client_connected(anon)
+            g.client_connected(known)
+            assert [g.admit_stream(anon) for _ in range(10)] == [True] * 8 + [False] * 2
+            assert all(g.admit_stream(known) for _ in range(100))
+            assert closed_for(metrics, "anonymous_refusals") == 1
+
+    async def test_connect_stream_is_not_counted(self, metrics: Metrics) -> None:
+        """The CONNECT that opens the tunnel does not use up one of the anonymous requests."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            f = tflow.tflow()
+            g.client_connected(f.client_conn)
+            assert g.admit_stream(f.client_conn)  # the CONNECT
+            g.http_connect(f)
+            assert [g.admit_stream(f.client_conn) for _ in range(9)] == [True] * 8 + [False]
+
+    async def test_killed_after_the_close_decision(self, metrics: Metrics) -> None:
+        """After 8 refusals a request that still reaches the hooks is killed, not decided."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig())
+            first = tflow.tflow(resp=True)
+            g.client_connected(first.client_conn)
+            for _ in range(8):
+                f = tflow.tflow(resp=True)
+                f.client_conn = first.client_conn
+                assert g.admit_request(f)
+                g.requestheaders(f)
+            late = tflow.tflow()
+            late.client_conn = first.client_conn
+            assert not g.admit_request(late)
+            assert late.error is not None and closed_for(metrics, "anonymous_refusals") == 1
+
+    async def test_rapid_reset_closes_any_client(self, metrics: Metrics) -> None:
+        """More than 200 client resets in the window close even an identified connection."""
+        with taddons.context():
+            g = ConnectionGuard(metrics, lambda: LimitsConfig(), identified=lambda c: True)
+            c = client()
+            g.client_connected(c)
+            for _ in range(200):
+                g.stream_reset(c)
+            assert g.admit_stream(c) and closed_for(metrics, "stream_resets") == 0
+            g.stream_reset(c)
+            assert not g.admit_stream(c) and closed_for(metrics, "stream_resets") == 1
