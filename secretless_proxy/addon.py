@@ -20,7 +20,7 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
-from . import hardening, inject, layerguard, ownheaders, protocols, redaction, requesttarget, sigv4
+from . import hardening, inject, layerguard, ownheaders, protocols, redaction, requesthead, requesttarget, sigv4
 from . import identity as ident
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
@@ -426,6 +426,8 @@ class Secretless:
         runtime = services.runtime  # one runtime for the whole request, even across a reload
         req = flow.request
         _check_head(req, services.config.limits)
+        if (bad_head := requesthead.parsed_refusal(req)) is not None:  # CR/LF/NUL: HTTP/2 too
+            raise bad_head
         st = self._conns.get(flow.client_conn) or ConnState()
         workload = _require_identity(st, runtime)
         host, port = self._destination(flow, st)
