@@ -41,7 +41,7 @@ DENY_MESSAGES = {
     "no_rule": "no rule allows this workload to reach this destination",
     "method": "the rule for this destination does not allow this method",
     "path": "the rule for this destination does not allow this path",
-    "plaintext_upstream": "the rule does not allow sending its credential over plaintext HTTP",
+    "plaintext_upstream": "the rule does not allow plaintext HTTP to its upstream (see allow_plaintext)",
 }
 
 
