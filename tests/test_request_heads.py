@@ -245,3 +245,17 @@ class TestParserRefusals:
         assert not tls_target.reached()
         assert denied_reasons(proxy) == ["protocol_refused"]
         assert metric(admin_port, "secretless_denied_total", reason="protocol_refused") == 1
+
+    def test_empty_lines_before_the_request_line_are_ignored(self, start, pki, upstream, tls_target):
+        """Empty lines before a request line (RFC 9112 §2.2) neither hide a bad head nor stall a good one."""
+        proxy = start(upstream.port, tls_target.port)
+        s = tunnel(proxy, pki, upstream.port)
+        s.sendall(f"\r\n\r\nGET /a HTTP/1.1\r\nHost: localhost:{upstream.port}\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        s = tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"\r\nGET /a HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\nContent-Length: 1\r\n"
+                  "Content-Length: 2\r\n\r\n".encode())
+        status, body, _ = read_response(s)
+        time.sleep(0.3)
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert not tls_target.reached()
