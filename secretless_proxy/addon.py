@@ -20,7 +20,18 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
-from . import hardening, inject, layerguard, ownheaders, protocols, redaction, requesthead, requesttarget, sigv4, wsjudge
+from . import (
+    hardening,
+    inject,
+    layerguard,
+    ownheaders,
+    protocols,
+    redaction,
+    requesthead,
+    requesttarget,
+    sigv4,
+    wsjudge,
+)
 from . import identity as ident
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
