@@ -21,6 +21,7 @@ from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
 from . import (
+    bodydecode,
     hardening,
     inject,
     layerguard,
@@ -62,6 +63,7 @@ from .refusal import (
     REQUEST_ID_HEADER,
     STORE_UNAVAILABLE,
     Refusal,
+    decoded_too_large,
     error_response,
 )
 from .services import Services
@@ -160,7 +162,7 @@ class Secretless:
 
     def load(self, loader) -> None:
         logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
-        layerguard.install()  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
+        layerguard.install(response_head_limit=lambda: self._limits().max_response_head_bytes)  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
         # Before any secret is loaded: no core dumps, no ptrace (issue 8 §7). `secretless-proxy run`
         # does it before it builds its master (server.run); here it is for mitmdump/mitmweb -s.
         # Never for a bare Master, which is also what mitmproxy's in-process test helpers build:
@@ -634,7 +636,11 @@ class Secretless:
         if injected is None or flow.response is None:
             return
         try:
-            redaction.redact_message(flow.response, injected.needles)
+            redaction.redact_message(flow.response, injected.needles, max_body=self._limits().max_response_scan_bytes)
+        except bodydecode.TooLarge:  # a compressed body that inflates past the scan window
+            refusal = decoded_too_large(self._limits().max_response_scan_bytes, injected.rule)
+            self._report_refusal(flow, refusal)
+            flow.response = error_response(flow.id, refusal)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
             flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))

@@ -15,7 +15,12 @@ These subclasses change exactly that, and nothing else:
   - a request body over ``limits.max_request_body_bytes`` gets ``413 body_too_large``, buffered or
     streamed (a streamed one is aborted upstream);
   - a buffered response over ``flow.metadata[SCAN_LIMIT]`` (inject rules: the echo check needs the
-    whole body) is withheld with ``502 response_too_large`` and the upstream stream is aborted.
+    whole body) is withheld with ``502 response_too_large`` and the upstream stream is aborted;
+  - a response whose ``Transfer-Encoding`` is anything but plain ``chunked`` (``gzip, chunked``: a
+    coding the echo check would not decode and the client would) is withheld with ``502
+    transfer_encoding_refused``, on every rule;
+  - a response head over ``limits.max_response_head_bytes`` (cut by ``layerguard``) gets ``502
+    response_head_too_large``.
 
 - ``GuardedHttpLayer.get_connection`` / ``GuardedHttpStream.make_server_connection``: the
   connection a request is sent over is judged for that request (``destination.Destinations``): a
@@ -49,6 +54,8 @@ from mitmproxy.proxy.layers.http import (
     RequestTrailers,
     ResponseData,
     ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
     ResponseTrailers,
     SendHttp,
 )
@@ -56,9 +63,17 @@ from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.utils import expect
 
-from . import requesthead
+from . import layerguard, requesthead
 from .config import LimitsConfig
-from .refusal import BODY_TOO_LARGE, HEAD_TOO_LARGE, RESPONSE_TOO_LARGE, Refusal, error_response
+from .refusal import (
+    BODY_TOO_LARGE,
+    HEAD_TOO_LARGE,
+    RESPONSE_HEAD_TOO_LARGE,
+    RESPONSE_TOO_LARGE,
+    TRANSFER_ENCODING_REFUSED,
+    Refusal,
+    error_response,
+)
 
 TARGET = "secretless.target"  # (scheme, authority) of the request target as the client wrote it
 SCAN_LIMIT = "secretless.scan_limit"  # bytes of response body the echo check may buffer
@@ -288,6 +303,26 @@ class GuardedHttpStream(HttpStream):
             yield commands.CloseConnection(self.context.client)
             self.client_state = self.server_state = self.state_errored
 
+    @expect(ResponseHeaders)
+    def state_wait_for_response_headers(self, event: ResponseHeaders) -> layer.CommandGenerator[None]:
+        codings = [c.strip().lower() for v in event.response.headers.get_all("transfer-encoding") for c in v.split(",")]
+        if codings and codings != ["chunked"]:
+            self.flow.response = event.response
+            return (yield from self._withhold(Refusal(
+                502, TRANSFER_ENCODING_REFUSED, "the upstream sent a Transfer-Encoding other than chunked, which this "
+                "proxy does not relay", self.flow.metadata.get("secretless.rule"))))
+        yield from super().state_wait_for_response_headers(event)
+
+    def handle_protocol_error(self, event: RequestProtocolError | ResponseProtocolError) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError) and event.message == layerguard.RESPONSE_HEAD_TOO_LARGE \
+                and self.server_state == self.state_wait_for_response_headers and self.client_state != self.state_errored:
+            limit = self.guard.limits().max_response_head_bytes
+            return (yield from self._withhold(Refusal(
+                502, RESPONSE_HEAD_TOO_LARGE, f"the upstream's response head is larger than "
+                f"limits.max_response_head_bytes ({limit} bytes)", self.flow.metadata.get("secretless.rule")),
+                abort_upstream=False))  # layerguard closed that connection
+        yield from super().handle_protocol_error(event)
+
     @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
     def state_consume_response_body(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, ResponseData):
@@ -298,13 +333,17 @@ class GuardedHttpStream(HttpStream):
         yield from super().state_consume_response_body(event)
 
     def _withhold_response(self, limit: int) -> layer.CommandGenerator[None]:
+        yield from self._withhold(Refusal(
+            502, RESPONSE_TOO_LARGE, f"the response is larger than limits.max_response_scan_bytes ({limit} bytes), the "
+            "most this rule checks for an echoed credential; it was withheld (see inject.echo_check)",
+            self.flow.metadata.get("secretless.rule")))
+
+    def _withhold(self, refusal: Refusal, *, abort_upstream: bool = True) -> layer.CommandGenerator[None]:
+        """Answer the client with ``refusal`` instead of the upstream's response, of which it gets nothing."""
         self.response_body_buf.clear()
-        yield SendHttp(RequestProtocolError(self.stream_id, "response withheld", ErrorCode.RESPONSE_TOO_LARGE),
-                       self.context.server)
-        refusal = Refusal(502, RESPONSE_TOO_LARGE,
-                          f"the response is larger than limits.max_response_scan_bytes ({limit} bytes), the most "
-                          "this rule checks for an echoed credential; it was withheld (see inject.echo_check)",
-                          self.flow.metadata.get("secretless.rule"))
+        if abort_upstream:
+            yield SendHttp(RequestProtocolError(self.stream_id, "response withheld", ErrorCode.RESPONSE_TOO_LARGE),
+                           self.context.server)
         self.guard.on_refusal(self.flow, refusal)
         self.flow.response = error_response(self.flow.id, refusal)
         yield from self.send_response()

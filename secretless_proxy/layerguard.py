@@ -18,6 +18,11 @@
    or a close reason (up to 123 bytes) and mitmproxy logs ping payloads. Toward the client, ping
    payloads and close reasons are emptied, and a pong keeps its payload only when it answers a
    ping the client itself sent on that connection (keep-alive libraries match them).
+4. **Response heads.** ``Http1Client.read_headers`` buffers an upstream's status line and headers
+   without bound (150 MiB of header lines were accepted). A head still unfinished past
+   ``response_head_limit()`` bytes ends the stream with ``RESPONSE_HEAD_TOO_LARGE`` and the upstream
+   connection is closed; ``httplayers.GuardedHttpStream`` answers the client with ``502
+   response_head_too_large``. (HTTP/2 upstream heads are bounded by h2's header list limit, 64 KiB.)
 
 4. **Killing a WebSocket.** ``WebsocketLayer.relay_messages`` never looks at ``flow.kill()``
    after the ``websocket_message`` hook: a killed WebSocket goes on relaying. Here a flow killed
@@ -39,16 +44,20 @@ from typing import Any
 
 import wsproto.connection
 import wsproto.events
-from mitmproxy.proxy import commands
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
 
-__all__ = ["RESPONSE_TRAILERS", "REQUEST_TRAILERS", "clean_message", "install"]
+__all__ = ["RESPONSE_HEAD_TOO_LARGE", "RESPONSE_TRAILERS", "REQUEST_TRAILERS", "clean_message", "install"]
 
 RESPONSE_TRAILERS = "the upstream sent HTTP/1.1 trailer fields, which this proxy does not relay"
 REQUEST_TRAILERS = "HTTP/1.1 request trailer fields are not supported by this proxy"
+RESPONSE_HEAD_TOO_LARGE = "the upstream's response head is larger than limits.max_response_head_bytes"
+_DEFAULT_HEAD_LIMIT = 64 * 1024
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a head, as h11's ReceiveBuffer finds it
+_head_limit: Callable[[], int] = lambda: _DEFAULT_HEAD_LIMIT  # noqa: E731 - replaced by install()
 _QUOTED = re.compile(r"""(?::\s*)?b?['"].*""", re.S)
 _installed = False
 
@@ -58,13 +67,16 @@ def clean_message(message: str) -> str:
     return _QUOTED.sub("", message) or "protocol error"
 
 
-def install() -> None:
-    """Wrap mitmproxy's HTTP/1 body and response-head readers (idempotent)."""
-    global _installed
+def install(response_head_limit: Callable[[], int] | None = None) -> None:
+    """Wrap mitmproxy's HTTP/1 body and response-head readers (idempotent); ``response_head_limit``
+    gives the current bound on an upstream's response head (the proxy has one config per process)."""
+    global _installed, _head_limit
+    if response_head_limit is not None:
+        _head_limit = response_head_limit
     if _installed:
         return
     _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
-    _http1.Http1Client.read_headers = _guarded(_http1.Http1Client.read_headers)  # type: ignore[method-assign]
+    _http1.Http1Client.read_headers = _bounded_head(_guarded(_http1.Http1Client.read_headers))  # type: ignore[method-assign]
     websocket.WebsocketLayer.relay_messages = _closing_killed(_guarded(websocket.WebsocketLayer.relay_messages, trailers=False))  # type: ignore[method-assign]
     websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
     websocket.WebsocketConnection.send2 = _control_frames_scrubbed(websocket.WebsocketConnection.send2)  # type: ignore[method-assign]
@@ -87,6 +99,27 @@ def _guarded(method: Callable[..., Generator[Any, Any, Any]], *, trailers: bool 
                 yield from _end_with_trailers(self)
                 return None
             sent = yield _clean(cmd)
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _bounded_head(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+    @functools.wraps(method)
+    def wrapper(self: _http1.Http1Client, event: Any) -> Generator[Any, Any, Any]:
+        # The buffer already holds this event's bytes: the head is what precedes the first blank
+        # line (as h11 finds it), or all of it while there is none. The buffer is at most one read
+        # past the bound, so searching it is cheap.
+        if isinstance(event, events.DataReceived) and self.request is not None and self.stream_id is not None:
+            end = _BLANK_LINE.search(bytes(self.buf))
+            if (end.end() if end else len(self.buf)) > _head_limit():
+                self.buf.maybe_extract_at_most(len(self.buf))
+                self.state = self.done
+                yield commands.CloseConnection(self.conn)
+                yield ReceiveHttp(ResponseProtocolError(self.stream_id, RESPONSE_HEAD_TOO_LARGE,
+                                                        ErrorCode.GENERIC_SERVER_ERROR))
+                return None
+        return (yield from method(self, event))
 
     wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
     return wrapper

@@ -39,13 +39,13 @@ DENY_REASONS = IDENTITY_REASONS | frozenset({
     "destination_private", "dns_failed", "dns_timeout", "upstream_unreachable", "upstream_tls_failed",
     "upstream_timeout",
     "protocol_refused", "header_invalid", "upgrade_refused", "method_not_canonical", "head_too_large", "body_too_large",
-    "response_too_large",
+    "response_too_large", "response_head_too_large", "transfer_encoding_refused",
 })
 # Refusals that are the proxy's failure (5xx), not the client's: decision="error".
 ERROR_REASONS = frozenset({
     "credential_unavailable", "internal_error", "store_unavailable", "audit_unavailable", "not_configured",
     "dns_failed", "dns_timeout", "response_too_large", "upstream_unreachable", "upstream_tls_failed",
-    "upstream_timeout",
+    "upstream_timeout", "response_head_too_large", "transfer_encoding_refused",
 })
 DECISIONS = frozenset({"allowed", "injected", "denied", "error"})
 FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})

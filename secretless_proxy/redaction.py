@@ -30,6 +30,8 @@ from collections.abc import Iterable
 from mitmproxy import http
 from mitmproxy.websocket import WebSocketMessage
 
+from . import bodydecode
+
 __all__ = ["MARKER", "Needles", "needles_for", "redact_message", "redact_websocket_message"]
 
 MARKER = "[REDACTED]"
@@ -139,11 +141,13 @@ def needles_for(*values: str, per_request: Iterable[str] = ()) -> Needles:
     return Needles(forms)
 
 
-def redact_message(message: http.Message, needles: Needles) -> None:
+def redact_message(message: http.Message, needles: Needles, *, max_body: int = 16 * 1024 * 1024) -> None:
     """Redact the status line (reason), every header and trailer and the decoded body in place.
 
-    Raises ValueError when the body's Content-Encoding cannot be decoded (it cannot be checked,
-    so the caller withholds the response: fail closed).
+    The body is decoded by ``bodydecode`` (every gzip member, at most ``max_body`` decoded bytes).
+    Raises ValueError when the body's Content-Encoding cannot be decoded and ``bodydecode.TooLarge``
+    when it decodes to more than ``max_body``: it cannot be checked, so the caller withholds the
+    response (fail closed).
     """
     if isinstance(message, http.Response) and message.data.reason:
         reason = needles.redact_bytes(message.data.reason)
@@ -153,7 +157,8 @@ def redact_message(message: http.Message, needles: Needles) -> None:
     if message.trailers:
         _redact_headers(message.trailers, needles)
     if message.raw_content:
-        body = message.get_content(strict=True)
+        # Every Content-Encoding field: a client applies two `gzip` fields as `gzip, gzip` (withheld).
+        body = bodydecode.decode(message.raw_content, ", ".join(message.headers.get_all("content-encoding")), max_body)
         if body:
             clean = needles.redact_bytes(body)
             if clean != body:

@@ -35,7 +35,9 @@ HEADER_INVALID = "header_invalid"  # CR/LF/NUL or another control character in t
 METHOD_NOT_CANONICAL = "method_not_canonical"  # `get`, `Get`: methods are case-sensitive (RFC 9110 §9.1)
 HEAD_TOO_LARGE = "head_too_large"  # 431: request line + headers over limits.max_request_head_bytes
 BODY_TOO_LARGE = "body_too_large"  # 413: request body over limits.max_request_body_bytes
-RESPONSE_TOO_LARGE = "response_too_large"  # inject-rule response over limits.max_response_scan_bytes
+RESPONSE_TOO_LARGE = "response_too_large"  # inject-rule response over limits.max_response_scan_bytes (raw or decoded)
+RESPONSE_HEAD_TOO_LARGE = "response_head_too_large"  # 502: upstream status line + headers over limits.max_response_head_bytes
+TRANSFER_ENCODING_REFUSED = "transfer_encoding_refused"  # 502: upstream Transfer-Encoding other than plain chunked
 
 DENY_MESSAGES = {
     "no_rule": "no rule allows this workload to reach this destination",
@@ -61,3 +63,10 @@ def error_response(request_id: str, refusal: Refusal) -> http.Response:
     if refusal.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after)))  # delay-seconds: a whole number
     return http.Response.make(refusal.status, body, headers)
+
+
+def decoded_too_large(limit: int, rule: str | None) -> Refusal:
+    """The refusal of an inject-rule response whose decoded body is over the scan window."""
+    return Refusal(502, RESPONSE_TOO_LARGE,
+                   f"the response body decodes to more than limits.max_response_scan_bytes ({limit} bytes), the most "
+                   "this rule checks for an echoed credential; it was withheld (see inject.echo_check)", rule)

@@ -800,6 +800,7 @@ class TestLimits:
         lim = load_config(valid_dir / FILE).limits
         assert lim.max_request_head_bytes == 64 * 1024
         assert lim.max_request_body_bytes == 16 * 1024 * 1024
+        assert lim.max_response_head_bytes == 64 * 1024
         assert 0 < lim.handshake_timeout <= 60 and 0 < lim.idle_timeout <= 600
         assert lim.max_connections_per_client <= lim.max_connections
         assert lim.revoke_on_shutdown is False
@@ -817,6 +818,7 @@ class TestLimits:
 
     @pytest.mark.parametrize(("line", "fragment"), [
         ("  max_request_head_bytes: 10", "limits.max_request_head_bytes: must be an integer from 1024"),
+        ("  max_response_head_bytes: 10", "limits.max_response_head_bytes: must be an integer from 1024"),
         ("  idle_timeout_seconds: -1", "limits.idle_timeout_seconds: must be a number of seconds"),
         ("  max_conections: 5", "did you mean 'max_connections'"),
         ("  max_connections: 5\n  max_connections_per_client: 6", "must not exceed limits.max_connections (5)"),
