@@ -20,7 +20,19 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
-from . import bodydecode, hardening, inject, layerguard, ownheaders, protocols, redaction, requesttarget, sigv4
+from . import (
+    bodydecode,
+    hardening,
+    inject,
+    layerguard,
+    ownheaders,
+    protocols,
+    redaction,
+    requesthead,
+    requesttarget,
+    sigv4,
+    wsjudge,
+)
 from . import identity as ident
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
@@ -135,6 +147,7 @@ class Secretless:
         self._allowed: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._sign_later: weakref.WeakKeyDictionary[http.HTTPFlow, tuple] = weakref.WeakKeyDictionary()
         self._forced = False
+        self._ws_rejudge = wsjudge.Rejudge()  # open WebSockets, judged again per message
         self._guard = Guard(limits=self._limits, on_refusal=self._report_refusal,
                             report_connection=lambda c, reason: self.gate.report(c, reason),
                             upstreams=self.destinations, on_upstream_failure=self._upstream_failed,
@@ -431,6 +444,8 @@ class Secretless:
         runtime = services.runtime  # one runtime for the whole request, even across a reload
         req = flow.request
         _check_head(req, services.config.limits)
+        if (bad_head := requesthead.parsed_refusal(req)) is not None:  # CR/LF/NUL: HTTP/2 too
+            raise bad_head
         st = self._conns.get(flow.client_conn) or ConnState()
         workload = _require_identity(st, runtime)
         host, port = self._destination(flow, st)
@@ -640,8 +655,22 @@ class Secretless:
         self._audit_used(flow, injected, flow.response.status_code)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            return
+        try:  # judged on the trust and rules loaded now (wsjudge.py); a killed flow is closed (layerguard.py)
+            st = self._conns.get(flow.client_conn)
+            refusal = self._ws_rejudge.refusal(flow, st.proof if st else None, self.runtime)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            log.error("re-judging WebSocket %s failed (%s); closed", flow.id, type(exc).__name__)
+            refusal = Refusal(502, INTERNAL, "the proxy failed to judge this WebSocket")
+        if refusal is not None:
+            flow.websocket.messages[-1].drop()
+            self._report_refusal(flow, refusal)
+            if flow.killable:
+                flow.kill()
+            return
         injected = self._injected.get(flow)
-        if injected is None or flow.websocket is None:
+        if injected is None:
             return
         try:
             redaction.redact_websocket_message(flow.websocket.messages[-1], injected.needles)

@@ -63,7 +63,7 @@ from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.utils import expect
 
-from . import layerguard
+from . import layerguard, requesthead
 from .config import LimitsConfig
 from .refusal import (
     BODY_TOO_LARGE,
@@ -189,6 +189,18 @@ class GuardedHttp1Server(Http1Server):
             yield from self._refuse(Refusal(400, PROTOCOL_REFUSED, "only HTTP/1.1 and HTTP/2 requests pass this proxy; "
                                                                    "other bytes are refused"))
             return
+        if isinstance(event, events.DataReceived):
+            # Empty lines before a request line are ignored (RFC 9112 §2.2); mitmproxy drops one
+            # per event and then waits for more bytes, even when a whole head is buffered.
+            while bytes(self.buf)[:1] == b"\n" or bytes(self.buf)[:2] == b"\r\n":
+                self.buf.maybe_extract_lines()
+        if isinstance(event, events.DataReceived) and (lines := requesthead.head_lines(bytes(self.buf))) is not None:
+            # A complete head: control characters and what mitmproxy's parser would refuse with
+            # its own HTML page are refused here, in the error contract (requesthead.py).
+            refusal = requesthead.raw_refusal(lines)
+            if refusal is not None:
+                yield from self._refuse(refusal)
+                return
         yield from super().read_headers(event)
         if self.state == self.read_headers and len(self.buf) > limit:  # still no end of head
             yield from self._refuse(Refusal(431, HEAD_TOO_LARGE,

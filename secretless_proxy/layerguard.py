@@ -24,6 +24,11 @@
    connection is closed; ``httplayers.GuardedHttpStream`` answers the client with ``502
    response_head_too_large``. (HTTP/2 upstream heads are bounded by h2's header list limit, 64 KiB.)
 
+4. **Killing a WebSocket.** ``WebsocketLayer.relay_messages`` never looks at ``flow.kill()``
+   after the ``websocket_message`` hook: a killed WebSocket goes on relaying. Here a flow killed
+   in that hook gets the message dropped, a close frame (1008, policy violation) on both sides
+   and both connections closed (wsjudge.py kills a WebSocket whose trust or rule is gone).
+
 ``install()`` wraps these methods once per process; they are pinned to mitmproxy 12.2
 (``pyproject.toml``), and ``tests/test_redaction.py`` fails if the wrapped code changes shape.
 """
@@ -32,10 +37,12 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
+import wsproto.connection
 import wsproto.events
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import websocket
@@ -70,7 +77,7 @@ def install(response_head_limit: Callable[[], int] | None = None) -> None:
         return
     _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
     _http1.Http1Client.read_headers = _bounded_head(_guarded(_http1.Http1Client.read_headers))  # type: ignore[method-assign]
-    websocket.WebsocketLayer.relay_messages = _guarded(websocket.WebsocketLayer.relay_messages, trailers=False)  # type: ignore[method-assign]
+    websocket.WebsocketLayer.relay_messages = _closing_killed(_guarded(websocket.WebsocketLayer.relay_messages, trailers=False))  # type: ignore[method-assign]
     websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
     websocket.WebsocketConnection.send2 = _control_frames_scrubbed(websocket.WebsocketConnection.send2)  # type: ignore[method-assign]
     _installed = True
@@ -172,3 +179,45 @@ def _control_frames_scrubbed(send2: Callable[..., commands.SendData]) -> Callabl
 
     wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+# -- killed WebSocket flows ----------------------------------------------------------------------
+
+POLICY_VIOLATION = 1008  # RFC 6455 §7.4.1
+
+
+def _closing_killed(relay: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+    @functools.wraps(relay)
+    def wrapper(self: websocket.WebsocketLayer, event: Any) -> Generator[Any, Any, Any]:
+        gen = relay(self, event)
+        sent: Any = None
+        while True:
+            try:
+                cmd = gen.send(sent)
+            except StopIteration as stop:
+                return stop.value
+            sent = yield cmd
+            if isinstance(cmd, websocket.WebsocketMessageHook) and _killed(self.flow):
+                gen.close()  # the message is never relayed
+                yield from _close_both(self)
+                return None
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _killed(flow: Any) -> bool:
+    return bool(flow.error and flow.error.msg == flow.error.KILLED_MESSAGE)
+
+
+def _close_both(layer: websocket.WebsocketLayer) -> Generator[Any, Any, None]:
+    ws_data = layer.flow.websocket
+    if ws_data is not None:
+        ws_data.timestamp_end = time.time()
+        ws_data.close_code = POLICY_VIOLATION
+    for ws in (layer.server_ws, layer.client_ws):
+        if ws.state in (wsproto.connection.ConnectionState.OPEN, wsproto.connection.ConnectionState.REMOTE_CLOSING):
+            yield ws.send2(wsproto.events.CloseConnection(code=POLICY_VIOLATION))
+        yield commands.CloseConnection(ws.conn)
+    yield websocket.WebsocketEndHook(layer.flow)
+    layer._handle_event = layer.done  # type: ignore[method-assign]

@@ -38,7 +38,7 @@ DENY_REASONS = IDENTITY_REASONS | frozenset({
     "internal_error", "store_unavailable", "audit_unavailable", "not_configured", "grant_required",
     "destination_private", "dns_failed", "dns_timeout", "upstream_unreachable", "upstream_tls_failed",
     "upstream_timeout",
-    "protocol_refused", "upgrade_refused", "method_not_canonical", "head_too_large", "body_too_large",
+    "protocol_refused", "header_invalid", "upgrade_refused", "method_not_canonical", "head_too_large", "body_too_large",
     "response_too_large", "response_head_too_large", "transfer_encoding_refused",
 })
 # Refusals that are the proxy's failure (5xx), not the client's: decision="error".

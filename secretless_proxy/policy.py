@@ -5,7 +5,8 @@ host, port, method and path all match decides. Nothing matching means deny (``de
 When no rule matches, the reason names how close the nearest rule came: ``path`` if a rule
 matched workload, host and port but not the path, ``method`` if it also matched the path but
 not the method (the rule that covers this very path is the one an operator wants named), else
-``no_rule``. Rules are indexed by host so a decision looks at the few rules
+``no_rule``. A plain ``http://`` upstream needs ``allow_plaintext`` on the rule, whether it
+injects or only allows (``plaintext_upstream``). Rules are indexed by host so a decision looks at the few rules
 for that host only.
 """
 
@@ -84,7 +85,7 @@ class Policy:
                 if nearest != METHOD:
                     nearest, nearest_rule = METHOD, rule.name
                 continue
-            if rule.action == "inject" and scheme != "https" and not rule.allow_plaintext:
+            if scheme != "https" and not rule.allow_plaintext:  # inject and allow rules alike (README)
                 return Deny(PLAINTEXT, rule.name)
             return Decision(rule)
         return Deny(nearest, nearest_rule)

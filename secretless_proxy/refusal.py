@@ -31,6 +31,7 @@ UPSTREAM_TIMEOUT = "upstream_timeout"  # 504: the upstream did not answer the co
 # The edge (issue 8): what is not an HTTP request that policy can judge, or is too large to judge.
 PROTOCOL_REFUSED = "protocol_refused"  # raw TCP/UDP, non-HTTP bytes in a tunnel, h2 CONNECT, other modes
 UPGRADE_REFUSED = "upgrade_refused"  # Upgrade: h2c or anything but websocket
+HEADER_INVALID = "header_invalid"  # CR/LF/NUL or another control character in the request line or a header
 METHOD_NOT_CANONICAL = "method_not_canonical"  # `get`, `Get`: methods are case-sensitive (RFC 9110 §9.1)
 HEAD_TOO_LARGE = "head_too_large"  # 431: request line + headers over limits.max_request_head_bytes
 BODY_TOO_LARGE = "body_too_large"  # 413: request body over limits.max_request_body_bytes
@@ -42,7 +43,7 @@ DENY_MESSAGES = {
     "no_rule": "no rule allows this workload to reach this destination",
     "method": "the rule for this destination does not allow this method",
     "path": "the rule for this destination does not allow this path",
-    "plaintext_upstream": "the rule does not allow sending its credential over plaintext HTTP",
+    "plaintext_upstream": "the rule does not allow plaintext HTTP to its upstream (see allow_plaintext)",
 }
 
 

@@ -312,6 +312,56 @@ class TestPlaintext:
         assert [v for k, v in seen[0]["headers"] if k.lower() == "authorization"] == [f"Bearer {SECRET}"]
 
 
+class TestPlaintextAllowRule:
+    """An 'action: allow' rule reaches a plain http:// upstream only with allow_plaintext (hostile review 11)."""
+
+    def _rule(self, port: int, **over) -> dict:
+        return {"name": "open", "workloads": [BILLING], "to": {"host": "localhost", "port": port}, "action": "allow", **over}
+
+    def test_allow_rule_without_allow_plaintext_refused_on_the_proxy_hop(self, proxy_factory, pki):
+        """curl to http:// on the proxy hop: 403 plaintext_upstream, the target gets no connection."""
+        from targets import CountingTarget
+        with CountingTarget() as target:
+            p = proxy_factory(base_config(pki, rules=[self._rule(target.port)]))
+            cert, key = pki.svid(BILLING)
+            r = curl("--proxy-cacert", pki.interception_ca_cert, "--proxy-cert", cert, "--proxy-key", key,
+                     f"http://localhost:{target.port}/status", proxy=f"https://localhost:{p.port}")
+            body = refused(r, 403, "plaintext_upstream")
+            assert body["rule"] == "open" and "allow_plaintext" in body["error"]
+            assert not target.reached()
+
+    def test_allow_rule_without_allow_plaintext_refused_in_a_plain_tunnel(self, proxy_factory, pki):
+        """Plain HTTP inside a CONNECT tunnel, identity on the proxy hop: refused, never relayed."""
+        import socket
+
+        from targets import CountingTarget
+        with CountingTarget() as target:
+            p = proxy_factory(base_config(pki, rules=[self._rule(target.port)]))
+            ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+            ctx.load_cert_chain(*pki.svid(BILLING))
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", p.port), timeout=10), server_hostname="localhost")
+            with s:
+                s.sendall(f"CONNECT localhost:{target.port} HTTP/1.1\r\nHost: localhost:{target.port}\r\n\r\n".encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += s.recv(4096)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                status, body = http_exchange(s, f"GET /status HTTP/1.1\r\nHost: localhost:{target.port}\r\n\r\n")
+            assert (status, json.loads(body)["reason"]) == (403, "plaintext_upstream")
+            assert not target.reached()
+
+    def test_allow_rule_with_allow_plaintext_forwards(self, proxy_factory, pki):
+        """allow_plaintext: true lets an allow rule reach the plain http:// upstream."""
+        from upstream import EchoUpstream
+        with EchoUpstream(server_cert=None) as plain:
+            p = proxy_factory(base_config(pki, rules=[self._rule(plain.port, allow_plaintext=True)]))
+            cert, key = pki.svid(BILLING)
+            r = curl("--proxy-cacert", pki.interception_ca_cert, "--proxy-cert", cert, "--proxy-key", key,
+                     f"http://localhost:{plain.port}/status", proxy=f"https://localhost:{p.port}")
+            assert r.status == 200, r
+            assert [q["path"] for q in plain.requests] == ["/status"]
+
+
 class TestFailClosed:
     def test_secret_file_removed_refuses(self, proxy_factory, pki, upstream, tmp_path):
         """When the credential source fails, the request is refused (503), never forwarded bare."""

@@ -268,12 +268,12 @@ class TestPlaintext:
         result = decide(policy, host="legacy.example.org", scheme="http", port=80)
         assert rule_name(result) == "legacy"
 
-    def test_allow_rule_forwards_over_http(self, make_policy: PolicyFactory) -> None:
-        """An 'action: allow' rule carries no credential, so http needs no allow_plaintext."""
+    def test_allow_rule_needs_allow_plaintext_for_http(self, make_policy: PolicyFactory) -> None:
+        """An 'action: allow' rule reaches a plain http:// upstream only with allow_plaintext (README)."""
         policy = make_policy(rule("open", "{host: api.weather.example, port: 80}"))
-        assert (
-            rule_name(decide(policy, host="api.weather.example", scheme="http", port=80)) == "open"
-        )
+        assert decide(policy, host="api.weather.example", scheme="http", port=80) == Deny("plaintext_upstream", "open")
+        policy = make_policy(rule("open", "{host: api.weather.example}", extra="action: allow, allow_plaintext: true"))
+        assert rule_name(decide(policy, host="api.weather.example", scheme="http", port=80)) == "open"
 
     def test_plaintext_refusal_is_final(self, make_policy: PolicyFactory) -> None:
         """A first-matching inject rule over http denies; a later allow rule does not take over."""

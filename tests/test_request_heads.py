@@ -1,0 +1,261 @@
+"""Request heads with more than one meaning never leave the proxy (hostile review 12 and 14).
+
+A bare CR, NUL or other control character in a header, or obs-fold, is refused 400
+``header_invalid`` before anything is forwarded, on every rule; heads that mitmproxy's own parser
+refuses (CL+TE, unknown transfer coding, bad header name, list-valued Content-Length) are refused
+in the error contract (JSON, request id, audited, counted) instead of mitmproxy's HTML page.
+Targets record connections and bytes, not only parsed requests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import socket
+import ssl
+import threading
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from conftest import base_config
+from e2e_helpers_broker import metric
+from redis_server import free_port
+from targets import CountingTarget
+
+from secretless_proxy import certs
+from secretless_proxy.devserver import tls_server_context
+
+BILLING = "spiffe://example.org/ns/prod/sa/billing"
+
+
+@pytest.fixture
+def tls_target(pki):
+    with CountingTarget(tls_context=tls_server_context(certs.make_server_cert(ca=pki.upstream_ca))) as t:
+        yield t
+
+
+class _Stdlib(http.server.BaseHTTPRequestHandler):
+    """Python's http.server: its header parser splits lines on a bare CR."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[dict] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        type(self).seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stdlib_upstream(pki):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stdlib)
+    srv.socket = tls_server_context(certs.make_server_cert(ca=pki.upstream_ca)).wrap_socket(srv.socket, server_side=True)
+    _Stdlib.seen = []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def admin_port() -> int:
+    return free_port()
+
+
+def _rules(allow_port: int, inject_port: int) -> list[dict]:
+    return [
+        {"name": "open", "workloads": [BILLING], "to": {"host": "localhost", "port": allow_port}, "action": "allow"},
+        {"name": "api", "workloads": [BILLING], "to": {"host": "localhost", "port": inject_port},
+         "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}},
+    ]
+
+
+@pytest.fixture
+def start(proxy_factory, pki, admin_port):
+    def go(allow_port: int, inject_port: int):
+        return proxy_factory(base_config(pki, rules=_rules(allow_port, inject_port),
+                                         admin={"listen": f"127.0.0.1:{admin_port}"}))
+    return go
+
+
+_SOCKETS: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets():
+    yield
+    while _SOCKETS:
+        _SOCKETS.pop().close()
+
+
+def tunnel(proxy, pki, port: int, *, cert: bool = True, alpn: list[str] | None = None) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    _SOCKETS.append(raw)
+    raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = raw.recv(4096)
+        assert chunk, "proxy closed during CONNECT"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+    if cert:
+        ctx.load_cert_chain(*pki.svid(BILLING))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    _SOCKETS.append(s)
+    return s
+
+
+def read_response(sock) -> tuple[int, dict, http.client.HTTPMessage]:
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    body = resp.read()
+    try:
+        return resp.status, json.loads(body), resp.headers
+    except ValueError:
+        return resp.status, {"raw": body}, resp.headers
+
+
+def denied_reasons(proxy) -> list[str]:
+    return [json.loads(line).get("reason") for line in proxy.output().splitlines()
+            if line.startswith("{") and '"request.denied"' in line]
+
+
+CTL_HEADS = {
+    "bare CR hides Content-Length": b"X: 1\rContent-Length: 9\rTransfer-Encoding: chunked\r\n",
+    "bare CR hides Host": b"X: 1\rHost: attacker.example\r\n",
+    "NUL in a value": b"X: a\x00b\r\n",
+    "other CTL in a value": b"X: a\x01b\x7f\r\n",
+    "CR in a name": b"X\r: 1\r\n",
+    "obs-fold": b"X: 1\r\n Content-Length: 9\r\n",
+}
+
+
+class TestControlCharacters:
+    def test_bare_cr_never_reaches_a_stdlib_upstream(self, start, pki, stdlib_upstream, tls_target):
+        """The reviewer's case: a CR-split Content-Length never reaches http.server; 400 header_invalid."""
+        proxy = start(stdlib_upstream, tls_target.port)
+        s = tunnel(proxy, pki, stdlib_upstream)
+        s.sendall(f"GET /status HTTP/1.1\r\nHost: localhost:{stdlib_upstream}\r\n"
+                  "X: 1\rContent-Length: 9\rTransfer-Encoding: chunked\r\n\r\n".encode())
+        status, body, _ = read_response(s)
+        time.sleep(0.3)
+        assert (status, body["reason"]) == (400, "header_invalid")
+        assert "control character" in body["error"]
+        assert _Stdlib.seen == []
+
+    @pytest.mark.parametrize("rule", ["allow", "inject"])
+    @pytest.mark.parametrize("head", list(CTL_HEADS), ids=list(CTL_HEADS))
+    def test_control_characters_refused_on_every_rule(self, start, pki, tls_target, admin_port, rule, head):
+        """CTLs or obs-fold in a header: 400 header_invalid, audited, counted; the target gets no connection."""
+        proxy = start(tls_target.port, free_port()) if rule == "allow" else start(free_port(), tls_target.port)
+        s = tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"GET /v1/x HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n".encode() + CTL_HEADS[head] + b"\r\n")
+        status, body, headers = read_response(s)
+        time.sleep(0.3)
+        assert (status, body["reason"]) == (400, "header_invalid")
+        assert headers["X-Secretless-Request-Id"] == body["request_id"]
+        assert not tls_target.reached()
+        assert denied_reasons(proxy) == ["header_invalid"]
+        assert metric(admin_port, "secretless_denied_total", reason="header_invalid") == 1
+
+    def test_control_character_after_a_good_request_on_the_same_connection(self, start, pki, upstream):
+        """A kept-alive connection's second head is checked too: the upstream sees only the first request."""
+        proxy = start(upstream.port, free_port())
+        s = tunnel(proxy, pki, upstream.port)
+        s.sendall(f"GET /a HTTP/1.1\r\nHost: localhost:{upstream.port}\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        s.sendall(f"GET /b HTTP/1.1\r\nHost: localhost:{upstream.port}\r\nX: 1\rContent-Length: 5\r\n\r\n".encode())
+        status, body, _ = read_response(s)
+        time.sleep(0.3)
+        assert (status, body["reason"]) == (400, "header_invalid")
+        assert [r["path"] for r in upstream.requests] == ["/a"]
+
+    def test_horizontal_tab_in_a_value_passes(self, start, pki, tls_target):
+        """HTAB is the one control character a field value may hold (RFC 9110 §5.5): forwarded."""
+        proxy = start(tls_target.port, free_port())
+        s = tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"GET /a HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\nX: a\tb\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        assert b"X: a\tb\r\n" in tls_target.received
+
+    def test_http2_control_character_refused(self, start, pki, tls_target):
+        """An HTTP/2 header value with a control character is refused header_invalid, never forwarded."""
+        proxy = start(tls_target.port, free_port())
+        s = tunnel(proxy, pki, tls_target.port, alpn=["h2"])
+        assert s.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", f"localhost:{tls_target.port}"),
+                              (":path", "/a"), ("x", "a\x01b")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        status, data, reset = None, b"", False
+        while not reset:
+            chunk = s.recv(65536)
+            assert chunk, "connection closed"
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+                elif isinstance(ev, h2.events.DataReceived):
+                    data += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    reset = True
+            s.sendall(conn.data_to_send())
+        time.sleep(0.3)
+        assert status == b"400"
+        assert json.loads(data)["reason"] == "header_invalid"
+        assert not tls_target.reached()
+
+
+PARSER_REFUSED = {
+    "CL and TE": b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "TE chunked, identity": b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "space before colon": b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "CL list": b"Content-Length: 3, 30\r\n\r\nabc",
+    "bad name": b"X(y): 1\r\n\r\n",
+}
+
+
+class TestParserRefusals:
+    @pytest.mark.parametrize("head", list(PARSER_REFUSED), ids=list(PARSER_REFUSED))
+    def test_parser_refusals_follow_the_error_contract(self, start, pki, tls_target, admin_port, head):
+        """What mitmproxy's parser refuses gets JSON 400 protocol_refused with a request id, audited
+        and counted, also without a client certificate; the target gets no connection."""
+        proxy = start(tls_target.port, free_port())
+        s = tunnel(proxy, pki, tls_target.port, cert=False)
+        s.sendall(f"POST /status HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n".encode() + PARSER_REFUSED[head])
+        status, body, headers = read_response(s)
+        time.sleep(0.3)
+        assert (status, body["reason"]) == (400, "protocol_refused"), body
+        assert headers["Content-Type"] == "application/json" and "mitmproxy" not in str(headers)
+        assert headers["X-Secretless-Request-Id"] == body["request_id"]
+        assert "not valid HTTP/1.1" in body["error"]
+        assert not tls_target.reached()
+        assert denied_reasons(proxy) == ["protocol_refused"]
+        assert metric(admin_port, "secretless_denied_total", reason="protocol_refused") == 1
+
+    def test_empty_lines_before_the_request_line_are_ignored(self, start, pki, upstream, tls_target):
+        """Empty lines before a request line (RFC 9112 §2.2) neither hide a bad head nor stall a good one."""
+        proxy = start(upstream.port, tls_target.port)
+        s = tunnel(proxy, pki, upstream.port)
+        s.sendall(f"\r\n\r\nGET /a HTTP/1.1\r\nHost: localhost:{upstream.port}\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        s = tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"\r\nGET /a HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\nContent-Length: 1\r\n"
+                  "Content-Length: 2\r\n\r\n".encode())
+        status, body, _ = read_response(s)
+        time.sleep(0.3)
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert not tls_target.reached()
