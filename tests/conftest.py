@@ -264,15 +264,38 @@ class DnsServer:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free for UDP *and* TCP: dnsmasq binds both, and a port busy for TCP alone fails it."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = u.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
 
 
 def start_dnsmasq(records: dict[str, tuple[str, ...]], *, log_path: Path, zones=DNS_ZONES, ttl: int = 300) -> DnsServer:
     """dnsmasq on 127.0.0.1:<free port>, no upstream servers, no /etc/hosts, query log to a file."""
     assert Path("/usr/sbin/dnsmasq").exists(), "dnsmasq is required (Makefile SYSTEM_DEPS)"
-    port = free_udp_port()
+    # The port is free when picked, but another process can take it before dnsmasq binds (the suite
+    # and whatever else runs on the machine open loopback ports all the time): try a few ports.
+    for attempt in range(5):
+        try:
+            return _start_dnsmasq(records, log_path=log_path, zones=zones, ttl=ttl, port=free_udp_port())
+        except _PortTaken:
+            if attempt == 4:
+                raise AssertionError("dnsmasq: every port tried was taken before it could bind") from None
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _start_dnsmasq(records: dict[str, tuple[str, ...]], *, log_path: Path, zones, ttl: int, port: int) -> DnsServer:
     args = ["/usr/sbin/dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--no-negcache", "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={port}", "--pid-file=",
             "--log-queries", f"--log-facility={log_path}", f"--local-ttl={ttl}", "--user=" + os.environ.get("USER", "root")]
@@ -285,7 +308,10 @@ def start_dnsmasq(records: dict[str, tuple[str, ...]], *, log_path: Path, zones=
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"dnsmasq exited: {err.read_text(errors='replace')}")
+            text = err.read_text(errors="replace")
+            if "Address already in use" in text:
+                raise _PortTaken
+            raise AssertionError(f"dnsmasq exited: {text}")
         if log_path.exists() and "started" in log_path.read_text(errors="replace"):
             return DnsServer(port=port, proc=proc, log_path=log_path)
         time.sleep(0.05)
