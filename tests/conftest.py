@@ -196,6 +196,17 @@ def curl(*args: str, proxy: str, timeout: float = 20) -> CurlResult:
     return CurlResult(status=int(code or 0), body=body, stderr=out.stderr)
 
 
+# Raw sockets a test opened (hostile-client tests keep many): closed after every test, pass or fail.
+OPEN_SOCKETS: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_open_sockets():
+    yield
+    while OPEN_SOCKETS:
+        OPEN_SOCKETS.pop().close()
+
+
 def tunnel(proxy_port: int, target: tuple[str, int], *, sni: str, ca: str,
            cert: tuple[str, str] | None = None) -> ssl.SSLSocket:
     """CONNECT through the proxy, then TLS with the given SNI (and client cert)."""

@@ -20,7 +20,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import base_config, tunnel
+from conftest import OPEN_SOCKETS, base_config, tunnel
 from redis_server import free_port
 from targets import CountingTarget
 
@@ -55,14 +55,7 @@ def proxy(proxy_factory, pki, upstream, silent, admin_port):
     return proxy_factory(base_config(pki, rules=rules, admin={"listen": f"127.0.0.1:{admin_port}"}))
 
 
-_SOCKETS: list[socket.socket] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_sockets():
-    yield
-    while _SOCKETS:
-        _SOCKETS.pop().close()
+_SOCKETS = OPEN_SOCKETS  # closed after each test by conftest's autouse fixture
 
 
 def denied_lines(proxy) -> list[dict]:

@@ -20,7 +20,7 @@ import h2.connection
 import h2.events
 import pytest
 import redis
-from conftest import BIN, SECRET, base_config, curl, tunnel
+from conftest import BIN, OPEN_SOCKETS, SECRET, base_config, curl, tunnel
 from redis_server import RedisServer, free_port
 from targets import CountingTarget, Nginx
 from upstream import EchoUpstream
@@ -75,14 +75,7 @@ def proxy(proxy_factory, pki, upstream, allow_up, admin_port):
 
 # -- raw client helpers ------------------------------------------------------------------------
 
-_SOCKETS: list[socket.socket] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_sockets():
-    yield
-    while _SOCKETS:
-        _SOCKETS.pop().close()
+_SOCKETS = OPEN_SOCKETS  # closed after each test by conftest's autouse fixture
 
 
 def connect(port: int) -> socket.socket:

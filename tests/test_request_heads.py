@@ -21,7 +21,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import base_config
+from conftest import OPEN_SOCKETS, base_config
 from e2e_helpers_broker import metric
 from redis_server import free_port
 from targets import CountingTarget
@@ -87,14 +87,7 @@ def start(proxy_factory, pki, admin_port):
     return go
 
 
-_SOCKETS: list[socket.socket] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_sockets():
-    yield
-    while _SOCKETS:
-        _SOCKETS.pop().close()
+_SOCKETS = OPEN_SOCKETS  # closed after each test by conftest's autouse fixture
 
 
 def tunnel(proxy, pki, port: int, *, cert: bool = True, alpn: list[str] | None = None) -> ssl.SSLSocket:
