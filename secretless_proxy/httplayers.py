@@ -60,7 +60,8 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
-from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 from mitmproxy.proxy.utils import expect
 
 from . import layerguard, requesthead
@@ -197,10 +198,19 @@ class GuardedHttp1Server(Http1Server):
         if isinstance(event, events.DataReceived) and (lines := requesthead.head_lines(bytes(self.buf))) is not None:
             # A complete head: control characters and what mitmproxy's parser would refuse with
             # its own HTML page are refused here, in the error contract (requesthead.py).
-            refusal = requesthead.raw_refusal(lines)
-            if refusal is not None:
-                yield from self._refuse(refusal)
+            parsed = requesthead.parse_head(lines)
+            if isinstance(parsed, Refusal):
+                yield from self._refuse(parsed)
                 return
+            # Accepted: what mitmproxy's Http1Server.read_headers (12.2) does after its own parse
+            # of the same lines, with the request parsed once here.
+            self.buf.maybe_extract_lines()
+            self.request, size = parsed
+            yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, size == 0))
+            self.body_reader = make_body_reader(size)
+            self.state = self.read_body
+            yield from self.state(event)
+            return
         yield from super().read_headers(event)
         if self.state == self.read_headers and len(self.buf) > limit:  # still no end of head
             yield from self._refuse(Refusal(431, HEAD_TOO_LARGE,

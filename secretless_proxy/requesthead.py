@@ -14,7 +14,7 @@ outside the error contract:
   with its HTML page, unaudited. The same checks run here first, so they are refused in the error
   contract: ``400 protocol_refused``, audited and counted.
 
-``head_lines`` and ``raw_refusal`` are for the HTTP/1 server (httplayers.py), on the bytes as they
+``head_lines`` and ``parse_head`` are for the HTTP/1 server (httplayers.py), on the bytes as they
 arrived; ``parsed_refusal`` is for the addon hook, on what any HTTP version parsed into.
 """
 
@@ -48,8 +48,13 @@ def head_lines(data: bytes) -> list[bytes] | None:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def raw_refusal(lines: list[bytes]) -> Refusal | None:
-    """Why an HTTP/1 head (its lines, without line ends) must be refused, or None."""
+def parse_head(lines: list[bytes]) -> Refusal | tuple[http.Request, int | None]:
+    """An HTTP/1 head (its lines, without line ends) parsed once: the request and its expected body
+    size (mitmproxy's ``expected_http_body_size``), or why it must be refused.
+
+    The HTTP/1 server hands the parsed request on instead of letting mitmproxy parse the same
+    lines again (a second parse was ~5 % of the proxy's CPU per request in a py-spy profile).
+    """
     for i, line in enumerate(lines):
         if _CTL.search(line):
             return Refusal(400, HEADER_INVALID, CTL_MESSAGE)
@@ -57,13 +62,13 @@ def raw_refusal(lines: list[bytes]) -> Refusal | None:
             return Refusal(400, HEADER_INVALID, FOLD_MESSAGE)
     try:
         request = http1.read_request_head(lines)
-        http1.expected_http_body_size(request)
+        size = http1.expected_http_body_size(request)
         validate_headers(request)
     except ValueError as exc:
         return Refusal(400, PROTOCOL_REFUSED, f"the request head is not valid HTTP/1.1: {clean_message(str(exc))}")
     if request.scheme not in ("http", "https", ""):
         return Refusal(400, PROTOCOL_REFUSED, "the request target's scheme must be http or https")
-    return None
+    return request, size
 
 
 def parsed_refusal(request: http.Request) -> Refusal | None:
