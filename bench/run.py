@@ -71,6 +71,11 @@ STORE_PREFIX = "secretless:"  # the store's default key_prefix
 GRANT_WORKLOAD = "spiffe://example.org/bench"  # the SVID the load generator presents
 GRANT_RULE = "bench"
 GRANT_TTL = 3600.0
+# --instructions: the proxy processes run under callgrind with instrumentation off until the measured
+# window; instructions per request are then counted, not timed, so background load on this shared
+# 2-core machine does not move them (wall-clock ratios swing by +-0.1x between runs).
+PROXY_NAMES = ("mitmdump", "secretless-proxy")
+INSTRUMENT = {"on": False, "slow": 1.0}  # set from --instructions in main(); slow scales start-up timeouts
 
 
 # --------------------------------------------------------------------------- utilities
@@ -86,7 +91,7 @@ def free_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * INSTRUMENT["slow"]
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} before listening on {port}")
@@ -99,7 +104,7 @@ def wait_port(port: int, proc: subprocess.Popen | None, timeout: float, what: st
 
 
 def wait_file(path: Path, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * INSTRUMENT["slow"]
     while time.monotonic() < deadline:
         if path.exists() and path.stat().st_size > 0:
             return
@@ -109,7 +114,7 @@ def wait_file(path: Path, timeout: float, what: str) -> None:
 
 def wait_log(path: Path, text: str, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
     """Wait until `text` appears in a log file (a readiness line printed after start-up finished)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * INSTRUMENT["slow"]
     while time.monotonic() < deadline:
         try:
             if text in path.read_text(errors="replace"):
@@ -120,6 +125,28 @@ def wait_log(path: Path, text: str, proc: subprocess.Popen | None, timeout: floa
             raise RuntimeError(f"{what} exited with code {proc.returncode} before logging {text!r}")
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not log {text!r} within {timeout}s")
+
+
+def callgrind(pid: int, *args: str) -> None:
+    r = subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} {pid}: {(r.stderr or r.stdout).strip()}")
+
+
+def callgrind_dump(pid: int) -> int:
+    """Dump the counters of ``pid`` (under callgrind) and return the instructions counted since the last zeroing."""
+    r = subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"callgrind_control -d {pid}: {(r.stderr or r.stdout).strip()}")
+    time.sleep(0.5)
+    dumps = sorted(Path(INSTRUMENT["dir"]).glob(f"**/callgrind.out.{pid}.*"), key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise RuntimeError(f"no callgrind dump of process {pid} under {INSTRUMENT['dir']}")
+    # "summary:" is the header's (0 for a dump asked for at run time); "totals:" is what was counted.
+    for line in dumps[-1].read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{dumps[-1]}: no totals line")
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -138,6 +165,9 @@ class Procs:
 
     def start(self, name: str, argv: list[str], logfile: Path, env: dict | None = None,
               cwd: Path | None = None) -> subprocess.Popen:
+        if INSTRUMENT["on"] and name in PROXY_NAMES:
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no",
+                    f"--callgrind-out-file={logfile.parent / 'callgrind.out.%p'}"] + argv
         log(f"start {name}: {' '.join(argv)}")
         fh = open(logfile, "ab")
         p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -629,16 +659,31 @@ class Bench:
             argv += ["--cert", str(case["cert"]), "--key", str(case["key"])]
         return argv
 
-    def run_loadgen(self, case: dict, conns: int, duration: float, warmup: float) -> dict:
+    def run_loadgen(self, case: dict, conns: int, duration: float, warmup: float,
+                    count_pid: int | None = None) -> dict:
+        """Run the load generator; with ``count_pid`` (a process under callgrind), count that
+        process's instructions over the measured window (after the warm-up) too."""
         argv = self.loadgen_argv(case, conns, duration, warmup)
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60)
-        if out.returncode != 0:
-            raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr.strip()}")
-        return json.loads(out.stdout)
+        if count_pid is None:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60)
+            if out.returncode != 0:
+                raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr.strip()}")
+            return json.loads(out.stdout)
+        gen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(warmup)
+        callgrind(count_pid, "-z")
+        callgrind(count_pid, "-i", "on")
+        stdout, stderr = gen.communicate(timeout=duration + 60)
+        callgrind(count_pid, "-i", "off")
+        if gen.returncode != 0:
+            raise RuntimeError(f"loadgen failed ({gen.returncode}): {stderr.strip()}")
+        res = json.loads(stdout)
+        res["instructions"] = callgrind_dump(count_pid)
+        return res
 
     def measure(self, key: str, case: dict, proxy: subprocess.Popen | None, logfile: Path | None = None) -> None:
         # Probe first: one connection, half a second. Fails fast with a readable reason.
-        probe = self.run_loadgen(case, 1, 0.5, 0.0)
+        probe = self.run_loadgen(case, 1, 0.5 * INSTRUMENT["slow"], 0.0)
         if probe["count"] == 0 or probe["errors"]:
             raise RuntimeError(f"probe failed: {probe['count']} ok, errors {probe['error_kinds']}, "
                                f"last error: {probe['last_error']!r}")
@@ -657,7 +702,8 @@ class Bench:
             with RedisSampler(self.redis_port) as sampler:
                 res = self.run_loadgen(case, self.args.conns, self.args.duration, self.args.warmup)
         else:
-            res = self.run_loadgen(case, self.args.conns, self.args.duration, self.args.warmup)
+            counted = proxy.pid if INSTRUMENT["on"] and proxy is not None else None
+            res = self.run_loadgen(case, self.args.conns, self.args.duration, self.args.warmup, count_pid=counted)
         wall = time.monotonic() - t0
         cpu1 = {k: group_cpu_seconds(v) for k, v in groups.items()}
         busy1 = machine_busy_seconds()
@@ -679,6 +725,10 @@ class Bench:
             log(f"case {key}: the proxy exited with code {proxy.returncode} during the run; log tail:\n"
                 f"{tail(logfile) if logfile else '(no log)'}")
         self.rounds.setdefault(key, []).append(res)
+        if res.get("instructions") and res["count"]:
+            res["instr_per_req"] = res["instructions"] / res["count"]
+            log(f"case {key}: {res['instr_per_req'] / 1e6:.3f} M instructions per request "
+                f"({res['instructions']} over {res['count']} requests)")
         log(f"case {key}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
             f"errors {res['errors']} {res['error_kinds'] or ''} status {res['status']}")
 
@@ -1049,6 +1099,20 @@ class Bench:
             lines.append("ratios (req/s ratio; latency ratio >1 = slower):")
         if {"b", "c"} <= set(a.cases):
             ratio_line("c", "b", "(c) secretless / (b) mitmdump")
+        if INSTRUMENT["on"]:
+            lines.append("")
+            lines.append("instructions per request (callgrind, proxy process, measured window; --instructions):")
+            for key in CASES:
+                r = self.results.get(key)
+                if r and r.get("instr_per_req"):
+                    lines.append(f"  ({key}) {r['instr_per_req'] / 1e6:8.3f} M   per round: "
+                                 + ", ".join(f"{x['instr_per_req'] / 1e6:.3f}" for x in self.rounds[key]
+                                             if x.get("instr_per_req")))
+            n, d = self.results.get("c"), self.results.get("b")
+            if n and d and n.get("instr_per_req") and d.get("instr_per_req"):
+                lines.append(f"  (b)/(c) instructions per request = {d['instr_per_req'] / n['instr_per_req']:.3f}x "
+                             "(the throughput ratio (c)/(b) the proxy would reach on an idle core, if instructions "
+                             "were all it spends)")
         if {"c", "d"} <= set(a.cases):
             ratio_line("c", "d", "(c) secretless / (d) squid")
         if "a" in a.cases:
@@ -1306,6 +1370,8 @@ def aggregate(runs: list[dict]) -> dict:
                 acc[kk] = acc.get(kk, 0) + v
         out[k] = acc
     out["cpu_pct"] = {k: round(med(r["cpu_pct"][k] for r in runs), 1) for k in runs[0]["cpu_pct"]}
+    if all(r.get("instr_per_req") for r in runs):
+        out["instr_per_req"] = med(r["instr_per_req"] for r in runs)
     out["last_error"] = next((r["last_error"] for r in reversed(runs) if r["last_error"]), "")
     out["notes"] = [n for r in runs for n in r.get("notes", [])]
     by_msg: dict[str, list[str]] = {}  # the same warning in several rounds: one line naming the rounds
@@ -1333,7 +1399,15 @@ def main() -> int:
     ap.add_argument("--nginx-workers", type=int, default=1, help="nginx worker processes (default 1)")
     ap.add_argument("--json-out", help="also write all results as JSON to this file")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for debugging")
+    ap.add_argument("--instructions", action="store_true",
+                    help="run mitmdump and secretless-proxy under valgrind's callgrind and report instructions per "
+                         "request over the measured window: a count that background load does not move "
+                         "(start-up is ~30x slower; use few connections, e.g. --conns 4 --warmup 8 --duration 10)")
     args = ap.parse_args()
+    if args.instructions:
+        if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+            ap.error("--instructions needs valgrind (Debian package valgrind)")
+        INSTRUMENT.update(on=True, slow=20.0)
     if args.duration is None:
         args.duration = 6.0 if args.quick else 10.0
     if args.warmup is None:
@@ -1351,6 +1425,7 @@ def main() -> int:
             "case (f) may see fewer than 2 rotations in its window")
 
     bench = Bench(args)
+    INSTRUMENT["dir"] = str(bench.tmp)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
