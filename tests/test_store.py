@@ -21,25 +21,24 @@ import pytest
 from redis.asyncio import Redis
 
 from secretless_proxy import certs, yamlsource
+from secretless_proxy.config import StoreConfig, TlsFiles
 from secretless_proxy.credentials.base import IssuedCredential, ProviderError
 from secretless_proxy.grants import Grant, new_grant
 from secretless_proxy.secrets import Secret, SecretRef
-from secretless_proxy.store import (
-    MemoryStore,
-    StoreConfig,
-    StoreError,
+from secretless_proxy.sharedcache import (
     credential_family,
     credential_key,
     credential_prefix,
     decode_credential,
     encode_credential,
-    open_store,
-    parse_store_section,
     shared_fetch,
 )
+from secretless_proxy.store import MemoryStore, StoreError, open_store
 from secretless_proxy.store.base import Store
-from secretless_proxy.store.redis import RedisStore, TlsFiles, parse_url
+from secretless_proxy.store.redis import RedisStore
+from secretless_proxy.store.redisurl import parse_url
 from secretless_proxy.store.sealing import Sealer
+from secretless_proxy.storeconfig import parse_store_section
 
 sys.path.insert(0, str(Path(__file__).parent))
 from redis_server import RedisServer  # noqa: E402
