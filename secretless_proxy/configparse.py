@@ -18,6 +18,7 @@ from typing import Any, Literal
 from . import destconfig, fields, yamlsource
 from .addresses import NOTHING, Allowance
 from .config import (
+    MEMORY,
     AuditConfig,
     BrokerConfig,
     Config,
@@ -124,14 +125,14 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
                       f"a {ttl:g} s token would never be served: it must outlive broker.skew_seconds ({broker.skew:g})")
     if admin and listen and admin[1] == listen[1] and (admin[0] == listen[0] or "0.0.0.0" in (admin[0], listen[0])):
         src.error(("admin", "listen"), "the admin listener must not share the proxy's address")
-    store = parse_store_section(src, top.get("store", "memory://"), base, resolve_secrets=resolve_secrets)
+    store = parse_store_section(src, top.get("store", MEMORY), base, resolve_secrets=resolve_secrets)
     if any(r.requires_grant for r in rules) and store is not None and store.kind == "memory" and api_listen is None:
         src.error(("store",), "rules with requires_grant need grants from the admin API (admin.api_listen) "
                               "or a shared store; with neither, no grant could ever exist")
     if limits.revoke_on_shutdown and store is not None and store.kind != "memory":
         src.error(("limits", "revoke_on_shutdown"), "needs store: memory:// — with a shared store the other "
                   "replicas keep using these credentials, and one replica's shutdown would revoke them for all")
-    if identity is None or src.issues:
+    if identity is None or store is None or src.issues:
         return None
     return Config(source=path, digest=digest, identity=identity, listen=listen, interception_ca=ica,
                   upstream_ca_bundle=upstream_ca, store=store, credentials=credentials, rules=rules,
