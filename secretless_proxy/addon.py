@@ -40,7 +40,7 @@ from .audit import AuditLog, clean_path
 from .breaker import Backoff
 from .config import LimitsConfig, Rule
 from .connlimits import ConnectionGuard
-from .credentials import IssuedCredential, RequestContext
+from .credentials.base import IssuedCredential, RequestContext
 from .destination import Destinations, proxy_listeners, upstream_refusal
 from .errors import ConfigError, CredentialError, IdentityError
 from .httplayers import SCAN_LIMIT, TARGET, Guard, GuardedHttpLayer

@@ -42,15 +42,8 @@ from .breaker import CLOSED, Backoff, Breakers
 from .config import BrokerConfig
 from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
 from .errors import CredentialError
-from .store.base import (
-    Store,
-    StoreError,
-    credential_family,
-    credential_key,
-    credential_prefix,
-    decode_credential,
-    shared_fetch,
-)
+from .sharedcache import credential_family, credential_key, credential_prefix, decode_credential, shared_fetch
+from .store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +134,7 @@ class Broker:
         """Share credentials with other replicas through ``store`` (None: this process only).
 
         The broker's own cache is the L1; a miss asks the store before the provider, and a
-        fetch is single-flight across replicas (``store.shared_fetch``).
+        fetch is single-flight across replicas (``sharedcache.shared_fetch``).
         """
         self._shared = store
 

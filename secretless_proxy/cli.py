@@ -24,7 +24,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .configparse import load_config
 
     try:
         cfg = load_config(args.file)  # loads every trust bundle too (trustconfig.py)
@@ -46,7 +46,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     """Which rule decides a request, and why: the same decide() the proxy runs."""
     from urllib.parse import urlsplit
 
-    from .config import load_config
+    from .configparse import load_config
     from .identity import Workload
     from .matching import normalize_host, split_spiffe_id
     from .policy import Decision, Policy

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from . import fields
 from .addresses import Allowance, classify, ip_literal, parse_network
 from .resolver import ResolverConfig
 from .yamlsource import Path_, Source
@@ -52,8 +53,6 @@ def resolver(src: Source, p: Path_, value: Any) -> ResolverConfig:
                                         "max_ttl_seconds", "system_cache_seconds"))
     if not m:
         return ResolverConfig()
-    from .credentials import fields
-
     kw: dict[str, Any] = {}
     if "nameservers" in m and (items := src.string_list(p + ("nameservers",), m["nameservers"])):
         servers = []

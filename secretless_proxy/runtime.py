@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .bundles import load_bundle
-from .config import Config, Credential, load_config
-from .credentials import KINDS, Provider, ProviderDeps
+from .config import Config, Credential
+from .configparse import load_config
+from .credentials.base import Provider, ProviderDeps
+from .credentials.registry import KINDS
 from .identity import IdentityVerifier
 from .policy import Policy
 

@@ -24,7 +24,7 @@ from . import tlsfiles
 from .broker import Broker, BrokerEvents
 from .bundles import load_bundle
 from .config import Config
-from .credentials import ProviderDeps
+from .credentials.base import ProviderDeps
 from .errors import ConfigError
 from .grants import Grant
 from .reload import FileWatcher

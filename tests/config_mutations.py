@@ -17,7 +17,7 @@ import yaml
 
 from secretless_proxy import yamlsource
 from secretless_proxy.certs import make_ca, write_ca
-from secretless_proxy.config import UNEXPECTED, load_config
+from secretless_proxy.configparse import UNEXPECTED, load_config
 from secretless_proxy.errors import ConfigError
 
 BASE = {

@@ -31,7 +31,8 @@ from secretless_proxy import certs  # noqa: E402
 from secretless_proxy.adminapi import AdminApi, AdminApiServer, api_server_cert  # noqa: E402
 from secretless_proxy.audit import AuditLog  # noqa: E402
 from secretless_proxy.broker import CachedInfo  # noqa: E402
-from secretless_proxy.config import Config, load_config  # noqa: E402
+from secretless_proxy.config import Config  # noqa: E402
+from secretless_proxy.configparse import load_config  # noqa: E402
 from secretless_proxy.identity import IdentityVerifier  # noqa: E402
 from secretless_proxy.metrics import Metrics  # noqa: E402
 from secretless_proxy.store import MemoryStore, Store  # noqa: E402

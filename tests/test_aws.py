@@ -29,8 +29,8 @@ from mitmproxy import http
 from moto_server import ROLE_ARN, MotoServer
 
 from secretless_proxy import sigv4
-from secretless_proxy.config import Credential, load_config
-from secretless_proxy.credentials import KINDS
+from secretless_proxy.config import Credential
+from secretless_proxy.configparse import load_config
 from secretless_proxy.credentials.aws import AwsProvider, AwsSettings, role_session_name
 from secretless_proxy.credentials.base import (
     IssuedCredential,
@@ -38,6 +38,7 @@ from secretless_proxy.credentials.base import (
     ProviderError,
     RequestContext,
 )
+from secretless_proxy.credentials.registry import KINDS
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.secrets import Secret, SecretRef
 from secretless_proxy.signing import JwtSigner

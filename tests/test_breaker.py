@@ -18,7 +18,8 @@ from test_broker import Clock, FakeProvider, context  # noqa: E402
 
 from secretless_proxy.breaker import CLOSED, HALF_OPEN, OPEN, Backoff, Breaker, Breakers  # noqa: E402
 from secretless_proxy.broker import Broker, BrokerEvents  # noqa: E402
-from secretless_proxy.config import BrokerConfig, load_config  # noqa: E402
+from secretless_proxy.config import BrokerConfig  # noqa: E402
+from secretless_proxy.configparse import load_config  # noqa: E402
 from secretless_proxy.credentials.base import ProviderError  # noqa: E402
 from secretless_proxy.errors import ConfigError  # noqa: E402
 from secretless_proxy.refusal import Refusal, error_response  # noqa: E402

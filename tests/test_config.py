@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from secretless_proxy.certs import Issued, make_ca, write_ca
-from secretless_proxy.config import LimitsConfig, load_config
+from secretless_proxy.config import LimitsConfig
+from secretless_proxy.configparse import load_config
 from secretless_proxy.errors import ConfigError, ConfigIssue
 
 CLI = Path(sys.executable).with_name("secretless-proxy")

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from secretless_proxy.admin import AdminServer
 from secretless_proxy.cli import build_parser
-from secretless_proxy.config import load_config
+from secretless_proxy.configparse import load_config
 from secretless_proxy.metrics import Metrics
 
 DEPLOY = Path(__file__).parents[1] / "deploy"

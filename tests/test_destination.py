@@ -21,7 +21,7 @@ from mitmproxy.test import taddons, tflow
 from rebind_dns import RebindingDns
 
 from secretless_proxy.addon import Secretless
-from secretless_proxy.config import load_config
+from secretless_proxy.configparse import load_config
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.policy import Decision
 from secretless_proxy.refusal import Refusal

@@ -44,7 +44,7 @@ def layout(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def test_there_is_an_example_per_kind():
     """config/ has an example for every credential kind."""
-    from secretless_proxy.credentials import KINDS
+    from secretless_proxy.credentials.registry import KINDS
 
     text = "\n".join(p.read_text() for p in EXAMPLES)
     missing = [k for k in KINDS if f"kind: {k}" not in text]

@@ -11,9 +11,11 @@ import pytest
 from conftest import request_context
 
 from secretless_proxy import certs
-from secretless_proxy.config import Credential, load_config
-from secretless_proxy.credentials import KINDS, ProviderDeps, ProviderError, RequestContext
+from secretless_proxy.config import Credential
+from secretless_proxy.configparse import load_config
+from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
 from secretless_proxy.credentials.jwt import JwtProvider, JwtSettings
+from secretless_proxy.credentials.registry import KINDS
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.signing import JwtSigner
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from secretless_proxy.certs import make_ca, write_ca
-from secretless_proxy.config import load_config
+from secretless_proxy.configparse import load_config
 from secretless_proxy.lint import cross_rule_echo
 
 CLI = Path(sys.executable).with_name("secretless-proxy")

@@ -20,8 +20,9 @@ from conftest import Pki, request_context
 from idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
 
 from secretless_proxy import certs
-from secretless_proxy.config import Credential, load_config
-from secretless_proxy.credentials import ProviderDeps, ProviderError, RequestContext
+from secretless_proxy.config import Credential
+from secretless_proxy.configparse import load_config
+from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
 from secretless_proxy.credentials.oauth2 import (
     ASSERTION_TYPE,
     DEFAULT_EXPIRES_IN,

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,25 +22,24 @@ import pytest
 from redis.asyncio import Redis
 
 from secretless_proxy import certs, yamlsource
+from secretless_proxy.config import StoreConfig, TlsFiles
 from secretless_proxy.credentials.base import IssuedCredential, ProviderError
 from secretless_proxy.grants import Grant, new_grant
 from secretless_proxy.secrets import Secret, SecretRef
-from secretless_proxy.store import (
-    MemoryStore,
-    StoreConfig,
-    StoreError,
+from secretless_proxy.sharedcache import (
     credential_family,
     credential_key,
     credential_prefix,
     decode_credential,
     encode_credential,
-    open_store,
-    parse_store_section,
     shared_fetch,
 )
+from secretless_proxy.store import MemoryStore, StoreError, open_store
 from secretless_proxy.store.base import Store
-from secretless_proxy.store.redis import RedisStore, TlsFiles, parse_url
+from secretless_proxy.store.redis import SCRIPTS, RedisStore
+from secretless_proxy.store.redisurl import parse_url
 from secretless_proxy.store.sealing import Sealer
+from secretless_proxy.storeconfig import parse_store_section
 
 sys.path.insert(0, str(Path(__file__).parent))
 from redis_server import RedisServer  # noqa: E402
@@ -749,6 +749,28 @@ class TestRedisDeployments:
             finally:
                 await a.close()
                 await b.close()
+
+
+class TestLuaScripts:
+    LUA = Path(__file__).resolve().parent.parent / "secretless_proxy" / "store" / "lua"
+
+    def test_every_script_file_is_loaded_and_documented(self) -> None:
+        """Each lua/*.lua is in SCRIPTS, as read from the package, with a KEYS/ARGV/returns comment block."""
+        files = {f.stem: f.read_text() for f in self.LUA.glob("*.lua")}
+        assert set(files) == set(SCRIPTS) == {"release_lock", "put_grant", "find_grants", "revoke_grant"}
+        for name, text in SCRIPTS.items():
+            assert text == files[name]
+            head = [line for line in text.splitlines() if line.startswith("--")]
+            assert any(line.startswith("-- KEYS[1]") for line in head), name
+            assert any(line.startswith("-- ARGV[1]") for line in head), name
+            assert any(line.startswith("-- returns") for line in head), name
+
+    def test_the_scripts_are_package_data_of_the_wheel(self) -> None:
+        """pyproject's package-data names every script, so an installed wheel can start a Redis store."""
+        pyproject = tomllib.loads((self.LUA.parent.parent.parent / "pyproject.toml").read_text())
+        globs = pyproject["tool"]["setuptools"]["package-data"]["secretless_proxy.store"]
+        covered = {f for g in globs for f in self.LUA.parent.glob(g)}
+        assert covered and covered == set(self.LUA.glob("*.lua"))
 
 
 class TestUrl:

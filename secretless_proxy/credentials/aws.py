@@ -29,11 +29,11 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
+from .. import fields
 from ..errors import SecretUnavailable
 from ..secrets import Secret, SecretRef
 from ..yamlsource import Path_, Source
-from . import CredentialKind, fields
-from .base import IssuedCredential, Provider, ProviderError, RequestContext
+from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 
 STS_VERSION = "2011-06-15"
 DEFAULT_STS_ENDPOINT = "https://sts.amazonaws.com"

@@ -4,6 +4,9 @@ A provider turns a credential definition (from config) into short-lived credenti
 a request context. It never sees HTTP flows; the broker decides when to call it (cache,
 single flight, refresh-ahead, retries) and the injector decides where the value goes.
 
+A kind is described by one ``CredentialKind`` (its config keys, its settings parser, its
+provider class, where its values may be injected); ``registry.py`` lists every kind.
+
 Provider errors are ``ProviderError``: the message is ours and safe to log; a provider's raw
 response text never goes into it (it may echo a secret or be attacker-controlled).
 """
@@ -13,20 +16,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..config import Credential, CredentialSettings
 from ..definition import definition_digest
 from ..errors import CredentialError
 from ..identity import Workload
 from ..secrets import Secret
+from ..yamlsource import Path_, Source
 
 if TYPE_CHECKING:
     import httpx
 
-    from ..config import Credential
     from ..signing import JwtSigner
 
 UNAVAILABLE = "credential_unavailable"
+# Where a credential of a kind can go: "value" kinds fit header/basic/query; "sigv4" re-signs.
+VALUE_INJECTIONS = frozenset({"header", "basic", "query"})
 
 
 class ProviderError(CredentialError):
@@ -126,3 +133,19 @@ class Provider:
     async def revoke(self, cred: IssuedCredential) -> None:
         """Revoke at the provider. Only called when ``revocable`` is true."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class CredentialKind:
+    """One ``kind:`` of credential: how its config is read, which provider serves it, where it goes.
+
+    ``parse(src, path, mapping, base_dir)`` reads the keys named in ``required``/``optional`` into the
+    kind's settings (plain data with ``secret_refs()``), recording problems on ``src``; None if invalid.
+    """
+
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    parse: Callable[[Source, Path_, dict[str, Any], Path], CredentialSettings | None]
+    provider: type[Provider]
+    injections: frozenset[str] = VALUE_INJECTIONS

@@ -24,11 +24,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from .. import fields
 from ..errors import SecretUnavailable
 from ..secrets import Secret, SecretRef
 from ..yamlsource import Path_, Source, type_name
-from . import CredentialKind, fields
-from .base import IssuedCredential, Provider, ProviderError, RequestContext
+from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 
 DEFAULT_BASE_URL = "https://api.github.com"
 API_VERSION = "2022-11-28"

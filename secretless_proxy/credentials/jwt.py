@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import fields
 from ..secrets import Secret, SecretRef
 from ..yamlsource import Path_, Source, type_name
-from . import CredentialKind, fields  # the registry is defined before it imports this module
-from .base import IssuedCredential, Provider, ProviderError, RequestContext
+from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 
 DEFAULT_TTL = 60.0
 MAX_TTL = 3600.0

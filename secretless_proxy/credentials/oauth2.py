@@ -26,10 +26,10 @@ from urllib.parse import quote_plus, urlsplit
 
 import httpx
 
+from .. import fields
 from ..secrets import Secret, SecretRef, SecretUnavailable
 from ..yamlsource import Path_, Source, type_name
-from . import CredentialKind, fields  # the registry is defined before it imports this module
-from .base import IssuedCredential, Provider, ProviderDeps, ProviderError, RequestContext
+from .base import CredentialKind, IssuedCredential, Provider, ProviderDeps, ProviderError, RequestContext
 
 if TYPE_CHECKING:
     from ..config import Credential

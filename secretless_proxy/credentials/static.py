@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fields import secret_ref
 from ..secrets import SecretRef, SecretUnavailable
 from ..yamlsource import Path_, Source
-from .base import IssuedCredential, Provider, ProviderError, RequestContext
-from .fields import secret_ref
+from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,3 +41,6 @@ class StaticProvider(Provider):
         except SecretUnavailable as exc:
             raise ProviderError(str(exc), retryable=False) from None
         return IssuedCredential(name=self.name, kind=self.kind, secret=value, expires_at=None)
+
+
+KINDS = [CredentialKind(name="static", required=("secret",), optional=(), parse=parse, provider=StaticProvider)]

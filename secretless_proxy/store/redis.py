@@ -1,11 +1,7 @@
 """The shared store on Redis, through redis-py's asyncio client: what replicas of the proxy share.
 
-URLs (a password never goes in the URL: it is a secret, pass it as ``password``):
-
-    redis://[user@]host:6379/0                               plain TCP (loopback or a private network)
-    rediss://[user@]host:6380/0                              TLS (``tls`` gives CA bundle, client cert)
-    redis+sentinel://[user@]h1:26379,h2:26379/mymaster/0     Sentinel: discovers the master of "mymaster"
-    rediss+sentinel://...                                    the same over TLS (sentinels and master)
+URLs: ``redisurl.py`` (a password never goes in the URL: pass it as ``password``). The atomic
+steps are Lua scripts, package resources under ``lua/`` (``SCRIPTS``).
 
 Keys (``prefix`` is ``secretless:`` by default)::
 
@@ -44,10 +40,10 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -57,174 +53,30 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..config import TlsFiles
 from ..grants import Grant, check_text, valid_grant_id
 from ..secrets import Secret
 from . import base
 from .base import Callback, Event, StoreError, check_grant, check_key
 from .events import EventSigner
+from .redisurl import parse_url
 from .sealing import Sealer, SealingError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TOMBSTONE_TTL = 30 * 86400.0
-SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 _UNHEALTHY = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, TimeoutError)
 
-# Release a lock only if we still own it (compare-and-delete; a plain DEL could free a lock
-# that expired and was taken by another replica meanwhile).
-# KEYS[1]  the lock key, <p>lock:<key>
-# ARGV[1]  the token acquire_lock returned
-# returns  1 if the lock was ours and is released, 0 if it was not ours (expired or taken over)
-RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
-# Store a grant unless its id is tombstoned (a revoked id never becomes active again), index
-# it, and announce it, atomically.
-# KEYS[1]  the grant hash, <p>grant:<id>
-# KEYS[2]  the pair index, <p>grants:<pair>  (id -> expires_at ms)
-# KEYS[3]  the all-grants index, <p>grants   (id -> expires_at ms)
-# KEYS[4]  the tombstones, <p>revoked        (id -> revoked_at ms)
-# ARGV[1]  the grant id
-# ARGV[2]  the sealed grant
-# ARGV[3]  expires_at, ms since the epoch
-# ARGV[4]  now, ms since the epoch (index entries that expired before it are pruned)
-# ARGV[5]  the events channel
-# ARGV[6]  the grant_created event (JSON)
-# returns  1 if stored (and published), 0 if the id is revoked (nothing written)
-PUT_GRANT = """
-if redis.call('ZSCORE', KEYS[4], ARGV[1]) then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'sealed', ARGV[2])
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-for i = 2, 3 do
-  redis.call('ZADD', KEYS[i], ARGV[3], ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[4])
-end
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[2], last[2])
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 1
-"""
-
-# The candidate grants of one (workload, rule) pair, in one round trip.
-# KEYS[1]  the pair index, <p>grants:<pair>  (id -> expires_at ms)
-# KEYS[2]  the tombstones, <p>revoked        (id -> revoked_at ms)
-# ARGV[1]  now, ms since the epoch
-# ARGV[2]  the grant key prefix, <p>grant:
-# returns  a flat list id1, sealed1, id2, sealed2, ... of grants that have not expired, are not
-#          tombstoned and carry no revoked_at (the caller still opens, checks and filters them).
-#          Reads <p>grant:<id> keys not named in KEYS: fine on one Redis or Sentinel, not Cluster.
-FIND_GRANTS = """
-local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')) do
-  if not redis.call('ZSCORE', KEYS[2], id) then
-    local rec = redis.call('HMGET', ARGV[2] .. id, 'sealed', 'revoked_at')
-    if rec[1] and not rec[2] then
-      table.insert(out, id)
-      table.insert(out, rec[1])
-    end
-  end
-end
-return out
-"""
-
-# Revoke a grant for good: a tombstone that outlives it, the grant record marked, the event
-# published, atomically. Revoking again keeps the first revocation's time and reason.
-# KEYS[1]  the grant hash, <p>grant:<id>
-# KEYS[2]  the tombstones, <p>revoked (id -> revoked_at ms)
-# ARGV[1]  the grant id
-# ARGV[2]  now, ms since the epoch (the revocation time unless already revoked)
-# ARGV[3]  the revoke reason
-# ARGV[4]  tombstones revoked before this (ms) are pruned
-# ARGV[5]  the events channel
-# ARGV[6]  the grant_revoked event (JSON)
-# returns  {sealed grant or nil if unknown/expired, revoked_at ms, revoke reason or nil}
-REVOKE_GRANT = """
-redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
-local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
-local sealed = redis.call('HGET', KEYS[1], 'sealed')
-if sealed then
-  redis.call('HSETNX', KEYS[1], 'revoked_at', at)
-  redis.call('HSETNX', KEYS[1], 'revoke_reason', ARGV[3])
-end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return {sealed, at, redis.call('HGET', KEYS[1], 'revoke_reason')}
-"""
+def _lua(name: str) -> str:
+    """The text of ``lua/<name>.lua``: package data, so an installed wheel carries it (pyproject.toml)."""
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
-@dataclass(frozen=True, kw_only=True)
-class TlsFiles:
-    """TLS material for ``rediss://``: a CA bundle (default: the system's), a client cert and key."""
-
-    ca_bundle: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class RedisTarget:
-    """A parsed store URL."""
-
-    scheme: str
-    tls: bool
-    sentinels: tuple[tuple[str, int], ...] = ()  # Sentinel only
-    service: str | None = None  # Sentinel only: the monitored master's name
-    db: int = 0
-    username: str | None = None
-
-
-def parse_url(url: str) -> RedisTarget:
-    """Check a store URL (see the module docstring); ValueError names what is wrong."""
-    try:
-        parts = urlsplit(url)
-        scheme = parts.scheme
-    except ValueError:
-        raise ValueError(f"invalid store URL {url!r}") from None
-    if scheme not in SCHEMES:
-        raise ValueError(f"unsupported store URL scheme {scheme!r} (use memory://, {', '.join(s + '://' for s in SCHEMES)})")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    if ":" in userinfo:
-        raise ValueError("the store URL must not contain a password: give it as store.password "
-                         "(a secret reference such as env:REDIS_PASSWORD)")
-    if parts.query or parts.fragment:
-        raise ValueError("the store URL takes no query or fragment; use the store settings instead")
-    username = unquote(userinfo) or None
-    segments = [s for s in parts.path.split("/") if s]
-    if not scheme.endswith("+sentinel"):
-        if not parts.hostname:
-            raise ValueError(f"the store URL {url!r} names no host")
-        try:
-            parts.port  # noqa: B018 - validates the port
-        except ValueError:
-            raise ValueError(f"invalid port in store URL {url!r}") from None
-        return RedisTarget(scheme=scheme, tls=scheme == "rediss", db=_db(segments[:1], url), username=username)
-    sentinels = []
-    for item in hosts.split(","):
-        host, sep, port = item.rpartition(":") if item.rsplit(":", 1)[-1].isdigit() else (item, "", "")
-        host = host.strip("[]")
-        if not host or (sep and not 0 < int(port) < 65536):
-            raise ValueError(f"invalid sentinel address {item!r} in store URL {url!r} (use host:port)")
-        sentinels.append((host, int(port) if sep else 26379))
-    if not segments or len(segments) > 2:
-        raise ValueError(f"a Sentinel store URL names the master: redis+sentinel://host:26379/<service>[/<db>], got {url!r}")
-    return RedisTarget(scheme=scheme, tls=scheme.startswith("rediss"), sentinels=tuple(sentinels),
-                       service=unquote(segments[0]), db=_db(segments[1:], url), username=username)
-
-
-def _db(segments: list[str], url: str) -> int:
-    if not segments:
-        return 0
-    if not segments[0].isdigit():
-        raise ValueError(f"invalid database number {segments[0]!r} in store URL {url!r}")
-    return int(segments[0])
+# The atomic steps, each a Lua script whose comment block lists its KEYS, ARGV and return value.
+# Read once at import: a missing file fails the import, not the first grant at run time.
+SCRIPTS: Mapping[str, str] = {name: _lua(name) for name in ("release_lock", "put_grant", "find_grants", "revoke_grant")}
 
 
 class RedisStore:
@@ -282,8 +134,7 @@ class RedisStore:
         # redis-py would reconnect a subscription silently (and resubscribe): the listener must
         # see every disconnect to re-sync what it missed, so its client never retries.
         self._events_client = self._connect(retries=0)
-        for name, lua in (("release_lock", RELEASE_LOCK), ("put_grant", PUT_GRANT),
-                          ("find_grants", FIND_GRANTS), ("revoke_grant", REVOKE_GRANT)):
+        for name, lua in SCRIPTS.items():
             self._scripts[name] = self._client.register_script(lua)
         self._listener = asyncio.get_running_loop().create_task(self._listen())
         try:  # a first sync when the server answers; otherwise the listener keeps trying

@@ -1,4 +1,8 @@
-"""Config field readers shared by provider kinds (on top of ``yamlsource.Source``)."""
+"""Config field readers on top of ``yamlsource.Source``: seconds, secret references, URLs.
+
+Shared by every section parser (the config file's own sections, the store's, each credential
+kind's), so they live beside ``yamlsource`` and import nothing but it and ``secrets``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..secrets import SecretRef
-from ..yamlsource import Path_, Source
+from .secrets import SecretRef
+from .yamlsource import Path_, Source
 
 
 def secret_ref(src: Source, p: Path_, value: Any, base: Path) -> SecretRef | None:
