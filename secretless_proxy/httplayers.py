@@ -112,19 +112,21 @@ class GuardedHttpLayer(HttpLayer):
         super().__init__(context, mode)
         self.guard = guard
 
-    def _handle_event(self, event: events.Event):
+    # These two return mitmproxy's generator instead of delegating to it with ``yield from``: every
+    # event and command of every stream passes here, and one more generator frame each was measurable.
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Start) and self.context.client.alpn not in (b"h2",) \
                 and not (self.context.client.alpn or b"").startswith(b"h3"):
             self.connections.setdefault(self.context.client, GuardedHttp1Server(self.context.fork(), guard=self.guard))
-        yield from super()._handle_event(event)
+        return super()._handle_event(event)
 
-    def event_to_child(self, child, event: events.Event):
+    def event_to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
         # A reset reaches a stream mitmproxy still tracks: one whose response is not done yet (even
         # when the reset came in the same read as its HEADERS, before the request hooks ran).
         if isinstance(event, RequestProtocolError) and isinstance(child, HttpStream) \
                 and "reset by client" in event.message:
             self.guard.on_reset(self.context.client)
-        yield from super().event_to_child(child, event)
+        return super().event_to_child(child, event)
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         if not self.guard.admit_stream(self.context.client):
