@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .config import AuditConfig
     from .credentials.base import IssuedCredential
     from .metrics import Metrics
-    from .secrets import Secret
+    from .secretrefs import Secret
 
 log = logging.getLogger("secretless.audit")
 

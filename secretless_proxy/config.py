@@ -20,7 +20,7 @@ from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
 from .resolver import ResolverConfig
 from .safefile import NotAFile, TooLarge, read_limited
-from .secrets import SecretRef, expand_user
+from .secretrefs import SecretRef, expand_user
 from .trustconfig import IdentityConfig, parse_identity
 from .yamlsource import Path_, Source
 

@@ -39,7 +39,7 @@ from secretless_proxy.credentials.base import (
     RequestContext,
 )
 from secretless_proxy.errors import ConfigError
-from secretless_proxy.secrets import Secret, SecretRef
+from secretless_proxy.secretrefs import Secret, SecretRef
 from secretless_proxy.signing import JwtSigner
 
 ROLE = ROLE_ARN

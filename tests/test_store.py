@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from secretless_proxy import certs, yamlsource
 from secretless_proxy.credentials.base import IssuedCredential, ProviderError
 from secretless_proxy.grants import Grant, new_grant
-from secretless_proxy.secrets import Secret, SecretRef
+from secretless_proxy.secretrefs import Secret, SecretRef
 from secretless_proxy.store import (
     MemoryStore,
     StoreConfig,

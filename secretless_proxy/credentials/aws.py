@@ -30,7 +30,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
 from ..errors import SecretUnavailable
-from ..secrets import Secret, SecretRef
+from ..secretrefs import Secret, SecretRef
 from ..yamlsource import Path_, Source
 from . import CredentialKind, fields
 from .base import IssuedCredential, Provider, ProviderError, RequestContext

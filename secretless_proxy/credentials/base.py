@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..definition import definition_digest
 from ..errors import CredentialError
 from ..identity import Workload
-from ..secrets import Secret
+from ..secretrefs import Secret
 
 if TYPE_CHECKING:
     import httpx

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import SecretUnavailable
-from ..secrets import Secret, SecretRef
+from ..secretrefs import Secret, SecretRef
 from ..yamlsource import Path_, Source, type_name
 from . import CredentialKind, fields
 from .base import IssuedCredential, Provider, ProviderError, RequestContext

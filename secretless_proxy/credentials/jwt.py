@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..secrets import Secret, SecretRef
+from ..secretrefs import Secret, SecretRef
 from ..yamlsource import Path_, Source, type_name
 from . import CredentialKind, fields  # the registry is defined before it imports this module
 from .base import IssuedCredential, Provider, ProviderError, RequestContext

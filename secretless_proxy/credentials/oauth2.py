@@ -26,7 +26,7 @@ from urllib.parse import quote_plus, urlsplit
 
 import httpx
 
-from ..secrets import Secret, SecretRef, SecretUnavailable
+from ..secretrefs import Secret, SecretRef, SecretUnavailable
 from ..yamlsource import Path_, Source, type_name
 from . import CredentialKind, fields  # the registry is defined before it imports this module
 from .base import IssuedCredential, Provider, ProviderDeps, ProviderError, RequestContext

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..secrets import SecretRef, SecretUnavailable
+from ..secretrefs import SecretRef, SecretUnavailable
 from ..yamlsource import Path_, Source
 from .base import IssuedCredential, Provider, ProviderError, RequestContext
 from .fields import secret_ref

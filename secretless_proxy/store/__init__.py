@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..credentials import fields
 from ..errors import SecretUnavailable
-from ..secrets import SecretRef, expand_user
+from ..secretrefs import SecretRef, expand_user
 from ..yamlsource import Path_, Source
 from .base import (
     EVENTS,

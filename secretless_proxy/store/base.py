@@ -41,7 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..credentials.base import IssuedCredential
 from ..errors import SecretlessError
 from ..grants import Grant
-from ..secrets import Secret
+from ..secretrefs import Secret
 
 log = logging.getLogger(__name__)
 
