@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +28,6 @@ __all__ = [
     "make_ca",
     "make_server_cert",
     "make_svid",
-    "parse_ttl",
     "validate_spiffe_id",
     "write_ca",
     "write_svid",
@@ -363,23 +361,3 @@ def _require_ca(cert: x509.Certificate, *, path: Path) -> None:
         is_ca = False
     if not is_ca:
         raise ValueError(f"CA certificate file {path} is not a CA certificate (BasicConstraints)")
-
-
-# --- TTLs ---------------------------------------------------------------------------------------
-
-_TTL = re.compile(r"(?:(\d{1,9})d)?(?:(\d{1,9})h)?(?:(\d{1,9})m)?(?:(\d{1,9})s)?\Z")
-
-
-def parse_ttl(text: str) -> timedelta:
-    """Parse "90s", "15m", "1h", "7d", "1h30m" (units in d, h, m, s order) into a timedelta."""
-    match = _TTL.match(text.strip())
-    if not text.strip() or match is None:
-        raise ValueError(f"invalid TTL {text!r}: use e.g. 90s, 15m, 1h, 7d")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    try:
-        ttl = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    except OverflowError:
-        raise ValueError(f"invalid TTL {text!r}: it is too large") from None
-    if ttl <= timedelta(0):
-        raise ValueError(f"invalid TTL {text!r}: it must be greater than zero")
-    return ttl

@@ -120,8 +120,9 @@ def _explain_addresses(cfg, rule, host: str, port: int) -> int:
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
     from . import certs
+    from .durations import parse_ttl
 
-    ca = certs.make_ca(common_name=args.name, ttl=certs.parse_ttl(args.ttl))
+    ca = certs.make_ca(common_name=args.name, ttl=parse_ttl(args.ttl))
     cert_path, key_path = certs.write_ca(ca, Path(args.out))
     print(f"wrote {cert_path} (trust bundle) and {key_path} (keep private)")
     return 0
@@ -129,10 +130,11 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
 
 def _cmd_certs_issue(args: argparse.Namespace) -> int:
     from . import certs
+    from .durations import parse_ttl
 
     spiffe_id = certs.validate_spiffe_id(args.spiffe_id)
     ca = certs.load_ca(Path(args.ca))
-    svid = certs.make_svid(ca=ca, spiffe_id=spiffe_id, ttl=certs.parse_ttl(args.ttl))
+    svid = certs.make_svid(ca=ca, spiffe_id=spiffe_id, ttl=parse_ttl(args.ttl))
     cert_path, key_path = certs.write_svid(svid, Path(args.out), ca=ca)
     print(f"wrote {cert_path} and {key_path} for {spiffe_id}")
     return 0

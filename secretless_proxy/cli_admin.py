@@ -87,7 +87,7 @@ def _command(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Na
 # -- commands ----------------------------------------------------------------------------------
 
 def _grant(args: argparse.Namespace) -> None:
-    from .certs import parse_ttl
+    from .durations import parse_ttl
 
     try:
         ttl = parse_ttl(args.ttl).total_seconds()
