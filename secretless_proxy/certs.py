@@ -116,6 +116,20 @@ def _cn(text: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text[:_MAX_CN] or "unnamed")])
 
 
+def _builder(*, subject: x509.Name, issuer: x509.Name, key: PrivateKey, start: datetime,
+             end: datetime) -> x509.CertificateBuilder:
+    """What every certificate minted here starts with: names, key, a random serial, validity."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+    )
+
+
 def _sign(builder: x509.CertificateBuilder, *, issuer_key: PrivateKey) -> x509.Certificate:
     return builder.sign(private_key=issuer_key, algorithm=hashes.SHA256())
 
@@ -138,13 +152,7 @@ def make_ca(
         issuer_name, issuer_key = parent.cert.subject, parent.key
         aki = _aki(parent)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
+        _builder(subject=subject, issuer=issuer_name, key=key, start=start, end=end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(_ski(key), critical=False)
@@ -193,14 +201,9 @@ def make_svid(
     uris = ((spiffe_id,) if spiffe_id is not None else ()) + tuple(extra_uris)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans += [x509.DNSName(d) for d in dns_names]
+    subject = _cn(_svid_common_name(spiffe_id=spiffe_id, dns_names=dns_names))
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(_cn(_svid_common_name(spiffe_id=spiffe_id, dns_names=dns_names)))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
+        _builder(subject=subject, issuer=ca.cert.subject, key=key, start=start, end=end)
         .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
         .add_extension(
             _key_usage(
@@ -239,13 +242,7 @@ def make_server_cert(
     key = _new_key()
     start, end = _validity(not_before=None, ttl=ttl)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(_cn(hosts[0]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
+        _builder(subject=_cn(hosts[0]), issuer=ca.cert.subject, key=key, start=start, end=end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
