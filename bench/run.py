@@ -592,7 +592,7 @@ class Bench:
             import secretless_proxy  # noqa: F401
         except ImportError:  # not pip-installed: the in-tree package
             sys.path.insert(0, str(REPO))
-        from secretless_proxy.secrets import SecretRef
+        from secretless_proxy.secretrefs import SecretRef
         from secretless_proxy.store import StoreConfig
         return StoreConfig(url=f"redis://127.0.0.1:{self.redis_port}/0",
                            encryption_keys={STORE_KEY_ID: SecretRef.parse(f"env:{STORE_KEY_ENV}")},
@@ -950,7 +950,7 @@ class Bench:
                 to: {{host: {UPSTREAM_HOST}, port: {self.upstream_port}, private: [127.0.0.0/8]}}
                 inject: {{credential: bench, header: Authorization, format: "Bearer {{secret}}"}}
             """) + (f"    {rule_extra}\n" if rule_extra else "") + "default: deny\n" + extra)
-        cli("check", str(conf))  # a schema change fails here, with the checker's message in the log tail
+        cli("check", "--config", str(conf))  # a schema change fails here, with the checker's message in the log tail
         port = free_port()
         p = self.procs.start("secretless-proxy", base + ["run", "--config", str(conf),
                                                          "--listen", f"127.0.0.1:{port}"], logf, env=env, cwd=d)

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .config import AuditConfig
     from .credentials.base import IssuedCredential
     from .metrics import Metrics
-    from .secrets import Secret
+    from .secretrefs import Secret
 
 log = logging.getLogger("secretless.audit")
 
@@ -256,15 +256,15 @@ class AuditLog:
         return None
 
     def reopen(self) -> None:
-        for sink in self.sinks:
-            try:
-                sink.reopen()
-            except Exception as exc:  # noqa: BLE001
-                log.error("audit sink %s reopen failed (%s)", sink.name, type(exc).__name__)
+        self._each("reopen")
 
     def close(self) -> None:
+        self._each("close")
+
+    def _each(self, action: str) -> None:
+        """``sink.<action>()`` on every sink; one that fails is logged by type and does not stop the others."""
         for sink in self.sinks:
             try:
-                sink.close()
+                getattr(sink, action)()
             except Exception as exc:  # noqa: BLE001
-                log.error("audit sink %s close failed (%s)", sink.name, type(exc).__name__)
+                log.error("audit sink %s %s failed (%s)", sink.name, action, type(exc).__name__)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from .config import BrokerConfig
 from .credentials.base import IssuedCredential, Provider, ProviderError, RequestContext
-from .secrets import Secret
+from .secretrefs import Secret
 
 log = logging.getLogger("secretless_proxy.broker")  # the broker's story, one logger
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +28,6 @@ __all__ = [
     "make_ca",
     "make_server_cert",
     "make_svid",
-    "parse_ttl",
     "validate_spiffe_id",
     "write_ca",
     "write_svid",
@@ -118,6 +116,20 @@ def _cn(text: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text[:_MAX_CN] or "unnamed")])
 
 
+def _builder(*, subject: x509.Name, issuer: x509.Name, key: PrivateKey, start: datetime,
+             end: datetime) -> x509.CertificateBuilder:
+    """What every certificate minted here starts with: names, key, a random serial, validity."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+    )
+
+
 def _sign(builder: x509.CertificateBuilder, *, issuer_key: PrivateKey) -> x509.Certificate:
     return builder.sign(private_key=issuer_key, algorithm=hashes.SHA256())
 
@@ -140,13 +152,7 @@ def make_ca(
         issuer_name, issuer_key = parent.cert.subject, parent.key
         aki = _aki(parent)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
+        _builder(subject=subject, issuer=issuer_name, key=key, start=start, end=end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(_ski(key), critical=False)
@@ -195,14 +201,9 @@ def make_svid(
     uris = ((spiffe_id,) if spiffe_id is not None else ()) + tuple(extra_uris)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     sans += [x509.DNSName(d) for d in dns_names]
+    subject = _cn(_svid_common_name(spiffe_id=spiffe_id, dns_names=dns_names))
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(_cn(_svid_common_name(spiffe_id=spiffe_id, dns_names=dns_names)))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
+        _builder(subject=subject, issuer=ca.cert.subject, key=key, start=start, end=end)
         .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
         .add_extension(
             _key_usage(
@@ -241,13 +242,7 @@ def make_server_cert(
     key = _new_key()
     start, end = _validity(not_before=None, ttl=ttl)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(_cn(hosts[0]))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
+        _builder(subject=_cn(hosts[0]), issuer=ca.cert.subject, key=key, start=start, end=end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -363,23 +358,3 @@ def _require_ca(cert: x509.Certificate, *, path: Path) -> None:
         is_ca = False
     if not is_ca:
         raise ValueError(f"CA certificate file {path} is not a CA certificate (BasicConstraints)")
-
-
-# --- TTLs ---------------------------------------------------------------------------------------
-
-_TTL = re.compile(r"(?:(\d{1,9})d)?(?:(\d{1,9})h)?(?:(\d{1,9})m)?(?:(\d{1,9})s)?\Z")
-
-
-def parse_ttl(text: str) -> timedelta:
-    """Parse "90s", "15m", "1h", "7d", "1h30m" (units in d, h, m, s order) into a timedelta."""
-    match = _TTL.match(text.strip())
-    if not text.strip() or match is None:
-        raise ValueError(f"invalid TTL {text!r}: use e.g. 90s, 15m, 1h, 7d")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    try:
-        ttl = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    except OverflowError:
-        raise ValueError(f"invalid TTL {text!r}: it is too large") from None
-    if ttl <= timedelta(0):
-        raise ValueError(f"invalid TTL {text!r}: it must be greater than zero")
-    return ttl

@@ -1,11 +1,16 @@
 """Command line: ``run``, ``check``, ``explain``, ``certs init``, ``certs issue``, ``echo-server``;
-``grant``, ``grants``, ``revoke``, ``inventory`` (the admin API's client, ``cli_admin.py``)."""
+``grant``, ``grants``, ``revoke``, ``inventory`` (the admin API's client, ``cli_admin.py``); ``--version``.
+
+Every subcommand that reads a config takes it as ``--config FILE`` (tests/test_cli.py holds that, and
+help on every argument, against the whole parser tree).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -27,18 +32,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .configparse import load_config
 
     try:
-        cfg = load_config(args.file)  # loads every trust bundle too (trustconfig.py)
+        cfg = load_config(args.config)  # loads every trust bundle too (trustconfig.py)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
-        print(f"{args.file}: {len(exc.issues)} error(s)", file=sys.stderr)
+        print(f"{args.config}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
     from .destconfig import warnings
     from .lint import cross_rule_echo
 
     for warning in warnings(cfg) + cross_rule_echo(cfg):
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{args.file}: OK ({len(cfg.rules)} rules, {len(cfg.credentials)} credentials)")
+    print(f"{args.config}: OK ({len(cfg.rules)} rules, {len(cfg.credentials)} credentials)")
     return 0
 
 
@@ -115,8 +120,9 @@ def _explain_addresses(cfg, rule, host: str, port: int) -> int:
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
     from . import certs
+    from .durations import parse_ttl
 
-    ca = certs.make_ca(common_name=args.name, ttl=certs.parse_ttl(args.ttl))
+    ca = certs.make_ca(common_name=args.name, ttl=parse_ttl(args.ttl))
     cert_path, key_path = certs.write_ca(ca, Path(args.out))
     print(f"wrote {cert_path} (trust bundle) and {key_path} (keep private)")
     return 0
@@ -124,10 +130,11 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
 
 def _cmd_certs_issue(args: argparse.Namespace) -> int:
     from . import certs
+    from .durations import parse_ttl
 
     spiffe_id = certs.validate_spiffe_id(args.spiffe_id)
     ca = certs.load_ca(Path(args.ca))
-    svid = certs.make_svid(ca=ca, spiffe_id=spiffe_id, ttl=certs.parse_ttl(args.ttl))
+    svid = certs.make_svid(ca=ca, spiffe_id=spiffe_id, ttl=parse_ttl(args.ttl))
     cert_path, key_path = certs.write_svid(svid, Path(args.out), ca=ca)
     print(f"wrote {cert_path} and {key_path} for {spiffe_id}")
     return 0
@@ -156,45 +163,96 @@ def _cmd_echo_server(args: argparse.Namespace) -> int:
             return 0
 
 
+CONFIG_HELP = "the YAML config file"
+
+
+def _add_config(parser: argparse.ArgumentParser, *, old_positional: bool = False) -> None:
+    """``--config FILE``, spelled alike on every subcommand that reads a config (issue 11).
+
+    ``old_positional`` keeps ``check FILE``, the spelling from before, working for operators'
+    scripts: deprecated and hidden from ``--help``, but silent, so its output (stderr included, which
+    scripts may hold empty) and exit code stay exactly as they were.
+    """
+    if not old_positional:
+        parser.add_argument("--config", metavar="FILE", required=True, help=CONFIG_HELP)
+        return
+    # One of the two, never both: argparse refuses either mistake with exit 2, like any usage error.
+    either = parser.add_mutually_exclusive_group(required=True)
+    either.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    # SUPPRESS as default: when FILE is absent argparse neither stores None over --config nor counts it as given.
+    either.add_argument("config", nargs="?", metavar="FILE", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked.
+
+    From the package metadata (importlib.metadata), so it is the version pip installed and never a
+    second copy of pyproject's that could drift. Looked up lazily: ``check`` and ``certs`` stay fast.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog} {installed_version()}")
+        parser.exit()
+
+
+def installed_version() -> str:
+    """The version of the installed ``secretless-proxy`` distribution."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("secretless-proxy")
+    except PackageNotFoundError:  # imported from a source tree that pip never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="secretless-proxy", description="Credential-injecting egress proxy.")
+    p.add_argument("--version", action=_Version, help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("--config", required=True, help="YAML config file")
-    run.add_argument("--listen", type=_listen, help="HOST:PORT to listen on (default: config 'listen' or 127.0.0.1:8080)")
+    _add_config(run)
+    run.add_argument("--listen", type=_listen, metavar="HOST:PORT",
+                     help="where to listen (default: config 'listen' or 127.0.0.1:8080)")
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check", help="validate a config file; exit 0 when valid, 1 otherwise")
-    check.add_argument("file")
+    _add_config(check, old_positional=True)
     check.set_defaults(func=_cmd_check)
 
     explain = sub.add_parser("explain", help="say which rule decides a request, and why (exit 0 allowed, 2 refused)")
-    explain.add_argument("--config", required=True)
+    _add_config(explain)
     explain.add_argument("--workload", required=True, help="SPIFFE ID of the calling workload")
-    explain.add_argument("--method", default="GET")
+    explain.add_argument("--method", default="GET", help="the request's HTTP method (default: %(default)s)")
     explain.add_argument("--no-resolve", action="store_true",
                          help="skip resolving the host and checking its addresses (policy decision only)")
     explain.add_argument("url", help="the URL the workload calls, e.g. https://api.stripe.com/v1/charges")
     explain.set_defaults(func=_cmd_explain)
 
+    ttl = "e.g. 90s, 15m, 1h, 7d, 1h30m"
     certs = sub.add_parser("certs", help="mint a dev workload CA and workload certificates")
     csub = certs.add_subparsers(dest="certs_command", required=True)
     init = csub.add_parser("init", help="create a dev workload CA (ca.pem, ca-key.pem)")
-    init.add_argument("--out", required=True)
-    init.add_argument("--name", default="secretless dev workload CA")
-    init.add_argument("--ttl", default="365d")
+    init.add_argument("--out", required=True, metavar="DIR", help="directory to write ca.pem and ca-key.pem to")
+    init.add_argument("--name", default="secretless dev workload CA", help="the CA's common name (default: %(default)s)")
+    init.add_argument("--ttl", default="365d", help=f"how long the CA is valid, {ttl} (default: %(default)s)")
     init.set_defaults(func=_cmd_certs_init)
     issue = csub.add_parser("issue", help="issue an X509-SVID-style client certificate")
-    issue.add_argument("--ca", required=True, help="directory holding ca.pem and ca-key.pem")
-    issue.add_argument("--spiffe-id", required=True)
-    issue.add_argument("--ttl", default="1h")
-    issue.add_argument("--out", required=True)
+    issue.add_argument("--ca", required=True, metavar="DIR", help="directory holding ca.pem and ca-key.pem")
+    issue.add_argument("--spiffe-id", required=True,
+                       help="the workload's SPIFFE ID, e.g. spiffe://example.org/ns/prod/sa/billing")
+    issue.add_argument("--ttl", default="1h", help=f"how long the certificate is valid, {ttl} (default: %(default)s)")
+    issue.add_argument("--out", required=True, metavar="DIR", help="directory to write svid.pem and svid-key.pem to")
     issue.set_defaults(func=_cmd_certs_issue)
 
     echo = sub.add_parser("echo-server", help="dev HTTPS upstream that prints what it receives (quickstart)")
-    echo.add_argument("--ca", required=True, help="CA directory (from `certs init`) to issue its certificate")
-    echo.add_argument("--listen", type=_listen, default=("127.0.0.1", 9443))
+    echo.add_argument("--ca", required=True, metavar="DIR", help="CA directory (from `certs init`) to issue its certificate")
+    echo.add_argument("--listen", type=_listen, default=("127.0.0.1", 9443), metavar="HOST:PORT",
+                      help="where to listen (default: 127.0.0.1:9443)")
     echo.set_defaults(func=_cmd_echo_server)
 
     from .cli_admin import add_commands  # grant, grants, revoke, inventory: the admin API's client

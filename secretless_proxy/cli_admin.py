@@ -87,7 +87,7 @@ def _command(run: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Na
 # -- commands ----------------------------------------------------------------------------------
 
 def _grant(args: argparse.Namespace) -> None:
-    from .certs import parse_ttl
+    from .durations import parse_ttl
 
     try:
         ttl = parse_ttl(args.ttl).total_seconds()
@@ -104,16 +104,11 @@ def _grant(args: argparse.Namespace) -> None:
 
 
 def _grants(args: argparse.Namespace) -> None:
-    doc = _request(args, "GET", "/v1/grants")
-    if args.json:
-        _print_json(doc)
-        return
-    rows = [[g["id"], _state(g), g["workload"], g["rule"], _when(g["expires_at"]), "yes" if g["break_glass"] else "",
-             g["issued_by"], g["reason"] or "-"] for g in doc["grants"]]
-    if not rows:
-        print("no grants")
-        return
-    _table(["ID", "STATE", "WORKLOAD", "RULE", "EXPIRES", "BREAK-GLASS", "ISSUED BY", "REASON"], rows)
+    _listing(args, "/v1/grants", empty="no grants",
+             header=["ID", "STATE", "WORKLOAD", "RULE", "EXPIRES", "BREAK-GLASS", "ISSUED BY", "REASON"],
+             rows=lambda doc: [[g["id"], _state(g), g["workload"], g["rule"], _when(g["expires_at"]),
+                                "yes" if g["break_glass"] else "", g["issued_by"], g["reason"] or "-"]
+                               for g in doc["grants"]])
 
 
 def _revoke(args: argparse.Namespace) -> None:
@@ -126,17 +121,25 @@ def _revoke(args: argparse.Namespace) -> None:
 
 
 def _inventory(args: argparse.Namespace) -> None:
-    doc = _request(args, "GET", "/v1/credentials")
+    _listing(args, "/v1/credentials", empty="no credentials defined",
+             header=["NAME", "KIND", "OWNER", "LIFETIME", "CACHED", "EXPIRES", "LAST USED", "RULES"],
+             rows=lambda doc: [[c["name"], c["kind"], c["owner"] or "-", c["lifetime"], str(len(c["cached"])),
+                                _when(c["expires_at"]), _when(c["last_used"]), ", ".join(c["rules"]) or "-"]
+                               for c in doc["credentials"]])
+
+
+def _listing(args: argparse.Namespace, path: str, *, empty: str, header: Sequence[str],
+             rows: Callable[[Any], list[list[str]]]) -> None:
+    """GET ``path``: its JSON with ``--json``, else a table of ``rows(answer)``, or ``empty`` when it has none."""
+    doc = _request(args, "GET", path)
     if args.json:
         _print_json(doc)
         return
-    rows = [[c["name"], c["kind"], c["owner"] or "-", c["lifetime"], str(len(c["cached"])),
-             _when(c["expires_at"]), _when(c["last_used"]), ", ".join(c["rules"]) or "-"]
-            for c in doc["credentials"]]
-    if not rows:
-        print("no credentials defined")
+    table = rows(doc)
+    if not table:
+        print(empty)
         return
-    _table(["NAME", "KIND", "OWNER", "LIFETIME", "CACHED", "EXPIRES", "LAST USED", "RULES"], rows)
+    _table(header, table)
 
 
 # -- HTTP --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 from .addresses import NOTHING, Allowance
 from .matching import Glob, HostPattern, WorkloadPattern
 from .resolver import ResolverConfig
-from .secrets import SecretRef
+from .secretrefs import SecretRef
 from .trustconfig import IdentityConfig
 
 MEMORY = "memory://"

@@ -34,7 +34,7 @@ from .errors import ConfigError, ConfigIssue, SecretUnavailable
 from .matching import Glob, HostPattern, WorkloadPattern
 from .resolver import ResolverConfig
 from .safefile import NotAFile, TooLarge, read_limited
-from .secrets import expand_user
+from .secretrefs import expand_user
 from .storeconfig import parse_store_section
 from .trustconfig import IdentityConfig, parse_identity
 from .yamlsource import Path_, Source

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .secrets import SecretRef
+from .secretrefs import SecretRef
 from .yamlsource import Path_, Source
 
 

@@ -12,7 +12,7 @@ from mitmproxy import http
 
 from .config import Injection
 from .redaction import Needles, needles_for
-from .secrets import Secret
+from .secretrefs import Secret
 
 
 def apply(request: http.Request, injection: Injection, secret: Secret) -> Needles:

@@ -84,7 +84,7 @@ def install(response_head_limit: Callable[[], int] | None = None) -> None:
         return
     _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
     _http1.Http1Client.read_headers = _bounded_head(_guarded(_http1.Http1Client.read_headers))  # type: ignore[method-assign]
-    websocket.WebsocketLayer.relay_messages = _closing_killed(_guarded(websocket.WebsocketLayer.relay_messages, trailers=False))  # type: ignore[method-assign]
+    websocket.WebsocketLayer.relay_messages = _guarded(websocket.WebsocketLayer.relay_messages, trailers=False, ends=_killed_ending)  # type: ignore[method-assign]
     websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
     websocket.WebsocketConnection.send2 = _control_frames_scrubbed(websocket.WebsocketConnection.send2)  # type: ignore[method-assign]
     hooks.Hook.args = _hook_args  # type: ignore[method-assign]
@@ -102,9 +102,19 @@ def _hook_args(self: hooks.Hook) -> list[Any]:
     return [getattr(self, name) for name in names]
 
 
-def _guarded(method: Callable[..., Generator[Any, Any, Any]], *, trailers: bool = True) -> Callable[..., Generator[Any, Any, Any]]:
+_Ending = Callable[[Any, Any], Generator[Any, Any, None] | None]
+
+
+def _guarded(method: Callable[..., Generator[Any, Any, Any]], *, trailers: bool = True,
+             ends: _Ending | None = None) -> Callable[..., Generator[Any, Any, Any]]:
+    """``method``'s commands with their messages cleaned, and a trailers error answered when ``trailers``.
+
+    ``ends(self, cmd)``, asked once each command has been answered, may return the commands that
+    end the layer instead: then ``method``'s generator is closed and those go out (uncleaned, as
+    they are ours).
+    """
     @functools.wraps(method)
-    def wrapper(self: _http1.Http1Connection, event: Any) -> Generator[Any, Any, Any]:
+    def wrapper(self: Any, event: Any) -> Generator[Any, Any, Any]:
         gen = method(self, event)
         sent: Any = None
         while True:
@@ -118,6 +128,10 @@ def _guarded(method: Callable[..., Generator[Any, Any, Any]], *, trailers: bool 
                 yield from _end_with_trailers(self)
                 return None
             sent = yield _clean(cmd)
+            if ends is not None and (ending := ends(self, cmd)) is not None:
+                gen.close()
+                yield from ending
+                return None
 
     wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
     return wrapper
@@ -205,24 +219,12 @@ def _control_frames_scrubbed(send2: Callable[..., commands.SendData]) -> Callabl
 POLICY_VIOLATION = 1008  # RFC 6455 §7.4.1
 
 
-def _closing_killed(relay: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
-    @functools.wraps(relay)
-    def wrapper(self: websocket.WebsocketLayer, event: Any) -> Generator[Any, Any, Any]:
-        gen = relay(self, event)
-        sent: Any = None
-        while True:
-            try:
-                cmd = gen.send(sent)
-            except StopIteration as stop:
-                return stop.value
-            sent = yield cmd
-            if isinstance(cmd, websocket.WebsocketMessageHook) and _killed(self.flow):
-                gen.close()  # the message is never relayed
-                yield from _close_both(self)
-                return None
-
-    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
-    return wrapper
+def _killed_ending(layer: websocket.WebsocketLayer, cmd: Any) -> Generator[Any, Any, None] | None:
+    """Once the ``websocket_message`` hook has run on a flow it killed: the message is never relayed
+    (the relay is closed) and both sides are closed instead."""
+    if isinstance(cmd, websocket.WebsocketMessageHook) and _killed(layer.flow):
+        return _close_both(layer)
+    return None
 
 
 def _killed(flow: Any) -> bool:

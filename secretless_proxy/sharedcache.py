@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from .credentials.base import IssuedCredential
-from .secrets import Secret
+from .secretrefs import Secret
 from .store.base import Store, StoreError
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from typing import Any
 from . import fields
 from .config import MEMORY, StoreConfig, TlsFiles
 from .errors import SecretUnavailable
-from .secrets import SecretRef, expand_user
+from .secretrefs import SecretRef, expand_user
 from .store.redisurl import parse_url
 from .store.sealing import parse_key
 from .yamlsource import Path_, Source

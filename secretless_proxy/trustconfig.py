@@ -25,7 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from .bundles import FORMATS, BundleSource, load_bundle
-from .secrets import expand_user
+from .secretrefs import expand_user
 from .spiffe import parse_trust_domain
 from .yamlsource import Path_, Source
 

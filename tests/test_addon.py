@@ -20,7 +20,7 @@ from mitmproxy.test import taddons, tflow
 
 from secretless_proxy import certs
 from secretless_proxy.addon import ConnState, Secretless
-from secretless_proxy.secrets import SecretRef
+from secretless_proxy.secretrefs import SecretRef
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 

@@ -16,7 +16,7 @@ from secretless_proxy.config import AuditConfig
 from secretless_proxy.credentials.base import IssuedCredential
 from secretless_proxy.metrics import Metrics
 from secretless_proxy.observe import Observer
-from secretless_proxy.secrets import Secret, SecretRef
+from secretless_proxy.secretrefs import Secret, SecretRef
 
 VALUE = "ghs_SECRETtokenVALUE0123456789abcdef"
 OTHER_VALUE = "ghs_OTHERtokenVALUE9876543210fedcba"

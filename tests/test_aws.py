@@ -40,7 +40,7 @@ from secretless_proxy.credentials.base import (
 )
 from secretless_proxy.credentials.registry import KINDS
 from secretless_proxy.errors import ConfigError
-from secretless_proxy.secrets import Secret, SecretRef
+from secretless_proxy.secretrefs import Secret, SecretRef
 from secretless_proxy.signing import JwtSigner
 
 ROLE = ROLE_ARN

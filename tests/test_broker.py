@@ -26,7 +26,7 @@ from secretless_proxy.credentials.base import (
 )
 from secretless_proxy.errors import CredentialError
 from secretless_proxy.identity import Workload
-from secretless_proxy.secrets import Secret
+from secretless_proxy.secretrefs import Secret
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 REPORTS = "spiffe://example.org/ns/prod/sa/reports"

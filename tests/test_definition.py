@@ -20,7 +20,7 @@ from secretless_proxy.broker import Broker  # noqa: E402
 from secretless_proxy.config import BrokerConfig  # noqa: E402
 from secretless_proxy.credentials.oauth2 import ClientCredentialsSettings  # noqa: E402
 from secretless_proxy.definition import definition_digest  # noqa: E402
-from secretless_proxy.secrets import Secret, SecretRef  # noqa: E402
+from secretless_proxy.secretrefs import Secret, SecretRef  # noqa: E402
 from secretless_proxy.sharedcache import credential_family, encode_credential  # noqa: E402
 from secretless_proxy.store import MemoryStore  # noqa: E402
 

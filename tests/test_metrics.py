@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from secretless_proxy.credentials.base import IssuedCredential
 from secretless_proxy.metrics import DENY_REASONS, Metrics, decision_for
 from secretless_proxy.observe import Observer
-from secretless_proxy.secrets import Secret
+from secretless_proxy.secretrefs import Secret
 
 DOCS = Path(__file__).parents[1] / "docs" / "metrics.md"
 

@@ -34,7 +34,7 @@ from secretless_proxy.credentials.oauth2 import (
     TokenExchangeSettings,
 )
 from secretless_proxy.errors import ConfigError
-from secretless_proxy.secrets import SecretRef
+from secretless_proxy.secretrefs import SecretRef
 from secretless_proxy.signing import JwtSigner
 
 # ':' '/' '+' '&' '=' '%' and a space: RFC 6749 §2.3.1 form-urlencoding must survive them all.

@@ -21,7 +21,7 @@ from wsproto.frame_protocol import Opcode
 from secretless_proxy import inject, layerguard, redaction
 from secretless_proxy.config import Injection
 from secretless_proxy.redaction import MARKER, needles_for
-from secretless_proxy.secrets import Secret
+from secretless_proxy.secretrefs import Secret
 
 SECRETS = {
     "stripe": "sk_test_51SECRETvalue0123456789",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from secretless_proxy.secrets import SecretRef
+from secretless_proxy.secretrefs import SecretRef
 from secretless_proxy.store.sealing import NONCE_BYTES, Sealer, SealingError, generate_key, parse_key
 
 K1, K2 = os.urandom(32), os.urandom(32)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from secretless_proxy.config import SigningConfig
-from secretless_proxy.secrets import SecretRef
+from secretless_proxy.secretrefs import SecretRef
 from secretless_proxy.signing import JwtSigner, _thumbprint
 
 ISSUER = "https://secretless.example.org"

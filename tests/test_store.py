@@ -25,7 +25,7 @@ from secretless_proxy import certs, yamlsource
 from secretless_proxy.config import StoreConfig, TlsFiles
 from secretless_proxy.credentials.base import IssuedCredential, ProviderError
 from secretless_proxy.grants import Grant, new_grant
-from secretless_proxy.secrets import Secret, SecretRef
+from secretless_proxy.secretrefs import Secret, SecretRef
 from secretless_proxy.sharedcache import (
     credential_family,
     credential_key,

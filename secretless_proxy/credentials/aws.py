@@ -31,7 +31,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from .. import fields
 from ..errors import SecretUnavailable
-from ..secrets import Secret, SecretRef
+from ..secretrefs import Secret, SecretRef
 from ..yamlsource import Path_, Source
 from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 

@@ -23,7 +23,7 @@ from ..config import Credential, CredentialSettings
 from ..definition import definition_digest
 from ..errors import CredentialError
 from ..identity import Workload
-from ..secrets import Secret
+from ..secretrefs import Secret
 from ..yamlsource import Path_, Source
 
 if TYPE_CHECKING:

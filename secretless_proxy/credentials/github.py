@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import fields
 from ..errors import SecretUnavailable
-from ..secrets import Secret, SecretRef
+from ..secretrefs import Secret, SecretRef
 from ..yamlsource import Path_, Source, type_name
 from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 
@@ -98,14 +98,8 @@ def parse(src: Source, p: Path_, m: dict[str, Any], base: Path) -> GitHubAppSett
 
 
 def _pem_ref(src: Source, p: Path_, value: Any, base: Path) -> PemSecretRef | None:
-    s = src.string(p, value)
-    if s is None:
-        return None
-    try:
-        return PemSecretRef.parse(s, base_dir=base)
-    except ValueError as exc:
-        src.error(p, str(exc))
-        return None
+    ref = fields.secret_ref(src, p, value, base)  # the same env:/file: grammar as every secret
+    return None if ref is None else PemSecretRef(scheme=ref.scheme, target=ref.target)
 
 
 def _repositories(src: Source, p: Path_, value: Any) -> tuple[str, ...] | None:

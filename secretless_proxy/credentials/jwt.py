@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import fields
-from ..secrets import Secret, SecretRef
+from ..secretrefs import Secret, SecretRef
 from ..yamlsource import Path_, Source, type_name
 from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 

@@ -27,7 +27,7 @@ from urllib.parse import quote_plus, urlsplit
 import httpx
 
 from .. import fields
-from ..secrets import Secret, SecretRef, SecretUnavailable
+from ..secretrefs import Secret, SecretRef, SecretUnavailable
 from ..yamlsource import Path_, Source, type_name
 from .base import CredentialKind, IssuedCredential, Provider, ProviderDeps, ProviderError, RequestContext
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fields import secret_ref
-from ..secrets import SecretRef, SecretUnavailable
+from ..secretrefs import SecretRef, SecretUnavailable
 from ..yamlsource import Path_, Source
 from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
 

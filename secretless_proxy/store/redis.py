@@ -55,7 +55,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..config import TlsFiles
 from ..grants import Grant, check_text, valid_grant_id
-from ..secrets import Secret
+from ..secretrefs import Secret
 from . import base
 from .base import Callback, Event, StoreError, check_grant, check_key
 from .events import EventSigner

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import SecretlessError, SecretUnavailable
-from ..secrets import SecretRef
+from ..secretrefs import SecretRef
 
 VERSION = 1
 KEY_BYTES = 32  # AES-256

@@ -101,55 +101,56 @@ class SecretRef:
     def resolve(self) -> Secret:
         """Read the secret now. Raises SecretUnavailable naming the reference, never a value."""
         if self.scheme == "env":
-            value = os.environ.get(self.target)
-            if value is None:
-                raise SecretUnavailable(f"environment variable {self.target} is not set")
-            return _checked(value, self)
+            return _checked(self._env(), self)
         return self._read_file()
 
     def resolve_pem(self) -> Secret:
         """Read multi-line key material (PEM). It never goes into a header, so line breaks are fine."""
-        if self.scheme == "env":
-            value = os.environ.get(self.target)
-            if value is None:
-                raise SecretUnavailable(f"environment variable {self.target} is not set")
-        else:
-            try:
-                value = read_limited(self.target, limit=MAX_SECRET_BYTES).decode("utf-8")
-            except FileNotFoundError as exc:
-                raise SecretUnavailable(f"secret file {self.target} does not exist") from exc
-            except (NotAFile, TooLarge) as exc:  # a FIFO, a device, a directory, a huge file: never read
-                raise SecretUnavailable(f"secret file {exc}") from exc
-            except (OSError, UnicodeDecodeError) as exc:
-                raise SecretUnavailable(f"secret file {self.target} cannot be read ({type(exc).__name__})") from exc
+        value = self._env() if self.scheme == "env" else self._text()
         if not value.strip() or "\x00" in value:
             raise SecretUnavailable(f"secret {self} is empty or binary")
         return Secret(value)
+
+    def _env(self) -> str:
+        value = os.environ.get(self.target)
+        if value is None:
+            raise SecretUnavailable(f"environment variable {self.target} is not set")
+        return value
+
+    def _text(self) -> str:
+        """The file's whole text, at most MAX_SECRET_BYTES; SecretUnavailable says why not."""
+        try:
+            # Bytes decoded whole: universal newlines would turn a lone CR into LF.
+            return read_limited(self.target, limit=MAX_SECRET_BYTES).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _unreadable(self.target, exc) from exc
 
     def _read_file(self) -> Secret:
         # Re-read only when the file changed: a stat per request is cheap, a read is not.
         try:
             st = os.stat(self.target)
-            key = (st.st_mtime_ns, st.st_size, st.st_ino)
-            cached = self._cache.get("entry")
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            # newline="": see the bytes on disk; universal newlines would turn a lone CR into LF.
-            raw = read_limited(self.target, limit=MAX_SECRET_BYTES).decode("utf-8")
-        except FileNotFoundError as exc:
-            raise SecretUnavailable(f"secret file {self.target} does not exist") from exc
-        except (NotAFile, TooLarge) as exc:  # a FIFO, a device, a directory, a huge file: never read
-            raise SecretUnavailable(f"secret file {exc}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SecretUnavailable(
-                f"secret file {self.target} cannot be read ({type(exc).__name__})"
-            ) from exc
+        except OSError as exc:
+            raise _unreadable(self.target, exc) from exc
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._cache.get("entry")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        raw = self._text()
         # Secret files conventionally end in one newline (echo > file); it is not part of the key.
         # Only that one is dropped: any other line break makes the secret refused, not guessed at.
         value = raw[:-2] if raw.endswith("\r\n") else raw.removesuffix("\n")
         secret = _checked(value, self)
         self._cache["entry"] = (key, secret)
         return secret
+
+
+def _unreadable(path: str, exc: OSError | UnicodeDecodeError) -> SecretUnavailable:
+    """Why a secret file cannot be used: its name and the error's type, never its bytes."""
+    if isinstance(exc, FileNotFoundError):
+        return SecretUnavailable(f"secret file {path} does not exist")
+    if isinstance(exc, NotAFile | TooLarge):  # a FIFO, a device, a directory, a huge file: never read
+        return SecretUnavailable(f"secret file {exc}")
+    return SecretUnavailable(f"secret file {path} cannot be read ({type(exc).__name__})")
 
 
 def _checked(value: str, ref: SecretRef) -> Secret:

@@ -1,4 +1,4 @@
-"""Tests for secretless_proxy.secrets: masked Secret values and env:/file: references."""
+"""Tests for secretless_proxy.secretrefs: masked Secret values and env:/file: references."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from secretless_proxy.errors import SecretUnavailable
-from secretless_proxy.secrets import Secret, SecretRef
+from secretless_proxy.secretrefs import Secret, SecretRef
 
 VALUE = "sk_live_51Hc0ffee"
 MASK = "Secret('****')"
