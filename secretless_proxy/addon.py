@@ -134,6 +134,7 @@ class Secretless:
         self.admin_listeners: tuple[Listener, ...] = ()
         self._started: Services | None = None  # the services start_services() started
         self._rebind = False  # the proxy port was bound before configure() applied `listen`
+        self.stopping = False  # an admin listener could not bind: running() must not report the proxy up
         self._conns: weakref.WeakKeyDictionary[Client, ConnState] = weakref.WeakKeyDictionary()
         # Secret-bearing strings per flow, kept off flow.metadata so saved flows never hold them.
         self._injected: weakref.WeakKeyDictionary[http.HTTPFlow, _Injected] = weakref.WeakKeyDictionary()
@@ -276,6 +277,8 @@ class Secretless:
         if services is None:
             log.error("no config loaded: pass --set secretless_config=FILE; stopping")
             ctx.master.shutdown()
+            return
+        if self.stopping:
             return
         if self._rebind and not await self._bind_again():
             return

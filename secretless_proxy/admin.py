@@ -42,7 +42,7 @@ Oidc = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
 
 
 class AdminServer(Listener):
-    """The admin HTTP listener; ``start()`` in mitmproxy's ``running()``, ``close()`` in ``done()``."""
+    """The admin HTTP listener; ``server.AdminListeners`` starts and closes it with the process."""
 
     def __init__(self, host: str, port: int, *, metrics: Metrics, readiness: Readiness,
                  oidc: Oidc | None = None) -> None:

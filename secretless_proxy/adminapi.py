@@ -229,7 +229,7 @@ class AdminApi:
 
 
 class AdminApiServer(Listener):
-    """The admin API's TLS listener; ``start()`` in ``running()``, ``close()`` in ``done()``."""
+    """The admin API's TLS listener; ``server.AdminListeners`` starts and closes it with the process."""
 
     name = "admin_api"
     log = log

@@ -60,7 +60,7 @@ class AdminListeners:
                                   services)
             except OSError as exc:
                 log.error("admin listener on %s:%d failed: %s; stopping", host, port, exc.strerror or exc)
-                ctx.master.shutdown()
+                self._stop()
                 return
         if cfg.admin_api_listen:
             host, port = cfg.admin_api_listen
@@ -68,7 +68,11 @@ class AdminListeners:
                 await self._start(self._api(services), services)
             except (OSError, ValueError) as exc:
                 log.error("admin API on %s:%d failed: %s; stopping", host, port, getattr(exc, "strerror", None) or exc)
-                ctx.master.shutdown()
+                self._stop()
+
+    def _stop(self) -> None:
+        self.secretless.stopping = True  # its running() then neither serves nor says it listens
+        ctx.master.shutdown()
 
     async def done(self) -> None:
         while self.listeners:

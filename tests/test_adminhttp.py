@@ -7,6 +7,7 @@ drives the plain admin listener over real loopback sockets for what only a socke
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -222,13 +223,13 @@ async def admin() -> AsyncIterator[AdminServer]:
 
 
 async def send(server: AdminServer, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
+    """``data`` in one write from a blocking client (in a thread); everything until the server closes."""
+    def exchange_bytes() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(data)
+            return b"".join(iter(lambda: s.recv(65536), b""))
+
+    return await asyncio.to_thread(exchange_bytes)
 
 
 class TestOnTheWire:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,6 +109,27 @@ class TestAdminListenersUnderMitmdump:
         p.stop()
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", admin), timeout=5):
             pass
+
+
+class TestAdminBindFailure:
+    @pytest.mark.parametrize("via", ["run", "mitmdump"])
+    def test_taken_admin_port_stops_the_proxy(self, tmp_path: Path, pki: Pki, via: str) -> None:
+        """An admin port that cannot be bound stops the process, which never says it is listening."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            path = tmp_path / "c.yaml"
+            path.write_text(yaml.safe_dump(base_config(pki, rules=[], admin={"listen": f"127.0.0.1:{port}"})))
+            cmd = ([str(BIN / "secretless-proxy"), "run", "--config", str(path), "--listen", "127.0.0.1:0"]
+                   if via == "run" else
+                   [str(BIN / "mitmdump"), "--listen-host", "127.0.0.1", "-p", "0", "-s", str(SCRIPT),
+                    "--set", f"secretless_config={path}"])
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "TEST_STRIPE_KEY": SECRET}, stdin=subprocess.DEVNULL)
+        log = out.stdout + out.stderr
+        assert f"admin listener on 127.0.0.1:{port} failed: " in log and "; stopping" in log, log
+        assert "secretless-proxy listening on" not in log and "Traceback" not in log, log
 
 
 def config_file(tmp_path: Path, pki: Pki, **extra: object) -> str:
