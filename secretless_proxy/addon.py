@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -34,8 +33,7 @@ from . import (
     wsjudge,
 )
 from . import identity as ident
-from .admin import AdminServer
-from .adminapi import AdminApi, AdminApiServer, api_server_cert
+from .adminhttp import Listener
 from .audit import AuditLog, clean_path
 from .breaker import Backoff
 from .config import LimitsConfig, Rule
@@ -71,6 +69,8 @@ from .shutdown import Drain
 from .store import StoreError
 
 log = logging.getLogger("secretless")
+
+DEFAULT_LISTEN = ("127.0.0.1", 8080)  # where the proxy listens without `listen` (README)
 
 
 @dataclass
@@ -129,8 +129,12 @@ class Secretless:
         self.services: Services | None = None
         self.metrics = Metrics(registry or CollectorRegistry())
         self.observer = Observer(metrics=self.metrics)
-        self.admin: AdminServer | None = None
-        self.admin_api: AdminApiServer | None = None
+        # Bound by server.AdminListeners (the process owns them): for the destination check and
+        # the connection guard's counters.
+        self.admin_listeners: tuple[Listener, ...] = ()
+        self._started: Services | None = None  # the services start_services() started
+        self._rebind = False  # the proxy port was bound before configure() applied `listen`
+        self.stopping = False  # an admin listener could not bind: running() must not report the proxy up
         self._conns: weakref.WeakKeyDictionary[Client, ConnState] = weakref.WeakKeyDictionary()
         # Secret-bearing strings per flow, kept off flow.metadata so saved flows never hold them.
         self._injected: weakref.WeakKeyDictionary[http.HTTPFlow, _Injected] = weakref.WeakKeyDictionary()
@@ -204,6 +208,7 @@ class Secretless:
         except (ValueError, OSError) as exc:
             raise exceptions.OptionsError(f"secretless_config={path}: {exc}") from None
         self._force_options(services)
+        self._apply_listen(services)
         self.services = services
         self.observer.set_audit(AuditLog.from_config(services.config.audit, metrics=self.metrics))
         self.observer.config_loaded(services.config.digest)
@@ -229,29 +234,56 @@ class Secretless:
             ctx.options.update(**changes)
         self._forced = True
 
-    async def running(self) -> None:
+    def _apply_listen(self, services: Services) -> None:
+        # The config's `listen` (default 127.0.0.1:8080) for each of listen_host and listen_port the
+        # command line left at mitmproxy's default: plain mitmdump would bind every interface.
+        # `--listen-host`/`-p` (and `secretless-proxy run --listen`) win, each on its own.
+        host, port = services.config.listen or DEFAULT_LISTEN
+        wanted = {name: value for name, value in (("listen_host", host), ("listen_port", port))
+                  if not ctx.options.has_changed(name)}
+        if not wanted:
+            return
+        ctx.options.update(**wanted)
+        # mitmdump loads -s scripts only once its proxy servers are bound (mitmproxy does not rebind
+        # on a changed listen_host); running() binds them again where `listen` says.
+        ps = ctx.master.addons.get("proxyserver")
+        self._rebind = ps is not None and any(True for _ in ps.servers)
+
+    async def _bind_again(self) -> bool:
+        self._rebind = False
+        ps = ctx.master.addons.get("proxyserver")
+        await ps.servers.update([])  # stop all first: the new address may share the old port
+        if not await ps.setup_servers():
+            log.error("cannot listen on %s:%s (the config's listen); stopping", ctx.options.listen_host,
+                      ctx.options.listen_port)
+            ctx.master.shutdown()
+            return False
+        return True
+
+    async def start_services(self) -> Services | None:
+        """Start the services once (the admin listeners answer from them); None without a config.
+
+        ``server.AdminListeners`` calls it before it binds them; ``running()`` calls it again.
+        """
         services = self.services
+        if services is not None and self._started is not services:
+            await services.start()
+            services.on_reload = self._after_reload
+            self._started = services
+        return services
+
+    async def running(self) -> None:
+        services = await self.start_services()
         if services is None:
             log.error("no config loaded: pass --set secretless_config=FILE; stopping")
             ctx.master.shutdown()
             return
-        await services.start()
-        services.on_reload = self._after_reload
-        if services.config.admin_listen:
-            host, port = services.config.admin_listen
-            self.admin = AdminServer(host, port, metrics=self.metrics, readiness=self.readiness,
-                                     oidc=services.oidc_documents)
-            self._limit_admin(self.admin, services)
-            try:
-                await self.admin.start()
-            except OSError as exc:
-                log.error("admin listener on %s:%d failed: %s; stopping", host, port, exc.strerror or exc)
-                ctx.master.shutdown()
-                return
-        if services.config.admin_api_listen and not await self._start_admin_api(services):
+        if self.stopping:
+            return
+        if self._rebind and not await self._bind_again():
             return
         self.destinations.listeners_changed()  # the admin listeners' bound ports are known now
-        self.guard.start(admin_listeners={x.port: x.name for x in (self.admin, self.admin_api) if x is not None})
+        self.guard.start(admin_listeners={x.port: x.name for x in self.admin_listeners})
         self.drain = Drain(self.guard, drain_seconds=lambda: services.config.limits.drain_seconds,
                            revoke=self._revoke_all if services.config.limits.revoke_on_shutdown else None)
         try:
@@ -264,41 +296,13 @@ class Secretless:
         for addr in (ps.listen_addrs() if ps is not None else []):
             log.info("secretless-proxy listening on %s:%d", addr[0], addr[1])
 
-    async def _start_admin_api(self, services: Services) -> bool:
-        host, port = services.config.admin_api_listen
-        api = AdminApi(store=services.store, config=lambda: services.config,
-                       snapshot=lambda: services.broker.snapshot() if services.broker else [],
-                       audit=lambda: self.observer.audit, metrics=self.metrics,
-                       last_used=lambda: services.last_used)
-        try:
-            # Bound to every address: name the machine too, so remote admins can verify the API.
-            names = (socket.getfqdn(), socket.gethostname()) if host in ("0.0.0.0", "::", "") else (host,)
-            cert = api_server_cert(services.confdir, hosts=tuple(dict.fromkeys(("localhost", "127.0.0.1", *names))))
-            self.admin_api = AdminApiServer(host, port, api=api, verifier=lambda: services.runtime.verifier,
-                                            admins=lambda: services.config.admin_workloads, server_cert=cert)
-            self._limit_admin(self.admin_api, services)
-            await self.admin_api.start()
-        except (OSError, ValueError) as exc:
-            log.error("admin API on %s:%d failed: %s; stopping", host, port, getattr(exc, "strerror", None) or exc)
-            ctx.master.shutdown()
-            return False
-        return True
-
-    def _limit_admin(self, listener: AdminServer | AdminApiServer, services: Services) -> None:
-        lim = services.config.limits
-        listener.set_limits(max_connections=lim.admin_max_connections,
-                            max_per_client=lim.admin_max_connections_per_client, metrics=self.metrics)
-
     async def _revoke_all(self) -> int:
         broker = self.services.broker if self.services else None
         return await broker.evict(None, reason="shutdown") if broker is not None else 0
 
     async def done(self) -> None:
+        # server.AdminListeners, before this addon in the chain, closed the admin listeners already.
         await self.guard.stop()
-        if self.admin_api is not None:
-            await self.admin_api.close()
-        if self.admin is not None:
-            await self.admin.close()
         if self.services is not None:
             await self.services.stop()
         self.observer.close()
@@ -598,7 +602,7 @@ class Secretless:
 
     def _own_listeners(self) -> list[tuple[str, int]]:
         """Every socket this process listens on, as bound (a configured port 0 is the real port here)."""
-        admin = [(x.host, x.port) for x in (self.admin, self.admin_api) if x is not None and x.port]
+        admin = [(x.host, x.port) for x in self.admin_listeners if x.port]
         return [*proxy_listeners(), *admin]
 
     def _upstream_failed(self, flow: http.HTTPFlow, error: str) -> Refusal:

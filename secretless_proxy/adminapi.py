@@ -25,8 +25,9 @@ that accepts, verification left to the caller; intermediates the client sends ar
 client still proves possession of its key (CertificateVerify). Sessions are never resumed:
 every connection presents its certificate again.
 
-**HTTP** as in ``admin.py``: HTTP/1.x, one request per connection, a head of at most 8 KiB and
-a ``Content-Length`` body of at most 16 KiB, all read within 5 s; at most 64 connections. A POST
+**HTTP** is ``adminhttp``'s, as for ``admin.py``: HTTP/1.x on h11, one request per connection, a
+head of at most 8 KiB and a ``Content-Length`` body of at most 16 KiB, all read (with the TLS
+handshake) within 5 s, else the connection closes unanswered; at most 64 connections. A POST
 must say ``Content-Type: application/json``: a browser holding an admin certificate cannot send
 that cross-origin without a CORS preflight, which this API never grants.
 """
@@ -49,7 +50,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 
-from .admin import _HEADER, _REASONS, _REQUEST_LINE, MAX_HEAD, READ_TIMEOUT, WRITE_TIMEOUT, Listener
+from .adminhttp import READ_TIMEOUT, WRITE_TIMEOUT, Exchange, Listener, Request, Response, json_doc, refused_json
 from .audit import AuditLog, clean_path, rfc3339
 from .broker import CachedInfo
 from .certs import Issued, make_server_cert
@@ -59,6 +60,7 @@ from .grants import Grant, check_text, new_grant, valid_grant_id
 from .identity import INVALID, MISSING, IdentityVerifier, Workload
 from .matching import WorkloadPattern, split_spiffe_id
 from .metrics import Metrics
+from .refusal import Refusal
 from .store.base import STORE_UNAVAILABLE, Store, StoreError
 
 log = logging.getLogger("secretless.adminapi")
@@ -69,24 +71,6 @@ LONG_LIVED_KINDS = frozenset({"static"})  # injected as stored; every other kind
 # proxy (RFC 9110 §15.5.2, §15.5.8); the reason codes are the same closed set on both.
 IDENTITY_STATUS = 401
 _GRANT_FIELDS = ("workload", "rule", "ttl_seconds", "reason", "break_glass")
-_STATUS = {**_REASONS, 201: "Created", 401: "Unauthorized", 403: "Forbidden", 409: "Conflict",
-           411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type"}
-
-Response = tuple[int, dict[str, str], bytes]
-
-
-class _Refusal(Exception):
-    """An answer other than success: status, reason code and a sentence for the caller."""
-
-    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None, *,
-                 workload: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.headers = status, reason, headers or {}
-        self.workload = workload  # a verified caller that is refused anyway (not_admin), for the audit
-
-    def response(self) -> Response:
-        status, headers, body = _json(self.status, {"error": str(self), "reason": self.reason})
-        return status, {**headers, **self.headers}, body
 
 
 class AdminApi:
@@ -108,13 +92,13 @@ class AdminApi:
         """Answer one request; never raises."""
         try:
             return await self._route(method, path, body, caller)
-        except _Refusal as exc:
-            return exc.response()
+        except Refusal as exc:
+            return refused_json(exc)
         except StoreError as exc:
-            return _Refusal(503, STORE_UNAVAILABLE, str(exc)).response()
+            return refused_json(Refusal(503, STORE_UNAVAILABLE, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug answers 500, it never takes the listener down
             log.error("admin API %s %s failed (%s)", method, clean_path(path), type(exc).__name__)
-            return _Refusal(500, "internal_error", "the admin API failed to answer; see the proxy log").response()
+            return refused_json(Refusal(500, "internal_error", "the admin API failed to answer; see the proxy log"))
 
     async def _route(self, method: str, target: str, body: bytes, caller: Workload) -> Response:
         path, _, query = target.partition("?")
@@ -127,70 +111,70 @@ class AdminApi:
             grant_id = path.removeprefix("/v1/grants/")
             if method == "GET":
                 _params(query)
-                return _json(200, _grant_doc(await self._existing(grant_id), self.now()))
+                return json_doc(200, _grant_doc(await self._existing(grant_id), self.now()))
             return await self._revoke(grant_id, _params(query, "reason").get("reason"), caller)
         if path == "/v1/credentials":
             _allow(method, "GET")
             _params(query)
-            return _json(200, {"credentials": self._inventory()})
-        raise _Refusal(404, "not_found", "no such endpoint (known: /v1/grants, /v1/grants/{id}, /v1/credentials)")
+            return json_doc(200, {"credentials": self._inventory()})
+        raise Refusal(404, "not_found", "no such endpoint (known: /v1/grants, /v1/grants/{id}, /v1/credentials)")
 
     # -- grants --------------------------------------------------------------------------------
 
     async def _list(self) -> Response:
         now = self.now()
-        return _json(200, {"grants": [_grant_doc(g, now) for g in await self.store.list_grants()]})
+        return json_doc(200, {"grants": [_grant_doc(g, now) for g in await self.store.list_grants()]})
 
     async def _create(self, body: bytes, caller: Workload) -> Response:
         data = _json_object(body)
         unknown = sorted(set(data) - set(_GRANT_FIELDS))
         if unknown:
-            raise _Refusal(400, "invalid_request", f"unknown field '{unknown[0]}' (known: {', '.join(_GRANT_FIELDS)})")
+            raise Refusal(400, "invalid_request", f"unknown field '{unknown[0]}' (known: {', '.join(_GRANT_FIELDS)})")
         for name in ("workload", "rule", "ttl_seconds"):
             if name not in data:
-                raise _Refusal(400, "invalid_request", f"missing required field '{name}'")
+                raise Refusal(400, "invalid_request", f"missing required field '{name}'")
         rule = self._grantable_rule(data["rule"])
         workload = _workload(data["workload"], rule)
         glass = data.get("break_glass", False)
         reason = data.get("reason", "")
         if not isinstance(glass, bool):
-            raise _Refusal(400, "invalid_request", "break_glass must be true or false")
+            raise Refusal(400, "invalid_request", "break_glass must be true or false")
         if not isinstance(reason, str):
-            raise _Refusal(400, "invalid_request", "reason must be a string")
+            raise Refusal(400, "invalid_request", "reason must be a string")
         if glass and not rule.break_glass:
-            raise _Refusal(400, "break_glass_not_permitted", f"rule '{rule.name}' does not permit break-glass "
+            raise Refusal(400, "break_glass_not_permitted", f"rule '{rule.name}' does not permit break-glass "
                                                              "grants (it would need break_glass: true)")
         if glass and not reason.strip():
-            raise _Refusal(400, "reason_required", "a break-glass grant needs a reason: say why the emergency "
+            raise Refusal(400, "reason_required", "a break-glass grant needs a reason: say why the emergency "
                                                    "access is needed")
         try:
             grant = new_grant(workload=workload, rule=rule.name, ttl=data["ttl_seconds"], reason=reason,
                               issued_by=caller.spiffe_id, break_glass=glass, now=self.now)
         except ValueError as exc:
-            raise _Refusal(400, "invalid_grant", str(exc)) from None
+            raise Refusal(400, "invalid_grant", str(exc)) from None
         if not await self.store.put_grant(grant):
-            raise _Refusal(409, "grant_conflict", "the store refused the new grant (its id is revoked or it "
+            raise Refusal(409, "grant_conflict", "the store refused the new grant (its id is revoked or it "
                                                   "expired already); try again")
         audit = self.audit()
         if not _audited(audit, "grant.created", grant, grant.reason, issued_by=grant.issued_by) and audit.fail_closed:
             # An emergency grant nobody can trace must not exist: take it back.
             await self.store.revoke_grant(grant.id, reason="audit_unavailable")
-            raise _Refusal(503, "audit_unavailable", "the audit log could not record the grant, so it was not "
+            raise Refusal(503, "audit_unavailable", "the audit log could not record the grant, so it was not "
                                                      "issued; fix the audit sink and try again")
         self.metrics.grant_created(break_glass=glass)
         log.info("grant %s issued by %s: %s may use rule '%s'%s", grant.id, grant.issued_by, grant.workload,
                  grant.rule, " (break-glass)" if glass else "")
-        return _json(201, _grant_doc(grant, self.now()))
+        return json_doc(201, _grant_doc(grant, self.now()))
 
     async def _revoke(self, grant_id: str, reason: str | None, caller: Workload) -> Response:
         reason = reason if reason else "manual"
         try:
             check_text("reason", reason, required=True)
         except ValueError as exc:
-            raise _Refusal(400, "invalid_request", str(exc)) from None
+            raise Refusal(400, "invalid_request", str(exc)) from None
         grant = await self._existing(grant_id)
         if grant.revoked:  # idempotent: the first revocation stands and was audited then
-            return _json(200, _grant_doc(grant, self.now()))
+            return json_doc(200, _grant_doc(grant, self.now()))
         revoked = await self.store.revoke_grant(grant_id, reason=reason)
         if revoked is None:
             raise _not_found(grant_id)  # expired between the two calls
@@ -198,7 +182,7 @@ class AdminApi:
             log.error("grant %s was revoked but the audit log could not record it", grant_id)
         self.metrics.grant_revoked(reason="manual")
         log.info("grant %s revoked by %s", grant_id, caller.spiffe_id)
-        return _json(200, _grant_doc(revoked, self.now()))
+        return json_doc(200, _grant_doc(revoked, self.now()))
 
     async def _existing(self, grant_id: str) -> Grant:
         grant = await self.store.get_grant(grant_id) if valid_grant_id(grant_id) else None
@@ -208,14 +192,14 @@ class AdminApi:
 
     def _grantable_rule(self, name: Any) -> Rule:
         if not isinstance(name, str):
-            raise _Refusal(400, "invalid_request", "rule must be a rule name (a string)")
+            raise Refusal(400, "invalid_request", "rule must be a rule name (a string)")
         rules = self.config().rules
         rule = next((r for r in rules if r.name == name), None)
         grantable = ", ".join(r.name for r in rules if r.requires_grant) or "none"
         if rule is None:
-            raise _Refusal(400, "unknown_rule", f"unknown rule {name!r} (rules that take grants: {grantable})")
+            raise Refusal(400, "unknown_rule", f"unknown rule {name!r} (rules that take grants: {grantable})")
         if not rule.requires_grant:
-            raise _Refusal(400, "rule_not_grantable", f"rule '{name}' does not say requires_grant: true, so it "
+            raise Refusal(400, "rule_not_grantable", f"rule '{name}' does not say requires_grant: true, so it "
                                                       f"applies without a grant (rules that take grants: {grantable})")
         return rule
 
@@ -245,102 +229,88 @@ class AdminApi:
 
 
 class AdminApiServer(Listener):
-    """The admin API's TLS listener; ``start()`` in ``running()``, ``close()`` in ``done()``."""
+    """The admin API's TLS listener; ``server.AdminListeners`` starts and closes it with the process."""
 
     name = "admin_api"
+    log = log
+    quiet = (ConnectionError, TimeoutError, SSL.Error)  # SSL.Error: the client does not speak TLS
 
     def __init__(self, host: str, port: int, *, api: AdminApi, verifier: Callable[[], IdentityVerifier],
                  admins: Callable[[], tuple[WorkloadPattern, ...]], server_cert: Issued) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host, port)
         self.api = api
         self.verifier = verifier
         self.admins = admins
         self._tls = _server_context(server_cert)
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> tuple[str, int]:
-        """Listen; returns the bound (host, port) — port 0 picks a free one."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self.port = port
+    def listening(self, host: str, port: int) -> None:
         log.info("admin API on https://%s:%d (/v1/grants /v1/credentials; mTLS, admin.workloads only)", host, port)
-        return host, port
 
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = self._admit(writer)
-        if task is None:
-            return
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    task: asyncio.Task[None]) -> None:
         tls = _TlsStream(SSL.Connection(self._tls, None), reader, writer)
-        method, target, headers, body = "", "", {}, b""
+        exchange = Exchange(tls.recv, max_body=MAX_BODY, single=(b"content-type",))
+        request: Request | None = None
         response: Response | None = None
-        try:
-            async with asyncio.timeout(READ_TIMEOUT):
-                await tls.handshake()
-                caller = self._identify(tls.conn)
-                try:
-                    method, target, headers, body = await _read_request(tls)
-                except _Refusal as exc:
-                    response = exc.response()
-                self._request_read(task)
-            if isinstance(caller, _Refusal):  # answered before anything else: no hints for strangers
-                response = caller.response()
-                self._denied(caller, method, target)
-            elif response is None:
-                response = await self._answer(method, target, headers, body, caller)
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                await tls.send(_render(*response))
-                await tls.close()
-        except (ConnectionError, TimeoutError, SSL.Error):
-            pass  # the client went away, stalled, or does not speak TLS: nothing to answer
-        except asyncio.CancelledError:
-            pass  # close(): shutting down
-        except Exception as exc:  # noqa: BLE001 - one bad connection must not take down the listener
-            log.error("admin API connection failed (%s)", type(exc).__name__)
-        finally:
-            self._handlers.discard(task)
-            writer.close()
+        async with asyncio.timeout(READ_TIMEOUT):  # expiry: closed unanswered, like a stalled handshake
+            await tls.handshake()
+            caller, refusal = self._identify(tls.conn)
+            try:
+                request = await exchange.read()
+            except Refusal as exc:
+                response = refused_json(exc)
+            self.request_read(task)
+        if refusal is not None:  # answered before anything else: no hints for strangers
+            response = refused_json(refusal)
+            self._denied(refusal, caller, request)
+        elif request is not None:
+            assert caller is not None
+            response = await self._answer(request, caller)
+        assert response is not None
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await tls.send(exchange.render(response))
+            await tls.close()
 
-    def _identify(self, conn: SSL.Connection) -> Workload | _Refusal:
-        """The verified admin on this connection, or the refusal to send."""
+    def _identify(self, conn: SSL.Connection) -> tuple[Workload | None, Refusal | None]:
+        """The verified caller on this connection, and the refusal to send unless it is an admin."""
         try:
             # On the server side OpenSSL's peer chain may or may not include the leaf: put it first once.
             leaf = conn.get_peer_certificate(as_cryptography=True)
             chain = [] if leaf is None else [leaf, *(c for c in conn.get_peer_cert_chain(as_cryptography=True) or []
                                                      if c != leaf)]
         except Exception as exc:  # noqa: BLE001 - a certificate cryptography cannot even load
-            return _Refusal(IDENTITY_STATUS, INVALID, f"the client certificate is malformed ({type(exc).__name__})")
+            return None, Refusal(IDENTITY_STATUS, INVALID, f"the client certificate is malformed ({type(exc).__name__})")
         if not chain:
-            return _Refusal(IDENTITY_STATUS, MISSING, "no client certificate was presented; the admin API needs an "
-                                                      "admin's X509-SVID (secretless-proxy --cert/--key)")
+            return None, Refusal(IDENTITY_STATUS, MISSING, "no client certificate was presented; the admin API needs "
+                                                           "an admin's X509-SVID (secretless-proxy --cert/--key)")
         try:
             # The same verifier as the proxy port: the leaf's own trust domain's bundle, strict IDs.
             workload = self.verifier().verify(chain)
         except IdentityError as exc:
-            return _Refusal(IDENTITY_STATUS, exc.reason, str(exc))
+            return None, Refusal(IDENTITY_STATUS, exc.reason, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in verification: refuse, never let through
             log.error("admin API cannot verify identities (%s)", type(exc).__name__)
-            return _Refusal(503, "not_configured", "the admin API cannot verify identities right now; see the proxy log")
+            return None, Refusal(503, "not_configured", "the admin API cannot verify identities right now; see the "
+                                                        "proxy log")
         admin = any(p.matches(workload.trust_domain, workload.path) for p in self.admins())
         if not admin:
-            return _Refusal(403, "not_admin", f"workload {workload.spiffe_id} is not listed under admin.workloads",
-                            workload=workload.spiffe_id)
-        return workload
+            return workload, Refusal(403, "not_admin", f"workload {workload.spiffe_id} is not listed under "
+                                                       "admin.workloads")
+        return workload, None
 
-    async def _answer(self, method: str, target: str, headers: dict[bytes, bytes], body: bytes,
-                      caller: Workload) -> Response:
-        if method == "POST":
-            ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    async def _answer(self, request: Request, caller: Workload) -> Response:
+        if request.method == "POST":
+            ctype = request.header(b"content-type").split(b";", 1)[0].strip().lower()
             if ctype != b"application/json":
-                return _Refusal(415, "unsupported_media_type", "send the request body as application/json").response()
-        return await self.api.handle(method, target, body, caller)
+                return refused_json(Refusal(415, "unsupported_media_type", "send the request body as application/json"))
+        return await self.api.handle(request.method, request.target, request.body, caller)
 
-    def _denied(self, refusal: _Refusal, method: str, target: str) -> None:
+    def _denied(self, refusal: Refusal, caller: Workload | None, request: Request | None) -> None:
+        """``admin.denied``: ``workload`` is a verified caller refused anyway (not_admin)."""
         try:
-            self.api.audit().emit("admin.denied", workload=refusal.workload, reason=refusal.reason, error=str(refusal),
-                                  method=method or None, path=clean_path(target) if target else None)
+            self.api.audit().emit("admin.denied", workload=caller.spiffe_id if caller else None, reason=refusal.reason,
+                                  error=refusal.message, method=request.method if request else None,
+                                  path=clean_path(request.target) if request else None)
         except Exception as exc:  # noqa: BLE001 - auditing a refusal must not turn it into a crash
             log.error("auditing an admin API refusal failed (%s)", type(exc).__name__)
 
@@ -452,68 +422,10 @@ class _TlsStream:
             await self.writer.drain()
 
 
-async def _read_request(tls: _TlsStream) -> tuple[str, str, dict[bytes, bytes], bytes]:
-    """(method, target, headers, body) of one request, or _Refusal (400/411/413/431)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD:
-            raise _Refusal(431, "invalid_request", "request head too large")
-        chunk = await tls.recv()
-        if not chunk:
-            if buf:
-                raise _Refusal(400, "invalid_request", "incomplete request")
-            raise ConnectionResetError("the client sent no request")
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    if len(head) > MAX_HEAD:
-        raise _Refusal(431, "invalid_request", "request head too large")
-    lines = head.split(b"\r\n")
-    m = _REQUEST_LINE.match(lines[0])
-    if m is None:
-        raise _Refusal(400, "invalid_request", "malformed request line")
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        h = _HEADER.match(line)
-        if h is None:  # includes obsolete line folding and bare LF/CR tricks
-            raise _Refusal(400, "invalid_request", "malformed header")
-        name = h.group(1).lower()
-        if name in headers and name in (b"host", b"content-length", b"transfer-encoding", b"content-type"):
-            raise _Refusal(400, "invalid_request", "duplicate header")
-        headers[name] = h.group(2)
-    if m.group(3) == b"1" and b"host" not in headers:
-        raise _Refusal(400, "invalid_request", "missing Host header")  # RFC 9112 §3.2
-    if b"transfer-encoding" in headers:
-        raise _Refusal(411, "invalid_request", "send the body with Content-Length, not Transfer-Encoding")
-    length_text = headers.get(b"content-length", b"0").strip()
-    if not length_text.isdigit() or len(length_text) > 9:
-        raise _Refusal(400, "invalid_request", "malformed Content-Length")
-    length = int(length_text)
-    if length > MAX_BODY:
-        raise _Refusal(413, "invalid_request", f"request body larger than {MAX_BODY} bytes")
-    while len(rest) < length:
-        chunk = await tls.recv()
-        if not chunk:
-            raise _Refusal(400, "invalid_request", "incomplete request body")
-        rest += chunk
-    return m.group(1).decode(), m.group(2).decode(), headers, rest[:length]
-
-
-def _render(status: int, headers: dict[str, str], body: bytes) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_STATUS.get(status, 'Error')}", f"Content-Length: {len(body)}",
-             "Connection: close", "X-Content-Type-Options: nosniff"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _json(status: int, doc: Any) -> Response:
-    body = (json.dumps(doc, separators=(",", ":"), sort_keys=True) + "\n").encode()
-    return status, {"Content-Type": "application/json", "Cache-Control": "no-store"}, body
-
-
 def _allow(method: str, *allowed: str) -> None:
     if method not in allowed:
-        raise _Refusal(405, "method_not_allowed", f"{method} is not allowed here (allowed: {', '.join(allowed)})",
-                       {"Allow": ", ".join(allowed)})
+        raise Refusal(405, "method_not_allowed", f"{method} is not allowed here (allowed: {', '.join(allowed)})",
+                      allow=allowed)
 
 
 def _params(query: str, *known: str) -> dict[str, str]:
@@ -522,13 +434,13 @@ def _params(query: str, *known: str) -> dict[str, str]:
         parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=8,
                           errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise _Refusal(400, "invalid_request", "malformed query string") from None
+        raise Refusal(400, "invalid_request", "malformed query string") from None
     for name, values in parsed.items():
         if name not in known:
-            raise _Refusal(400, "invalid_request", f"unknown query parameter {name!r}"
+            raise Refusal(400, "invalid_request", f"unknown query parameter {name!r}"
                                                    + (f" (known: {', '.join(known)})" if known else ""))
         if len(values) > 1:
-            raise _Refusal(400, "invalid_request", f"query parameter {name!r} given twice")
+            raise Refusal(400, "invalid_request", f"query parameter {name!r} given twice")
     return {name: values[0] for name, values in parsed.items()}
 
 
@@ -536,30 +448,30 @@ def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise _Refusal(400, "invalid_json", "the request body is not valid JSON") from None
+        raise Refusal(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise _Refusal(400, "invalid_json", "the request body must be a JSON object")
+        raise Refusal(400, "invalid_json", "the request body must be a JSON object")
     return data
 
 
 def _workload(value: Any, rule: Rule) -> str:
     """The exact SPIFFE ID a grant may name for ``rule``, or _Refusal."""
     if not isinstance(value, str) or "*" in value:
-        raise _Refusal(400, "invalid_request", f"workload must be one exact SPIFFE ID, not a pattern, got {value!r}")
+        raise Refusal(400, "invalid_request", f"workload must be one exact SPIFFE ID, not a pattern, got {value!r}")
     try:
         td, path = split_spiffe_id(value)
     except ValueError as exc:
-        raise _Refusal(400, "invalid_request", str(exc)) from None
+        raise Refusal(400, "invalid_request", str(exc)) from None
     if not any(p.matches(td, path) for p in rule.workloads):
         patterns = ", ".join(p.text for p in rule.workloads)
-        raise _Refusal(400, "workload_not_covered", f"rule '{rule.name}' does not cover workload {value} "
+        raise Refusal(400, "workload_not_covered", f"rule '{rule.name}' does not cover workload {value} "
                                                     f"(its workloads: {patterns}); a grant cannot widen a rule")
     return value
 
 
-def _not_found(grant_id: str) -> _Refusal:
+def _not_found(grant_id: str) -> Refusal:
     shown = f" {grant_id}" if valid_grant_id(grant_id) else ""
-    return _Refusal(404, "grant_not_found", f"no grant{shown}: unknown, expired or not a grant id")
+    return Refusal(404, "grant_not_found", f"no grant{shown}: unknown, expired or not a grant id")
 
 
 def _audited(audit: AuditLog, event: str, grant: Grant, reason: str, **who: str) -> bool:

@@ -54,6 +54,7 @@ class Refusal(Exception):
     message: str
     rule: str | None = None
     retry_after: float | None = None  # seconds: sent as Retry-After (RFC 9110 §10.2.3) on a 503
+    allow: tuple[str, ...] = ()  # the methods sent as Allow (RFC 9110 §10.2.1) on a 405
 
 
 def error_response(request_id: str, refusal: Refusal) -> http.Response:
