@@ -21,7 +21,7 @@ from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from prometheus_client import disable_created_metrics
 
-from . import hardening
+from . import dispatch, hardening
 from .addon import Secretless
 from .admin import AdminServer
 from .adminapi import AdminApi, AdminApiServer, api_server_cert
@@ -110,6 +110,7 @@ def build_master(*, config_path: str, listen: tuple[str, int] | None) -> master.
     """A Master configured from ``config_path``; raises OptionsError with a readable message."""
     opts = options.Options()
     m = master.Master(opts)
+    dispatch.install(m.addons)  # the chain is fixed here: each hook's handlers looked up once
     m.addons.add(errorcheck.ErrorCheck(repeat_errors_on_stderr=True), core.Core(),
                  proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), *secretless_addons())
     # Identity is proven on the client connection, so HTTP/2 on it is fine; h2 *upstream* is too.
