@@ -56,10 +56,11 @@ from .certs import Issued, make_server_cert
 from .config import Config, Rule
 from .errors import IdentityError
 from .grants import Grant, check_text, new_grant, valid_grant_id
-from .identity import INVALID, MISSING, IdentityVerifier, Workload
+from .identity import IdentityVerifier, Workload
 from .matching import WorkloadPattern, split_spiffe_id
 from .metrics import Metrics
-from .store.base import STORE_UNAVAILABLE, Store, StoreError
+from .reasons import Reason
+from .store.base import Store, StoreError
 
 log = logging.getLogger("secretless.adminapi")
 
@@ -111,7 +112,7 @@ class AdminApi:
         except _Refusal as exc:
             return exc.response()
         except StoreError as exc:
-            return _Refusal(503, STORE_UNAVAILABLE, str(exc)).response()
+            return _Refusal(503, Reason.STORE_UNAVAILABLE, str(exc)).response()
         except Exception as exc:  # noqa: BLE001 - a bug answers 500, it never takes the listener down
             log.error("admin API %s %s failed (%s)", method, clean_path(path), type(exc).__name__)
             return _Refusal(500, "internal_error", "the admin API failed to answer; see the proxy log").response()
@@ -311,9 +312,9 @@ class AdminApiServer(Listener):
             chain = [] if leaf is None else [leaf, *(c for c in conn.get_peer_cert_chain(as_cryptography=True) or []
                                                      if c != leaf)]
         except Exception as exc:  # noqa: BLE001 - a certificate cryptography cannot even load
-            return _Refusal(IDENTITY_STATUS, INVALID, f"the client certificate is malformed ({type(exc).__name__})")
+            return _Refusal(IDENTITY_STATUS, Reason.IDENTITY_INVALID, f"the client certificate is malformed ({type(exc).__name__})")
         if not chain:
-            return _Refusal(IDENTITY_STATUS, MISSING, "no client certificate was presented; the admin API needs an "
+            return _Refusal(IDENTITY_STATUS, Reason.IDENTITY_MISSING, "no client certificate was presented; the admin API needs an "
                                                       "admin's X509-SVID (secretless-proxy --cert/--key)")
         try:
             # The same verifier as the proxy port: the leaf's own trust domain's bundle, strict IDs.

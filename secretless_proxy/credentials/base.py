@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..definition import definition_digest
 from ..errors import CredentialError
 from ..identity import Workload
+from ..reasons import Reason
 from ..secrets import Secret
 
 if TYPE_CHECKING:
@@ -26,14 +27,12 @@ if TYPE_CHECKING:
     from ..config import Credential
     from ..signing import JwtSigner
 
-UNAVAILABLE = "credential_unavailable"
-
 
 class ProviderError(CredentialError):
     """The provider could not produce a credential. ``retryable`` says whether trying again may help."""
 
     def __init__(self, detail: str, *, retryable: bool = True) -> None:
-        super().__init__(UNAVAILABLE, detail)
+        super().__init__(Reason.CREDENTIAL_UNAVAILABLE, detail)
         self.retryable = retryable
 
 

@@ -35,7 +35,6 @@ from ..secrets import SecretRef, expand_user
 from ..yamlsource import Path_, Source
 from .base import (
     EVENTS,
-    STORE_UNAVAILABLE,
     Store,
     StoreError,
     credential_family,
@@ -52,7 +51,7 @@ if TYPE_CHECKING:
     from .redis import TlsFiles
 
 __all__ = [
-    "EVENTS", "STORE_UNAVAILABLE", "MemoryStore", "Sealer", "SealingError", "Store", "StoreConfig",
+    "EVENTS", "MemoryStore", "Sealer", "SealingError", "Store", "StoreConfig",
     "StoreError", "credential_family", "credential_key", "credential_prefix", "decode_credential", "encode_credential", "open_store",
     "parse_store_section", "shared_fetch",
 ]
