@@ -115,7 +115,7 @@ class AdminApi:
             return _Refusal(503, Reason.STORE_UNAVAILABLE, str(exc)).response()
         except Exception as exc:  # noqa: BLE001 - a bug answers 500, it never takes the listener down
             log.error("admin API %s %s failed (%s)", method, clean_path(path), type(exc).__name__)
-            return _Refusal(500, "internal_error", "the admin API failed to answer; see the proxy log").response()
+            return _Refusal(500, Reason.INTERNAL_ERROR, "the admin API failed to answer; see the proxy log").response()
 
     async def _route(self, method: str, target: str, body: bytes, caller: Workload) -> Response:
         path, _, query = target.partition("?")
@@ -134,7 +134,7 @@ class AdminApi:
             _allow(method, "GET")
             _params(query)
             return _json(200, {"credentials": self._inventory()})
-        raise _Refusal(404, "not_found", "no such endpoint (known: /v1/grants, /v1/grants/{id}, /v1/credentials)")
+        raise _Refusal(404, Reason.NOT_FOUND, "no such endpoint (known: /v1/grants, /v1/grants/{id}, /v1/credentials)")
 
     # -- grants --------------------------------------------------------------------------------
 
@@ -146,37 +146,37 @@ class AdminApi:
         data = _json_object(body)
         unknown = sorted(set(data) - set(_GRANT_FIELDS))
         if unknown:
-            raise _Refusal(400, "invalid_request", f"unknown field '{unknown[0]}' (known: {', '.join(_GRANT_FIELDS)})")
+            raise _Refusal(400, Reason.INVALID_REQUEST, f"unknown field '{unknown[0]}' (known: {', '.join(_GRANT_FIELDS)})")
         for name in ("workload", "rule", "ttl_seconds"):
             if name not in data:
-                raise _Refusal(400, "invalid_request", f"missing required field '{name}'")
+                raise _Refusal(400, Reason.INVALID_REQUEST, f"missing required field '{name}'")
         rule = self._grantable_rule(data["rule"])
         workload = _workload(data["workload"], rule)
         glass = data.get("break_glass", False)
         reason = data.get("reason", "")
         if not isinstance(glass, bool):
-            raise _Refusal(400, "invalid_request", "break_glass must be true or false")
+            raise _Refusal(400, Reason.INVALID_REQUEST, "break_glass must be true or false")
         if not isinstance(reason, str):
-            raise _Refusal(400, "invalid_request", "reason must be a string")
+            raise _Refusal(400, Reason.INVALID_REQUEST, "reason must be a string")
         if glass and not rule.break_glass:
-            raise _Refusal(400, "break_glass_not_permitted", f"rule '{rule.name}' does not permit break-glass "
+            raise _Refusal(400, Reason.BREAK_GLASS_NOT_PERMITTED, f"rule '{rule.name}' does not permit break-glass "
                                                              "grants (it would need break_glass: true)")
         if glass and not reason.strip():
-            raise _Refusal(400, "reason_required", "a break-glass grant needs a reason: say why the emergency "
+            raise _Refusal(400, Reason.REASON_REQUIRED, "a break-glass grant needs a reason: say why the emergency "
                                                    "access is needed")
         try:
             grant = new_grant(workload=workload, rule=rule.name, ttl=data["ttl_seconds"], reason=reason,
                               issued_by=caller.spiffe_id, break_glass=glass, now=self.now)
         except ValueError as exc:
-            raise _Refusal(400, "invalid_grant", str(exc)) from None
+            raise _Refusal(400, Reason.INVALID_GRANT, str(exc)) from None
         if not await self.store.put_grant(grant):
-            raise _Refusal(409, "grant_conflict", "the store refused the new grant (its id is revoked or it "
+            raise _Refusal(409, Reason.GRANT_CONFLICT, "the store refused the new grant (its id is revoked or it "
                                                   "expired already); try again")
         audit = self.audit()
         if not _audited(audit, "grant.created", grant, grant.reason, issued_by=grant.issued_by) and audit.fail_closed:
             # An emergency grant nobody can trace must not exist: take it back.
             await self.store.revoke_grant(grant.id, reason="audit_unavailable")
-            raise _Refusal(503, "audit_unavailable", "the audit log could not record the grant, so it was not "
+            raise _Refusal(503, Reason.AUDIT_UNAVAILABLE, "the audit log could not record the grant, so it was not "
                                                      "issued; fix the audit sink and try again")
         self.metrics.grant_created(break_glass=glass)
         log.info("grant %s issued by %s: %s may use rule '%s'%s", grant.id, grant.issued_by, grant.workload,
@@ -188,7 +188,7 @@ class AdminApi:
         try:
             check_text("reason", reason, required=True)
         except ValueError as exc:
-            raise _Refusal(400, "invalid_request", str(exc)) from None
+            raise _Refusal(400, Reason.INVALID_REQUEST, str(exc)) from None
         grant = await self._existing(grant_id)
         if grant.revoked:  # idempotent: the first revocation stands and was audited then
             return _json(200, _grant_doc(grant, self.now()))
@@ -209,14 +209,14 @@ class AdminApi:
 
     def _grantable_rule(self, name: Any) -> Rule:
         if not isinstance(name, str):
-            raise _Refusal(400, "invalid_request", "rule must be a rule name (a string)")
+            raise _Refusal(400, Reason.INVALID_REQUEST, "rule must be a rule name (a string)")
         rules = self.config().rules
         rule = next((r for r in rules if r.name == name), None)
         grantable = ", ".join(r.name for r in rules if r.requires_grant) or "none"
         if rule is None:
-            raise _Refusal(400, "unknown_rule", f"unknown rule {name!r} (rules that take grants: {grantable})")
+            raise _Refusal(400, Reason.UNKNOWN_RULE, f"unknown rule {name!r} (rules that take grants: {grantable})")
         if not rule.requires_grant:
-            raise _Refusal(400, "rule_not_grantable", f"rule '{name}' does not say requires_grant: true, so it "
+            raise _Refusal(400, Reason.RULE_NOT_GRANTABLE, f"rule '{name}' does not say requires_grant: true, so it "
                                                       f"applies without a grant (rules that take grants: {grantable})")
         return rule
 
@@ -323,10 +323,10 @@ class AdminApiServer(Listener):
             return _Refusal(IDENTITY_STATUS, exc.reason, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in verification: refuse, never let through
             log.error("admin API cannot verify identities (%s)", type(exc).__name__)
-            return _Refusal(503, "not_configured", "the admin API cannot verify identities right now; see the proxy log")
+            return _Refusal(503, Reason.NOT_CONFIGURED, "the admin API cannot verify identities right now; see the proxy log")
         admin = any(p.matches(workload.trust_domain, workload.path) for p in self.admins())
         if not admin:
-            return _Refusal(403, "not_admin", f"workload {workload.spiffe_id} is not listed under admin.workloads",
+            return _Refusal(403, Reason.NOT_ADMIN, f"workload {workload.spiffe_id} is not listed under admin.workloads",
                             workload=workload.spiffe_id)
         return workload
 
@@ -335,7 +335,7 @@ class AdminApiServer(Listener):
         if method == "POST":
             ctype = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
             if ctype != b"application/json":
-                return _Refusal(415, "unsupported_media_type", "send the request body as application/json").response()
+                return _Refusal(415, Reason.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json").response()
         return await self.api.handle(method, target, body, caller)
 
     def _denied(self, refusal: _Refusal, method: str, target: str) -> None:
@@ -458,43 +458,43 @@ async def _read_request(tls: _TlsStream) -> tuple[str, str, dict[bytes, bytes], 
     buf = b""
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HEAD:
-            raise _Refusal(431, "invalid_request", "request head too large")
+            raise _Refusal(431, Reason.INVALID_REQUEST, "request head too large")
         chunk = await tls.recv()
         if not chunk:
             if buf:
-                raise _Refusal(400, "invalid_request", "incomplete request")
+                raise _Refusal(400, Reason.INVALID_REQUEST, "incomplete request")
             raise ConnectionResetError("the client sent no request")
         buf += chunk
     head, _, rest = buf.partition(b"\r\n\r\n")
     if len(head) > MAX_HEAD:
-        raise _Refusal(431, "invalid_request", "request head too large")
+        raise _Refusal(431, Reason.INVALID_REQUEST, "request head too large")
     lines = head.split(b"\r\n")
     m = _REQUEST_LINE.match(lines[0])
     if m is None:
-        raise _Refusal(400, "invalid_request", "malformed request line")
+        raise _Refusal(400, Reason.INVALID_REQUEST, "malformed request line")
     headers: dict[bytes, bytes] = {}
     for line in lines[1:]:
         h = _HEADER.match(line)
         if h is None:  # includes obsolete line folding and bare LF/CR tricks
-            raise _Refusal(400, "invalid_request", "malformed header")
+            raise _Refusal(400, Reason.INVALID_REQUEST, "malformed header")
         name = h.group(1).lower()
         if name in headers and name in (b"host", b"content-length", b"transfer-encoding", b"content-type"):
-            raise _Refusal(400, "invalid_request", "duplicate header")
+            raise _Refusal(400, Reason.INVALID_REQUEST, "duplicate header")
         headers[name] = h.group(2)
     if m.group(3) == b"1" and b"host" not in headers:
-        raise _Refusal(400, "invalid_request", "missing Host header")  # RFC 9112 §3.2
+        raise _Refusal(400, Reason.INVALID_REQUEST, "missing Host header")  # RFC 9112 §3.2
     if b"transfer-encoding" in headers:
-        raise _Refusal(411, "invalid_request", "send the body with Content-Length, not Transfer-Encoding")
+        raise _Refusal(411, Reason.INVALID_REQUEST, "send the body with Content-Length, not Transfer-Encoding")
     length_text = headers.get(b"content-length", b"0").strip()
     if not length_text.isdigit() or len(length_text) > 9:
-        raise _Refusal(400, "invalid_request", "malformed Content-Length")
+        raise _Refusal(400, Reason.INVALID_REQUEST, "malformed Content-Length")
     length = int(length_text)
     if length > MAX_BODY:
-        raise _Refusal(413, "invalid_request", f"request body larger than {MAX_BODY} bytes")
+        raise _Refusal(413, Reason.INVALID_REQUEST, f"request body larger than {MAX_BODY} bytes")
     while len(rest) < length:
         chunk = await tls.recv()
         if not chunk:
-            raise _Refusal(400, "invalid_request", "incomplete request body")
+            raise _Refusal(400, Reason.INVALID_REQUEST, "incomplete request body")
         rest += chunk
     return m.group(1).decode(), m.group(2).decode(), headers, rest[:length]
 
@@ -513,7 +513,7 @@ def _json(status: int, doc: Any) -> Response:
 
 def _allow(method: str, *allowed: str) -> None:
     if method not in allowed:
-        raise _Refusal(405, "method_not_allowed", f"{method} is not allowed here (allowed: {', '.join(allowed)})",
+        raise _Refusal(405, Reason.METHOD_NOT_ALLOWED, f"{method} is not allowed here (allowed: {', '.join(allowed)})",
                        {"Allow": ", ".join(allowed)})
 
 
@@ -523,13 +523,13 @@ def _params(query: str, *known: str) -> dict[str, str]:
         parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=8,
                           errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise _Refusal(400, "invalid_request", "malformed query string") from None
+        raise _Refusal(400, Reason.INVALID_REQUEST, "malformed query string") from None
     for name, values in parsed.items():
         if name not in known:
-            raise _Refusal(400, "invalid_request", f"unknown query parameter {name!r}"
+            raise _Refusal(400, Reason.INVALID_REQUEST, f"unknown query parameter {name!r}"
                                                    + (f" (known: {', '.join(known)})" if known else ""))
         if len(values) > 1:
-            raise _Refusal(400, "invalid_request", f"query parameter {name!r} given twice")
+            raise _Refusal(400, Reason.INVALID_REQUEST, f"query parameter {name!r} given twice")
     return {name: values[0] for name, values in parsed.items()}
 
 
@@ -537,30 +537,30 @@ def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise _Refusal(400, "invalid_json", "the request body is not valid JSON") from None
+        raise _Refusal(400, Reason.INVALID_JSON, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise _Refusal(400, "invalid_json", "the request body must be a JSON object")
+        raise _Refusal(400, Reason.INVALID_JSON, "the request body must be a JSON object")
     return data
 
 
 def _workload(value: Any, rule: Rule) -> str:
     """The exact SPIFFE ID a grant may name for ``rule``, or _Refusal."""
     if not isinstance(value, str) or "*" in value:
-        raise _Refusal(400, "invalid_request", f"workload must be one exact SPIFFE ID, not a pattern, got {value!r}")
+        raise _Refusal(400, Reason.INVALID_REQUEST, f"workload must be one exact SPIFFE ID, not a pattern, got {value!r}")
     try:
         td, path = split_spiffe_id(value)
     except ValueError as exc:
-        raise _Refusal(400, "invalid_request", str(exc)) from None
+        raise _Refusal(400, Reason.INVALID_REQUEST, str(exc)) from None
     if not any(p.matches(td, path) for p in rule.workloads):
         patterns = ", ".join(p.text for p in rule.workloads)
-        raise _Refusal(400, "workload_not_covered", f"rule '{rule.name}' does not cover workload {value} "
+        raise _Refusal(400, Reason.WORKLOAD_NOT_COVERED, f"rule '{rule.name}' does not cover workload {value} "
                                                     f"(its workloads: {patterns}); a grant cannot widen a rule")
     return value
 
 
 def _not_found(grant_id: str) -> _Refusal:
     shown = f" {grant_id}" if valid_grant_id(grant_id) else ""
-    return _Refusal(404, "grant_not_found", f"no grant{shown}: unknown, expired or not a grant id")
+    return _Refusal(404, Reason.GRANT_NOT_FOUND, f"no grant{shown}: unknown, expired or not a grant id")
 
 
 def _audited(audit: AuditLog, event: str, grant: Grant, reason: str, **who: str) -> bool:
