@@ -329,7 +329,7 @@ class Metrics:
             return value
         if (label, value) not in self._warned and len(self._warned) < 100:
             self._warned.add((label, value))
-            log.warning("unknown %s %r counted as %r", label, value, OTHER)
+            log.warning("unknown %s %r counted as %r", label, str(value), OTHER)  # a Reason logs as its string
         return OTHER
 
 
