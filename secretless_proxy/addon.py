@@ -32,7 +32,6 @@ from . import (
     sigv4,
     wsjudge,
 )
-from . import identity as ident
 from .adminhttp import Listener
 from .audit import AuditLog, clean_path
 from .breaker import Backoff
@@ -48,22 +47,8 @@ from .metrics import Metrics, decision_for
 from .observe import Observer
 from .policy import Decision, Deny
 from .proof import Proof
-from .refusal import (
-    AUDIT_UNAVAILABLE,
-    BODY_TOO_LARGE,
-    CREDENTIAL_UNAVAILABLE,
-    DENY_MESSAGES,
-    GRANT_REQUIRED,
-    HEAD_TOO_LARGE,
-    HOST_MISMATCH,
-    INTERNAL,
-    NOT_CONFIGURED,
-    REQUEST_ID_HEADER,
-    STORE_UNAVAILABLE,
-    Refusal,
-    decoded_too_large,
-    error_response,
-)
+from .reasons import Reason
+from .refusal import DENY_MESSAGES, REQUEST_ID_HEADER, Refusal, decoded_too_large, error_response
 from .services import Services
 from .shutdown import Drain
 from .store import StoreError
@@ -342,7 +327,7 @@ class Secretless:
             self.gate.next_layer(nextlayer)
         except Exception as exc:  # noqa: BLE001 - fail closed: a failed decision refuses the connection
             log.error("layer decision failed (%s); connection refused", type(exc).__name__)
-            nextlayer.layer = self.gate.refusal_layer(nextlayer.context, protocols.PROTOCOL_REFUSED,
+            nextlayer.layer = self.gate.refusal_layer(nextlayer.context, Reason.PROTOCOL_REFUSED,
                                                       "the proxy could not classify this connection")
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -369,7 +354,7 @@ class Secretless:
         except Exception as exc:  # noqa: BLE001 - fail closed; the type only (no certificate bytes, no traceback)
             log.error("identity check failed unexpectedly (%s); the connection is refused", type(exc).__name__)
             st = self._conns.setdefault(data.conn, ConnState())  # type: ignore[arg-type]
-            st.proof.result = IdentityError(ident.INVALID, "the client certificate could not be checked")
+            st.proof.result = IdentityError(Reason.IDENTITY_INVALID, "the client certificate could not be checked")
 
     def _on_client_tls(self, client: Client) -> None:
         st = self._conns.setdefault(client, ConnState())
@@ -381,7 +366,7 @@ class Secretless:
             return
         runtime = self.runtime
         if runtime is None:
-            st.proof.result = IdentityError(ident.UNTRUSTED, "the proxy has no trust bundle loaded")
+            st.proof.result = IdentityError(Reason.IDENTITY_UNTRUSTED, "the proxy has no trust bundle loaded")
             return
         refused = st.proof.handshake([c.to_cryptography() for c in client.certificate_list], runtime.verifier)
         if refused is not None:
@@ -396,7 +381,7 @@ class Secretless:
         try:
             st.connect = (normalize_host(flow.request.host), flow.request.port)
         except ValueError:
-            self._refuse(flow, Refusal(400, HOST_MISMATCH, "the CONNECT target is not a valid host"))
+            self._refuse(flow, Refusal(400, Reason.HOST_MISMATCH, "the CONNECT target is not a valid host"))
 
     # -- request path ----------------------------------------------------------------------
 
@@ -405,7 +390,7 @@ class Secretless:
         # (httplayers.GuardedHttpStream answers at once), an allowed one is streamed.
         if flow.error and flow.request.method == "CONNECT" and flow.response is None:
             # mitmproxy refuses a CONNECT inside a tunnel (its transparent mode) itself: audit and count it.
-            self._report_refusal(flow, Refusal(400, protocols.PROTOCOL_REFUSED, "CONNECT inside a tunnel is not supported"))
+            self._report_refusal(flow, Refusal(400, Reason.PROTOCOL_REFUSED, "CONNECT inside a tunnel is not supported"))
             return
         if flow.response or flow.error or not flow.live:
             return
@@ -436,7 +421,7 @@ class Secretless:
         except Exception as exc:  # noqa: BLE001 - fail closed on any bug
             # The type only: an exception message might quote a value we must not log.
             log.error("request %s refused after an internal error (%s)", flow.id, type(exc).__name__)
-            self._refuse(flow, Refusal(502, INTERNAL, "the proxy failed to process this request"))
+            self._refuse(flow, Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to process this request"))
         finally:
             if decision != "pending":  # a sigv4 request is counted once, when it is signed
                 self.observer.request_done(rule=rule, decision=decision, overhead_seconds=time.perf_counter() - started)
@@ -444,7 +429,7 @@ class Secretless:
     async def _authorize_and_inject(self, flow: http.HTTPFlow, *, on_head: bool) -> tuple[str, str]:
         services = self.services
         if services is None or services.broker is None:
-            raise Refusal(503, NOT_CONFIGURED, "the proxy has no configuration loaded")
+            raise Refusal(503, Reason.NOT_CONFIGURED, "the proxy has no configuration loaded")
         runtime = services.runtime  # one runtime for the whole request, even across a reload
         req = flow.request
         _check_head(req, services.config.limits)
@@ -472,7 +457,7 @@ class Secretless:
             self._allowed.add(flow)
             return rule.name, "allowed"
         if not self.observer.audit_ready():
-            raise Refusal(503, AUDIT_UNAVAILABLE, "the audit log cannot be written; credentials are withheld", rule.name)
+            raise Refusal(503, Reason.AUDIT_UNAVAILABLE, "the audit log cannot be written; credentials are withheld", rule.name)
         rctx = RequestContext(workload=workload, host=host, port=port, method=req.method,
                               path=req.path.split("?", 1)[0], rule=rule.name, grant_id=grant_id)
         try:
@@ -481,10 +466,10 @@ class Secretless:
         except Exception as exc:  # noqa: BLE001 - any failure to obtain it means: refuse
             detail = str(exc) if isinstance(exc, CredentialError) else f"{type(exc).__name__} (message withheld)"
             log.warning("credential %s unavailable for rule %s: %s", rule.inject.credential, rule.name, detail)
-            raise Refusal(503, CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name,
+            raise Refusal(503, Reason.CREDENTIAL_UNAVAILABLE, "the credential for this rule could not be obtained", rule.name,
                           retry_after=exc.retry_after if isinstance(exc, Backoff) else None) from None
         if not flow.live or flow.response is not None:
-            raise Refusal(502, INTERNAL, "the request ended while its credential was brokered", rule.name)
+            raise Refusal(502, Reason.INTERNAL_ERROR, "the request ended while its credential was brokered", rule.name)
         if rule.inject.sigv4 and on_head:
             # The signature covers the body: sign in `request`, once the (bounded) body is in.
             self._sign_later[flow] = (rule, cred, workload, services)
@@ -506,7 +491,7 @@ class Secretless:
             try:
                 needles = sigv4.sign(req, cred, region=inj.sigv4_region, service=inj.sigv4_service)
             except ValueError as exc:  # our own sentence (unknown region, chunk-signed upload): no secret
-                raise Refusal(503, CREDENTIAL_UNAVAILABLE, f"the request cannot be signed: {exc}", rule.name) from None
+                raise Refusal(503, Reason.CREDENTIAL_UNAVAILABLE, f"the request cannot be signed: {exc}", rule.name) from None
             header, query = "Authorization", None
         else:
             needles = inject.apply(req, inj, cred.secret)
@@ -524,9 +509,9 @@ class Secretless:
         try:
             grant = await services.store.find_grant(workload.spiffe_id, rule.name)
         except StoreError:
-            raise Refusal(503, STORE_UNAVAILABLE, "grants cannot be checked right now; this rule fails closed", rule.name) from None
+            raise Refusal(503, Reason.STORE_UNAVAILABLE, "grants cannot be checked right now; this rule fails closed", rule.name) from None
         if grant is None or grant.id in services.store.revoked_grant_ids():
-            raise Refusal(403, GRANT_REQUIRED, "this rule applies only while a grant exists for this workload", rule.name)
+            raise Refusal(403, Reason.GRANT_REQUIRED, "this rule applies only while a grant exists for this workload", rule.name)
         services.grant_in_use(grant)
         return grant.id
 
@@ -553,7 +538,7 @@ class Secretless:
             requesttarget.check(flow.metadata.get(TARGET, (req.scheme, req.authority)),
                                 host=host, port=req.port, scheme=req.scheme)
         except ValueError:
-            raise Refusal(403, HOST_MISMATCH, "the request target, Host header, TLS SNI and CONNECT target must "
+            raise Refusal(403, Reason.HOST_MISMATCH, "the request target, Host header, TLS SNI and CONNECT target must "
                                               "name the same destination") from None
         if req.host != host:
             # Connect to exactly the name the policy decided on (``API.Example.com.`` → ``api.example.com``).
@@ -640,7 +625,7 @@ class Secretless:
                 flow.response.stream = True  # inject.echo_check: false (APIs that never echo)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
-            flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))
+            flow.response = error_response(flow.id, Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to process the response"))
 
     def response(self, flow: http.HTTPFlow) -> None:
         # A WebSocket keeps its needles until websocket_end: its messages are redacted too.
@@ -655,7 +640,7 @@ class Secretless:
             flow.response = error_response(flow.id, refusal)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
-            flow.response = error_response(flow.id, Refusal(502, INTERNAL, "the proxy failed to process the response"))
+            flow.response = error_response(flow.id, Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to process the response"))
         self._audit_used(flow, injected, flow.response.status_code)
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
@@ -666,7 +651,7 @@ class Secretless:
             refusal = self._ws_rejudge.refusal(flow, st.proof if st else None, self.runtime)
         except Exception as exc:  # noqa: BLE001 - fail closed
             log.error("re-judging WebSocket %s failed (%s); closed", flow.id, type(exc).__name__)
-            refusal = Refusal(502, INTERNAL, "the proxy failed to judge this WebSocket")
+            refusal = Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to judge this WebSocket")
         if refusal is not None:
             flow.websocket.messages[-1].drop()
             self._report_refusal(flow, refusal)
@@ -706,11 +691,11 @@ def _check_head(req: http.Request, limits: LimitsConfig) -> None:
     size = len(req.data.method) + len(req.data.path) + len(req.data.authority) + 14
     size += sum(len(k) + len(v) + 4 for k, v in req.data.headers.fields)
     if size > limits.max_request_head_bytes:
-        raise Refusal(431, HEAD_TOO_LARGE,
+        raise Refusal(431, Reason.HEAD_TOO_LARGE,
                       f"the request head is larger than limits.max_request_head_bytes ({limits.max_request_head_bytes} bytes)")
     declared = req.headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > limits.max_request_body_bytes:
-        raise Refusal(413, BODY_TOO_LARGE,
+        raise Refusal(413, Reason.BODY_TOO_LARGE,
                       f"the request body is larger than limits.max_request_body_bytes ({limits.max_request_body_bytes} bytes)")
 
 

@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .adminhttp import READ_TIMEOUT, WRITE_TIMEOUT, Exchange, Listener, Response, json_doc, refused_text, text
 from .metrics import Metrics
+from .reasons import Reason
 from .refusal import Refusal
 
 log = logging.getLogger("secretless.admin")
@@ -64,7 +65,7 @@ class AdminServer(Listener):
                 async with asyncio.timeout(READ_TIMEOUT):
                     request = await exchange.read()
             except TimeoutError:
-                raise Refusal(408, "invalid_request", "request head not received in time") from None
+                raise Refusal(408, Reason.INVALID_REQUEST, "request head not received in time") from None
             self.request_read(task)
             response = self._route(request.method, request.target, request.header(b"accept").decode("latin-1"))
         except Refusal as exc:
@@ -84,7 +85,7 @@ class AdminServer(Listener):
         if route is None:
             return text(404, "not found\n")
         if method not in ("GET", "HEAD"):
-            return refused_text(Refusal(405, "method_not_allowed", "method not allowed", allow=("GET", "HEAD")))
+            return refused_text(Refusal(405, Reason.METHOD_NOT_ALLOWED, "method not allowed", allow=("GET", "HEAD")))
         return route(accept)
 
     def _metrics(self, accept: str) -> Response:

@@ -57,11 +57,12 @@ from .certs import Issued, make_server_cert
 from .config import Config, Rule
 from .errors import IdentityError
 from .grants import Grant, check_text, new_grant, valid_grant_id
-from .identity import INVALID, MISSING, IdentityVerifier, Workload
+from .identity import IdentityVerifier, Workload
 from .matching import WorkloadPattern, split_spiffe_id
 from .metrics import Metrics
+from .reasons import Reason
 from .refusal import Refusal
-from .store.base import STORE_UNAVAILABLE, Store, StoreError
+from .store.base import Store, StoreError
 
 log = logging.getLogger("secretless.adminapi")
 
@@ -95,10 +96,10 @@ class AdminApi:
         except Refusal as exc:
             return refused_json(exc)
         except StoreError as exc:
-            return refused_json(Refusal(503, STORE_UNAVAILABLE, str(exc)))
+            return refused_json(Refusal(503, Reason.STORE_UNAVAILABLE, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug answers 500, it never takes the listener down
             log.error("admin API %s %s failed (%s)", method, clean_path(path), type(exc).__name__)
-            return refused_json(Refusal(500, "internal_error", "the admin API failed to answer; see the proxy log"))
+            return refused_json(Refusal(500, Reason.INTERNAL_ERROR, "the admin API failed to answer; see the proxy log"))
 
     async def _route(self, method: str, target: str, body: bytes, caller: Workload) -> Response:
         path, _, query = target.partition("?")
@@ -117,7 +118,7 @@ class AdminApi:
             _allow(method, "GET")
             _params(query)
             return json_doc(200, {"credentials": self._inventory()})
-        raise Refusal(404, "not_found", "no such endpoint (known: /v1/grants, /v1/grants/{id}, /v1/credentials)")
+        raise Refusal(404, Reason.NOT_FOUND, "no such endpoint (known: /v1/grants, /v1/grants/{id}, /v1/credentials)")
 
     # -- grants --------------------------------------------------------------------------------
 
@@ -129,37 +130,37 @@ class AdminApi:
         data = _json_object(body)
         unknown = sorted(set(data) - set(_GRANT_FIELDS))
         if unknown:
-            raise Refusal(400, "invalid_request", f"unknown field '{unknown[0]}' (known: {', '.join(_GRANT_FIELDS)})")
+            raise Refusal(400, Reason.INVALID_REQUEST, f"unknown field '{unknown[0]}' (known: {', '.join(_GRANT_FIELDS)})")
         for name in ("workload", "rule", "ttl_seconds"):
             if name not in data:
-                raise Refusal(400, "invalid_request", f"missing required field '{name}'")
+                raise Refusal(400, Reason.INVALID_REQUEST, f"missing required field '{name}'")
         rule = self._grantable_rule(data["rule"])
         workload = _workload(data["workload"], rule)
         glass = data.get("break_glass", False)
         reason = data.get("reason", "")
         if not isinstance(glass, bool):
-            raise Refusal(400, "invalid_request", "break_glass must be true or false")
+            raise Refusal(400, Reason.INVALID_REQUEST, "break_glass must be true or false")
         if not isinstance(reason, str):
-            raise Refusal(400, "invalid_request", "reason must be a string")
+            raise Refusal(400, Reason.INVALID_REQUEST, "reason must be a string")
         if glass and not rule.break_glass:
-            raise Refusal(400, "break_glass_not_permitted", f"rule '{rule.name}' does not permit break-glass "
+            raise Refusal(400, Reason.BREAK_GLASS_NOT_PERMITTED, f"rule '{rule.name}' does not permit break-glass "
                                                              "grants (it would need break_glass: true)")
         if glass and not reason.strip():
-            raise Refusal(400, "reason_required", "a break-glass grant needs a reason: say why the emergency "
+            raise Refusal(400, Reason.REASON_REQUIRED, "a break-glass grant needs a reason: say why the emergency "
                                                    "access is needed")
         try:
             grant = new_grant(workload=workload, rule=rule.name, ttl=data["ttl_seconds"], reason=reason,
                               issued_by=caller.spiffe_id, break_glass=glass, now=self.now)
         except ValueError as exc:
-            raise Refusal(400, "invalid_grant", str(exc)) from None
+            raise Refusal(400, Reason.INVALID_GRANT, str(exc)) from None
         if not await self.store.put_grant(grant):
-            raise Refusal(409, "grant_conflict", "the store refused the new grant (its id is revoked or it "
+            raise Refusal(409, Reason.GRANT_CONFLICT, "the store refused the new grant (its id is revoked or it "
                                                   "expired already); try again")
         audit = self.audit()
         if not _audited(audit, "grant.created", grant, grant.reason, issued_by=grant.issued_by) and audit.fail_closed:
             # An emergency grant nobody can trace must not exist: take it back.
             await self.store.revoke_grant(grant.id, reason="audit_unavailable")
-            raise Refusal(503, "audit_unavailable", "the audit log could not record the grant, so it was not "
+            raise Refusal(503, Reason.AUDIT_UNAVAILABLE, "the audit log could not record the grant, so it was not "
                                                      "issued; fix the audit sink and try again")
         self.metrics.grant_created(break_glass=glass)
         log.info("grant %s issued by %s: %s may use rule '%s'%s", grant.id, grant.issued_by, grant.workload,
@@ -171,7 +172,7 @@ class AdminApi:
         try:
             check_text("reason", reason, required=True)
         except ValueError as exc:
-            raise Refusal(400, "invalid_request", str(exc)) from None
+            raise Refusal(400, Reason.INVALID_REQUEST, str(exc)) from None
         grant = await self._existing(grant_id)
         if grant.revoked:  # idempotent: the first revocation stands and was audited then
             return json_doc(200, _grant_doc(grant, self.now()))
@@ -192,14 +193,14 @@ class AdminApi:
 
     def _grantable_rule(self, name: Any) -> Rule:
         if not isinstance(name, str):
-            raise Refusal(400, "invalid_request", "rule must be a rule name (a string)")
+            raise Refusal(400, Reason.INVALID_REQUEST, "rule must be a rule name (a string)")
         rules = self.config().rules
         rule = next((r for r in rules if r.name == name), None)
         grantable = ", ".join(r.name for r in rules if r.requires_grant) or "none"
         if rule is None:
-            raise Refusal(400, "unknown_rule", f"unknown rule {name!r} (rules that take grants: {grantable})")
+            raise Refusal(400, Reason.UNKNOWN_RULE, f"unknown rule {name!r} (rules that take grants: {grantable})")
         if not rule.requires_grant:
-            raise Refusal(400, "rule_not_grantable", f"rule '{name}' does not say requires_grant: true, so it "
+            raise Refusal(400, Reason.RULE_NOT_GRANTABLE, f"rule '{name}' does not say requires_grant: true, so it "
                                                       f"applies without a grant (rules that take grants: {grantable})")
         return rule
 
@@ -279,9 +280,9 @@ class AdminApiServer(Listener):
             chain = [] if leaf is None else [leaf, *(c for c in conn.get_peer_cert_chain(as_cryptography=True) or []
                                                      if c != leaf)]
         except Exception as exc:  # noqa: BLE001 - a certificate cryptography cannot even load
-            return None, Refusal(IDENTITY_STATUS, INVALID, f"the client certificate is malformed ({type(exc).__name__})")
+            return None, Refusal(IDENTITY_STATUS, Reason.IDENTITY_INVALID, f"the client certificate is malformed ({type(exc).__name__})")
         if not chain:
-            return None, Refusal(IDENTITY_STATUS, MISSING, "no client certificate was presented; the admin API needs "
+            return None, Refusal(IDENTITY_STATUS, Reason.IDENTITY_MISSING, "no client certificate was presented; the admin API needs "
                                                            "an admin's X509-SVID (secretless-proxy --cert/--key)")
         try:
             # The same verifier as the proxy port: the leaf's own trust domain's bundle, strict IDs.
@@ -290,11 +291,11 @@ class AdminApiServer(Listener):
             return None, Refusal(IDENTITY_STATUS, exc.reason, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug in verification: refuse, never let through
             log.error("admin API cannot verify identities (%s)", type(exc).__name__)
-            return None, Refusal(503, "not_configured", "the admin API cannot verify identities right now; see the "
+            return None, Refusal(503, Reason.NOT_CONFIGURED, "the admin API cannot verify identities right now; see the "
                                                         "proxy log")
         admin = any(p.matches(workload.trust_domain, workload.path) for p in self.admins())
         if not admin:
-            return workload, Refusal(403, "not_admin", f"workload {workload.spiffe_id} is not listed under "
+            return workload, Refusal(403, Reason.NOT_ADMIN, f"workload {workload.spiffe_id} is not listed under "
                                                        "admin.workloads")
         return workload, None
 
@@ -302,7 +303,7 @@ class AdminApiServer(Listener):
         if request.method == "POST":
             ctype = request.header(b"content-type").split(b";", 1)[0].strip().lower()
             if ctype != b"application/json":
-                return refused_json(Refusal(415, "unsupported_media_type", "send the request body as application/json"))
+                return refused_json(Refusal(415, Reason.UNSUPPORTED_MEDIA_TYPE, "send the request body as application/json"))
         return await self.api.handle(request.method, request.target, request.body, caller)
 
     def _denied(self, refusal: Refusal, caller: Workload | None, request: Request | None) -> None:
@@ -424,7 +425,7 @@ class _TlsStream:
 
 def _allow(method: str, *allowed: str) -> None:
     if method not in allowed:
-        raise Refusal(405, "method_not_allowed", f"{method} is not allowed here (allowed: {', '.join(allowed)})",
+        raise Refusal(405, Reason.METHOD_NOT_ALLOWED, f"{method} is not allowed here (allowed: {', '.join(allowed)})",
                       allow=allowed)
 
 
@@ -434,13 +435,13 @@ def _params(query: str, *known: str) -> dict[str, str]:
         parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=8,
                           errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise Refusal(400, "invalid_request", "malformed query string") from None
+        raise Refusal(400, Reason.INVALID_REQUEST, "malformed query string") from None
     for name, values in parsed.items():
         if name not in known:
-            raise Refusal(400, "invalid_request", f"unknown query parameter {name!r}"
+            raise Refusal(400, Reason.INVALID_REQUEST, f"unknown query parameter {name!r}"
                                                    + (f" (known: {', '.join(known)})" if known else ""))
         if len(values) > 1:
-            raise Refusal(400, "invalid_request", f"query parameter {name!r} given twice")
+            raise Refusal(400, Reason.INVALID_REQUEST, f"query parameter {name!r} given twice")
     return {name: values[0] for name, values in parsed.items()}
 
 
@@ -448,30 +449,30 @@ def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise Refusal(400, "invalid_json", "the request body is not valid JSON") from None
+        raise Refusal(400, Reason.INVALID_JSON, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise Refusal(400, "invalid_json", "the request body must be a JSON object")
+        raise Refusal(400, Reason.INVALID_JSON, "the request body must be a JSON object")
     return data
 
 
 def _workload(value: Any, rule: Rule) -> str:
     """The exact SPIFFE ID a grant may name for ``rule``, or _Refusal."""
     if not isinstance(value, str) or "*" in value:
-        raise Refusal(400, "invalid_request", f"workload must be one exact SPIFFE ID, not a pattern, got {value!r}")
+        raise Refusal(400, Reason.INVALID_REQUEST, f"workload must be one exact SPIFFE ID, not a pattern, got {value!r}")
     try:
         td, path = split_spiffe_id(value)
     except ValueError as exc:
-        raise Refusal(400, "invalid_request", str(exc)) from None
+        raise Refusal(400, Reason.INVALID_REQUEST, str(exc)) from None
     if not any(p.matches(td, path) for p in rule.workloads):
         patterns = ", ".join(p.text for p in rule.workloads)
-        raise Refusal(400, "workload_not_covered", f"rule '{rule.name}' does not cover workload {value} "
+        raise Refusal(400, Reason.WORKLOAD_NOT_COVERED, f"rule '{rule.name}' does not cover workload {value} "
                                                     f"(its workloads: {patterns}); a grant cannot widen a rule")
     return value
 
 
 def _not_found(grant_id: str) -> Refusal:
     shown = f" {grant_id}" if valid_grant_id(grant_id) else ""
-    return Refusal(404, "grant_not_found", f"no grant{shown}: unknown, expired or not a grant id")
+    return Refusal(404, Reason.GRANT_NOT_FOUND, f"no grant{shown}: unknown, expired or not a grant id")
 
 
 def _audited(audit: AuditLog, event: str, grant: Grant, reason: str, **who: str) -> bool:

@@ -39,6 +39,7 @@ import h11
 
 from .connlimits import RateLimitedLog
 from .metrics import Metrics
+from .reasons import Reason
 from .refusal import Refusal
 
 log = logging.getLogger("secretless.admin")
@@ -48,7 +49,6 @@ MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
-INVALID_REQUEST = "invalid_request"
 
 _METHOD = re.compile(rb"[A-Z]{1,16}")
 # What h11 accepts and we refuse in a head (see the module docstring): a control character other
@@ -119,7 +119,7 @@ def _with_allow(response: Response, refusal: Refusal) -> Response:
 
 
 def _invalid(status: int, message: str) -> Refusal:
-    return Refusal(status, INVALID_REQUEST, message)
+    return Refusal(status, Reason.INVALID_REQUEST, message)
 
 
 class Exchange:

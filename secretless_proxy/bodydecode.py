@@ -21,6 +21,8 @@ import zlib
 import brotli
 import zstandard
 
+from .errors import SecretlessError
+
 __all__ = ["TooLarge", "decode"]
 
 # RFC 9659 (zstd in HTTP) asks decoders for windows up to 8 MiB; a larger window only costs memory.
@@ -28,7 +30,7 @@ _ZSTD_MAX_WINDOW = 8 * 1024 * 1024
 _READ = 64 * 1024
 
 
-class TooLarge(Exception):
+class TooLarge(SecretlessError):
     """The decoded body is larger than the bound."""
 
 

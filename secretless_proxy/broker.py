@@ -40,8 +40,9 @@ from typing import Any
 from . import calls
 from .breaker import CLOSED, Backoff, Breakers
 from .config import BrokerConfig
-from .credentials.base import UNAVAILABLE, IssuedCredential, Provider, ProviderError, RequestContext
+from .credentials.base import IssuedCredential, Provider, ProviderError, RequestContext
 from .errors import CredentialError
+from .reasons import Reason
 from .sharedcache import credential_family, credential_key, credential_prefix, decode_credential, shared_fetch
 from .store.base import Store, StoreError
 
@@ -174,10 +175,10 @@ class Broker:
     async def get(self, name: str, ctx: RequestContext) -> IssuedCredential:
         """A credential valid for at least ``skew`` more seconds; CredentialError when there is none."""
         if self._closed:
-            raise CredentialError(UNAVAILABLE, "the credential broker is shut down; no credential can be issued")
+            raise CredentialError(Reason.CREDENTIAL_UNAVAILABLE, "the credential broker is shut down; no credential can be issued")
         provider = self._providers.get(name)
         if provider is None:
-            raise CredentialError(UNAVAILABLE, f"unknown credential '{name}': it is not in the configuration")
+            raise CredentialError(Reason.CREDENTIAL_UNAVAILABLE, f"unknown credential '{name}': it is not in the configuration")
         self._ensure_sweeper()
         try:
             scope = provider.scope(ctx)

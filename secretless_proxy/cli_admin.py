@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
+from .errors import SecretlessError
+
 if TYPE_CHECKING:
     import ssl
 
@@ -36,7 +38,7 @@ ENV = {"api": "SECRETLESS_ADMIN_API", "cert": "SECRETLESS_ADMIN_CERT", "key": "S
 TIMEOUT = 10.0
 
 
-class _Failure(Exception):
+class _Failure(SecretlessError):
     """One sentence for stderr; the command exits 1."""
 
 

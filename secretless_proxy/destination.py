@@ -38,16 +38,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 from .addresses import LOOPBACK, UNSPECIFIED, AddressClass, Allowance, IPAddress, classify, ip_literal, verdict
-from .refusal import (
-    DESTINATION_PRIVATE,
-    DNS_FAILED,
-    DNS_TIMEOUT,
-    INTERNAL,
-    UPSTREAM_TIMEOUT,
-    UPSTREAM_TLS_FAILED,
-    UPSTREAM_UNREACHABLE,
-    Refusal,
-)
+from .reasons import Reason
+from .refusal import Refusal
 from .resolver import DnsError, DnsTimeout, Resolver, ResolverConfig
 
 if TYPE_CHECKING:
@@ -232,15 +224,15 @@ class Destinations:
                                      listeners=self.own_listeners(cfg))
         except DnsTimeout as exc:
             log.warning("request %s: %s", flow.id, exc)
-            raise Refusal(504, DNS_TIMEOUT, f"the proxy's resolver did not answer for {host} in time", rule.name) from None
+            raise Refusal(504, Reason.DNS_TIMEOUT, f"the proxy's resolver did not answer for {host} in time", rule.name) from None
         except DnsError as exc:
             log.info("request %s: %s", flow.id, exc)
-            raise Refusal(502, DNS_FAILED, f"{host} could not be resolved by the proxy", rule.name) from None
+            raise Refusal(502, Reason.DNS_FAILED, f"{host} could not be resolved by the proxy", rule.name) from None
         c = checked.refused
         if c is not None:
             log.info("request %s refused: %s:%d resolves to %s (%s), which rule %s does not allow", flow.id,
                      host, port, c.address, c.cls.describe(), rule.name)
-            raise Refusal(403, DESTINATION_PRIVATE, _message(host, c, len(checked.checked)), rule.name)
+            raise Refusal(403, Reason.DESTINATION_PRIVATE, _message(host, c, len(checked.checked)), rule.name)
         pin = Pin(host=host, port=port, addresses=checked.addresses, allowance=allowance, rule=rule.name)
         self._flows[flow] = pin  # this flow's own: another flow's admission never changes it
         state = self._clients.get(flow.client_conn)
@@ -272,7 +264,7 @@ class Destinations:
         pin = self._flows.get(flow)
         log.error("request %s refused: its upstream connection to %s:%d reaches %s, which rule %s does not allow",
                   flow.id, flow.request.host, flow.request.port, why, pin.rule if pin else "?")
-        return Refusal(403, DESTINATION_PRIVATE, f"the upstream connection to {flow.request.host} reaches an address "
+        return Refusal(403, Reason.DESTINATION_PRIVATE, f"the upstream connection to {flow.request.host} reaches an address "
                        "this rule does not allow (to.private)", pin.rule if pin else None)
 
     def _why_not(self, flow: http.HTTPFlow, server: Server) -> str | None:
@@ -389,14 +381,14 @@ def upstream_refusal(error: str, *, host: str, rule: str | None) -> Refusal:
     text = error.lower()
     if text.startswith(OWN_ERROR):
         if "destination check failed" in text or "no checked address" in text:
-            return Refusal(502, INTERNAL, "the proxy failed to open the upstream connection", rule)
-        return Refusal(403, DESTINATION_PRIVATE, f"the upstream connection to {host} would reach an address this "
+            return Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to open the upstream connection", rule)
+        return Refusal(403, Reason.DESTINATION_PRIVATE, f"the upstream connection to {host} would reach an address this "
                        "rule does not allow (to.private)", rule)
     if "timed out" in text or "timeout" in text or f"[errno {errno.ETIMEDOUT}]" in text:  # asyncio: "[Errno 110] Connect call failed"
-        return Refusal(504, UPSTREAM_TIMEOUT, f"the upstream {host} did not answer in time", rule)
+        return Refusal(504, Reason.UPSTREAM_TIMEOUT, f"the upstream {host} did not answer in time", rule)
     if any(w in text for w in _TLS_WORDS):
-        return Refusal(502, UPSTREAM_TLS_FAILED, f"no verified TLS connection to the upstream {host} could be made", rule)
-    return Refusal(502, UPSTREAM_UNREACHABLE, f"the upstream {host} could not be reached", rule)
+        return Refusal(502, Reason.UPSTREAM_TLS_FAILED, f"no verified TLS connection to the upstream {host} could be made", rule)
+    return Refusal(502, Reason.UPSTREAM_UNREACHABLE, f"the upstream {host} could not be reached", rule)
 
 
 def proxy_listeners() -> list[tuple[str, int]]:

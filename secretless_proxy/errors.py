@@ -1,18 +1,40 @@
-"""The exceptions secretless-proxy raises, as one documented tree.
+"""The exceptions secretless-proxy defines, as one documented tree.
 
-    SecretlessError
-    ├── ConfigError          a configuration file is invalid (carries every issue found)
-    ├── SecretUnavailable    a secret reference could not be resolved (env var unset, file unreadable)
-    ├── IdentityError        a client certificate does not prove a workload identity (has .reason)
-    └── CredentialError      a credential could not be obtained for a request (has .reason)
+Every exception class in the package is here, under ``SecretlessError``; each line names the
+module that defines it. ``tests/test_reasons.py`` holds this tree to the code.
 
-Lower libraries' errors (OSError, yaml, cryptography) are converted at one boundary with
-``raise ... from exc``. Messages are full sentences and never contain a secret value.
+    SecretlessError              errors: base class of them all
+    ├── ConfigError              errors: a configuration file is invalid (.issues: every problem found)
+    ├── SecretUnavailable        errors: a secret reference could not be resolved (env var unset, file unreadable)
+    ├── IdentityError            errors: a client certificate does not prove a workload identity (.reason)
+    ├── CredentialError          errors: a credential could not be obtained for a request (.reason)
+    │   └── ProviderError        credentials.base: a provider failed; the message is ours (.retryable)
+    │       └── Backoff          breaker: not even tried, the circuit breaker is open (.retry_after)
+    ├── StoreError               store.base: the shared store could not be used (.reason, .op)
+    ├── SealingError             store.sealing: a sealed record does not open (unknown key, altered, truncated)
+    ├── DnsError                 resolver: a host does not resolve
+    │   └── DnsTimeout           resolver: the resolver did not answer in time
+    ├── Refusal                  refusal: a request answered with the error contract (.status, .reason, .rule)
+    ├── NotAFile (OSError)       safefile: the path is a FIFO, device, directory or socket, never read
+    ├── TooLarge (OSError)       safefile: the file is larger than its reader allows
+    ├── TooLarge                 bodydecode: a body decodes to more than the scan window
+    ├── _Failure                 cli_admin: internal, one sentence for stderr, exit status 1
+    ├── _TooLarge                yamlsource: internal, a document that expands past MAX_VALUES
+    └── _TooDeep                 yamlsource: internal, aliases that nest past MAX_DEPTH
+
+``(OSError)``: also a subclass of that builtin, so that callers handling "the file cannot be read"
+as ``OSError`` handle these too. A ``.reason`` is a ``reasons.Reason``: what the refused client
+reads, the audit log records and ``secretless_denied_total`` counts.
+
+Lower libraries' errors (OSError, yaml, cryptography, redis, httpx) are converted at one boundary
+with ``raise ... from exc``. Messages are full sentences and never contain a secret value.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .reasons import Reason
 
 
 class SecretlessError(Exception):
@@ -49,7 +71,7 @@ class IdentityError(SecretlessError):
     """A client certificate was missing or did not prove a workload identity."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
+        self.reason = Reason(reason)  # a Reason member, or its string: anything else is a bug (ValueError)
         super().__init__(detail)
 
 
@@ -57,5 +79,5 @@ class CredentialError(SecretlessError):
     """A credential could not be obtained; the request must be refused, never forwarded."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
+        self.reason = Reason(reason)
         super().__init__(detail)

@@ -66,15 +66,8 @@ from mitmproxy.proxy.utils import expect
 
 from . import layerguard, requesthead
 from .config import LimitsConfig
-from .refusal import (
-    BODY_TOO_LARGE,
-    HEAD_TOO_LARGE,
-    RESPONSE_HEAD_TOO_LARGE,
-    RESPONSE_TOO_LARGE,
-    TRANSFER_ENCODING_REFUSED,
-    Refusal,
-    error_response,
-)
+from .reasons import Reason
+from .refusal import Refusal, error_response
 
 TARGET = "secretless.target"  # (scheme, authority) of the request target as the client wrote it
 SCAN_LIMIT = "secretless.scan_limit"  # bytes of response body the echo check may buffer
@@ -181,7 +174,7 @@ class GuardedHttp1Server(Http1Server):
         self.guard = guard
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
-        from .protocols import PROTOCOL_REFUSED, classify
+        from .protocols import classify
 
         limit = self.guard.limits().max_request_head_bytes
         # Later requests on a kept-alive connection: bytes that are not a request line are refused
@@ -189,7 +182,7 @@ class GuardedHttp1Server(Http1Server):
         # The buffer holds at most one head here (bounded below), so peeking at it is cheap.
         if isinstance(event, events.DataReceived) and classify(bytes(self.buf), max_head=limit) == "refuse" \
                 and len(self.buf) <= limit:
-            yield from self._refuse(Refusal(400, PROTOCOL_REFUSED, "only HTTP/1.1 and HTTP/2 requests pass this proxy; "
+            yield from self._refuse(Refusal(400, Reason.PROTOCOL_REFUSED, "only HTTP/1.1 and HTTP/2 requests pass this proxy; "
                                                                    "other bytes are refused"))
             return
         if isinstance(event, events.DataReceived):
@@ -215,7 +208,7 @@ class GuardedHttp1Server(Http1Server):
             return
         yield from super().read_headers(event)
         if self.state == self.read_headers and len(self.buf) > limit:  # still no end of head
-            yield from self._refuse(Refusal(431, HEAD_TOO_LARGE,
+            yield from self._refuse(Refusal(431, Reason.HEAD_TOO_LARGE,
                                             f"the request head is larger than limits.max_request_head_bytes ({limit} bytes)"))
 
     def _refuse(self, refusal: Refusal) -> layer.CommandGenerator[None]:
@@ -314,7 +307,7 @@ class GuardedHttpStream(HttpStream):
     def _refuse_body(self, *, streaming: bool) -> layer.CommandGenerator[None]:
         limit = self.guard.limits().max_request_body_bytes
         self.request_body_buf.clear()
-        refusal = Refusal(413, BODY_TOO_LARGE, f"the request body is larger than limits.max_request_body_bytes ({limit} bytes)",
+        refusal = Refusal(413, Reason.BODY_TOO_LARGE, f"the request body is larger than limits.max_request_body_bytes ({limit} bytes)",
                           self.flow.metadata.get("secretless.rule"))
         if streaming:  # the head (and part of the body) went upstream: abort that request there
             yield SendHttp(RequestProtocolError(self.stream_id, "request body too large", ErrorCode.REQUEST_TOO_LARGE),
@@ -339,7 +332,7 @@ class GuardedHttpStream(HttpStream):
         if codings and codings != ["chunked"]:
             self.flow.response = event.response
             return self._withhold(Refusal(
-                502, TRANSFER_ENCODING_REFUSED, "the upstream sent a Transfer-Encoding other than chunked, which this "
+                502, Reason.TRANSFER_ENCODING_REFUSED, "the upstream sent a Transfer-Encoding other than chunked, which this "
                 "proxy does not relay", self.flow.metadata.get("secretless.rule")))
         return super().state_wait_for_response_headers(event)
 
@@ -348,7 +341,7 @@ class GuardedHttpStream(HttpStream):
                 and self.server_state == self.state_wait_for_response_headers and self.client_state != self.state_errored:
             limit = self.guard.limits().max_response_head_bytes
             return self._withhold(Refusal(
-                502, RESPONSE_HEAD_TOO_LARGE, f"the upstream's response head is larger than "
+                502, Reason.RESPONSE_HEAD_TOO_LARGE, f"the upstream's response head is larger than "
                 f"limits.max_response_head_bytes ({limit} bytes)", self.flow.metadata.get("secretless.rule")),
                 abort_upstream=False)  # layerguard closed that connection
         return super().handle_protocol_error(event)
@@ -364,7 +357,7 @@ class GuardedHttpStream(HttpStream):
 
     def _withhold_response(self, limit: int) -> layer.CommandGenerator[None]:
         yield from self._withhold(Refusal(
-            502, RESPONSE_TOO_LARGE, f"the response is larger than limits.max_response_scan_bytes ({limit} bytes), the "
+            502, Reason.RESPONSE_TOO_LARGE, f"the response is larger than limits.max_response_scan_bytes ({limit} bytes), the "
             "most this rule checks for an echoed credential; it was withheld (see inject.echo_check)",
             self.flow.metadata.get("secretless.rule")))
 

@@ -23,15 +23,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from .errors import IdentityError
+from .reasons import Reason
 from .spiffe import SpiffeId, parse_spiffe_id
-
-# The closed vocabulary of identity refusals (407 reasons, metric labels).
-MISSING = "identity_missing"
-UNTRUSTED = "identity_untrusted"
-EXPIRED = "identity_expired"
-INVALID = "identity_invalid"
-TRUST_DOMAIN = "identity_trust_domain"
-CONFLICT = "identity_conflict"
 
 MAX_INTERMEDIATES = 4  # X509-SVID chains are short: leaf, maybe an intermediate or two, the root
 
@@ -69,18 +62,18 @@ class IdentityVerifier:
             raise
         except Exception as exc:  # noqa: BLE001 - cryptography parses lazily: any part may be malformed
             # The type only: the message could quote certificate bytes chosen by the client.
-            raise IdentityError(INVALID, f"the client certificate is malformed ({type(exc).__name__})") from None
+            raise IdentityError(Reason.IDENTITY_INVALID, f"the client certificate is malformed ({type(exc).__name__})") from None
 
     def _verify(self, chain: Sequence[x509.Certificate], now: dt.datetime) -> Workload:
         if not chain:
-            raise IdentityError(MISSING, "no client certificate was presented")
+            raise IdentityError(Reason.IDENTITY_MISSING, "no client certificate was presented")
         leaf, intermediates = chain[0], _intermediates(chain[1:])
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            raise IdentityError(EXPIRED, "the client certificate is expired or not yet valid")
+            raise IdentityError(Reason.IDENTITY_EXPIRED, "the client certificate is expired or not yet valid")
         sid = _check_leaf(leaf)
         store = self._stores.get(sid.trust_domain)
         if store is None:
-            raise IdentityError(TRUST_DOMAIN, f"trust domain '{sid.trust_domain}' is not accepted")
+            raise IdentityError(Reason.IDENTITY_TRUST_DOMAIN, f"trust domain '{sid.trust_domain}' is not accepted")
         try:
             verifier = (
                 PolicyBuilder().store(store).time(now).max_chain_depth(MAX_INTERMEDIATES)
@@ -90,7 +83,7 @@ class IdentityVerifier:
             )
             verifier.verify(leaf, intermediates)
         except VerificationError as exc:
-            raise IdentityError(UNTRUSTED, "the client certificate does not chain to the trust bundle of its "
+            raise IdentityError(Reason.IDENTITY_UNTRUSTED, "the client certificate does not chain to the trust bundle of its "
                                            f"trust domain '{sid.trust_domain}'") from exc
         return Workload(
             spiffe_id=str(sid), trust_domain=sid.trust_domain, path=sid.path,
@@ -109,11 +102,11 @@ def _intermediates(sent: Sequence[x509.Certificate]) -> list[x509.Certificate]:
     """
     unique = list({c.public_bytes(serialization.Encoding.DER): c for c in sent}.values())
     if len(unique) > MAX_INTERMEDIATES:
-        raise IdentityError(INVALID, f"the client sent {len(unique)} intermediate certificates (at most "
+        raise IdentityError(Reason.IDENTITY_INVALID, f"the client sent {len(unique)} intermediate certificates (at most "
                                      f"{MAX_INTERMEDIATES} are accepted)")
     subjects = [c.subject for c in unique]
     if len(set(subjects)) != len(subjects):
-        raise IdentityError(INVALID, "two intermediate certificates in the client's chain share a subject name")
+        raise IdentityError(Reason.IDENTITY_INVALID, "two intermediate certificates in the client's chain share a subject name")
     return unique
 
 
@@ -122,19 +115,19 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
     ext = leaf.extensions
     try:
         if ext.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise IdentityError(INVALID, "the client certificate is a CA certificate, not a workload certificate")
+            raise IdentityError(Reason.IDENTITY_INVALID, "the client certificate is a CA certificate, not a workload certificate")
     except x509.ExtensionNotFound:
         pass
     try:
         ku = ext.get_extension_for_class(x509.KeyUsage).value
         if not ku.digital_signature or ku.key_cert_sign or ku.crl_sign:
-            raise IdentityError(INVALID, "the client certificate's key usage does not allow TLS client authentication")
+            raise IdentityError(Reason.IDENTITY_INVALID, "the client certificate's key usage does not allow TLS client authentication")
     except x509.ExtensionNotFound:
         pass
     try:
         eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
         if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-            raise IdentityError(INVALID, "the client certificate's extended key usage lacks clientAuth")
+            raise IdentityError(Reason.IDENTITY_INVALID, "the client certificate's extended key usage lacks clientAuth")
     except x509.ExtensionNotFound:
         pass
     try:
@@ -143,8 +136,8 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
     except x509.ExtensionNotFound:
         uris = []
     if len(uris) != 1 or not uris[0].startswith("spiffe://"):
-        raise IdentityError(INVALID, f"the client certificate must carry exactly one spiffe:// URI SAN (found {len(uris)} URI SANs)")
+        raise IdentityError(Reason.IDENTITY_INVALID, f"the client certificate must carry exactly one spiffe:// URI SAN (found {len(uris)} URI SANs)")
     try:
         return parse_spiffe_id(uris[0])
     except ValueError as exc:
-        raise IdentityError(INVALID, f"the client certificate's SPIFFE ID is not valid: {exc}") from None
+        raise IdentityError(Reason.IDENTITY_INVALID, f"the client certificate's SPIFFE ID is not valid: {exc}") from None

@@ -23,30 +23,18 @@ from importlib import metadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from . import reasons
+
 log = logging.getLogger("secretless.metrics")
 
 OTHER = "other"
 NO_RULE = "none"  # rule label of a request refused before any rule matched
 
-# The error contract's refusal reasons (identity.py, policy.py, addon.py, the broker and audit).
-IDENTITY_REASONS = frozenset({
-    "identity_missing", "identity_untrusted", "identity_expired", "identity_invalid",
-    "identity_trust_domain", "identity_conflict",
-})
-DENY_REASONS = IDENTITY_REASONS | frozenset({
-    "no_rule", "method", "path", "host_mismatch", "plaintext_upstream", "credential_unavailable",
-    "internal_error", "store_unavailable", "audit_unavailable", "not_configured", "grant_required",
-    "destination_private", "dns_failed", "dns_timeout", "upstream_unreachable", "upstream_tls_failed",
-    "upstream_timeout",
-    "protocol_refused", "header_invalid", "upgrade_refused", "method_not_canonical", "head_too_large", "body_too_large",
-    "response_too_large", "response_head_too_large", "transfer_encoding_refused",
-})
+# The error contract's refusal reasons: the proxy port's share of the one vocabulary (reasons.py).
+IDENTITY_REASONS: frozenset[str] = reasons.IDENTITY
+DENY_REASONS: frozenset[str] = reasons.PROXY
 # Refusals that are the proxy's failure (5xx), not the client's: decision="error".
-ERROR_REASONS = frozenset({
-    "credential_unavailable", "internal_error", "store_unavailable", "audit_unavailable", "not_configured",
-    "dns_failed", "dns_timeout", "response_too_large", "upstream_unreachable", "upstream_tls_failed",
-    "upstream_timeout", "response_head_too_large", "transfer_encoding_refused",
-})
+ERROR_REASONS: frozenset[str] = reasons.PROXY_FAILURES
 DECISIONS = frozenset({"allowed", "injected", "denied", "error"})
 FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
 CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
@@ -341,7 +329,7 @@ class Metrics:
             return value
         if (label, value) not in self._warned and len(self._warned) < 100:
             self._warned.add((label, value))
-            log.warning("unknown %s %r counted as %r", label, value, OTHER)
+            log.warning("unknown %s %r counted as %r", label, str(value), OTHER)  # a Reason logs as its string
         return OTHER
 
 

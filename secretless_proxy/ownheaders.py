@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from .refusal import METHOD_NOT_CANONICAL, Refusal
+from .reasons import Reason
+from .refusal import Refusal
 
 OWN_PREFIX = "x-secretless-"
 HOP_BY_HOP = frozenset({
@@ -30,7 +31,7 @@ def method_refusal(request: http.Request) -> Refusal | None:
     """A refusal for a method token that is not in canonical (upper-case) form, or None."""
     raw = request.data.method
     if raw != raw.upper():
-        return Refusal(400, METHOD_NOT_CANONICAL,
+        return Refusal(400, Reason.METHOD_NOT_CANONICAL,
                        "HTTP methods are case-sensitive: send the method in upper case (e.g. GET, not get)")
     return None
 

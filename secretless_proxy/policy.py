@@ -18,12 +18,9 @@ from dataclasses import dataclass
 from .config import Rule
 from .identity import Workload
 from .matching import canonical_path
+from .reasons import Reason
 
-NO_RULE = "no_rule"
-METHOD = "method"
-PATH = "path"
-PLAINTEXT = "plaintext_upstream"
-_CLOSENESS = {NO_RULE: 0, PATH: 1, METHOD: 2}
+_CLOSENESS = {Reason.NO_RULE: 0, Reason.PATH: 1, Reason.METHOD: 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +30,7 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Deny:
-    reason: str
+    reason: Reason
     rule: str | None = None
 
 
@@ -66,7 +63,7 @@ class Policy:
     def decide(self, workload: Workload, *, host: str, port: int, scheme: str,
                method: str, path: str) -> Decision | Deny:
         """``host`` must be normalised and be the host the proxy will connect to."""
-        nearest, nearest_rule = NO_RULE, None
+        nearest, nearest_rule = Reason.NO_RULE, None
         canon: str | None | bool = False  # computed lazily: most rules have no path list
         for rule in self.candidates(host):
             to = rule.to
@@ -78,14 +75,14 @@ class Policy:
                 if canon is False:
                     canon = canonical_path(path)
                 if canon is None or not any(g.matches(canon) for g in to.paths):  # type: ignore[arg-type]
-                    if _CLOSENESS[PATH] > _CLOSENESS[nearest]:
-                        nearest, nearest_rule = PATH, rule.name
+                    if _CLOSENESS[Reason.PATH] > _CLOSENESS[nearest]:
+                        nearest, nearest_rule = Reason.PATH, rule.name
                     continue
             if to.methods is not None and method not in to.methods:
-                if nearest != METHOD:
-                    nearest, nearest_rule = METHOD, rule.name
+                if nearest != Reason.METHOD:
+                    nearest, nearest_rule = Reason.METHOD, rule.name
                 continue
             if scheme != "https" and not rule.allow_plaintext:  # inject and allow rules alike (README)
-                return Deny(PLAINTEXT, rule.name)
+                return Deny(Reason.PLAINTEXT_UPSTREAM, rule.name)
             return Decision(rule)
         return Deny(nearest, nearest_rule)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from .errors import IdentityError
-from .identity import CONFLICT, EXPIRED, MISSING, IdentityVerifier, Workload
+from .identity import IdentityVerifier, Workload
+from .reasons import Reason
 
 
 @dataclass
@@ -40,14 +41,14 @@ class Proof:
         except IdentityError as exc:
             found = exc
         if isinstance(self.result, Workload) and isinstance(found, Workload) and found.spiffe_id != self.result.spiffe_id:
-            found = IdentityError(CONFLICT, "two different workload certificates were presented on one connection")
+            found = IdentityError(Reason.IDENTITY_CONFLICT, "two different workload certificates were presented on one connection")
         self.result, self.chain, self.verifier = found, tuple(chain), verifier
         return found if isinstance(found, IdentityError) else None
 
     def current(self, verifier: IdentityVerifier | None, *, now: float | None = None) -> Workload:
         """The identity under ``verifier`` (the current runtime's); IdentityError if there is none."""
         if self.result is None:
-            raise IdentityError(MISSING, "no client certificate was presented; present your workload certificate")
+            raise IdentityError(Reason.IDENTITY_MISSING, "no client certificate was presented; present your workload certificate")
         if isinstance(self.result, IdentityError):
             raise self.result
         if verifier is not None and verifier is not self.verifier:
@@ -59,9 +60,9 @@ class Proof:
                 raise
             # The same chain cannot name another workload; a mismatch would be a verifier bug.
             self.result = found if found.spiffe_id == self.result.spiffe_id else IdentityError(
-                CONFLICT, "the workload identity changed on an open connection")
+                Reason.IDENTITY_CONFLICT, "the workload identity changed on an open connection")
             if isinstance(self.result, IdentityError):
                 raise self.result
         if self.result.not_after < (time.time() if now is None else now):
-            raise IdentityError(EXPIRED, "the client certificate has expired")
+            raise IdentityError(Reason.IDENTITY_EXPIRED, "the client certificate has expired")
         return self.result

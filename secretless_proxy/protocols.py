@@ -30,7 +30,8 @@ from mitmproxy.proxy.layers import ClientTLSLayer, HttpLayer, ServerTLSLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.mode_specs import ProxyMode, RegularMode
 
-from .refusal import HEAD_TOO_LARGE, PROTOCOL_REFUSED, UPGRADE_REFUSED, Refusal, error_response
+from .reasons import Reason
+from .refusal import Refusal, error_response
 
 log = logging.getLogger("secretless.protocols")
 
@@ -122,7 +123,7 @@ class Gate:
         ctx = nextlayer.context
         chosen = nextlayer.layer
         if not isinstance(ctx.client.proxy_mode, RegularMode) or ctx.client.transport_protocol != "tcp":
-            nextlayer.layer = self.refusal_layer(ctx, PROTOCOL_REFUSED, "only HTTP through an HTTP CONNECT proxy is supported")
+            nextlayer.layer = self.refusal_layer(ctx, Reason.PROTOCOL_REFUSED, "only HTTP through an HTTP CONNECT proxy is supported")
             return
         if isinstance(chosen, (ClientTLSLayer, ServerTLSLayer)):
             # TLS interception: the proxy terminates the client's TLS and decides again inside it.
@@ -130,16 +131,16 @@ class Gate:
             if any(isinstance(lay, ServerTLSLayer) and not any(lay is c for c in chain) for lay in ctx.layers):
                 # TLS inside the intercepted TLS would wrap the upstream connection twice and
                 # replace the SNI the destination was bound to: there is no use for it.
-                nextlayer.layer = self.refusal_layer(ctx, PROTOCOL_REFUSED, "TLS inside an intercepted TLS tunnel is not supported")
+                nextlayer.layer = self.refusal_layer(ctx, Reason.PROTOCOL_REFUSED, "TLS inside an intercepted TLS tunnel is not supported")
             elif not self._guard_tls_stack(chosen):
-                nextlayer.layer = self.refusal_layer(ctx, PROTOCOL_REFUSED, "TLS passthrough is not supported")
+                nextlayer.layer = self.refusal_layer(ctx, Reason.PROTOCOL_REFUSED, "TLS passthrough is not supported")
             return
         if type(chosen) is HttpLayer and ctx.client.alpn == b"h2":
             nextlayer.layer = self._make_http(ctx, chosen.mode)  # HTTP/2, negotiated by ALPN
             return
         mode = chosen.mode if type(chosen) is HttpLayer and chosen.mode is HTTPMode.regular else HTTPMode.transparent
         if chosen is not None and not isinstance(chosen, HttpLayer) and ctx.server.address is None:
-            nextlayer.layer = self.refusal_layer(ctx, PROTOCOL_REFUSED, "the connection has no HTTP destination")
+            nextlayer.layer = self.refusal_layer(ctx, Reason.PROTOCOL_REFUSED, "the connection has no HTTP destination")
             return
         # Anything else (raw TCP, DNS, UDP, QUIC, a deferred decision): the bytes decide.
         verdict = classify(nextlayer.data_client(), max_head=self._max_head())
@@ -149,10 +150,10 @@ class Gate:
             # The proxy's own port (CONNECT, absolute-form requests) or a request inside a tunnel.
             nextlayer.layer = self._make_http(ctx, mode)
         elif len(nextlayer.data_client()) > self._max_head():
-            nextlayer.layer = self.refusal_layer(ctx, HEAD_TOO_LARGE, "the request line is too long", status=431)
+            nextlayer.layer = self.refusal_layer(ctx, Reason.HEAD_TOO_LARGE, "the request line is too long", status=431)
         else:
             nextlayer.layer = self.refusal_layer(
-                ctx, PROTOCOL_REFUSED, "only HTTP/1.1 and HTTP/2 requests pass this proxy; other bytes are refused")
+                ctx, Reason.PROTOCOL_REFUSED, "only HTTP/1.1 and HTTP/2 requests pass this proxy; other bytes are refused")
 
     def _guard_tls_stack(self, top: layer.Layer) -> bool:
         """Whether ``top`` is a plain interception stack; its HTTP layer (proxy hop) is guarded."""
@@ -232,7 +233,7 @@ def connect_refusal(flow: http.HTTPFlow) -> Refusal | None:
     tunnels over one client connection, whose identity and bound destination are per connection.
     """
     if flow.request.is_http2 or flow.request.is_http3:
-        return Refusal(400, PROTOCOL_REFUSED, "CONNECT over HTTP/2 is not supported; use HTTP/1.1 to the proxy")
+        return Refusal(400, Reason.PROTOCOL_REFUSED, "CONNECT over HTTP/2 is not supported; use HTTP/1.1 to the proxy")
     return None
 
 
@@ -241,10 +242,10 @@ def upgrade_refusal(request: http.Request) -> Refusal | None:
     that passed identity and a rule; ``h2c`` and every other protocol would leave HTTP's hooks."""
     values = request.headers.get_all("upgrade")
     if request.headers.get_all("http2-settings"):
-        return Refusal(400, UPGRADE_REFUSED, "h2c upgrades are not supported; use HTTP/2 over TLS")
+        return Refusal(400, Reason.UPGRADE_REFUSED, "h2c upgrades are not supported; use HTTP/2 over TLS")
     if not values:
         return None
     tokens = [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
     if tokens == ["websocket"] and request.method == "GET" and not (request.is_http2 or request.is_http3):
         return None
-    return Refusal(400, UPGRADE_REFUSED, "only WebSocket upgrades are supported (Upgrade: websocket on GET)")
+    return Refusal(400, Reason.UPGRADE_REFUSED, "only WebSocket upgrades are supported (Upgrade: websocket on GET)")

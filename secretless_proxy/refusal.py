@@ -12,49 +12,36 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
+from .errors import SecretlessError
+from .reasons import Reason
+
 REQUEST_ID_HEADER = "X-Secretless-Request-Id"
 
-HOST_MISMATCH = "host_mismatch"
-CREDENTIAL_UNAVAILABLE = "credential_unavailable"
-AUDIT_UNAVAILABLE = "audit_unavailable"
-INTERNAL = "internal_error"
-NOT_CONFIGURED = "not_configured"
-STORE_UNAVAILABLE = "store_unavailable"
-GRANT_REQUIRED = "grant_required"
-DESTINATION_PRIVATE = "destination_private"  # 403: an address the rule may not reach (destination.py)
-DNS_FAILED = "dns_failed"  # 502: the decided host does not resolve
-DNS_TIMEOUT = "dns_timeout"  # 504: the resolver did not answer in time
-# A failed upstream connection (destination.upstream_refusal): never names the resolved address.
-UPSTREAM_UNREACHABLE = "upstream_unreachable"  # 502: connection refused, reset, no route
-UPSTREAM_TLS_FAILED = "upstream_tls_failed"  # 502: no TLS, a failed handshake or an unverified certificate
-UPSTREAM_TIMEOUT = "upstream_timeout"  # 504: the upstream did not answer the connection in time
-# The edge (issue 8): what is not an HTTP request that policy can judge, or is too large to judge.
-PROTOCOL_REFUSED = "protocol_refused"  # raw TCP/UDP, non-HTTP bytes in a tunnel, h2 CONNECT, other modes
-UPGRADE_REFUSED = "upgrade_refused"  # Upgrade: h2c or anything but websocket
-HEADER_INVALID = "header_invalid"  # CR/LF/NUL or another control character in the request line or a header
-METHOD_NOT_CANONICAL = "method_not_canonical"  # `get`, `Get`: methods are case-sensitive (RFC 9110 §9.1)
-HEAD_TOO_LARGE = "head_too_large"  # 431: request line + headers over limits.max_request_head_bytes
-BODY_TOO_LARGE = "body_too_large"  # 413: request body over limits.max_request_body_bytes
-RESPONSE_TOO_LARGE = "response_too_large"  # inject-rule response over limits.max_response_scan_bytes (raw or decoded)
-RESPONSE_HEAD_TOO_LARGE = "response_head_too_large"  # 502: upstream status line + headers over limits.max_response_head_bytes
-TRANSFER_ENCODING_REFUSED = "transfer_encoding_refused"  # 502: upstream Transfer-Encoding other than plain chunked
-
 DENY_MESSAGES = {
-    "no_rule": "no rule allows this workload to reach this destination",
-    "method": "the rule for this destination does not allow this method",
-    "path": "the rule for this destination does not allow this path",
-    "plaintext_upstream": "the rule does not allow plaintext HTTP to its upstream (see allow_plaintext)",
+    Reason.NO_RULE: "no rule allows this workload to reach this destination",
+    Reason.METHOD: "the rule for this destination does not allow this method",
+    Reason.PATH: "the rule for this destination does not allow this path",
+    Reason.PLAINTEXT_UPSTREAM: "the rule does not allow plaintext HTTP to its upstream (see allow_plaintext)",
 }
 
 
 @dataclass
-class Refusal(Exception):
+class Refusal(SecretlessError):
+    """A request answered with the error contract instead of being forwarded.
+
+    ``reason`` is a ``Reason``; a plain string is accepted and looked up (ValueError if it is not
+    a member), so every refusal carries a reason of the one vocabulary.
+    """
+
     status: int
     reason: str
     message: str
     rule: str | None = None
     retry_after: float | None = None  # seconds: sent as Retry-After (RFC 9110 §10.2.3) on a 503
     allow: tuple[str, ...] = ()  # the methods sent as Allow (RFC 9110 §10.2.1) on a 405
+
+    def __post_init__(self) -> None:
+        self.reason = Reason(self.reason)
 
 
 def error_response(request_id: str, refusal: Refusal) -> http.Response:
@@ -68,6 +55,6 @@ def error_response(request_id: str, refusal: Refusal) -> http.Response:
 
 def decoded_too_large(limit: int, rule: str | None) -> Refusal:
     """The refusal of an inject-rule response whose decoded body is over the scan window."""
-    return Refusal(502, RESPONSE_TOO_LARGE,
+    return Refusal(502, Reason.RESPONSE_TOO_LARGE,
                    f"the response body decodes to more than limits.max_response_scan_bytes ({limit} bytes), the most "
                    "this rule checks for an echoed credential; it was withheld (see inject.echo_check)", rule)

@@ -27,7 +27,8 @@ from mitmproxy.net.http import http1
 from mitmproxy.net.http.validate import validate_headers
 
 from .layerguard import clean_message
-from .refusal import HEADER_INVALID, PROTOCOL_REFUSED, Refusal
+from .reasons import Reason
+from .refusal import Refusal
 
 _CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # every control character but HTAB (RFC 5234 CTL)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # a header name (RFC 9110 §5.1)
@@ -57,17 +58,17 @@ def parse_head(lines: list[bytes]) -> Refusal | tuple[http.Request, int | None]:
     """
     for i, line in enumerate(lines):
         if _CTL.search(line):
-            return Refusal(400, HEADER_INVALID, CTL_MESSAGE)
+            return Refusal(400, Reason.HEADER_INVALID, CTL_MESSAGE)
         if i and line[:1] in (b" ", b"\t"):
-            return Refusal(400, HEADER_INVALID, FOLD_MESSAGE)
+            return Refusal(400, Reason.HEADER_INVALID, FOLD_MESSAGE)
     try:
         request = http1.read_request_head(lines)
         size = http1.expected_http_body_size(request)
         validate_headers(request)
     except ValueError as exc:
-        return Refusal(400, PROTOCOL_REFUSED, f"the request head is not valid HTTP/1.1: {clean_message(str(exc))}")
+        return Refusal(400, Reason.PROTOCOL_REFUSED, f"the request head is not valid HTTP/1.1: {clean_message(str(exc))}")
     if request.scheme not in ("http", "https", ""):
-        return Refusal(400, PROTOCOL_REFUSED, "the request target's scheme must be http or https")
+        return Refusal(400, Reason.PROTOCOL_REFUSED, "the request target's scheme must be http or https")
     return request, size
 
 
@@ -76,10 +77,10 @@ def parsed_refusal(request: http.Request) -> Refusal | None:
     data = request.data
     for part in (data.method, data.path, data.authority, data.scheme):
         if _CTL.search(part) or b" " in part:
-            return Refusal(400, HEADER_INVALID, CTL_MESSAGE)
+            return Refusal(400, Reason.HEADER_INVALID, CTL_MESSAGE)
     for name, value in data.headers.fields:
         if not _TOKEN.match(name):
-            return Refusal(400, HEADER_INVALID, "a header name is not a valid token (RFC 9110 §5.1)")
+            return Refusal(400, Reason.HEADER_INVALID, "a header name is not a valid token (RFC 9110 §5.1)")
         if _CTL.search(value):
-            return Refusal(400, HEADER_INVALID, CTL_MESSAGE)
+            return Refusal(400, Reason.HEADER_INVALID, CTL_MESSAGE)
     return None

@@ -22,9 +22,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .addresses import IPAddress
+from .errors import SecretlessError
 
 
-class DnsError(Exception):
+class DnsError(SecretlessError):
     """The name could not be resolved (no such name, no address, server failure)."""
 
 

@@ -14,12 +14,16 @@ import os
 import stat
 from pathlib import Path
 
+from .errors import SecretlessError
 
-class NotAFile(OSError):
+
+# Both are OSErrors as well: every caller of read_limited handles "the file cannot be read" as
+# OSError, whatever open() or read() failed with.
+class NotAFile(SecretlessError, OSError):
     """The path exists but is not a regular file (FIFO, device, directory, socket)."""
 
 
-class TooLarge(OSError):
+class TooLarge(SecretlessError, OSError):
     """The file is larger than the reader allows."""
 
 

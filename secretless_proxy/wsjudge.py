@@ -24,6 +24,7 @@ from mitmproxy import http
 from .errors import IdentityError
 from .policy import Decision
 from .proof import Proof
+from .reasons import Reason
 from .refusal import Refusal
 
 RULE = "secretless.rule"
@@ -39,7 +40,7 @@ class Rejudge:
     def refusal(self, flow: http.HTTPFlow, proof: Proof | None, runtime) -> Refusal | None:
         """Why ``flow``'s WebSocket must close now, or None if it still holds under ``runtime``."""
         if runtime is None or proof is None:
-            return Refusal(407, "identity_missing", "the WebSocket's connection has no identity under the loaded config")
+            return Refusal(407, Reason.IDENTITY_MISSING, "the WebSocket's connection has no identity under the loaded config")
         try:
             workload = proof.current(runtime.verifier)
         except IdentityError as exc:
@@ -52,6 +53,6 @@ class Rejudge:
         name = flow.metadata.get(RULE)
         if not isinstance(result, Decision) or result.rule.name != name or \
                 (result.rule.inject.credential if result.rule.inject else None) != flow.metadata.get(CREDENTIAL):
-            return Refusal(403, "no_rule", "the rule that admitted this WebSocket no longer allows it", name)
+            return Refusal(403, Reason.NO_RULE, "the rule that admitted this WebSocket no longer allows it", name)
         self._confirmed[flow] = runtime
         return None

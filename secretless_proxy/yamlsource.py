@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, ConfigIssue
+from .errors import ConfigError, ConfigIssue, SecretlessError
 
 Path_ = tuple[str | int, ...]
 
@@ -271,11 +271,13 @@ def load(text: str, *, file: str) -> Source:
 MAX_VALUES = 100_000
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(SecretlessError):
+    """Internal: the document expands to more than MAX_VALUES values (caught in this module)."""
 
 
-class _TooDeep(Exception):
+class _TooDeep(SecretlessError):
+    """Internal: YAML aliases nest a value under ``top`` more than MAX_DEPTH levels (caught in this module)."""
+
     def __init__(self, top: Path_) -> None:
         self.top = top
 

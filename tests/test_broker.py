@@ -17,7 +17,6 @@ import pytest
 from secretless_proxy.broker import Broker, BrokerEvents, CachedInfo
 from secretless_proxy.config import BrokerConfig, Credential
 from secretless_proxy.credentials.base import (
-    UNAVAILABLE,
     IssuedCredential,
     Provider,
     ProviderDeps,
@@ -26,6 +25,7 @@ from secretless_proxy.credentials.base import (
 )
 from secretless_proxy.errors import CredentialError
 from secretless_proxy.identity import Workload
+from secretless_proxy.reasons import Reason
 from secretless_proxy.secretrefs import Secret
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
@@ -201,7 +201,7 @@ class TestSteadyState:
         broker = make()
         with pytest.raises(CredentialError, match="unknown credential 'nope'") as info:
             await broker.get("nope", context())
-        assert info.value.reason == UNAVAILABLE
+        assert info.value.reason == Reason.CREDENTIAL_UNAVAILABLE
 
 
 class TestRefreshAhead:
@@ -334,7 +334,7 @@ class TestProviderFailures:
         clock.t = issued + LIFETIME - 30  # exactly expires_at - skew
         with pytest.raises(ProviderError, match="credential 'api' is unavailable after 1 attempt.*unreachable") as info:
             await broker.get("api", context())
-        assert info.value.reason == UNAVAILABLE == "credential_unavailable"
+        assert info.value.reason == Reason.CREDENTIAL_UNAVAILABLE == "credential_unavailable"
 
     async def test_hanging_provider_fails_within_timeout_times_attempts(self, make) -> None:
         """A provider that never answers fails after ~timeout x attempts, each attempt a timeout."""

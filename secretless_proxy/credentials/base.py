@@ -23,6 +23,7 @@ from ..config import Credential, CredentialSettings
 from ..definition import definition_digest
 from ..errors import CredentialError
 from ..identity import Workload
+from ..reasons import Reason
 from ..secretrefs import Secret
 from ..yamlsource import Path_, Source
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
     from ..signing import JwtSigner
 
-UNAVAILABLE = "credential_unavailable"
 # Where a credential of a kind can go: "value" kinds fit header/basic/query; "sigv4" re-signs.
 VALUE_INJECTIONS = frozenset({"header", "basic", "query"})
 
@@ -40,7 +40,7 @@ class ProviderError(CredentialError):
     """The provider could not produce a credential. ``retryable`` says whether trying again may help."""
 
     def __init__(self, detail: str, *, retryable: bool = True) -> None:
-        super().__init__(UNAVAILABLE, detail)
+        super().__init__(Reason.CREDENTIAL_UNAVAILABLE, detail)
         self.retryable = retryable
 
 

@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 from ..config import MEMORY, StoreConfig
 from ..errors import SecretUnavailable
-from .base import EVENTS, STORE_UNAVAILABLE, Store, StoreError
+from .base import EVENTS, Store, StoreError
 from .memory import MemoryStore
 from .sealing import Sealer, SealingError
 
 __all__ = [
-    "EVENTS", "STORE_UNAVAILABLE", "MemoryStore", "Sealer", "SealingError", "Store", "StoreConfig",
+    "EVENTS", "MemoryStore", "Sealer", "SealingError", "Store", "StoreConfig",
     "StoreError", "open_store",
 ]
 

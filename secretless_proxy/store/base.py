@@ -37,10 +37,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import SecretlessError
 from ..grants import Grant
+from ..reasons import Reason
 
 log = logging.getLogger(__name__)
 
-STORE_UNAVAILABLE = "store_unavailable"
 # Event types and the one field each carries (``resync`` carries none).
 EVENTS: Mapping[str, str | None] = {
     "credential_evicted": "key", "grant_revoked": "id", "grant_created": "id", "resync": None,
@@ -55,7 +55,7 @@ class StoreError(SecretlessError):
     """The shared store could not be used for ``op``. Never carries the store client's own error text."""
 
     def __init__(self, op: str, detail: str | None = None) -> None:
-        self.reason = STORE_UNAVAILABLE
+        self.reason = Reason.STORE_UNAVAILABLE
         self.op = op
         super().__init__(detail or f"the shared store is unavailable ({op}); requests that need it are "
                                    "refused until it answers again")
