@@ -20,9 +20,10 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import OPEN_SOCKETS, base_config, tunnel
-from redis_server import free_port
-from targets import CountingTarget
+from helpers.clients import OPEN_SOCKETS, tunnel
+from helpers.proxy import base_config
+from helpers.redis_server import free_port
+from helpers.targets import CountingTarget
 
 from secretless_proxy import certs
 from secretless_proxy.connlimits import ANONYMOUS_REFUSALS, RESETS_PER_WINDOW

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -19,24 +18,21 @@ import httpx
 import pytest
 import yaml
 from cryptography import x509
+from helpers.proxy import BIN, SECRET, Pki, ProxyProcess, base_config
+from helpers.redis_server import RedisServer
 from mitmproxy.certs import CertStore
 from prometheus_client import CollectorRegistry
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from conftest import BIN, SECRET, Pki, ProxyProcess, base_config  # noqa: E402
-from redis_server import RedisServer  # noqa: E402
-
-from secretless_proxy import certs  # noqa: E402
-from secretless_proxy.adminapi import AdminApi, AdminApiServer, api_server_cert  # noqa: E402
-from secretless_proxy.audit import AuditLog  # noqa: E402
-from secretless_proxy.broker import CachedInfo  # noqa: E402
-from secretless_proxy.config import Config, load_config  # noqa: E402
-from secretless_proxy.identity import IdentityVerifier  # noqa: E402
-from secretless_proxy.metrics import Metrics  # noqa: E402
-from secretless_proxy.store import MemoryStore, Store  # noqa: E402
-from secretless_proxy.store.redis import RedisStore  # noqa: E402
-from secretless_proxy.store.sealing import Sealer  # noqa: E402
+from secretless_proxy import certs
+from secretless_proxy.adminapi import AdminApi, AdminApiServer, api_server_cert
+from secretless_proxy.audit import AuditLog
+from secretless_proxy.broker import CachedInfo
+from secretless_proxy.config import Config, load_config
+from secretless_proxy.identity import IdentityVerifier
+from secretless_proxy.metrics import Metrics
+from secretless_proxy.store import MemoryStore, Store
+from secretless_proxy.store.redis import RedisStore
+from secretless_proxy.store.sealing import Sealer
 
 ADMIN = "spiffe://example.org/ns/ops/sa/admin"
 ONCALL = "spiffe://example.org/ns/ops/sa/oncall-alice"

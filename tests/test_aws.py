@@ -24,9 +24,9 @@ import pytest
 from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
-from conftest import request_context
+from helpers.moto_server import ROLE_ARN, MotoServer
+from helpers.providers import request_context
 from mitmproxy import http
-from moto_server import ROLE_ARN, MotoServer
 
 from secretless_proxy import sigv4
 from secretless_proxy.config import Credential, load_config

@@ -6,22 +6,18 @@ The clock is the broker's fake wall clock; providers are test_broker's counting 
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.providers import Clock, FakeProvider, context
 
+from secretless_proxy.breaker import CLOSED, HALF_OPEN, OPEN, Backoff, Breaker, Breakers
+from secretless_proxy.broker import Broker, BrokerEvents
 from secretless_proxy.certs import make_ca, write_ca
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_broker import Clock, FakeProvider, context  # noqa: E402
-
-from secretless_proxy.breaker import CLOSED, HALF_OPEN, OPEN, Backoff, Breaker, Breakers  # noqa: E402
-from secretless_proxy.broker import Broker, BrokerEvents  # noqa: E402
-from secretless_proxy.config import BrokerConfig, load_config  # noqa: E402
-from secretless_proxy.credentials.base import ProviderError  # noqa: E402
-from secretless_proxy.errors import ConfigError  # noqa: E402
-from secretless_proxy.refusal import Refusal, error_response  # noqa: E402
+from secretless_proxy.config import BrokerConfig, load_config
+from secretless_proxy.credentials.base import ProviderError
+from secretless_proxy.errors import ConfigError
+from secretless_proxy.refusal import Refusal, error_response
 
 REPORTS = "spiffe://example.org/ns/prod/sa/reports"
 

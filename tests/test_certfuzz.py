@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from certfuzz import Case, cases
-from conftest import base_config, curl
 from cryptography.hazmat.primitives import serialization
+from helpers.certfuzz import Case, cases
+from helpers.clients import curl
+from helpers.proxy import base_config
 
 from secretless_proxy.errors import IdentityError
 from secretless_proxy.identity import IdentityVerifier

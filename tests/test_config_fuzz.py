@@ -3,8 +3,8 @@ and every refusal points at the place that was changed. ``bench/fuzz_config.py``
 
 from __future__ import annotations
 
-import config_mutations
 import pytest
+from helpers import config_mutations
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import yaml
-from conftest import Pki
+from helpers.proxy import Pki
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_config, start_dnsmasq
+from helpers.dns import start_dnsmasq
+from helpers.proxy import base_config
+from helpers.rebind_dns import RebindingDns
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow
-from rebind_dns import RebindingDns
 
 from secretless_proxy.addon import Secretless
 from secretless_proxy.config import load_config

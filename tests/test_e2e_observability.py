@@ -25,7 +25,7 @@ from pathlib import Path
 import jwt
 import requests
 import yaml
-from conftest import SECRET, base_config
+from helpers.proxy import SECRET, base_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from secretless_proxy import certs

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import base_config, curl, http_exchange, tunnel
-from idp import IdP
-from slow_upstream import SlowUpstream
+from helpers.clients import curl, http_exchange, tunnel
+from helpers.idp import IdP
+from helpers.proxy import base_config
+from helpers.slow_upstream import SlowUpstream
 
 from secretless_proxy import certs
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import request_context
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from github_api import BODY_MARKER, GitHubApi
+from helpers.github_api import BODY_MARKER, GitHubApi
+from helpers.providers import request_context
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential, load_config

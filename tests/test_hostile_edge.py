@@ -20,10 +20,11 @@ import h2.connection
 import h2.events
 import pytest
 import redis
-from conftest import BIN, OPEN_SOCKETS, SECRET, base_config, curl, tunnel
-from redis_server import RedisServer, free_port
-from targets import CountingTarget, Nginx
-from upstream import EchoUpstream
+from helpers.clients import OPEN_SOCKETS, curl, tunnel
+from helpers.proxy import BIN, SECRET, base_config
+from helpers.redis_server import RedisServer, free_port
+from helpers.targets import CountingTarget, Nginx
+from helpers.upstream import EchoUpstream
 
 from secretless_proxy import certs
 from secretless_proxy.devserver import tls_server_context

@@ -8,7 +8,7 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import request_context
+from helpers.providers import request_context
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential, load_config

@@ -16,8 +16,9 @@ from urllib.parse import quote_plus
 import httpx
 import jwt
 import pytest
-from conftest import Pki, request_context
-from idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
+from helpers.idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
+from helpers.providers import request_context
+from helpers.proxy import Pki
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential, load_config

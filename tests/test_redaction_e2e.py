@@ -24,9 +24,9 @@ from urllib.parse import unquote, unquote_plus
 
 import httpx
 import pytest
-from conftest import SECRET, base_config, tunnel
-from e2e_helpers_broker import AuthMoto
-from echo_forms import (
+from helpers.clients import tunnel
+from helpers.e2e_broker import AuthMoto
+from helpers.echo_forms import (
     FORMS,
     PLACES,
     FormsUpstream,
@@ -35,6 +35,7 @@ from echo_forms import (
     bad_status_line_response,
     trailers_response,
 )
+from helpers.proxy import SECRET, base_config
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
 

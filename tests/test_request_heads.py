@@ -21,10 +21,11 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import OPEN_SOCKETS, base_config
-from e2e_helpers_broker import metric
-from redis_server import free_port
-from targets import CountingTarget
+from helpers.clients import OPEN_SOCKETS
+from helpers.e2e_broker import metric
+from helpers.proxy import base_config
+from helpers.redis_server import free_port
+from helpers.targets import CountingTarget
 
 from secretless_proxy import certs
 from secretless_proxy.devserver import tls_server_context

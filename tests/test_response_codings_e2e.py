@@ -17,8 +17,9 @@ import zlib
 import brotli
 import pytest
 import zstandard
-from conftest import SECRET, base_config, tunnel
-from echo_forms import RawUpstream
+from helpers.clients import tunnel
+from helpers.echo_forms import RawUpstream
+from helpers.proxy import SECRET, base_config
 from test_redaction_e2e import leaks
 
 from secretless_proxy import certs

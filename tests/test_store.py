@@ -11,13 +11,13 @@ import asyncio
 import dataclasses
 import os
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.redis_server import RedisServer
 from redis.asyncio import Redis
 
 from secretless_proxy import certs, yamlsource
@@ -40,9 +40,6 @@ from secretless_proxy.store import (
 from secretless_proxy.store.base import Store
 from secretless_proxy.store.redis import RedisStore, TlsFiles, parse_url
 from secretless_proxy.store.sealing import Sealer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from redis_server import RedisServer  # noqa: E402
 
 SEALER = Sealer({"k1": os.urandom(32)}, "k1")
 W = "spiffe://example.org/ns/prod/sa/billing"

@@ -10,22 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.redis_server import RedisServer
 from redis.asyncio import Redis
 
-sys.path.insert(0, str(Path(__file__).parent))
-from redis_server import RedisServer  # noqa: E402
-
-from secretless_proxy.store.events import EventSigner  # noqa: E402
-from secretless_proxy.store.redis import RedisStore  # noqa: E402
-from secretless_proxy.store.sealing import Sealer  # noqa: E402
+from secretless_proxy.store.events import EventSigner
+from secretless_proxy.store.redis import RedisStore
+from secretless_proxy.store.sealing import Sealer
 
 KEY = secrets.token_bytes(32)
 CHANNEL = "secretless:events"

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SECRET, base_config, curl, http_exchange, tunnel
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers.clients import curl, http_exchange, tunnel
+from helpers.proxy import SECRET, base_config
 
 from secretless_proxy import certs
 from secretless_proxy.bundles import BundleSource, load_bundle

@@ -18,9 +18,9 @@ import time
 
 import pytest
 import yaml
-from conftest import SECRET, base_config
-from e2e_helpers_broker import metric
-from redis_server import free_port
+from helpers.e2e_broker import metric
+from helpers.proxy import SECRET, base_config
+from helpers.redis_server import free_port
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from idp import IdP, Received
-from moto_server import MotoServer
+
+from helpers.idp import IdP, Received
+from helpers.moto_server import MotoServer
 
 
 class TimedIdP(IdP):

@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import redis
 import requests
-from conftest import BIN, ProxyProcess
 
+from helpers.proxy import BIN, ProxyProcess
 from secretless_proxy.grants import Grant
 from secretless_proxy.store.redis import RedisStore
 from secretless_proxy.store.sealing import Sealer
