@@ -1,5 +1,5 @@
 """Tests for credentials/oauth2.py: client credentials and token exchange against a real, strict
-HTTPS authorization server on loopback (tests/idp.py), and their config parsing."""
+HTTPS authorization server on loopback (tests/helpers/idp.py), and their config parsing."""
 
 from __future__ import annotations
 

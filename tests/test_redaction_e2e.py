@@ -1,6 +1,6 @@
 """The redaction table, end to end: every echo form × every injection form × HTTP/1.1, HTTP/2, WebSocket.
 
-A real proxy process, a real TLS upstream (tests/echo_forms.py) that echoes the credential it
+A real proxy process, a real TLS upstream (tests/helpers/echo_forms.py) that echoes the credential it
 received, re-encoded, in the status line, a header, Location, a plain/gzip/br/zstd body or
 WebSocket messages; real clients (httpx over HTTP/1.1 and HTTP/2, a raw TLS socket + wsproto for
 WebSocket). Everything that comes back, the proxy's log, its audit file and its metrics are
