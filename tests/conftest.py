@@ -25,7 +25,7 @@ from helpers.upstream import EchoUpstream
 from secretless_proxy import certs
 
 # Fixtures that start a server process (or, for the proxy factories, may): a test using one is e2e.
-E2E_FIXTURES = {"proxy_factory", "module_proxy_factory", "dnsmasq", "redis_server"}
+E2E_FIXTURES = {"proxy_factory", "module_proxy_factory", "dnsmasq", "redis_server", "moto", "auth_moto"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

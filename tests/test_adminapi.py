@@ -199,7 +199,7 @@ def redis_server() -> Any:
         yield server
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e)])
 async def any_api(request: pytest.FixtureRequest, start: Start) -> AsyncIterator[Api]:
     """The API over the embedded store and over a real redis-server."""
     if request.param == "memory":
@@ -644,6 +644,7 @@ async def cli(api: Api | None, *args: str, cert: Cert | None = None, cacert: str
     return Ran(proc.returncode, out.decode(), err.decode())
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestCli:
     async def test_round_trip(self, api: Api, ids: Ids) -> None:
         """grant → grants shows it active → revoke → grants shows it revoked, all through the real CLI."""

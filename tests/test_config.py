@@ -717,6 +717,7 @@ def run_check(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestCheckCommand:
     def test_valid_exits_0(self, valid_dir: Path) -> None:
         """`check` on a valid file prints OK with the counts to stdout and exits 0."""

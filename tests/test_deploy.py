@@ -78,6 +78,7 @@ def exposed_names() -> set[str]:
     return {f.name + s for f in text_string_to_metric_families(text) for s in suffixes.get(f.type, ("",))}
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestAlertRules:
     def test_promtool_check(self) -> None:
         """promtool accepts the alert rules."""
@@ -109,6 +110,7 @@ class TestAlertRules:
             assert rule["annotations"]["summary"], name
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestDashboard:
     def test_names_exist(self) -> None:
         """Every secretless_* metric the dashboard queries is exposed by Metrics."""
@@ -243,6 +245,7 @@ async def query(url: str, expr: str) -> list[dict]:
 
 
 @pytest.mark.asyncio(loop_scope="class")
+@pytest.mark.e2e  # a real Prometheus server scrapes a real proxy
 class TestWithPrometheus:
     async def test_dashboard_queries_return_data(self, scraped: str) -> None:
         """Every dashboard query, run by a real Prometheus against a real admin listener, returns series."""
@@ -277,6 +280,7 @@ def k8s_config() -> dict:
     return yaml.safe_load(k8s("ConfigMap")["data"]["config.yaml"])
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestKubernetes:
     def test_config_is_valid(self, k8s_config: dict, pki: Pki, tmp_path: Path) -> None:
         """The ConfigMap's config passes the real config loader (files pointed at test fixtures)."""
@@ -340,6 +344,7 @@ class TestKubernetes:
         assert kinds == ["ConfigMap", "Deployment", "Namespace", "Service"]
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestSystemd:
     def test_exec_start_parses(self) -> None:
         """ExecStart is a command line the CLI accepts."""

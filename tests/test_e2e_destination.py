@@ -24,6 +24,9 @@ from helpers.upstream import EchoUpstream
 
 from secretless_proxy import certs
 
+# a module-wide proxy process, dnsmasq and curl
+pytestmark = pytest.mark.e2e
+
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 NAMES = ("ok.dest.test", "rebind.dest.test", "pool.dest.test", "mapped-ok.dest.test")
 

@@ -518,6 +518,7 @@ class TestCoreDumps:
             pass
         assert resource.getrlimit(resource.RLIMIT_CORE) == before
 
+    @pytest.mark.e2e  # starts interpreters that abort under prlimit
     def test_non_dumpable_alone_stops_core_files(self, tmp_path):
         """PR_SET_DUMPABLE 0 as the proxy sets it stops a core file even with the core limit unlimited."""
         if not _aborts_leave_core(tmp_path / "control", "import os; os.abort()"):

@@ -596,6 +596,7 @@ class TestOwnedHeaders:
 # -- §1 the options that would reopen a path -----------------------------------------------------
 
 
+@pytest.mark.e2e  # starts mitmdump, which must refuse
 class TestOpenOptionsRefused:
     @pytest.mark.parametrize(("args", "message"), [
         (["--set", "tcp_hosts=.*"], "tcp_hosts"),

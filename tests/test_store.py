@@ -106,7 +106,7 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[Make]:
         await store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e)])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
     """Makes "replicas": in memory they share the one store, on Redis each is its own client."""
     if request.param == "memory":
@@ -682,6 +682,7 @@ async def _answers(store: RedisStore) -> bool:
     return True
 
 
+@pytest.mark.e2e  # starts its own redis-server processes
 class TestRedisDeployments:
     async def test_password(self, tmp_path: Path) -> None:
         """A password given as a secret works; a wrong one is a StoreError that never shows it."""

@@ -23,6 +23,9 @@ from secretless_proxy.store.events import EventSigner
 from secretless_proxy.store.redis import RedisStore
 from secretless_proxy.store.sealing import Sealer
 
+# every test runs a real redis-server
+pytestmark = pytest.mark.e2e
+
 KEY = secrets.token_bytes(32)
 CHANNEL = "secretless:events"
 GID = "g" * 22
