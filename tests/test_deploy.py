@@ -13,7 +13,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import yaml
+from helpers.net import free_port
 from helpers.proxy import Pki
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -152,12 +152,6 @@ class TestDashboard:
 
 
 # -- a real Prometheus scraping a real admin listener ------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def traffic(m: Metrics, now: float) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 
 import test_e2e_replicas as replicas
 import yaml
-from helpers.e2e_broker import wait_for
 from helpers.e2e_replicas import started_replica
 from helpers.idp import token_scope
+from helpers.net import wait_for
 from helpers.proxy import ProxyProcess
 from test_e2e_replicas import ENV, Fleet, authorization, fleet_config
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers.clients import curl, http_exchange, tunnel
 from helpers.dns import start_dnsmasq
+from helpers.net import free_port
 from helpers.proxy import BIN, SECRET, Pki, base_config, start_proxy
 from helpers.rebind_dns import RebindingDns
 from helpers.upstream import EchoUpstream
@@ -91,12 +92,6 @@ class RawListener:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from helpers.e2e_broker import TimedIdP, free_port, metric
+from helpers.e2e_broker import TimedIdP, metric
 from helpers.e2e_replicas import (
     ADMIN,
     BILLING,
@@ -42,8 +42,8 @@ from helpers.e2e_replicas import (
     restore_keys,
     snapshot_keys,
     started_replica,
-    wait_for,
 )
+from helpers.net import free_port, wait_for
 from helpers.proxy import LOOPBACK_NETS, SECRET, Pki
 from helpers.redis_server import RedisServer
 

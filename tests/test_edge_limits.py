@@ -24,6 +24,7 @@ import pytest
 import requests
 from helpers.clients import curl, http_exchange, tunnel
 from helpers.idp import IdP
+from helpers.net import free_port
 from helpers.proxy import base_config
 from helpers.slow_upstream import SlowUpstream
 
@@ -33,12 +34,6 @@ BILLING = "spiffe://example.org/ns/prod/sa/billing"
 ADMIN = "spiffe://example.org/ns/ops/sa/admin"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: prctl, prlimit, 127.0.0.0/8")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def allow_rule(port: int) -> dict:

@@ -17,7 +17,6 @@ import binascii
 import json
 import os
 import re
-import socket
 import ssl
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus
@@ -35,6 +34,7 @@ from helpers.echo_forms import (
     bad_status_line_response,
     trailers_response,
 )
+from helpers.net import free_port
 from helpers.proxy import SECRET, base_config
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
@@ -60,12 +60,6 @@ def forms_upstream(pki):
 def moto(tmp_path_factory):
     with AuthMoto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the oracle: does any of these texts still carry a secret, in any form? ---------------------

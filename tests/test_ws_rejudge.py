@@ -19,8 +19,8 @@ import time
 import pytest
 import yaml
 from helpers.e2e_broker import metric
+from helpers.net import free_port
 from helpers.proxy import SECRET, base_config
-from helpers.redis_server import free_port
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage

@@ -30,16 +30,45 @@ def curl(*args: str, proxy: str, timeout: float = 20) -> CurlResult:
     return CurlResult(status=int(code or 0), body=body, stderr=out.stderr)
 
 
+def send_connect(sock: socket.socket, target: str) -> bytes:
+    """Send ``CONNECT target`` on a socket to the proxy; returns the response head, read to its blank line."""
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "proxy closed during CONNECT"
+        head += chunk
+    return head
+
+
+def open_tunnel(proxy_port: int, target: str) -> socket.socket:
+    """A CONNECT tunnel the proxy answered 200 (closed after the test, pass or fail)."""
+    raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    OPEN_SOCKETS.append(raw)
+    head = send_connect(raw, target)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return raw
+
+
+def svid_tunnel(proxy_port: int, port: int, *, pki, cert: bool = True, alpn: list[str] | None = None,
+                spiffe_id: str = "spiffe://example.org/ns/prod/sa/billing") -> ssl.SSLSocket:
+    """CONNECT to localhost:<port>, then TLS to the interception CA with a workload SVID (or none) and ALPN."""
+    raw = open_tunnel(proxy_port, f"localhost:{port}")
+    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+    if cert:
+        ctx.load_cert_chain(*pki.svid(spiffe_id))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    OPEN_SOCKETS.append(s)
+    return s
+
+
 def tunnel(proxy_port: int, target: tuple[str, int], *, sni: str, ca: str,
            cert: tuple[str, str] | None = None) -> ssl.SSLSocket:
     """CONNECT through the proxy, then TLS with the given SNI (and client cert)."""
     raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
-    raw.sendall(f"CONNECT {target[0]}:{target[1]} HTTP/1.1\r\nHost: {target[0]}:{target[1]}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(4096)
-        assert chunk, "proxy closed during CONNECT"
-        head += chunk
+    head = send_connect(raw, f"{target[0]}:{target[1]}")
     assert head.startswith(b"HTTP/1.1 200"), head
     ctx = ssl.create_default_context(cafile=ca)
     ctx.check_hostname = False  # the SNI under test may deliberately differ from the target
