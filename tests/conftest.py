@@ -39,6 +39,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki.create(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.fixture(scope="module")
+def ca() -> certs.Issued:
+    """A workload CA for config tests (example.org); a module may define its own ``ca``."""
+    return certs.make_ca()
+
+
+@pytest.fixture(scope="module")
+def partner_ca() -> certs.Issued:
+    return certs.make_ca(common_name="partner CA")
+
+
 @pytest.fixture(scope="session")
 def upstream(pki: Pki) -> Iterator[EchoUpstream]:
     with EchoUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as up:

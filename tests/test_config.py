@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy.certs import Issued, make_ca, write_ca
+from secretless_proxy.certs import Issued, write_ca
 from secretless_proxy.config import LimitsConfig, load_config
 from secretless_proxy.errors import ConfigError, ConfigIssue
 
@@ -465,16 +465,6 @@ def rendered(line: int | None, path: str) -> str:
     """How ConfigIssue.__str__ starts for this location."""
     where = f"{FILE}:{line}" if line else FILE
     return f"{where} {path}: " if path else f"{where}: "
-
-
-@pytest.fixture(scope="module")
-def ca() -> Issued:
-    return make_ca()
-
-
-@pytest.fixture(scope="module")
-def partner_ca() -> Issued:
-    return make_ca(common_name="partner CA")
 
 
 @pytest.fixture

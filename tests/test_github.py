@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from helpers.github_api import BODY_MARKER, GitHubApi
-from helpers.providers import request_context
+from helpers.providers import load_text, request_context
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential, load_config
@@ -303,9 +303,7 @@ VALID = "    app_id: 1\n    installation_id: 2\n    private_key: file:app.pem\n"
 
 
 def load(tmp_path: Path, text: str, *, resolve: bool = False):
-    path = tmp_path / "github.yaml"
-    path.write_text(text)
-    return load_config(path, resolve_secrets=resolve)
+    return load_text(tmp_path, text, name="github.yaml", resolve=resolve)
 
 
 class TestConfig:

@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from secretless_proxy.broker import BrokerEvents
-from secretless_proxy.config import Credential
+from secretless_proxy.config import Config, Credential, load_config
 from secretless_proxy.credentials.base import IssuedCredential, Provider, ProviderDeps, RequestContext
 from secretless_proxy.identity import Workload
 from secretless_proxy.secrets import Secret
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
+REPORTS = "spiffe://example.org/ns/prod/sa/reports"
+NOW = 1_700_000_000.0  # the provider tests' fixed wall clock
+CONFIG_DIR = Path(__file__).parents[2] / "config"  # the example configs
 LIFETIME = 1000.0  # with skew 30 and refresh_at 0.75: refresh from +750, served until +970
 
 
@@ -27,6 +31,18 @@ def request_context(spiffe_id: str = BILLING, *, host: str = "api.example.com",
     workload = Workload(spiffe_id=spiffe_id, trust_domain=td, path="/" + wl_path,
                         not_after=time.time() + 3600 if not_after is None else not_after, cert_sha256="00")
     return RequestContext(workload=workload, host=host, port=443, method="GET", path=path, rule=rule)
+
+
+def ctx(spiffe_id: str = BILLING, host: str = "api.example.com") -> RequestContext:
+    """A context whose workload certificate is valid for an hour after NOW."""
+    return request_context(spiffe_id, host=host, not_after=NOW + 3600)
+
+
+def load_text(tmp_path: Path, text: str, *, name: str = "config.yaml", resolve: bool = False) -> Config:
+    """Write ``text`` to a config file and load it (secrets resolved only when asked)."""
+    path = tmp_path / name
+    path.write_text(text)
+    return load_config(path, resolve_secrets=resolve)
 
 
 def context(workload: str = BILLING) -> RequestContext:
