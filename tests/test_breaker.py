@@ -39,6 +39,17 @@ def make(p: FakeProvider, clock: Clock, events: BrokerEvents | None = None, **cf
     return Broker({p.name: p}, config=config, now=clock, rng=lambda: 1.0, events=events)
 
 
+async def failed_once(events: BrokerEvents | None = None) -> tuple[Clock, FakeProvider, Broker]:
+    """A broker whose provider is down, after the first fill failed (every attempt): the breaker is open."""
+    clock = Clock()
+    p = FakeProvider(clock=clock)
+    p.down = ProviderError("down")
+    broker = make(p, clock, events)
+    with pytest.raises(ProviderError):
+        await broker.get("api", context())
+    return clock, p, broker
+
+
 class TestBreaker:
     def test_schedule_doubles_up_to_the_cap(self) -> None:
         """Open delays follow base * 2**(n-1), capped (rng 1: no jitter)."""
@@ -136,13 +147,8 @@ class TestBrokerDamping:
 
     async def test_probe_is_one_attempt_and_recovery_closes(self) -> None:
         """The half-open probe makes a single provider attempt; once the provider is back it closes the breaker."""
-        clock = Clock()
-        p = FakeProvider(clock=clock)
-        p.down = ProviderError("down")
         events = Events()
-        broker = make(p, clock, events)
-        with pytest.raises(ProviderError):
-            await broker.get("api", context())
+        clock, p, broker = await failed_once(events)
         assert p.calls == 3
         clock.advance(0.5)
         with pytest.raises(ProviderError):
@@ -157,12 +163,7 @@ class TestBrokerDamping:
 
     async def test_others_do_not_queue_behind_the_probe(self) -> None:
         """While the probe is out, another request for the key is refused at once instead of waiting."""
-        clock = Clock()
-        p = FakeProvider(clock=clock)
-        p.down = ProviderError("down")
-        broker = make(p, clock)
-        with pytest.raises(ProviderError):
-            await broker.get("api", context())
+        clock, p, broker = await failed_once()
         p.down, p.gate = None, asyncio.Event()
         clock.advance(0.5)
         probe = asyncio.ensure_future(broker.get("api", context()))
@@ -201,12 +202,7 @@ class TestBrokerDamping:
 
     async def test_reload_with_a_new_definition_starts_closed(self) -> None:
         """A fixed definition (new digest) is tried at once, not after the old one's backoff."""
-        clock = Clock()
-        p = FakeProvider(clock=clock)
-        p.down = ProviderError("down")
-        broker = make(p, clock)
-        with pytest.raises(ProviderError):
-            await broker.get("api", context())
+        clock, p, broker = await failed_once()
         fixed = FakeProvider(clock=clock)
         fixed.digest = "fixed"
         broker.replace_providers({"api": fixed})
