@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -29,3 +30,19 @@ def wait_for[T](predicate: Callable[[], T], *, timeout: float = 10, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def accept_loop(sock: socket.socket, handle: Callable[[socket.socket], None], *,
+                accepted: Callable[[], None] = lambda: None, stop: Callable[[], bool] = lambda: False) -> None:
+    """Accept until the listening socket is closed (or ``stop()``); each connection is handled by
+    ``handle`` in a daemon thread, after ``accepted()`` (a counter) is called. A listening socket with a
+    timeout wakes up to look at ``stop()``."""
+    while not stop():
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        accepted()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
