@@ -44,12 +44,12 @@ system-deps:
 	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them for the full suite)"; fi; fi
 
-# Every test, on every core (pytest-xdist). More workers than cores: the e2e tests mostly wait on
-# sockets and child processes. loadfile keeps a module on one worker, so a proxy the module's tests
-# share starts once.
+# Every test, in parallel (pytest-xdist). More workers than cores: the e2e tests mostly wait on
+# sockets and child processes. worksteal: a few modules hold minutes of tests, and an idle worker
+# takes tests from a busy one instead of waiting (a module-scoped proxy may then start once per worker).
 TEST_WORKERS ?= 4
 test: install system-deps
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The fast lane while editing: unit and in-process tests only, no proxy or server process (-m e2e)
 # and nothing that takes seconds on its own (-m slow).

@@ -32,9 +32,11 @@ def received_auth(upstream) -> list[str]:
     return [v for k, v in upstream.requests[0]["headers"] if k.lower() == "authorization"]
 
 
-@pytest.fixture
-def proxy(proxy_factory, pki, upstream):
-    return proxy_factory(base_config(pki, rules=[inject_rule(upstream)]))
+@pytest.fixture(scope="module")
+def proxy(module_proxy_factory, pki, upstream):
+    """One proxy for the module: the tests that use it only send requests (the upstream's log is
+    cleared before each test); tests that need another config start their own."""
+    return module_proxy_factory(base_config(pki, rules=[inject_rule(upstream)]))
 
 
 class TestInjection:
