@@ -87,7 +87,6 @@ class _ProxyStarter:
                    "-s", str(ENTRY_SCRIPT), "--set", f"secretless_config={cfg_path}"]
         p = start_proxy([*wrap, *cmd], log_path=self.workdir / f"proxy{n}.log", env=full_env, cwd=cwd)
         p.secrets = (SECRET, *(env or {}).values())
-        p.config_path = cfg_path
         self.started.append(p)
         return p
 

@@ -7,7 +7,6 @@ from its log. The fixtures in conftest.py start and stop these; tests use the va
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -80,7 +79,6 @@ class ProxyProcess:
     log_path: Path
     port: int = 0
     secrets: tuple[str, ...] = ()
-    config_path: Path | None = None
     _lines: list[str] = field(default_factory=list)
 
     @property
@@ -98,23 +96,6 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-    def reload(self, *, timeout: float = 10) -> None:
-        """Ask for a reload now (SIGHUP, as an operator would) and wait for its outcome in the log.
-
-        The file watcher would see the change within a second; SIGHUP spares the tests that wait.
-        """
-        before = self.output().count("SIGHUP: reopening")
-        done = ("config reloaded", "config reload rejected")
-        counts = [self.output().count(s) for s in done]
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.output()
-            if out.count("SIGHUP: reopening") > before and any(out.count(s) > n for s, n in zip(done, counts, strict=True)):
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"no reload outcome within {timeout}s of SIGHUP:\n{self.output()[-2000:]}")
 
 
 def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20,
