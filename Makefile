@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SPIFFE_ID ?= spiffe://example.org/ns/prod/sa/billing
 
-.PHONY: install system-deps run test lint dev-certs demo-upstream bench
+.PHONY: install system-deps run test test-fast lint dev-certs demo-upstream bench
 
 install: $(VENV)/.installed
 
@@ -44,8 +44,17 @@ system-deps:
 	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "missing Debian packages:$$missing (install them for the full suite)"; fi; fi
 
+# Every test, in parallel (pytest-xdist). More workers than cores: the e2e tests mostly wait on
+# sockets and child processes. worksteal: a few modules hold minutes of tests, and an idle worker
+# takes tests from a busy one instead of waiting (a module-scoped proxy may then start once per worker).
+TEST_WORKERS ?= 4
 test: install system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+
+# The fast lane while editing: unit and in-process tests only, no proxy or server process (-m e2e)
+# and nothing that takes seconds on its own (-m slow).
+test-fast: install
+	$(BIN)/python -m pytest -n auto -q -m "not e2e and not slow"
 
 lint: install
 	$(BIN)/python -m pip install -q ruff

@@ -1,6 +1,6 @@
 """Seeded client-certificate fuzz against the identity verifier, in process (issue 9 §3).
 
-Builds ``--count`` odd and malformed certificates with ``tests/certfuzz.py`` (same seed, same
+Builds ``--count`` odd and malformed certificates with ``tests/helpers/certfuzz.py`` (same seed, same
 certificates) and runs each through ``IdentityVerifier.verify`` with two trust domains, each
 with its own CA. Prints the outcome counts, the slowest verification and every exception that
 is not an identity refusal; exits 1 if there was any.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
-from certfuzz import cases  # noqa: E402
+from helpers.certfuzz import cases  # noqa: E402
 
 from secretless_proxy.certs import make_ca  # noqa: E402
 from secretless_proxy.errors import IdentityError  # noqa: E402

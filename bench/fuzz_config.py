@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import config_mutations  # noqa: E402 - the generator the test suite uses
+from helpers import config_mutations  # noqa: E402 - the generator the test suite uses
 
 
 def main() -> int:

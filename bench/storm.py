@@ -1,6 +1,6 @@
 """Provider storms (issue 10 §3): how many token-endpoint calls a failing provider gets, and what clients see.
 
-Real parts on loopback: the test IdP (``tests/idp.py``, counting every token call), the echo
+Real parts on loopback: the test IdP (``tests/helpers/idp.py``, counting every token call), the echo
 upstream, one ``secretless-proxy run`` process with the default broker settings, and a few
 client threads with workload certificates sending requests back to back. Scenarios:
 
@@ -36,9 +36,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import BIN, start_proxy  # noqa: E402
-from e2e_helpers_broker import TimedIdP  # noqa: E402
-from upstream import EchoUpstream  # noqa: E402
+from helpers.proxy import BIN, start_proxy  # noqa: E402
+from helpers.e2e_broker import TimedIdP  # noqa: E402
+from helpers.upstream import EchoUpstream  # noqa: E402
 
 from secretless_proxy import certs  # noqa: E402
 

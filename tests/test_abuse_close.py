@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import ssl
 import threading
 import time
@@ -20,9 +19,10 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import OPEN_SOCKETS, base_config, tunnel
-from redis_server import free_port
-from targets import CountingTarget
+from helpers.clients import OPEN_SOCKETS, svid_tunnel, tunnel
+from helpers.net import free_port
+from helpers.proxy import base_config
+from helpers.targets import CountingTarget
 
 from secretless_proxy import certs
 from secretless_proxy.connlimits import ANONYMOUS_REFUSALS, RESETS_PER_WINDOW
@@ -70,19 +70,7 @@ def metric(admin_port: int, name: str) -> float:
 
 def h2_tunnel(proxy, pki, port: int, *, cert: bool) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
     """CONNECT, TLS with ALPN h2 (with the billing SVID or no certificate), the h2 preface."""
-    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(4096)
-        assert chunk, "proxy closed during CONNECT"
-        head += chunk
-    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
-    if cert:
-        ctx.load_cert_chain(*pki.svid(BILLING))
-    ctx.set_alpn_protocols(["h2"])
-    s = ctx.wrap_socket(raw, server_hostname="localhost")
-    _SOCKETS.append(s)
+    s = svid_tunnel(proxy.port, port, pki=pki, cert=cert, alpn=["h2"])
     assert s.selected_alpn_protocol() == "h2"
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()

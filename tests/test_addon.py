@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import yaml
-from conftest import SECRET, base_config
+from helpers.proxy import SECRET, base_config
 from mitmproxy import certs as mcerts
 from mitmproxy import exceptions, tls
 from mitmproxy.addons.proxyserver import Proxyserver

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -19,25 +18,22 @@ import httpx
 import pytest
 import yaml
 from cryptography import x509
+from helpers.proxy import BIN, SECRET, Pki, ProxyProcess, base_config
+from helpers.redis_server import RedisServer
 from mitmproxy.certs import CertStore
 from prometheus_client import CollectorRegistry
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from conftest import BIN, SECRET, Pki, ProxyProcess, base_config  # noqa: E402
-from redis_server import RedisServer  # noqa: E402
-
-from secretless_proxy import certs  # noqa: E402
-from secretless_proxy.adminapi import AdminApi, AdminApiServer, api_server_cert  # noqa: E402
-from secretless_proxy.audit import AuditLog  # noqa: E402
-from secretless_proxy.broker import CachedInfo  # noqa: E402
-from secretless_proxy.config import Config  # noqa: E402
-from secretless_proxy.configparse import load_config  # noqa: E402
-from secretless_proxy.identity import IdentityVerifier  # noqa: E402
-from secretless_proxy.metrics import Metrics  # noqa: E402
-from secretless_proxy.store import MemoryStore, Store  # noqa: E402
-from secretless_proxy.store.redis import RedisStore  # noqa: E402
-from secretless_proxy.store.sealing import Sealer  # noqa: E402
+from secretless_proxy import certs
+from secretless_proxy.adminapi import AdminApi, AdminApiServer, api_server_cert
+from secretless_proxy.audit import AuditLog
+from secretless_proxy.broker import CachedInfo
+from secretless_proxy.config import Config
+from secretless_proxy.configparse import load_config
+from secretless_proxy.identity import IdentityVerifier
+from secretless_proxy.metrics import Metrics
+from secretless_proxy.store import MemoryStore, Store
+from secretless_proxy.store.redis import RedisStore
+from secretless_proxy.store.sealing import Sealer
 
 ADMIN = "spiffe://example.org/ns/ops/sa/admin"
 ONCALL = "spiffe://example.org/ns/ops/sa/oncall-alice"
@@ -204,7 +200,7 @@ def redis_server() -> Any:
         yield server
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e)])
 async def any_api(request: pytest.FixtureRequest, start: Start) -> AsyncIterator[Api]:
     """The API over the embedded store and over a real redis-server."""
     if request.param == "memory":
@@ -649,6 +645,7 @@ async def cli(api: Api | None, *args: str, cert: Cert | None = None, cacert: str
     return Ran(proc.returncode, out.decode(), err.decode())
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestCli:
     async def test_round_trip(self, api: Api, ids: Ids) -> None:
         """grant → grants shows it active → revoke → grants shows it revoked, all through the real CLI."""

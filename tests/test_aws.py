@@ -24,9 +24,9 @@ import pytest
 from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
-from conftest import request_context
+from helpers.moto_server import ROLE_ARN, MotoServer
+from helpers.providers import load_text, request_context
 from mitmproxy import http
-from moto_server import ROLE_ARN, MotoServer
 
 from secretless_proxy import sigv4
 from secretless_proxy.config import Credential
@@ -700,9 +700,7 @@ BASE = (f"    role_arn: {ROLE}\n    base_credentials:\n      access_key_id: env:
 
 
 def load(tmp_path: Path, text: str, *, resolve: bool = False):
-    path = tmp_path / "aws.yaml"
-    path.write_text(text)
-    return load_config(path, resolve_secrets=resolve)
+    return load_text(tmp_path, text, name="aws.yaml", resolve=resolve)
 
 
 class TestConfig:

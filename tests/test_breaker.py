@@ -6,23 +6,19 @@ The clock is the broker's fake wall clock; providers are test_broker's counting 
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.providers import Clock, FakeProvider, context
 
+from secretless_proxy.breaker import CLOSED, HALF_OPEN, OPEN, Backoff, Breaker, Breakers
+from secretless_proxy.broker import Broker, BrokerEvents
 from secretless_proxy.certs import make_ca, write_ca
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_broker import Clock, FakeProvider, context  # noqa: E402
-
-from secretless_proxy.breaker import CLOSED, HALF_OPEN, OPEN, Backoff, Breaker, Breakers  # noqa: E402
-from secretless_proxy.broker import Broker, BrokerEvents  # noqa: E402
-from secretless_proxy.config import BrokerConfig  # noqa: E402
-from secretless_proxy.configparse import load_config  # noqa: E402
-from secretless_proxy.credentials.base import ProviderError  # noqa: E402
-from secretless_proxy.errors import ConfigError  # noqa: E402
-from secretless_proxy.refusal import Refusal, error_response  # noqa: E402
+from secretless_proxy.config import BrokerConfig
+from secretless_proxy.configparse import load_config
+from secretless_proxy.credentials.base import ProviderError
+from secretless_proxy.errors import ConfigError
+from secretless_proxy.refusal import Refusal, error_response
 
 REPORTS = "spiffe://example.org/ns/prod/sa/reports"
 
@@ -42,6 +38,17 @@ class Events(BrokerEvents):
 def make(p: FakeProvider, clock: Clock, events: BrokerEvents | None = None, **cfg) -> Broker:
     config = BrokerConfig(**{"timeout": 1.0, "retries": 2, **cfg})
     return Broker({p.name: p}, config=config, now=clock, rng=lambda: 1.0, events=events)
+
+
+async def failed_once(events: BrokerEvents | None = None) -> tuple[Clock, FakeProvider, Broker]:
+    """A broker whose provider is down, after the first fill failed (every attempt): the breaker is open."""
+    clock = Clock()
+    p = FakeProvider(clock=clock)
+    p.down = ProviderError("down")
+    broker = make(p, clock, events)
+    with pytest.raises(ProviderError):
+        await broker.get("api", context())
+    return clock, p, broker
 
 
 class TestBreaker:
@@ -141,13 +148,8 @@ class TestBrokerDamping:
 
     async def test_probe_is_one_attempt_and_recovery_closes(self) -> None:
         """The half-open probe makes a single provider attempt; once the provider is back it closes the breaker."""
-        clock = Clock()
-        p = FakeProvider(clock=clock)
-        p.down = ProviderError("down")
         events = Events()
-        broker = make(p, clock, events)
-        with pytest.raises(ProviderError):
-            await broker.get("api", context())
+        clock, p, broker = await failed_once(events)
         assert p.calls == 3
         clock.advance(0.5)
         with pytest.raises(ProviderError):
@@ -162,12 +164,7 @@ class TestBrokerDamping:
 
     async def test_others_do_not_queue_behind_the_probe(self) -> None:
         """While the probe is out, another request for the key is refused at once instead of waiting."""
-        clock = Clock()
-        p = FakeProvider(clock=clock)
-        p.down = ProviderError("down")
-        broker = make(p, clock)
-        with pytest.raises(ProviderError):
-            await broker.get("api", context())
+        clock, p, broker = await failed_once()
         p.down, p.gate = None, asyncio.Event()
         clock.advance(0.5)
         probe = asyncio.ensure_future(broker.get("api", context()))
@@ -206,12 +203,7 @@ class TestBrokerDamping:
 
     async def test_reload_with_a_new_definition_starts_closed(self) -> None:
         """A fixed definition (new digest) is tried at once, not after the old one's backoff."""
-        clock = Clock()
-        p = FakeProvider(clock=clock)
-        p.down = ProviderError("down")
-        broker = make(p, clock)
-        with pytest.raises(ProviderError):
-            await broker.get("api", context())
+        clock, p, broker = await failed_once()
         fixed = FakeProvider(clock=clock)
         fixed.digest = "fixed"
         broker.replace_providers({"api": fixed})

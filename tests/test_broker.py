@@ -13,122 +13,22 @@ import time
 from collections.abc import Callable
 
 import pytest
+from helpers.providers import BILLING, LIFETIME, Clock, FakeProvider, Recorder, RevocableProvider, context
 
 from secretless_proxy.broker import Broker, BrokerEvents, CachedInfo
-from secretless_proxy.config import BrokerConfig, Credential
+from secretless_proxy.config import BrokerConfig
 from secretless_proxy.credentials.base import (
     IssuedCredential,
     Provider,
-    ProviderDeps,
     ProviderError,
     RequestContext,
 )
 from secretless_proxy.errors import CredentialError
-from secretless_proxy.identity import Workload
 from secretless_proxy.reasons import Reason
 from secretless_proxy.secretrefs import Secret
 
-BILLING = "spiffe://example.org/ns/prod/sa/billing"
 REPORTS = "spiffe://example.org/ns/prod/sa/reports"
 LEAK = "sk_live_LEAKEDtoken0123456789"
-LIFETIME = 1000.0  # with skew 30 and refresh_at 0.75: refresh from +750, served until +970
-
-
-class Clock:
-    """A wall clock the test moves by hand."""
-
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-def context(workload: str = BILLING) -> RequestContext:
-    wl = Workload(spiffe_id=workload, trust_domain="example.org", path=workload.split("example.org", 1)[1],
-                  not_after=2e9, cert_sha256="00" * 32)
-    return RequestContext(workload=wl, host="api.example.com", port=443, method="GET", path="/v1", rule="r")
-
-
-class FakeProvider(Provider):
-    """Issues ``tok-<n>`` credentials; ``fail``/``result``/``delay``/``gate`` steer the next calls."""
-
-    kind = "fake"
-
-    def __init__(self, name: str = "api", *, clock: Callable[[], float], lifetime: float | None = LIFETIME,
-                 delay: float = 0.0, scope_by: str | None = "shared") -> None:
-        super().__init__(Credential(name=name, kind=self.kind, settings=None), ProviderDeps(now=clock))
-        self.clock, self.lifetime, self.delay, self.scope_by = clock, lifetime, delay, scope_by
-        self.calls = 0
-        self.fail: list[BaseException] = []  # raised by the next calls, in order
-        self.down: BaseException | None = None  # raised by every call while set
-        self.result: object = None  # returned instead of a credential when not None
-        self.gate: asyncio.Event | None = None  # fetch waits for it when set
-
-    def scope(self, ctx: RequestContext) -> str | None:
-        return {"shared": "", "workload": ctx.workload.spiffe_id, None: None}[self.scope_by]
-
-    async def fetch(self, ctx: RequestContext) -> IssuedCredential:
-        self.calls += 1
-        n = self.calls
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail:
-            raise self.fail.pop(0)
-        if self.down is not None:
-            raise self.down
-        if self.result is not None:
-            return self.result  # type: ignore[return-value]
-        now = self.clock()
-        return IssuedCredential(name=self.name, kind=self.kind, secret=Secret(f"tok-{n}"), issued_at=now,
-                                expires_at=None if self.lifetime is None else now + self.lifetime)
-
-
-class RevocableProvider(FakeProvider):
-    """A FakeProvider whose credentials can be revoked; records what it revoked."""
-
-    kind = "fake_revocable"
-    revocable = True
-
-    def __init__(self, *args, revoke_error: BaseException | None = None, revoke_delay: float = 0.0,
-                 **kw) -> None:
-        super().__init__(*args, **kw)
-        self.revoked: list[IssuedCredential] = []
-        self.revoke_error, self.revoke_delay = revoke_error, revoke_delay
-
-    async def revoke(self, cred: IssuedCredential) -> None:
-        if self.revoke_delay:
-            await asyncio.sleep(self.revoke_delay)
-        if self.revoke_error is not None:
-            raise self.revoke_error
-        self.revoked.append(cred)
-
-
-class Recorder(BrokerEvents):
-    """Collects every event as a tuple."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple] = []
-
-    def fetched(self, *, credential: str, kind: str, outcome: str, seconds: float) -> None:
-        self.log.append(("fetched", credential, outcome))
-
-    def cache(self, *, credential: str, result: str) -> None:
-        self.log.append(("cache", credential, result))
-
-    def issued(self, cred: IssuedCredential) -> None:
-        self.log.append(("issued", cred.name, cred.secret.reveal()))
-
-    def revoked(self, cred: IssuedCredential, *, reason: str) -> None:
-        self.log.append(("revoked", cred.secret.reveal(), reason))
-
-    def of(self, kind: str) -> list[tuple]:
-        return [e for e in self.log if e[0] == kind]
 
 
 class Exploding(BrokerEvents):

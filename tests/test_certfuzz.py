@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from certfuzz import Case, cases
-from conftest import base_config, curl
 from cryptography.hazmat.primitives import serialization
+from helpers.certfuzz import Case, cases
+from helpers.clients import curl
+from helpers.proxy import base_config
 
 from secretless_proxy.errors import IdentityError
 from secretless_proxy.identity import IdentityVerifier
@@ -67,6 +68,7 @@ def verifier(pki) -> IdentityVerifier:
     return IdentityVerifier(bundles={"example.org": [pki.workload_ca.cert]})
 
 
+@pytest.mark.slow  # hundreds of generated certificates
 class TestVerifierFuzz:
     def test_no_exception_but_identity_refusals(self, pki, verifier) -> None:
         """2,000 seeded odd certificates: each is a workload or an IdentityError with a known reason."""
@@ -149,6 +151,7 @@ class TestListenersFuzzSample:
         assert "Traceback" not in out and "Addon error" not in out
 
 
+@pytest.mark.slow  # runs the bench script in a subprocess
 def test_bench_script_runs(tmp_path) -> None:
     """bench/fuzz_certs.py runs a seeded fuzz and reports zero escaped exceptions."""
     script = Path(__file__).parents[1] / "bench" / "fuzz_certs.py"

@@ -21,7 +21,7 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
-from upstream import EchoUpstream
+from helpers.upstream import EchoUpstream
 
 from secretless_proxy.certs import (
     Issued,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy.certs import Issued, make_ca, write_ca
+from secretless_proxy.certs import Issued, write_ca
 from secretless_proxy.config import LimitsConfig
 from secretless_proxy.configparse import load_config
 from secretless_proxy.errors import ConfigError, ConfigIssue
@@ -468,16 +468,6 @@ def rendered(line: int | None, path: str) -> str:
     return f"{where} {path}: " if path else f"{where}: "
 
 
-@pytest.fixture(scope="module")
-def ca() -> Issued:
-    return make_ca()
-
-
-@pytest.fixture(scope="module")
-def partner_ca() -> Issued:
-    return make_ca(common_name="partner CA")
-
-
 @pytest.fixture
 def workdir(tmp_path: Path, ca: Issued, partner_ca: Issued, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A config directory with real workload CAs at ca/ca.pem (example.org) and partner/ca.pem
@@ -718,6 +708,7 @@ def run_check(path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestCheckCommand:
     def test_valid_exits_0(self, valid_dir: Path) -> None:
         """`check` on a valid file prints OK with the counts to stdout and exits 0."""

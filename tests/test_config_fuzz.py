@@ -3,8 +3,8 @@ and every refusal points at the place that was changed. ``bench/fuzz_config.py``
 
 from __future__ import annotations
 
-import config_mutations
 import pytest
+from helpers import config_mutations
 
 
 @pytest.fixture(scope="module")
@@ -14,6 +14,7 @@ def fuzz_dir(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow  # two thousand mutated configs
 class TestConfigFuzz:
     def test_base_document_is_valid(self, fuzz_dir):
         """The document every mutation starts from loads cleanly (else every refusal would be noise)."""
@@ -79,6 +80,7 @@ class TestFuzzFindings:
                 in [str(i) for i in err.value.issues])
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestWhatIsAtThePath:
     """Found by a hostile review: files were read whole, and blocking, before any check."""
 

@@ -7,22 +7,18 @@ and ``retire_stale`` evicts and revokes what was minted under older definitions.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers.providers import Clock, FakeProvider, Recorder, RevocableProvider, context
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_broker import Clock, FakeProvider, Recorder, RevocableProvider, context  # noqa: E402
-
-from secretless_proxy.broker import Broker  # noqa: E402
-from secretless_proxy.config import BrokerConfig  # noqa: E402
-from secretless_proxy.credentials.oauth2 import ClientCredentialsSettings  # noqa: E402
-from secretless_proxy.definition import definition_digest  # noqa: E402
-from secretless_proxy.secretrefs import Secret, SecretRef  # noqa: E402
-from secretless_proxy.sharedcache import credential_family, encode_credential  # noqa: E402
-from secretless_proxy.store import MemoryStore  # noqa: E402
+from secretless_proxy.broker import Broker
+from secretless_proxy.config import BrokerConfig
+from secretless_proxy.credentials.oauth2 import ClientCredentialsSettings
+from secretless_proxy.definition import definition_digest
+from secretless_proxy.secretrefs import Secret, SecretRef
+from secretless_proxy.sharedcache import credential_family, encode_credential
+from secretless_proxy.store import MemoryStore
 
 
 def oauth(**kw) -> ClientCredentialsSettings:

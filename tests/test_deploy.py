@@ -13,7 +13,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,8 @@ import httpx
 import pytest
 import pytest_asyncio
 import yaml
-from conftest import Pki
+from helpers.net import free_port
+from helpers.proxy import Pki
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -78,6 +78,7 @@ def exposed_names() -> set[str]:
     return {f.name + s for f in text_string_to_metric_families(text) for s in suffixes.get(f.type, ("",))}
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestAlertRules:
     def test_promtool_check(self) -> None:
         """promtool accepts the alert rules."""
@@ -109,6 +110,7 @@ class TestAlertRules:
             assert rule["annotations"]["summary"], name
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestDashboard:
     def test_names_exist(self) -> None:
         """Every secretless_* metric the dashboard queries is exposed by Metrics."""
@@ -150,12 +152,6 @@ class TestDashboard:
 
 
 # -- a real Prometheus scraping a real admin listener ------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def traffic(m: Metrics, now: float) -> None:
@@ -243,6 +239,7 @@ async def query(url: str, expr: str) -> list[dict]:
 
 
 @pytest.mark.asyncio(loop_scope="class")
+@pytest.mark.e2e  # a real Prometheus server scrapes a real proxy
 class TestWithPrometheus:
     async def test_dashboard_queries_return_data(self, scraped: str) -> None:
         """Every dashboard query, run by a real Prometheus against a real admin listener, returns series."""
@@ -277,6 +274,7 @@ def k8s_config() -> dict:
     return yaml.safe_load(k8s("ConfigMap")["data"]["config.yaml"])
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestKubernetes:
     def test_config_is_valid(self, k8s_config: dict, pki: Pki, tmp_path: Path) -> None:
         """The ConfigMap's config passes the real config loader (files pointed at test fixtures)."""
@@ -340,6 +338,7 @@ class TestKubernetes:
         assert kinds == ["ConfigMap", "Deployment", "Namespace", "Service"]
 
 
+@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestSystemd:
     def test_exec_start_parses(self) -> None:
         """ExecStart is a command line the CLI accepts."""

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_config, start_dnsmasq
+from helpers.dns import start_dnsmasq
+from helpers.proxy import base_config
+from helpers.rebind_dns import RebindingDns
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow
-from rebind_dns import RebindingDns
 
 from secretless_proxy.addon import Secretless
 from secretless_proxy.configparse import load_config
@@ -78,6 +79,7 @@ class TestConfig:
         assert "upstream.resolver.nameservers[0]: must be an IP address with an optional port" in text
         assert "unknown key 'timout_seconds' (did you mean 'timeout_seconds'?" in text
 
+    @pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
     def test_check_warns_on_wildcard_with_private_true(self, tmp_path, pki):
         """check accepts a wildcard host with private: true but warns about it (exit 0)."""
         path = write(tmp_path, pki, to={"host": "*.partner.example", "private": True})
@@ -86,6 +88,7 @@ class TestConfig:
         assert r.returncode == 0
         assert "warning: c.yaml:" in r.stderr and "rules[0].to.private: 'private: true' with the wildcard host *.partner.example" in r.stderr
 
+    @pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
     def test_check_warns_on_private_literal_without_opt_in(self, tmp_path, pki):
         """A rule for a private IP literal that no allowance covers would refuse every request: check says so."""
         path = write(tmp_path, pki, to={"host": "10.1.2.3"})
@@ -112,6 +115,7 @@ class TestResolver:
             assert str((await r.resolve("n.dest.test")).addresses[0]) == "127.0.0.1"
             assert str((await r.resolve("n.dest.test")).addresses[0]) == "127.0.0.2"
 
+    @pytest.mark.e2e  # starts its own dnsmasq
     async def test_cache_is_bounded(self, tmp_path):
         """With cache_size 1 the least recently used name is dropped."""
         dns = start_dnsmasq({"a.dest.test": ("127.0.0.1",), "b.dest.test": ("127.0.0.2",)}, log_path=tmp_path / "d.log")

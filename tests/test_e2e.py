@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import requests
-from conftest import SECRET, base_config, curl, http_exchange, tunnel
+from helpers.clients import curl, http_exchange, tunnel
+from helpers.proxy import SECRET, base_config
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 
@@ -31,9 +32,11 @@ def received_auth(upstream) -> list[str]:
     return [v for k, v in upstream.requests[0]["headers"] if k.lower() == "authorization"]
 
 
-@pytest.fixture
-def proxy(proxy_factory, pki, upstream):
-    return proxy_factory(base_config(pki, rules=[inject_rule(upstream)]))
+@pytest.fixture(scope="module")
+def proxy(module_proxy_factory, pki, upstream):
+    """One proxy for the module: the tests that use it only send requests (the upstream's log is
+    cleared before each test); tests that need another config start their own."""
+    return module_proxy_factory(base_config(pki, rules=[inject_rule(upstream)]))
 
 
 class TestInjection:
@@ -275,7 +278,7 @@ class TestUpstreamBinding:
 
     def test_upstream_tls_is_verified(self, proxy_factory, pki):
         """An upstream whose certificate does not verify never receives the request."""
-        from upstream import EchoUpstream
+        from helpers.upstream import EchoUpstream
 
         from secretless_proxy import certs
         rogue = certs.make_ca(common_name="unknown upstream CA")
@@ -290,7 +293,7 @@ class TestUpstreamBinding:
 
 class TestPlaintext:
     def _run(self, proxy_factory, pki, **rule_over):
-        from upstream import EchoUpstream
+        from helpers.upstream import EchoUpstream
         with EchoUpstream(server_cert=None) as plain:
             p = proxy_factory(base_config(pki, rules=[inject_rule(plain, **rule_over)]))
             cert, key = pki.svid(BILLING)
@@ -320,7 +323,7 @@ class TestPlaintextAllowRule:
 
     def test_allow_rule_without_allow_plaintext_refused_on_the_proxy_hop(self, proxy_factory, pki):
         """curl to http:// on the proxy hop: 403 plaintext_upstream, the target gets no connection."""
-        from targets import CountingTarget
+        from helpers.targets import CountingTarget
         with CountingTarget() as target:
             p = proxy_factory(base_config(pki, rules=[self._rule(target.port)]))
             cert, key = pki.svid(BILLING)
@@ -334,7 +337,7 @@ class TestPlaintextAllowRule:
         """Plain HTTP inside a CONNECT tunnel, identity on the proxy hop: refused, never relayed."""
         import socket
 
-        from targets import CountingTarget
+        from helpers.targets import CountingTarget
         with CountingTarget() as target:
             p = proxy_factory(base_config(pki, rules=[self._rule(target.port)]))
             ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
@@ -352,7 +355,7 @@ class TestPlaintextAllowRule:
 
     def test_allow_rule_with_allow_plaintext_forwards(self, proxy_factory, pki):
         """allow_plaintext: true lets an allow rule reach the plain http:// upstream."""
-        from upstream import EchoUpstream
+        from helpers.upstream import EchoUpstream
         with EchoUpstream(server_cert=None) as plain:
             p = proxy_factory(base_config(pki, rules=[self._rule(plain.port, allow_plaintext=True)]))
             cert, key = pki.svid(BILLING)

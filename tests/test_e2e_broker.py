@@ -25,13 +25,15 @@ import jwt
 import pytest
 import requests
 import yaml
-from conftest import SECRET, ProxyProcess, base_config, curl, http_exchange, tunnel
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from e2e_helpers_broker import AuthMoto, TimedIdP, free_port, metric, wait_for
-from github_api import GitHubApi
-from idp import BODY_MARKER as IDP_MARKER
-from idp import GRANT_CC, GRANT_TX
+from helpers.clients import curl, http_exchange, tunnel
+from helpers.e2e_broker import AuthMoto, TimedIdP, metric
+from helpers.github_api import GitHubApi
+from helpers.idp import BODY_MARKER as IDP_MARKER
+from helpers.idp import GRANT_CC, GRANT_TX
+from helpers.net import free_port, wait_for
+from helpers.proxy import SECRET, ProxyProcess, base_config
 
 from secretless_proxy import certs
 from secretless_proxy.credentials.aws import role_session_name

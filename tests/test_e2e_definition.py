@@ -16,10 +16,10 @@ from typing import Any
 
 import test_e2e_replicas as replicas
 import yaml
-from conftest import ProxyProcess
-from e2e_helpers_broker import wait_for
-from e2e_helpers_replicas import started_replica
-from idp import token_scope
+from helpers.e2e_replicas import started_replica
+from helpers.idp import token_scope
+from helpers.net import wait_for
+from helpers.proxy import ProxyProcess
 from test_e2e_replicas import ENV, Fleet, authorization, fleet_config
 
 # The replica tests' fixtures (a fleet on a real redis-server, the timed IdP, workload certificates).

@@ -16,11 +16,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, SECRET, Pki, base_config, curl, http_exchange, start_dnsmasq, start_proxy, tunnel
-from rebind_dns import RebindingDns
-from upstream import EchoUpstream
+from helpers.clients import curl, http_exchange, tunnel
+from helpers.dns import start_dnsmasq
+from helpers.net import free_port
+from helpers.proxy import BIN, SECRET, Pki, base_config, start_proxy
+from helpers.rebind_dns import RebindingDns
+from helpers.upstream import EchoUpstream
 
 from secretless_proxy import certs
+
+# a module-wide proxy process, dnsmasq and curl
+pytestmark = pytest.mark.e2e
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 NAMES = ("ok.dest.test", "rebind.dest.test", "pool.dest.test", "mapped-ok.dest.test")
@@ -86,12 +92,6 @@ class RawListener:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +354,7 @@ class TestPinsPerRequest:
         addresses, a TTL-0 answer that changes between their lookups: the injected stream (held back
         by a slow token) still goes to its own checked address, never over the other rule's connection;
         later streams reuse the connection of their own rule (two upstream connections in all)."""
-        from h2_upstream import H2Upstream, SlowTokenEndpoint, h2_get_concurrently
+        from helpers.h2_upstream import H2Upstream, SlowTokenEndpoint, h2_get_concurrently
 
         srv = certs.make_server_cert(ca=pki.upstream_ca, hosts=("race.dest.test",))
         certs.write_svid(srv, tmp_path / "srv", ca=pki.upstream_ca)
@@ -413,7 +413,7 @@ class TestUpstreamFailures:
         """A refused connection and a non-TLS upstream answer JSON 502 upstream_unreachable /
         upstream_tls_failed, counted, without the resolved address (HTTP/1 and HTTP/2 clients); the
         proxy log has it."""
-        from h2_upstream import h2_get_concurrently
+        from helpers.h2_upstream import h2_get_concurrently
 
         closed = free_port()
         plain = socket.create_server(("127.0.0.1", 0))

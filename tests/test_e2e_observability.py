@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,9 @@ from pathlib import Path
 import jwt
 import requests
 import yaml
-from conftest import SECRET, base_config
+from helpers.net import free_port
+from helpers.net import wait_for as _wait_for
+from helpers.proxy import SECRET, base_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from secretless_proxy import certs
@@ -41,22 +42,9 @@ FINGERPRINT = re.compile(r"[0-9a-f]{16}\Z")
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(pred: Callable[[], object], *, timeout: float = 6.0, what: str = "condition") -> object:
-    """Poll ``pred`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    """``helpers.net.wait_for`` with this module's bound: 6 s unless a test says otherwise."""
+    return _wait_for(pred, timeout=timeout, what=what)
 
 
 class Scrape:

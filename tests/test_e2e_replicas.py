@@ -23,9 +23,8 @@ from typing import Any
 import httpx
 import pytest
 import requests
-from conftest import LOOPBACK_NETS, SECRET, Pki
-from e2e_helpers_broker import TimedIdP, free_port, metric
-from e2e_helpers_replicas import (
+from helpers.e2e_broker import TimedIdP, metric
+from helpers.e2e_replicas import (
     ADMIN,
     BILLING,
     PREFIX,
@@ -43,9 +42,10 @@ from e2e_helpers_replicas import (
     restore_keys,
     snapshot_keys,
     started_replica,
-    wait_for,
 )
-from redis_server import RedisServer
+from helpers.net import free_port, wait_for
+from helpers.proxy import LOOPBACK_NETS, SECRET, Pki
+from helpers.redis_server import RedisServer
 
 from secretless_proxy import certs
 from secretless_proxy.store.sealing import Sealer

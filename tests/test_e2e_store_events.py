@@ -12,8 +12,9 @@ import json
 import time
 
 import test_e2e_replicas as replicas
-from e2e_helpers_broker import metric, wait_for
-from e2e_helpers_replicas import PREFIX, redis_client
+from helpers.e2e_broker import metric
+from helpers.e2e_replicas import PREFIX, redis_client
+from helpers.net import wait_for
 from test_e2e_replicas import Fleet, metric_sum, refused
 
 fleet, idp, ids, redis_server = replicas.fleet, replicas.idp, replicas.ids, replicas.redis_server

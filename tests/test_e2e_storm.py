@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import test_e2e_broker
-from conftest import base_config
-from e2e_helpers_broker import TimedIdP, free_port, metric, wait_for
+from helpers.e2e_broker import TimedIdP, metric
+from helpers.net import free_port, wait_for
+from helpers.proxy import base_config
 from test_e2e_broker import CLIENT_SECRET, ENV, inject_rule, oauth_credential, refused
 
 from secretless_proxy import certs

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import base_config, curl, http_exchange, tunnel
-from idp import IdP
-from slow_upstream import SlowUpstream
+from helpers.clients import curl, http_exchange, tunnel
+from helpers.idp import IdP
+from helpers.net import free_port
+from helpers.proxy import base_config
+from helpers.slow_upstream import SlowUpstream
 
 from secretless_proxy import certs
 
@@ -32,12 +34,6 @@ BILLING = "spiffe://example.org/ns/prod/sa/billing"
 ADMIN = "spiffe://example.org/ns/ops/sa/admin"
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: prctl, prlimit, 127.0.0.0/8")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def allow_rule(port: int) -> dict:
@@ -517,6 +513,7 @@ class TestCoreDumps:
             pass
         assert resource.getrlimit(resource.RLIMIT_CORE) == before
 
+    @pytest.mark.e2e  # starts interpreters that abort under prlimit
     def test_non_dumpable_alone_stops_core_files(self, tmp_path):
         """PR_SET_DUMPABLE 0 as the proxy sets it stops a core file even with the core limit unlimited."""
         if not _aborts_leave_core(tmp_path / "control", "import os; os.abort()"):

@@ -51,6 +51,7 @@ def test_there_is_an_example_per_kind():
     assert not missing, f"no example config uses kind(s): {missing}"
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 @pytest.mark.parametrize("example", [p.name for p in EXAMPLES])
 def test_example_passes_check(layout, example):
     """`secretless-proxy check` accepts the example and prints no traceback."""

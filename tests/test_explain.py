@@ -44,6 +44,7 @@ def explain(config: Path, url: str, *, workload: str, method: str = "GET") -> tu
     return r.returncode, r.stdout + r.stderr
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestExplain:
     def test_first_match_is_named_with_its_line(self, config):
         """An allowed request names the deciding rule, its line and what gets injected."""

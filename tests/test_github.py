@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import request_context
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from github_api import BODY_MARKER, GitHubApi
+from helpers.github_api import BODY_MARKER, GitHubApi
+from helpers.providers import load_text, request_context
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential
@@ -304,9 +304,7 @@ VALID = "    app_id: 1\n    installation_id: 2\n    private_key: file:app.pem\n"
 
 
 def load(tmp_path: Path, text: str, *, resolve: bool = False):
-    path = tmp_path / "github.yaml"
-    path.write_text(text)
-    return load_config(path, resolve_secrets=resolve)
+    return load_text(tmp_path, text, name="github.yaml", resolve=resolve)
 
 
 class TestConfig:

@@ -20,10 +20,13 @@ import h2.connection
 import h2.events
 import pytest
 import redis
-from conftest import BIN, OPEN_SOCKETS, SECRET, base_config, curl, tunnel
-from redis_server import RedisServer, free_port
-from targets import CountingTarget, Nginx
-from upstream import EchoUpstream
+from helpers import clients
+from helpers.clients import OPEN_SOCKETS, curl, open_tunnel, tunnel
+from helpers.net import free_port
+from helpers.proxy import BIN, SECRET, base_config
+from helpers.redis_server import RedisServer
+from helpers.targets import CountingTarget, Nginx
+from helpers.upstream import EchoUpstream
 
 from secretless_proxy import certs
 from secretless_proxy.devserver import tls_server_context
@@ -85,18 +88,6 @@ def connect(port: int) -> socket.socket:
 
 
 
-def open_tunnel(proxy_port: int, target: str) -> socket.socket:
-    s = connect(proxy_port)
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        assert chunk, "proxy closed during CONNECT"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return s
-
-
 def read_response(sock) -> tuple[int, dict]:
     """Status and JSON body of one response (a non-JSON body is returned under 'raw')."""
     resp = http.client.HTTPResponse(sock)
@@ -118,15 +109,7 @@ def audited(proxy, reason: str) -> bool:
 
 
 def svid_tunnel(proxy, pki, port: int, *, alpn: list[str] | None = None, cert=True) -> ssl.SSLSocket:
-    raw = open_tunnel(proxy.port, f"localhost:{port}")
-    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
-    if cert:
-        ctx.load_cert_chain(*pki.svid(BILLING))
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    s = ctx.wrap_socket(raw, server_hostname="localhost")
-    _SOCKETS.append(s)
-    return s
+    return clients.svid_tunnel(proxy.port, port, pki=pki, cert=cert, alpn=alpn)
 
 
 # -- §1 no raw relay ---------------------------------------------------------------------------
@@ -595,6 +578,7 @@ class TestOwnedHeaders:
 # -- §1 the options that would reopen a path -----------------------------------------------------
 
 
+@pytest.mark.e2e  # starts mitmdump, which must refuse
 class TestOpenOptionsRefused:
     @pytest.mark.parametrize(("args", "message"), [
         (["--set", "tcp_hosts=.*"], "tcp_hosts"),

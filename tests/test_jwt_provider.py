@@ -8,28 +8,19 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import request_context
+from helpers.providers import BILLING, CONFIG_DIR, NOW, REPORTS, ctx
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential
 from secretless_proxy.configparse import load_config
-from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
+from secretless_proxy.credentials.base import ProviderDeps, ProviderError
+from secretless_proxy.credentials.registry import KINDS
 from secretless_proxy.credentials.jwt import JwtProvider, JwtSettings
 from secretless_proxy.credentials.registry import KINDS
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.signing import JwtSigner
 
 ISSUER = "https://secretless.example.org"
-BILLING = "spiffe://example.org/ns/prod/sa/billing"
-REPORTS = "spiffe://example.org/ns/prod/sa/reports"
-NOW = 1_700_000_000.0
-CONFIG_DIR = Path(__file__).parents[1] / "config"
-
-
-def ctx(spiffe_id: str = BILLING, host: str = "api.example.com") -> RequestContext:
-    return request_context(spiffe_id, host=host, not_after=NOW + 3600)
-
-
 @pytest.fixture(scope="module")
 def signer() -> JwtSigner:
     return JwtSigner.generate(issuer=ISSUER)

@@ -44,6 +44,7 @@ class TestCrossRuleEcho:
         cfg = load_config(config(tmp_path, f"{{name: other, workloads: {BILLING}, to: {to}, action: allow}}"))
         assert cross_rule_echo(cfg) == []
 
+    @pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
     def test_check_prints_the_warning_and_still_exits_0(self, tmp_path):
         """The warning goes to stderr; the file is valid, so check exits 0."""
         path = config(tmp_path, f"{{name: logs, workloads: {BILLING}, to: {{host: api.example.com}}, action: allow}}")

@@ -7,30 +7,22 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from helpers.net import free_port
+from helpers.proxy import BIN, SECRET, Pki, ProxyProcess, base_config, start_proxy
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.test import taddons
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from conftest import BIN, SECRET, Pki, ProxyProcess, base_config, start_proxy  # noqa: E402
-
-from secretless_proxy.addon import Secretless  # noqa: E402
-from secretless_proxy.server import AdminListeners, secretless_addons  # noqa: E402
+from secretless_proxy.addon import Secretless
+from secretless_proxy.server import AdminListeners, secretless_addons
 
 SCRIPT = Path(__file__).parents[1] / "addons" / "secretless.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.e2e  # mitmdump processes (the in-process tests here are quick either way)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Tests for credentials/oauth2.py: client credentials and token exchange against a real, strict
-HTTPS authorization server on loopback (tests/idp.py), and their config parsing."""
+HTTPS authorization server on loopback (tests/helpers/idp.py), and their config parsing."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from urllib.parse import quote_plus
 import httpx
 import jwt
 import pytest
-from conftest import Pki, request_context
-from idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
+from helpers.idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
+from helpers.providers import BILLING, CONFIG_DIR, NOW, REPORTS, ctx
+from helpers.proxy import Pki
 
 from secretless_proxy import certs
 from secretless_proxy.config import Credential
 from secretless_proxy.configparse import load_config
-from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
+from secretless_proxy.credentials.base import ProviderDeps, ProviderError
 from secretless_proxy.credentials.oauth2 import (
     ASSERTION_TYPE,
     DEFAULT_EXPIRES_IN,
@@ -39,16 +40,6 @@ from secretless_proxy.signing import JwtSigner
 
 # ':' '/' '+' '&' '=' '%' and a space: RFC 6749 §2.3.1 form-urlencoding must survive them all.
 SECRET = "s3cr:t/+&=% shh"
-BILLING = "spiffe://example.org/ns/prod/sa/billing"
-REPORTS = "spiffe://example.org/ns/prod/sa/reports"
-NOW = 1_700_000_000.0
-CONFIG_DIR = Path(__file__).parents[1] / "config"
-
-
-def ctx(spiffe_id: str = BILLING, host: str = "api.example.com") -> RequestContext:
-    return request_context(spiffe_id, host=host, not_after=NOW + 3600)
-
-
 @pytest.fixture(scope="module")
 def idp_cert(pki: Pki) -> certs.Issued:
     return certs.make_server_cert(ca=pki.upstream_ca)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy.certs import Issued, make_ca, write_ca
+from secretless_proxy.certs import Issued, write_ca
 from secretless_proxy.configparse import load_config
 from secretless_proxy.identity import Workload
 from secretless_proxy.matching import split_spiffe_id
@@ -52,16 +52,6 @@ def decide(
 def rule_name(result: Decision | Deny) -> str:
     assert isinstance(result, Decision), result
     return result.rule.name
-
-
-@pytest.fixture(scope="module")
-def ca() -> Issued:
-    return make_ca()
-
-
-@pytest.fixture(scope="module")
-def partner_ca() -> Issued:
-    return make_ca(common_name="partner CA")
 
 
 @pytest.fixture

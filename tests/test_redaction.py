@@ -10,7 +10,7 @@ import zlib
 import brotli
 import pytest
 import zstandard
-from echo_forms import FORMS
+from helpers.echo_forms import FORMS
 from mitmproxy import http
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1

@@ -1,6 +1,6 @@
 """The redaction table, end to end: every echo form × every injection form × HTTP/1.1, HTTP/2, WebSocket.
 
-A real proxy process, a real TLS upstream (tests/echo_forms.py) that echoes the credential it
+A real proxy process, a real TLS upstream (tests/helpers/echo_forms.py) that echoes the credential it
 received, re-encoded, in the status line, a header, Location, a plain/gzip/br/zstd body or
 WebSocket messages; real clients (httpx over HTTP/1.1 and HTTP/2, a raw TLS socket + wsproto for
 WebSocket). Everything that comes back, the proxy's log, its audit file and its metrics are
@@ -17,16 +17,15 @@ import binascii
 import json
 import os
 import re
-import socket
 import ssl
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus
 
 import httpx
 import pytest
-from conftest import SECRET, base_config, tunnel
-from e2e_helpers_broker import AuthMoto
-from echo_forms import (
+from helpers.clients import tunnel
+from helpers.e2e_broker import AuthMoto
+from helpers.echo_forms import (
     FORMS,
     PLACES,
     FormsUpstream,
@@ -35,6 +34,8 @@ from echo_forms import (
     bad_status_line_response,
     trailers_response,
 )
+from helpers.net import free_port
+from helpers.proxy import SECRET, base_config
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
@@ -59,12 +60,6 @@ def forms_upstream(pki):
 def moto(tmp_path_factory):
     with AuthMoto(tmp_path_factory.mktemp("moto") / "moto.log") as server:
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the oracle: does any of these texts still carry a secret, in any form? ---------------------

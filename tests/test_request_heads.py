@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import socket
 import ssl
 import threading
 import time
@@ -21,10 +20,11 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import OPEN_SOCKETS, base_config
-from e2e_helpers_broker import metric
-from redis_server import free_port
-from targets import CountingTarget
+from helpers.clients import OPEN_SOCKETS, svid_tunnel
+from helpers.e2e_broker import metric
+from helpers.net import free_port
+from helpers.proxy import base_config
+from helpers.targets import CountingTarget
 
 from secretless_proxy import certs
 from secretless_proxy.devserver import tls_server_context
@@ -91,23 +91,7 @@ _SOCKETS = OPEN_SOCKETS  # closed after each test by conftest's autouse fixture
 
 
 def tunnel(proxy, pki, port: int, *, cert: bool = True, alpn: list[str] | None = None) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    _SOCKETS.append(raw)
-    raw.sendall(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(4096)
-        assert chunk, "proxy closed during CONNECT"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head
-    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
-    if cert:
-        ctx.load_cert_chain(*pki.svid(BILLING))
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    s = ctx.wrap_socket(raw, server_hostname="localhost")
-    _SOCKETS.append(s)
-    return s
+    return svid_tunnel(proxy.port, port, pki=pki, cert=cert, alpn=alpn)
 
 
 def read_response(sock) -> tuple[int, dict, http.client.HTTPMessage]:

@@ -1,7 +1,7 @@
 """The response path against hostile upstreams: transfer codings, multi-member bodies, decompression
 bombs and endless response heads (hostile review 04, 19, 08, 18).
 
-A real proxy process, a raw TLS upstream (tests/echo_forms.py ``RawUpstream``) that answers with
+A real proxy process, a raw TLS upstream (tests/helpers/echo_forms.py ``RawUpstream``) that answers with
 exactly the bytes under test, echoing the Authorization it received, and a raw TLS client socket:
 every byte the client gets is searched for the secret, also after decoding each gzip/zlib/brotli/
 zstd stream found in it (every member) and by the URL/JSON/base64/hex oracle of the redaction table.
@@ -17,8 +17,9 @@ import zlib
 import brotli
 import pytest
 import zstandard
-from conftest import SECRET, base_config, tunnel
-from echo_forms import RawUpstream
+from helpers.clients import tunnel
+from helpers.echo_forms import RawUpstream
+from helpers.proxy import SECRET, base_config
 from test_redaction_e2e import leaks
 
 from secretless_proxy import certs

@@ -109,8 +109,10 @@ class TestKeyText:
         """Hex (any case) and base64 (standard, url-safe, unpadded) all read to the same key."""
         assert parse_key(encode(K1)) == K1
 
+    # ids name the random keys: every xdist worker collects the same test ids
     @pytest.mark.parametrize("text", ["", "abc", os.urandom(16).hex(), base64.b64encode(os.urandom(31)).decode(),
-                                      "not base64 at all!"])
+                                      "not base64 at all!"],
+                             ids=["empty", "abc", "hex-16-bytes", "base64-31-bytes", "not-base64"])
     def test_wrong_sizes(self, text: str) -> None:
         """Anything that is not 32 bytes is refused with the way to make a key."""
         with pytest.raises(ValueError, match="must be 32 random bytes .*token_hex"):

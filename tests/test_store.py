@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import os
 import re
-import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.redis_server import RedisServer
 from redis.asyncio import Redis
 
 from secretless_proxy import certs, yamlsource
@@ -40,9 +40,6 @@ from secretless_proxy.store.redis import SCRIPTS, RedisStore
 from secretless_proxy.store.redisurl import parse_url
 from secretless_proxy.store.sealing import Sealer
 from secretless_proxy.storeconfig import parse_store_section
-
-sys.path.insert(0, str(Path(__file__).parent))
-from redis_server import RedisServer  # noqa: E402
 
 SEALER = Sealer({"k1": os.urandom(32)}, "k1")
 W = "spiffe://example.org/ns/prod/sa/billing"
@@ -109,7 +106,7 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[Make]:
         await store.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e)])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
     """Makes "replicas": in memory they share the one store, on Redis each is its own client."""
     if request.param == "memory":
@@ -685,6 +682,7 @@ async def _answers(store: RedisStore) -> bool:
     return True
 
 
+@pytest.mark.e2e  # starts its own redis-server processes
 class TestRedisDeployments:
     async def test_password(self, tmp_path: Path) -> None:
         """A password given as a secret works; a wrong one is a StoreError that never shows it."""

@@ -10,22 +10,22 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.redis_server import RedisServer
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
-sys.path.insert(0, str(Path(__file__).parent))
-from redis_server import RedisServer  # noqa: E402
+from secretless_proxy.store.events import EventSigner
+from secretless_proxy.store.redis import RedisStore
+from secretless_proxy.store.sealing import Sealer
 
-from secretless_proxy.store.events import EventSigner  # noqa: E402
-from secretless_proxy.store.redis import RedisStore  # noqa: E402
-from secretless_proxy.store.sealing import Sealer  # noqa: E402
+# every test runs a real redis-server
+pytestmark = pytest.mark.e2e
 
 KEY = secrets.token_bytes(32)
 CHANNEL = "secretless:events"
@@ -88,6 +88,18 @@ async def settle() -> None:
     await asyncio.sleep(0.3)  # long enough for a published event to be delivered, were it accepted
 
 
+async def genuine_event(f: Fleet, raw: Redis) -> tuple[dict, PubSub]:
+    """Make replica a publish a real event (a credential deleted); returns it as read off the channel,
+    and the subscription (the test closes it)."""
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(CHANNEL)
+    await f.stores["a"].delete_credential("api/x/y")
+    msg = None
+    while msg is None or msg["type"] != "message":
+        msg = await pubsub.get_message(timeout=2)
+    return msg, pubsub
+
+
 class TestGenuine:
     async def test_revocation_reaches_the_other_replica(self, fleet) -> None:
         """A revocation published by A is verified and honoured by B; nothing is refused."""
@@ -100,12 +112,7 @@ class TestGenuine:
     async def test_what_goes_on_the_wire_is_signed(self, fleet) -> None:
         """An eavesdropper sees ts, nonce, kid and an HMAC on every event, and no key material."""
         f, raw = fleet
-        pubsub = raw.pubsub()
-        await pubsub.subscribe(CHANNEL)
-        await f.stores["a"].delete_credential("api/x/y")
-        msg = None
-        while msg is None or msg["type"] != "message":
-            msg = await pubsub.get_message(timeout=2)
+        msg, pubsub = await genuine_event(f, raw)
         event = json.loads(msg["data"])
         assert set(event) == {"type", "key", "origin", "ts", "nonce", "kid", "sig"}
         assert event["kid"] == "k1" and len(event["sig"]) == 64
@@ -167,12 +174,7 @@ class TestRefused:
     async def test_replayed_event(self, fleet) -> None:
         """A genuine event captured off the channel and published again is delivered once, then refused."""
         f, raw = fleet
-        pubsub = raw.pubsub()
-        await pubsub.subscribe(CHANNEL)
-        await f.stores["a"].delete_credential("api/x/y")
-        msg = None
-        while msg is None or msg["type"] != "message":
-            msg = await pubsub.get_message(timeout=2)
+        msg, pubsub = await genuine_event(f, raw)
         await until(lambda: len(f.seen["b"]) == 1)
         await raw.publish(CHANNEL, msg["data"])
         await settle()

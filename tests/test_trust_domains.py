@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SECRET, base_config, curl, http_exchange, tunnel
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers.clients import curl, http_exchange, tunnel
+from helpers.proxy import SECRET, base_config
 
 from secretless_proxy import certs
 from secretless_proxy.bundles import BundleSource, load_bundle
@@ -285,6 +286,7 @@ def verifier_and_cas():
     return IdentityVerifier(bundles={td: [ca.cert] for td, ca in cas.items()}), cas
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestSpiffeIdTable:
     @pytest.mark.parametrize("spiffe_id", INVALID_IDS, ids=range(len(INVALID_IDS)))
     def test_invalid_id_is_identity_invalid(self, verifier_and_cas, spiffe_id) -> None:
@@ -331,6 +333,7 @@ class TestSpiffeIdTable:
         assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestCheckBundles:
     def _run(self, tmp_path: Path, identity: dict) -> subprocess.CompletedProcess[str]:
         cfg = {"version": 1, "identity": identity,

@@ -18,9 +18,9 @@ import time
 
 import pytest
 import yaml
-from conftest import SECRET, base_config
-from e2e_helpers_broker import metric
-from redis_server import free_port
+from helpers.e2e_broker import metric
+from helpers.net import accept_loop, free_port
+from helpers.proxy import SECRET, base_config
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
@@ -47,12 +47,7 @@ class WsUpstream:
         self._sock.close()
 
     def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        accept_loop(self._sock, self._one)
 
     def _one(self, raw: socket.socket) -> None:
         try:

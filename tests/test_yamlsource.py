@@ -150,6 +150,7 @@ class TestTags:
         assert src.data == {"a": "8080", "b": 5, "c": "2024-01-01", "d": "=", "e": True, "f": 1.5, "g": None}
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess (an interpreter start and mitmproxy's imports each)
 class TestCheckCommand:
     @pytest.mark.parametrize("text, expected", [
         (nested(1000), "config.yaml:1: the document is nested more than 64 levels deep"),

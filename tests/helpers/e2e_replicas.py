@@ -16,15 +16,15 @@ import secrets
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import redis
 import requests
-from conftest import BIN, ProxyProcess
 
+from helpers.proxy import BIN, ProxyProcess
 from secretless_proxy.grants import Grant
 from secretless_proxy.store.redis import RedisStore
 from secretless_proxy.store.sealing import Sealer
@@ -100,19 +100,6 @@ def cli(*args: str, api: str, cert: Cert, cacert: str) -> subprocess.CompletedPr
 
 
 # -- polling and numbers -------------------------------------------------------------------------
-
-
-def wait_for[T](predicate: Callable[[], T], *, timeout: float = 10, interval: float = 0.05,
-                what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def percentile(values: list[float], q: float) -> float:

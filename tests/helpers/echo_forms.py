@@ -35,6 +35,7 @@ import zstandard
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
+from helpers.net import accept_loop
 from secretless_proxy.certs import Issued
 from secretless_proxy.devserver import tls_server_context
 
@@ -252,12 +253,7 @@ class RawUpstream:
         self._sock.close()
 
     def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
+        accept_loop(self._sock, self._one)
 
     def _one(self, raw: socket.socket) -> None:
         try:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.net import accept_loop
+
 REACHED = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nREACHED"
 
 
@@ -50,14 +52,11 @@ class CountingTarget:
             return self.connections > 0 or bool(self.received)
 
     def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        accept_loop(self._sock, self._handle, accepted=self._count, stop=lambda: self._stop)
+
+    def _count(self) -> None:
+        with self._lock:
+            self.connections += 1
 
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)

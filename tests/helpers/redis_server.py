@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.net import free_port
+
 BINARY = "redis-server"
 
 
@@ -27,12 +29,6 @@ def require_redis_server() -> str:
     if path is None:
         pytest.skip("redis-server is not on PATH (install the Debian package redis-server)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -14,6 +14,7 @@ import threading
 import time
 from types import TracebackType
 
+from helpers.net import accept_loop
 from secretless_proxy.certs import Issued
 from secretless_proxy.devserver import tls_server_context
 
@@ -47,16 +48,11 @@ class SlowUpstream:
 
     def _accept(self) -> None:
         self._sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_loop(self._sock, self._serve, accepted=self._count, stop=self._stop.is_set)
+
+    def _count(self) -> None:
+        with self._lock:
+            self.connections += 1
 
     def _serve(self, raw: socket.socket) -> None:
         try:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from idp import IdP, Received
-from moto_server import MotoServer
+
+from helpers.idp import IdP, Received
+from helpers.moto_server import MotoServer
 
 
 class TimedIdP(IdP):
@@ -29,25 +28,6 @@ class TimedIdP(IdP):
     @property
     def token_calls(self) -> int:
         return len(self.token_times)
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for listeners whose port goes into the config)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for[T](predicate: Callable[[], T], *, timeout: float = 10, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN|[+-]Inf)$')

@@ -1,0 +1,86 @@
+"""Clients for the e2e tests: the real curl binary, raw CONNECT tunnels and one HTTP/1.1 exchange."""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import socket
+import ssl
+import subprocess
+from dataclasses import dataclass
+
+# Raw sockets a test opened (hostile-client tests keep many): closed after every test, pass or fail,
+# by an autouse fixture in conftest.py.
+OPEN_SOCKETS: list[socket.socket] = []
+
+
+@dataclass
+class CurlResult:
+    status: int
+    body: str
+    stderr: str
+
+
+def curl(*args: str, proxy: str, timeout: float = 20) -> CurlResult:
+    """Run the real curl binary; returns status and body (never raises on HTTP errors)."""
+    assert shutil.which("curl"), "curl is required for the end-to-end tests"
+    out = subprocess.run(["curl", "-sS", "--max-time", "15", "-x", proxy, "-w", "\n%{http_code}", *args],
+                         capture_output=True, text=True, timeout=timeout)
+    body, _, code = out.stdout.rpartition("\n")
+    return CurlResult(status=int(code or 0), body=body, stderr=out.stderr)
+
+
+def send_connect(sock: socket.socket, target: str) -> bytes:
+    """Send ``CONNECT target`` on a socket to the proxy; returns the response head, read to its blank line."""
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "proxy closed during CONNECT"
+        head += chunk
+    return head
+
+
+def open_tunnel(proxy_port: int, target: str) -> socket.socket:
+    """A CONNECT tunnel the proxy answered 200 (closed after the test, pass or fail)."""
+    raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    OPEN_SOCKETS.append(raw)
+    head = send_connect(raw, target)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return raw
+
+
+def svid_tunnel(proxy_port: int, port: int, *, pki, cert: bool = True, alpn: list[str] | None = None,
+                spiffe_id: str = "spiffe://example.org/ns/prod/sa/billing") -> ssl.SSLSocket:
+    """CONNECT to localhost:<port>, then TLS to the interception CA with a workload SVID (or none) and ALPN."""
+    raw = open_tunnel(proxy_port, f"localhost:{port}")
+    ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+    if cert:
+        ctx.load_cert_chain(*pki.svid(spiffe_id))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    OPEN_SOCKETS.append(s)
+    return s
+
+
+def tunnel(proxy_port: int, target: tuple[str, int], *, sni: str, ca: str,
+           cert: tuple[str, str] | None = None) -> ssl.SSLSocket:
+    """CONNECT through the proxy, then TLS with the given SNI (and client cert)."""
+    raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    head = send_connect(raw, f"{target[0]}:{target[1]}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False  # the SNI under test may deliberately differ from the target
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx.wrap_socket(raw, server_hostname=sni)
+
+
+def http_exchange(sock: ssl.SSLSocket, request: str) -> tuple[int, bytes]:
+    """Send one raw HTTP/1.1 request on a kept-alive socket and read one response."""
+    sock.sendall(request.encode())
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    body = resp.read()
+    return resp.status, body
