@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.net import free_port
+
 # name → addresses, answered by the session's dnsmasq (authoritative for these zones, NXDOMAIN
 # for other names in them). One host-record line per address, so a name may have several.
 DNS_ZONES = ("example.com", "dest.test")
@@ -39,14 +41,12 @@ class DnsServer:
 def free_udp_port() -> int:
     """A loopback port free for UDP *and* TCP: dnsmasq binds both, and a port busy for TCP alone fails it."""
     while True:
+        port = free_port()  # below the ephemeral range, this worker's slice (helpers.net)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             return port
 
 

@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+
+def _port_range() -> tuple[int, int]:
+    """This test process's slice of the ports below the kernel's ephemeral range.
+
+    A port the kernel picks for ``bind(0)`` comes from the ephemeral range, which every outgoing
+    connection on the machine draws from too: with four xdist workers making thousands of
+    connections, a port that was free a moment ago was often taken before the proxy or a
+    redis-server bound it ("address already in use"). Below that range the kernel hands out no
+    port on its own, and each xdist worker gets its own slice, so only a test can take a port
+    another test was given.
+    """
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = 10000, max(10000 + 1000, min(ephemeral, 32768))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    span = (high - low) // count
+    return low + index % count * span, low + (index % count + 1) * span
 
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago (for listeners whose port goes into a config).
-
-    Another process may take it before the listener binds: where the proxy can bind port 0 and say
-    which port it got, prefer that.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port that is free now, from this process's slice (see ``_port_range``), for
+    listeners whose port goes into a config. Where the proxy can bind port 0 and say which port it
+    got, prefer that."""
+    low, high = _port_range()
+    for _ in range(500):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {low}-{high}")
 
 
 def wait_for[T](predicate: Callable[[], T], *, timeout: float = 10, interval: float = 0.05,

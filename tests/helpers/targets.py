@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.net import accept_loop
+from helpers.net import accept_loop, free_port
 
 REACHED = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nREACHED"
 
@@ -116,9 +116,7 @@ class Nginx:
         (self.prefix / "tmp").mkdir()
         (self.prefix / "server.pem").write_bytes(cert_pem)
         (self.prefix / "server-key.pem").write_bytes(key_pem)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         (self.prefix / "nginx.conf").write_text(_NGINX_CONF.format(prefix=self.prefix, port=self.port))
         self.proc: subprocess.Popen | None = None
 
