@@ -27,8 +27,8 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow
 
-from secretless_proxy import certs
 from secretless_proxy.addon import Secretless
+from secretless_proxy.dev import certs
 
 WORKLOAD = "spiffe://example.org/bench"
 HOST = "localhost"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
 from helpers.certfuzz import cases  # noqa: E402
 
-from secretless_proxy.certs import make_ca  # noqa: E402
+from secretless_proxy.dev.certs import make_ca  # noqa: E402
 from secretless_proxy.errors import IdentityError  # noqa: E402
 from secretless_proxy.identity import IdentityVerifier  # noqa: E402
 

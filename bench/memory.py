@@ -30,8 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from secretless_proxy import certs  # noqa: E402
-from secretless_proxy.devserver import tls_server_context  # noqa: E402
+from secretless_proxy.dev import certs  # noqa: E402
+from secretless_proxy.dev.echoserver import tls_server_context  # noqa: E402
 
 BIN = Path(sys.executable).parent
 WORKLOAD = "spiffe://example.org/ns/bench/sa/mem"

@@ -36,11 +36,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers.proxy import BIN, start_proxy  # noqa: E402
 from helpers.e2e_broker import TimedIdP  # noqa: E402
+from helpers.proxy import BIN, start_proxy  # noqa: E402
 from helpers.upstream import EchoUpstream  # noqa: E402
 
-from secretless_proxy import certs  # noqa: E402
+from secretless_proxy.dev import certs  # noqa: E402
 
 WORKLOAD = "spiffe://example.org/ns/prod/sa/billing"
 CLIENT_SECRET = "cs-storm-0123456789abcdef"

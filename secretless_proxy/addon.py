@@ -19,39 +19,43 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 from prometheus_client import CollectorRegistry
 
-from . import (
+from secretless_proxy import inject, redaction, sigv4
+from secretless_proxy.admin.exchange import Listener
+from secretless_proxy.audit import AuditLog, clean_path
+from secretless_proxy.breaker import Backoff
+from secretless_proxy.config.model import LimitsConfig, Rule
+from secretless_proxy.credentials.base import IssuedCredential, RequestContext
+from secretless_proxy.destinations.pinning import Destinations, proxy_listeners, upstream_refusal
+from secretless_proxy.edge import (
     bodydecode,
     hardening,
-    inject,
     layerguard,
     ownheaders,
     protocols,
-    redaction,
     requesthead,
     requesttarget,
-    sigv4,
     wsjudge,
 )
-from .adminhttp import Listener
-from .audit import AuditLog, clean_path
-from .breaker import Backoff
-from .config import LimitsConfig, Rule
-from .connlimits import ConnectionGuard
-from .credentials.base import IssuedCredential, RequestContext
-from .destination import Destinations, proxy_listeners, upstream_refusal
-from .errors import ConfigError, CredentialError, IdentityError
-from .httplayers import SCAN_LIMIT, TARGET, Guard, GuardedHttpLayer
-from .identity import Workload
-from .matching import normalize_host
-from .metrics import Metrics, decision_for
-from .observe import Observer
-from .policy import Decision, Deny
-from .proof import Proof
-from .reasons import Reason
-from .refusal import DENY_MESSAGES, REQUEST_ID_HEADER, Refusal, decoded_too_large, error_response
-from .services import Services
-from .shutdown import Drain
-from .store import StoreError
+from secretless_proxy.edge.connlimits import ConnectionGuard
+from secretless_proxy.edge.httplayers import SCAN_LIMIT, TARGET, Guard, GuardedHttpLayer
+from secretless_proxy.edge.shutdown import Drain
+from secretless_proxy.errors import ConfigError, CredentialError, IdentityError
+from secretless_proxy.identity import Workload
+from secretless_proxy.matching import normalize_host
+from secretless_proxy.metrics import Metrics, decision_for
+from secretless_proxy.observe import Observer
+from secretless_proxy.policy import Decision, Deny
+from secretless_proxy.reasons import Reason
+from secretless_proxy.refusal import (
+    DENY_MESSAGES,
+    REQUEST_ID_HEADER,
+    Refusal,
+    decoded_too_large,
+    error_response,
+)
+from secretless_proxy.services import Services
+from secretless_proxy.store import StoreError
+from secretless_proxy.trust.proof import Proof
 
 log = logging.getLogger("secretless")
 
@@ -126,7 +130,7 @@ class Secretless:
         self._reload_pending: asyncio.Task | None = None
         self.destinations = Destinations(config=lambda: self.services.config if self.services else None,
                                          listeners=self._own_listeners)
-        # Connection caps and deadlines (connlimits.py): a sub-addon, so mitmdump -s loads it too.
+        # Connection caps and deadlines (edge/connlimits.py): a sub-addon, so mitmdump -s loads it too.
         self.guard = ConnectionGuard(self.metrics, lambda: self.services.config.limits if self.services else None,
                                      identified=self._identified)
         self.addons = [self.guard]
@@ -320,7 +324,7 @@ class Secretless:
     # -- connection hooks -------------------------------------------------------------------
 
     def next_layer(self, nextlayer) -> None:
-        # Only TLS interception and HTTP go on (protocols.py).
+        # Only TLS interception and HTTP go on (edge/protocols.py).
         try:
             if nextlayer.layer is None and (default := ctx.master.addons.get("nextlayer")) is not None:
                 default.next_layer(nextlayer)  # mitmdump may call us first: take mitmproxy's view, then judge it
@@ -395,7 +399,7 @@ class Secretless:
         if flow.response or flow.error or not flow.live:
             return
         if not self.guard.admit_request(flow):
-            return  # its connection is being closed for abuse (connlimits.py): not judged, not audited
+            return  # its connection is being closed for abuse (edge/connlimits.py): not judged, not audited
         await self._decide(flow, on_head=True)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -566,7 +570,7 @@ class Secretless:
         self.observer.denied(request_id=flow.id, workload=who, reason=refusal.reason,
                              host=flow.request.pretty_host, path=path, rule=refusal.rule)
 
-    # -- upstream connections: only to the addresses admit() checked (destination.py) ----------
+    # -- upstream connections: only to the addresses admit() checked (destinations/pinning.py) ----------
 
     def server_connect(self, data) -> None:
         try:
@@ -646,7 +650,7 @@ class Secretless:
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
             return
-        try:  # judged on the trust and rules loaded now (wsjudge.py); a killed flow is closed (layerguard.py)
+        try:  # judged on the trust and rules loaded now (edge/wsjudge.py); a killed flow is closed (edge/layerguard.py)
             st = self._conns.get(flow.client_conn)
             refusal = self._ws_rejudge.refusal(flow, st.proof if st else None, self.runtime)
         except Exception as exc:  # noqa: BLE001 - fail closed

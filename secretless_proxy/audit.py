@@ -51,10 +51,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 if TYPE_CHECKING:
-    from .config import AuditConfig
-    from .credentials.base import IssuedCredential
-    from .metrics import Metrics
-    from .secretrefs import Secret
+    from secretless_proxy.config.model import AuditConfig
+    from secretless_proxy.credentials.base import IssuedCredential
+    from secretless_proxy.metrics import Metrics
+    from secretless_proxy.secretrefs import Secret
 
 log = logging.getLogger("secretless.audit")
 

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable
 
-from .credentials.base import ProviderError
+from secretless_proxy.credentials.base import ProviderError
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATES = (CLOSED, OPEN, HALF_OPEN)

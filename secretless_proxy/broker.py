@@ -37,14 +37,20 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import calls
-from .breaker import CLOSED, Backoff, Breakers
-from .config import BrokerConfig
-from .credentials.base import IssuedCredential, Provider, ProviderError, RequestContext
-from .errors import CredentialError
-from .reasons import Reason
-from .sharedcache import credential_family, credential_key, credential_prefix, decode_credential, shared_fetch
-from .store.base import Store, StoreError
+from secretless_proxy import calls
+from secretless_proxy.breaker import CLOSED, Backoff, Breakers
+from secretless_proxy.config.model import BrokerConfig
+from secretless_proxy.credentials.base import IssuedCredential, Provider, ProviderError, RequestContext
+from secretless_proxy.errors import CredentialError
+from secretless_proxy.reasons import Reason
+from secretless_proxy.sharedcache import (
+    credential_family,
+    credential_key,
+    credential_prefix,
+    decode_credential,
+    shared_fetch,
+)
+from secretless_proxy.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from .config import BrokerConfig
-from .credentials.base import IssuedCredential, Provider, ProviderError, RequestContext
-from .secretrefs import Secret
+from secretless_proxy.config.model import BrokerConfig
+from secretless_proxy.credentials.base import IssuedCredential, Provider, ProviderError, RequestContext
+from secretless_proxy.secretrefs import Secret
 
 log = logging.getLogger("secretless_proxy.broker")  # the broker's story, one logger
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from secretless_proxy.errors import ConfigError
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -23,23 +23,23 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .server import run  # imports mitmproxy: keep `check` and `certs` fast
+    from secretless_proxy.server import run  # imports mitmproxy: keep `check` and `certs` fast
 
     return run(args.config, args.listen)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .configparse import load_config
+    from secretless_proxy.config.parse import load_config
 
     try:
-        cfg = load_config(args.config)  # loads every trust bundle too (trustconfig.py)
+        cfg = load_config(args.config)  # loads every trust bundle too (trust/config.py)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         print(f"{args.config}: {len(exc.issues)} error(s)", file=sys.stderr)
         return 1
-    from .destconfig import warnings
-    from .lint import cross_rule_echo
+    from secretless_proxy.config.lint import cross_rule_echo
+    from secretless_proxy.destinations.config import warnings
 
     for warning in warnings(cfg) + cross_rule_echo(cfg):
         print(f"warning: {warning}", file=sys.stderr)
@@ -51,10 +51,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     """Which rule decides a request, and why: the same decide() the proxy runs."""
     from urllib.parse import urlsplit
 
-    from .configparse import load_config
-    from .identity import Workload
-    from .matching import normalize_host, split_spiffe_id
-    from .policy import Decision, Policy
+    from secretless_proxy.config.parse import load_config
+    from secretless_proxy.identity import Workload
+    from secretless_proxy.matching import normalize_host, split_spiffe_id
+    from secretless_proxy.policy import Decision, Policy
 
     try:
         cfg = load_config(args.config, resolve_secrets=False)
@@ -96,8 +96,8 @@ def _explain_addresses(cfg, rule, host: str, port: int) -> int:
     """Where the proxy would connect: every address of ``host`` and its verdict (same checks as the proxy)."""
     import asyncio
 
-    from .destination import PROXY_LISTENER, evaluate
-    from .resolver import DnsError, DnsTimeout, Resolver
+    from secretless_proxy.destinations.pinning import PROXY_LISTENER, evaluate
+    from secretless_proxy.destinations.resolver import DnsError, DnsTimeout, Resolver
 
     listeners = [a for a in (cfg.listen, cfg.admin_listen, cfg.admin_api_listen) if a]
     try:
@@ -119,8 +119,8 @@ def _explain_addresses(cfg, rule, host: str, port: int) -> int:
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
-    from . import certs
-    from .durations import parse_ttl
+    from secretless_proxy.config.durations import parse_ttl
+    from secretless_proxy.dev import certs
 
     ca = certs.make_ca(common_name=args.name, ttl=parse_ttl(args.ttl))
     cert_path, key_path = certs.write_ca(ca, Path(args.out))
@@ -129,8 +129,8 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs_issue(args: argparse.Namespace) -> int:
-    from . import certs
-    from .durations import parse_ttl
+    from secretless_proxy.config.durations import parse_ttl
+    from secretless_proxy.dev import certs
 
     spiffe_id = certs.validate_spiffe_id(args.spiffe_id)
     ca = certs.load_ca(Path(args.ca))
@@ -144,8 +144,8 @@ def _cmd_echo_server(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from . import certs
-    from .devserver import EchoUpstream
+    from secretless_proxy.dev import certs
+    from secretless_proxy.dev.echoserver import EchoUpstream
 
     ca = certs.load_ca(Path(args.ca))
     host, port = args.listen
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to listen (default: 127.0.0.1:9443)")
     echo.set_defaults(func=_cmd_echo_server)
 
-    from .cli_admin import add_commands  # grant, grants, revoke, inventory: the admin API's client
+    from secretless_proxy.admin.client import add_commands  # grant, grants, revoke, inventory: the admin API's client
 
     add_commands(sub)
     return p

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
-from .secretrefs import Secret, SecretRef
+from secretless_proxy.secretrefs import Secret, SecretRef
 
 VERSION = 1  # bump when the canonical form changes: every cached entry is then refetched once
 

@@ -12,15 +12,15 @@ module that defines it. ``tests/test_reasons.py`` holds this tree to the code.
     │       └── Backoff          breaker: not even tried, the circuit breaker is open (.retry_after)
     ├── StoreError               store.base: the shared store could not be used (.reason, .op)
     ├── SealingError             store.sealing: a sealed record does not open (unknown key, altered, truncated)
-    ├── DnsError                 resolver: a host does not resolve
-    │   └── DnsTimeout           resolver: the resolver did not answer in time
+    ├── DnsError                 destinations.resolver: a host does not resolve
+    │   └── DnsTimeout           destinations.resolver: the resolver did not answer in time
     ├── Refusal                  refusal: a request answered with the error contract (.status, .reason, .rule)
-    ├── NotAFile (OSError)       safefile: the path is a FIFO, device, directory or socket, never read
-    ├── TooLarge (OSError)       safefile: the file is larger than its reader allows
-    ├── TooLarge                 bodydecode: a body decodes to more than the scan window
-    ├── _Failure                 cli_admin: internal, one sentence for stderr, exit status 1
-    ├── _TooLarge                yamlsource: internal, a document that expands past MAX_VALUES
-    └── _TooDeep                 yamlsource: internal, aliases that nest past MAX_DEPTH
+    ├── NotAFile (OSError)       config.safefile: the path is a FIFO, device, directory or socket, never read
+    ├── TooLarge (OSError)       config.safefile: the file is larger than its reader allows
+    ├── TooLarge                 edge.bodydecode: a body decodes to more than the scan window
+    ├── _Failure                 admin.client: internal, one sentence for stderr, exit status 1
+    ├── _TooLarge                config.yamlsource: internal, a document that expands past MAX_VALUES
+    └── _TooDeep                 config.yamlsource: internal, aliases that nest past MAX_DEPTH
 
 ``(OSError)``: also a subclass of that builtin, so that callers handling "the file cannot be read"
 as ``OSError`` handle these too. A ``.reason`` is a ``reasons.Reason``: what the refused client
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .reasons import Reason
+from secretless_proxy.reasons import Reason
 
 
 class SecretlessError(Exception):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .spiffe import parse_spiffe_id
+from secretless_proxy.trust.spiffe import parse_spiffe_id
 
 MIN_TTL = 60.0  # a shorter grant expires before anyone can use it
 MAX_TTL = 7 * 86400.0  # standing access belongs in a rule, not a grant

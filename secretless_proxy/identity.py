@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
-from .errors import IdentityError
-from .reasons import Reason
-from .spiffe import SpiffeId, parse_spiffe_id
+from secretless_proxy.errors import IdentityError
+from secretless_proxy.reasons import Reason
+from secretless_proxy.trust.spiffe import SpiffeId, parse_spiffe_id
 
 MAX_INTERMEDIATES = 4  # X509-SVID chains are short: leaf, maybe an intermediate or two, the root
 

@@ -10,9 +10,9 @@ import base64
 
 from mitmproxy import http
 
-from .config import Injection
-from .redaction import Needles, needles_for
-from .secretrefs import Secret
+from secretless_proxy.config.model import Injection
+from secretless_proxy.redaction import Needles, needles_for
+from secretless_proxy.secretrefs import Secret
 
 
 def apply(request: http.Request, injection: Injection, secret: Secret) -> Needles:

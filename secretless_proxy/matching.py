@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
 
-from .spiffe import parse_pattern, parse_spiffe_id
+from secretless_proxy.trust.spiffe import parse_pattern, parse_spiffe_id
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _NUMERIC_TLD = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")

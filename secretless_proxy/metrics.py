@@ -23,7 +23,7 @@ from importlib import metadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from . import reasons
+from secretless_proxy import reasons
 
 log = logging.getLogger("secretless.metrics")
 
@@ -40,13 +40,13 @@ FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
 CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
 REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual", "shutdown"})
 RELOAD_OUTCOMES = frozenset({"success", "error"})
-# Connection admission and deadlines (connlimits.py, admin.py): which listener, and why.
+# Connection admission and deadlines (edge/connlimits.py, admin/health.py): which listener, and why.
 LISTENERS = frozenset({"proxy", "admin", "admin_api"})
 CONN_REFUSAL_REASONS = frozenset({
     "max_connections", "max_connections_per_client", "descriptor_limit", "shutting_down",
 })
 CONN_TIMEOUT_REASONS = frozenset({"handshake", "request_head", "idle"})
-# An open connection closed for what it did (connlimits.py): too many refused requests without a
+# An open connection closed for what it did (edge/connlimits.py): too many refused requests without a
 # verified identity, or too many streams reset by the client (HTTP/2 rapid reset).
 CONN_CLOSE_REASONS = frozenset({"anonymous_refusals", "stream_resets"})
 STORE_EVENT_REJECTIONS = frozenset({"malformed", "unsigned", "forged", "stale", "replayed"})  # store/events.py

@@ -17,11 +17,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .audit import AuditLog
-from .metrics import Metrics
+from secretless_proxy.audit import AuditLog
+from secretless_proxy.metrics import Metrics
 
 if TYPE_CHECKING:
-    from .credentials.base import IssuedCredential
+    from secretless_proxy.credentials.base import IssuedCredential
 
 log = logging.getLogger("secretless.observe")
 

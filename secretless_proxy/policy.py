@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .config import Rule
-from .identity import Workload
-from .matching import canonical_path
-from .reasons import Reason
+from secretless_proxy.config.model import Rule
+from secretless_proxy.identity import Workload
+from secretless_proxy.matching import canonical_path
+from secretless_proxy.reasons import Reason
 
 _CLOSENESS = {Reason.NO_RULE: 0, Reason.PATH: 1, Reason.METHOD: 2}
 

@@ -20,7 +20,7 @@ from enum import StrEnum, unique
 class Reason(StrEnum):
     """Why a request was refused."""
 
-    # 407 on the proxy port, 401 on the admin API: no verified workload identity (identity.py, proof.py).
+    # 407 on the proxy port, 401 on the admin API: no verified workload identity (identity.py, trust/proof.py).
     IDENTITY_MISSING = "identity_missing"
     IDENTITY_UNTRUSTED = "identity_untrusted"
     IDENTITY_EXPIRED = "identity_expired"
@@ -35,7 +35,7 @@ class Reason(StrEnum):
     PLAINTEXT_UPSTREAM = "plaintext_upstream"
     HOST_MISMATCH = "host_mismatch"  # request target, Host, SNI and CONNECT target disagree
     GRANT_REQUIRED = "grant_required"
-    DESTINATION_PRIVATE = "destination_private"  # an address the rule may not reach (destination.py)
+    DESTINATION_PRIVATE = "destination_private"  # an address the rule may not reach (destinations/pinning.py)
 
     # The edge (issue 8): what is not an HTTP request that policy can judge, or is too large to judge.
     PROTOCOL_REFUSED = "protocol_refused"  # 400: raw TCP/UDP, non-HTTP bytes in a tunnel, h2 CONNECT, other modes
@@ -61,7 +61,7 @@ class Reason(StrEnum):
     RESPONSE_HEAD_TOO_LARGE = "response_head_too_large"  # 502: upstream head over limits.max_response_head_bytes
     TRANSFER_ENCODING_REFUSED = "transfer_encoding_refused"  # 502: upstream Transfer-Encoding other than chunked
 
-    # The admin API only (adminapi.py): an origin server's refusals of an admin's request.
+    # The admin API only (admin/api.py): an origin server's refusals of an admin's request.
     NOT_ADMIN = "not_admin"  # 403: a verified workload not under admin.workloads
     NOT_FOUND = "not_found"  # 404: no such endpoint
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from mitmproxy import http
 from mitmproxy.websocket import WebSocketMessage
 
-from . import bodydecode
+from secretless_proxy.edge import bodydecode
 
 __all__ = ["MARKER", "Needles", "needles_for", "redact_message", "redact_websocket_message"]
 

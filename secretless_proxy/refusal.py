@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from .errors import SecretlessError
-from .reasons import Reason
+from secretless_proxy.errors import SecretlessError
+from secretless_proxy.reasons import Reason
 
 REQUEST_ID_HEADER = "X-Secretless-Request-Id"
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .bundles import load_bundle
-from .config import Config, Credential
-from .configparse import load_config
-from .credentials.base import Provider, ProviderDeps
-from .credentials.registry import KINDS
-from .identity import IdentityVerifier
-from .policy import Policy
+from secretless_proxy.config.model import Config, Credential
+from secretless_proxy.config.parse import load_config
+from secretless_proxy.credentials.base import Provider, ProviderDeps
+from secretless_proxy.credentials.registry import KINDS
+from secretless_proxy.identity import IdentityVerifier
+from secretless_proxy.policy import Policy
+from secretless_proxy.trust.bundles import load_bundle
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import SecretUnavailable
-from .safefile import NotAFile, TooLarge, read_limited
+from secretless_proxy.config.safefile import NotAFile, TooLarge, read_limited
+from secretless_proxy.errors import SecretUnavailable
 
 # A key, a token, a PEM chain: far below this. A larger file (or /dev/zero) is refused, not read.
 MAX_SECRET_BYTES = 1024 * 1024

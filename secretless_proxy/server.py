@@ -21,12 +21,13 @@ from mitmproxy import ctx, exceptions, master, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from prometheus_client import disable_created_metrics
 
-from . import dispatch, hardening
-from .addon import Secretless
-from .admin import AdminServer
-from .adminapi import AdminApi, AdminApiServer, api_server_cert
-from .adminhttp import Listener
-from .services import Services
+from secretless_proxy import dispatch
+from secretless_proxy.addon import Secretless
+from secretless_proxy.admin.api import AdminApi, AdminApiServer, api_server_cert
+from secretless_proxy.admin.exchange import Listener
+from secretless_proxy.admin.health import AdminServer
+from secretless_proxy.edge import hardening
+from secretless_proxy.services import Services
 
 log = logging.getLogger("secretless")
 

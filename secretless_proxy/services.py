@@ -20,17 +20,17 @@ from typing import Any
 import httpx
 from cryptography import x509
 
-from . import tlsfiles
-from .broker import Broker, BrokerEvents
-from .bundles import load_bundle
-from .config import Config
-from .credentials.base import ProviderDeps
-from .errors import ConfigError
-from .grants import Grant
-from .reload import FileWatcher
-from .runtime import Runtime, changed_credentials
-from .signing import JwtSigner
-from .store import Store, open_store
+from secretless_proxy.broker import Broker, BrokerEvents
+from secretless_proxy.config.model import Config
+from secretless_proxy.credentials.base import ProviderDeps
+from secretless_proxy.errors import ConfigError
+from secretless_proxy.grants import Grant
+from secretless_proxy.reload import FileWatcher
+from secretless_proxy.runtime import Runtime, changed_credentials
+from secretless_proxy.signing import JwtSigner
+from secretless_proxy.store import Store, open_store
+from secretless_proxy.trust import tlsfiles
+from secretless_proxy.trust.bundles import load_bundle
 
 log = logging.getLogger("secretless")
 

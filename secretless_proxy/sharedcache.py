@@ -22,9 +22,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from .credentials.base import IssuedCredential
-from .secretrefs import Secret
-from .store.base import Store, StoreError
+from secretless_proxy.credentials.base import IssuedCredential
+from secretless_proxy.secretrefs import Secret
+from secretless_proxy.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 

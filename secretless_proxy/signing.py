@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from .errors import SecretUnavailable
+from secretless_proxy.errors import SecretUnavailable
 
 if TYPE_CHECKING:
-    from .config import SigningConfig
+    from secretless_proxy.config.model import SigningConfig
 
 __all__ = ["JwtSigner"]
 

@@ -23,8 +23,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 from mitmproxy import http
 
-from .credentials.base import IssuedCredential
-from .redaction import Needles, needles_for
+from secretless_proxy.credentials.base import IssuedCredential
+from secretless_proxy.redaction import Needles, needles_for
 
 __all__ = ["region_and_service", "sign"]
 

@@ -22,7 +22,7 @@ from helpers.dns import DNS_RECORDS, DnsServer, start_dnsmasq
 from helpers.proxy import BIN, ENTRY_SCRIPT, SECRET, Pki, ProxyProcess, start_proxy
 from helpers.upstream import EchoUpstream
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 # Fixtures that start a server process (or, for the proxy factories, may): a test using one is e2e.
 E2E_FIXTURES = {"proxy_factory", "module_proxy_factory", "dnsmasq", "redis_server", "moto", "auth_moto"}

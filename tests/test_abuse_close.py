@@ -24,9 +24,9 @@ from helpers.net import free_port
 from helpers.proxy import base_config
 from helpers.targets import CountingTarget
 
-from secretless_proxy import certs
-from secretless_proxy.connlimits import ANONYMOUS_REFUSALS, RESETS_PER_WINDOW
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev import certs
+from secretless_proxy.dev.echoserver import tls_server_context
+from secretless_proxy.edge.connlimits import ANONYMOUS_REFUSALS, RESETS_PER_WINDOW
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 

@@ -18,8 +18,8 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.test import taddons, tflow
 
-from secretless_proxy import certs
 from secretless_proxy.addon import ConnState, Secretless
+from secretless_proxy.dev import certs
 from secretless_proxy.secretrefs import SecretRef
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"

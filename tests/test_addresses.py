@@ -1,4 +1,4 @@
-"""Address classes and verdicts (secretless_proxy/addresses.py): the table the proxy refuses by."""
+"""Address classes and verdicts (secretless_proxy/destinations/addresses.py): the table the proxy refuses by."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from secretless_proxy.addresses import NOTHING, Allowance, classify, parse_network, verdict
+from secretless_proxy.destinations.addresses import NOTHING, Allowance, classify, parse_network, verdict
 
 # address → (class, embedding or None). Everything but "public" is refused without an opt-in.
 TABLE = [

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from secretless_proxy.admin import AdminServer
-from secretless_proxy.adminhttp import MAX_HEAD
+from secretless_proxy.admin.exchange import MAX_HEAD
+from secretless_proxy.admin.health import AdminServer
 from secretless_proxy.metrics import Metrics
 
 JWKS = {"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": "x", "y": "y", "use": "sig", "alg": "ES256"}]}

@@ -23,12 +23,12 @@ from helpers.redis_server import RedisServer
 from mitmproxy.certs import CertStore
 from prometheus_client import CollectorRegistry
 
-from secretless_proxy import certs
-from secretless_proxy.adminapi import AdminApi, AdminApiServer, api_server_cert
+from secretless_proxy.admin.api import AdminApi, AdminApiServer, api_server_cert
 from secretless_proxy.audit import AuditLog
 from secretless_proxy.broker import CachedInfo
-from secretless_proxy.config import Config
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import Config
+from secretless_proxy.config.parse import load_config
+from secretless_proxy.dev import certs
 from secretless_proxy.identity import IdentityVerifier
 from secretless_proxy.metrics import Metrics
 from secretless_proxy.store import MemoryStore, Store

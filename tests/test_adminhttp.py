@@ -1,4 +1,4 @@
-"""The admin listeners' HTTP layer (adminhttp.py): what h11 frames, what we refuse on top, what we send.
+"""The admin listeners' HTTP layer (admin/exchange.py): what h11 frames, what we refuse on top, what we send.
 
 ``Exchange`` is fed bytes as a client would send them, in the pieces given; the last class
 drives the plain admin listener over real loopback sockets for what only a socket shows.
@@ -14,8 +14,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from secretless_proxy.admin import AdminServer
-from secretless_proxy.adminhttp import MAX_HEAD, Exchange, Request, Response, json_doc, refused_json, text
+from secretless_proxy.admin.exchange import MAX_HEAD, Exchange, Request, Response, json_doc, refused_json, text
+from secretless_proxy.admin.health import AdminServer
 from secretless_proxy.metrics import Metrics
 from secretless_proxy.refusal import Refusal
 
@@ -261,7 +261,7 @@ class TestOnTheWire:
 
     async def test_slow_head_is_408(self, admin: AdminServer, monkeypatch: pytest.MonkeyPatch) -> None:
         """A head not complete within the deadline gets 408."""
-        monkeypatch.setattr("secretless_proxy.admin.READ_TIMEOUT", 0.2)
+        monkeypatch.setattr("secretless_proxy.admin.health.READ_TIMEOUT", 0.2)
         reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
         try:
             writer.write(b"GET /healthz HTTP/1.1\r\n")

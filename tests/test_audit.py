@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from secretless_proxy.audit import AuditLog, FileSink, StdoutSink, clean_path, open_sink, rfc3339
-from secretless_proxy.config import AuditConfig
+from secretless_proxy.config.model import AuditConfig
 from secretless_proxy.credentials.base import IssuedCredential
 from secretless_proxy.metrics import Metrics
 from secretless_proxy.observe import Observer

@@ -29,8 +29,8 @@ from helpers.providers import load_text, request_context
 from mitmproxy import http
 
 from secretless_proxy import sigv4
-from secretless_proxy.config import Credential
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import Credential
+from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.aws import AwsProvider, AwsSettings, role_session_name
 from secretless_proxy.credentials.base import (
     IssuedCredential,

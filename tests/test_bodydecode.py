@@ -9,8 +9,9 @@ import brotli
 import pytest
 import zstandard
 
-from secretless_proxy import bodydecode, redaction
-from secretless_proxy.bodydecode import TooLarge, decode
+from secretless_proxy import redaction
+from secretless_proxy.edge import bodydecode
+from secretless_proxy.edge.bodydecode import TooLarge, decode
 
 SECRET = b"sk_test_51SECRETvalue0123456789"
 _Z = zstandard.ZstdCompressor()

@@ -13,10 +13,10 @@ from helpers.providers import Clock, FakeProvider, context
 
 from secretless_proxy.breaker import CLOSED, HALF_OPEN, OPEN, Backoff, Breaker, Breakers
 from secretless_proxy.broker import Broker, BrokerEvents
-from secretless_proxy.certs import make_ca, write_ca
-from secretless_proxy.config import BrokerConfig
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import BrokerConfig
+from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import ProviderError
+from secretless_proxy.dev.certs import make_ca, write_ca
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.refusal import Refusal, error_response
 

@@ -16,7 +16,7 @@ import pytest
 from helpers.providers import BILLING, LIFETIME, Clock, FakeProvider, Recorder, RevocableProvider, context
 
 from secretless_proxy.broker import Broker, BrokerEvents, CachedInfo
-from secretless_proxy.config import BrokerConfig
+from secretless_proxy.config.model import BrokerConfig
 from secretless_proxy.credentials.base import (
     IssuedCredential,
     Provider,

@@ -96,7 +96,7 @@ class TestVerifierFuzz:
 
     def test_duplicate_intermediates_do_not_stall(self, pki, verifier) -> None:
         """Many copies of a self-signed certificate as intermediates are refused without a path search."""
-        from secretless_proxy import certs
+        from secretless_proxy.dev import certs
         other = certs.make_ca(common_name="loop CA")
         leaf = certs.make_svid(ca=other, spiffe_id="spiffe://example.org/ns/a").cert
         with pytest.raises(IdentityError, match="at most 4 are accepted") as info:

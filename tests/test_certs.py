@@ -1,4 +1,4 @@
-"""Tests for the dev PKI (secretless_proxy.certs) and the echo upstream test helper."""
+"""Tests for the dev PKI (secretless_proxy.dev.certs) and the echo upstream test helper."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from cryptography.x509.verification import (
 )
 from helpers.upstream import EchoUpstream
 
-from secretless_proxy.certs import (
+from secretless_proxy.dev.certs import (
     Issued,
     load_ca,
     make_ca,

@@ -1,4 +1,4 @@
-"""The command line's surface (secretless_proxy/cli.py, cli_admin.py): every argument explained,
+"""The command line's surface (secretless_proxy/cli.py, admin/client.py): every argument explained,
 ``--config`` spelled alike wherever a config is read, ``--version`` from the installed metadata."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy.certs import make_ca, write_ca
 from secretless_proxy.cli import build_parser, main
+from secretless_proxy.dev.certs import make_ca, write_ca
 
 CLI = Path(sys.executable).with_name("secretless-proxy")
 # Old spellings kept working for operators' scripts, hidden from --help: (subcommand path, dest).

@@ -1,4 +1,4 @@
-"""Tests for secretless_proxy.config (and yamlsource): the model a valid file loads into, and
+"""Tests for secretless_proxy.config.model (and yamlsource): the model a valid file loads into, and
 malformed files reported with file, line, key path and a message that says what to do."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy.certs import Issued, write_ca
-from secretless_proxy.config import LimitsConfig
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import LimitsConfig
+from secretless_proxy.config.parse import load_config
+from secretless_proxy.dev.certs import Issued, write_ca
 from secretless_proxy.errors import ConfigError, ConfigIssue
 
 CLI = Path(sys.executable).with_name("secretless-proxy")

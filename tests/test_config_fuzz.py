@@ -18,7 +18,7 @@ def fuzz_dir(tmp_path_factory):
 class TestConfigFuzz:
     def test_base_document_is_valid(self, fuzz_dir):
         """The document every mutation starts from loads cleanly (else every refusal would be noise)."""
-        from secretless_proxy.configparse import load_config
+        from secretless_proxy.config.parse import load_config
 
         (fuzz_dir / "base.yaml").write_text(config_mutations.base_text())
         assert len(load_config(fuzz_dir / "base.yaml").rules) == 4
@@ -42,7 +42,7 @@ class TestFuzzFindings:
     ])
     def test_unreadable_paths_are_located_issues(self, fuzz_dir, key, value, located):
         """A '~user' that does not exist (RuntimeError) or a name too long for the OS (OSError) is an issue at its key."""
-        from secretless_proxy.configparse import load_config
+        from secretless_proxy.config.parse import load_config
         from secretless_proxy.errors import ConfigError
 
         text = config_mutations.base_text().replace("trust_bundle: ca/ca.pem", f"{key}: {value}")
@@ -53,7 +53,7 @@ class TestFuzzFindings:
 
     def test_unknown_user_in_secret_file_and_audit_sink(self, fuzz_dir):
         """`file:~nobody/...` in a secret reference or an audit sink is refused at its key, not raised."""
-        from secretless_proxy.configparse import load_config
+        from secretless_proxy.config.parse import load_config
         from secretless_proxy.errors import ConfigError
 
         text = config_mutations.base_text().replace("file:secrets/gh.token", "file:~nosuchuser_fuzz/gh.token")
@@ -68,7 +68,7 @@ class TestFuzzFindings:
     @pytest.mark.parametrize("url", ["redis:// [unclosed", "https://[::1/token", "https://auth.example.com:99999/token"])
     def test_unparseable_token_url_is_a_located_issue(self, fuzz_dir, url):
         """A URL that urlsplit() rejects (unbalanced '[', bad port) is an issue at its key, not a ValueError."""
-        from secretless_proxy.configparse import load_config
+        from secretless_proxy.config.parse import load_config
         from secretless_proxy.errors import ConfigError
 
         text = config_mutations.base_text().replace("token_url: https://auth.example.com/token", f"token_url: {url}")
@@ -110,7 +110,7 @@ class TestWhatIsAtThePath:
 
     def test_huge_sparse_files_are_refused_unread(self, fuzz_dir, tmp_path):
         """A 3 GB sparse config or trust bundle is refused by its size, never read into memory."""
-        from secretless_proxy.configparse import load_config
+        from secretless_proxy.config.parse import load_config
         from secretless_proxy.errors import ConfigError
 
         big = tmp_path / "big.yaml"
@@ -130,7 +130,7 @@ class TestWhatIsAtThePath:
         """A `file:` secret that is a FIFO is an issue at its key (it used to block the loader)."""
         import os
 
-        from secretless_proxy.configparse import load_config
+        from secretless_proxy.config.parse import load_config
         from secretless_proxy.errors import ConfigError
 
         fifo = fuzz_dir / "secrets" / "fifo.token"

@@ -17,9 +17,15 @@ import pytest
 from mitmproxy.test import taddons, tflow
 from prometheus_client import CollectorRegistry
 
-from secretless_proxy.admin import AdminServer
-from secretless_proxy.config import LimitsConfig
-from secretless_proxy.connlimits import FD_RESERVE, AcceptErrors, ConnectionGuard, RateLimitedLog, descriptor_budget
+from secretless_proxy.admin.health import AdminServer
+from secretless_proxy.config.model import LimitsConfig
+from secretless_proxy.edge.connlimits import (
+    FD_RESERVE,
+    AcceptErrors,
+    ConnectionGuard,
+    RateLimitedLog,
+    descriptor_budget,
+)
 from secretless_proxy.metrics import Metrics
 
 

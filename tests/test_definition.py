@@ -13,7 +13,7 @@ import pytest
 from helpers.providers import Clock, FakeProvider, Recorder, RevocableProvider, context
 
 from secretless_proxy.broker import Broker
-from secretless_proxy.config import BrokerConfig
+from secretless_proxy.config.model import BrokerConfig
 from secretless_proxy.credentials.oauth2 import ClientCredentialsSettings
 from secretless_proxy.definition import definition_digest
 from secretless_proxy.secretrefs import Secret, SecretRef

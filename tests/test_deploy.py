@@ -27,9 +27,9 @@ from helpers.proxy import Pki
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from secretless_proxy.admin import AdminServer
+from secretless_proxy.admin.health import AdminServer
 from secretless_proxy.cli import build_parser
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.parse import load_config
 from secretless_proxy.metrics import Metrics
 
 DEPLOY = Path(__file__).parents[1] / "deploy"
@@ -350,7 +350,7 @@ class TestSystemd:
 
     def test_stop_timeout_outlasts_the_drain(self) -> None:
         """TimeoutStopSec is longer than the default limits.drain_seconds, and core files are off."""
-        from secretless_proxy.config import LimitsConfig
+        from secretless_proxy.config.model import LimitsConfig
 
         lines = UNIT.read_text().splitlines()
         (stop,) = [x for x in lines if x.startswith("TimeoutStopSec=")]

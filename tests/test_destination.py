@@ -22,11 +22,11 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow
 
 from secretless_proxy.addon import Secretless
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.parse import load_config
+from secretless_proxy.destinations.resolver import DnsError, Resolver, ResolverConfig
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.policy import Decision
 from secretless_proxy.refusal import Refusal
-from secretless_proxy.resolver import DnsError, Resolver, ResolverConfig
 
 CLI = Path(sys.executable).parent / "secretless-proxy"
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
@@ -221,8 +221,8 @@ class TestPinning:
 class TestJudge:
     def test_mixed_answer_refused_unless_private_allowed(self):
         """One private address in an answer refuses it; a rule allowing private lets the whole answer pass."""
-        from secretless_proxy.addresses import NOTHING, Allowance
-        from secretless_proxy.destination import judge
+        from secretless_proxy.destinations.addresses import NOTHING, Allowance
+        from secretless_proxy.destinations.pinning import judge
 
         addrs = (ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address("10.0.0.1"))
         refused = judge(addrs, 443, NOTHING, ()).refused
@@ -231,8 +231,8 @@ class TestJudge:
 
     def test_own_listener_refused_by_address_and_port(self):
         """The proxy's port is refused on loopback and on its bound address, not on other hosts or ports."""
-        from secretless_proxy.addresses import Allowance
-        from secretless_proxy.destination import PROXY_LISTENER, judge
+        from secretless_proxy.destinations.addresses import Allowance
+        from secretless_proxy.destinations.pinning import PROXY_LISTENER, judge
 
         everything = Allowance(everything=True)
         own = (("10.1.2.3", 8080), ("0.0.0.0", 9464))
@@ -254,7 +254,7 @@ class TestFallback:
         answer's next checked address (never an unchecked one)."""
         import ipaddress as ip
 
-        from secretless_proxy.destination import Pin
+        from secretless_proxy.destinations.pinning import Pin
 
         f = tflow.tflow()
         f.request.host, f.request.port = "api.example.com", 443
@@ -294,7 +294,7 @@ class TestPinsPerFlow:
         is neither reused for nor sent over by the first flow."""
         from mitmproxy.connection import Server
 
-        from secretless_proxy.destination import Destinations
+        from secretless_proxy.destinations.pinning import Destinations
 
         with RebindingDns({"api.partner.test": [("127.0.0.2",), ("127.0.0.3",)]}) as rdns:
             cfg = two_rule_config(tmp_path, pki, rdns.nameserver)
@@ -335,8 +335,13 @@ class TestPinsPerFlow:
 
     def test_client_pin_table_is_bounded(self):
         """One client connection naming many hosts (or one host under many rules) keeps a bounded table."""
-        from secretless_proxy.addresses import NOTHING
-        from secretless_proxy.destination import MAX_HOSTS_PER_CLIENT, MAX_PINS_PER_HOST, Pin, _ClientPins
+        from secretless_proxy.destinations.addresses import NOTHING
+        from secretless_proxy.destinations.pinning import (
+            MAX_HOSTS_PER_CLIENT,
+            MAX_PINS_PER_HOST,
+            Pin,
+            _ClientPins,
+        )
 
         table = _ClientPins()
         for i in range(MAX_HOSTS_PER_CLIENT * 3):
@@ -360,7 +365,7 @@ class TestUpstreamRefusal:
     ])
     def test_failures_map_to_the_contract_without_the_address(self, error, status, reason):
         """Each kind of failed upstream connection has its status and reason; the answer never quotes the address."""
-        from secretless_proxy.destination import upstream_refusal
+        from secretless_proxy.destinations.pinning import upstream_refusal
         from secretless_proxy.metrics import DENY_REASONS
 
         r = upstream_refusal(error, host="internal.example.com", rule="r")

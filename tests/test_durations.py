@@ -1,4 +1,4 @@
-"""Tests for secretless_proxy.durations: the unit-suffixed TTLs of the command line."""
+"""Tests for secretless_proxy.config.durations: the unit-suffixed TTLs of the command line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from secretless_proxy.durations import parse_ttl
+from secretless_proxy.config.durations import parse_ttl
 
 
 class TestParseTtl:

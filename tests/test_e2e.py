@@ -163,7 +163,7 @@ class TestIdentity:
 
     def test_other_ca(self, proxy, pki, upstream):
         """A certificate from a CA outside the trust bundle is untrusted."""
-        from secretless_proxy import certs
+        from secretless_proxy.dev import certs
         rogue = certs.make_ca(common_name="rogue CA")
         refused(self._get(proxy, pki, upstream, pki.svid(BILLING, ca=rogue)), 407, "identity_untrusted")
         assert upstream.requests == []
@@ -194,7 +194,7 @@ class TestIdentity:
 
     def test_intermediate_chain(self, proxy, pki, upstream):
         """A leaf issued by an intermediate under the trusted root verifies through the chain."""
-        from secretless_proxy import certs
+        from secretless_proxy.dev import certs
         inter = certs.make_ca(common_name="workload intermediate", parent=pki.workload_ca)
         r = self._get(proxy, pki, upstream, pki.svid(BILLING, ca=inter))
         assert r.status == 200, r
@@ -280,7 +280,7 @@ class TestUpstreamBinding:
         """An upstream whose certificate does not verify never receives the request."""
         from helpers.upstream import EchoUpstream
 
-        from secretless_proxy import certs
+        from secretless_proxy.dev import certs
         rogue = certs.make_ca(common_name="unknown upstream CA")
         with EchoUpstream(server_cert=certs.make_server_cert(ca=rogue)) as bad:
             p = proxy_factory(base_config(pki, rules=[inject_rule(bad)]))

@@ -35,8 +35,8 @@ from helpers.idp import GRANT_CC, GRANT_TX
 from helpers.net import free_port, wait_for
 from helpers.proxy import SECRET, ProxyProcess, base_config
 
-from secretless_proxy import certs
 from secretless_proxy.credentials.aws import role_session_name
+from secretless_proxy.dev import certs
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 REPORTS = "spiffe://example.org/ns/prod/sa/reports"

@@ -23,7 +23,7 @@ from helpers.proxy import BIN, SECRET, Pki, base_config, start_proxy
 from helpers.rebind_dns import RebindingDns
 from helpers.upstream import EchoUpstream
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 # a module-wide proxy process, dnsmasq and curl
 pytestmark = pytest.mark.e2e

@@ -29,8 +29,8 @@ from helpers.net import wait_for as _wait_for
 from helpers.proxy import SECRET, base_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from secretless_proxy import certs
 from secretless_proxy.audit import AuditLog, rfc3339
+from secretless_proxy.dev import certs
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 FP_KEY = "fp-key-OBSERVABILITYtest-0123456789abcdef"

@@ -47,7 +47,7 @@ from helpers.net import free_port, wait_for
 from helpers.proxy import LOOPBACK_NETS, SECRET, Pki
 from helpers.redis_server import RedisServer
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 from secretless_proxy.store.sealing import Sealer
 
 CLIENT_SECRET = "cs-" + secrets.token_urlsafe(18)

@@ -22,7 +22,7 @@ from helpers.net import free_port, wait_for
 from helpers.proxy import base_config
 from test_e2e_broker import CLIENT_SECRET, ENV, inject_rule, oauth_credential, refused
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 RULE = "billing-to-api"
 sessions = test_e2e_broker.sessions  # requests sessions through a proxy with a workload certificate

@@ -28,7 +28,7 @@ from helpers.net import free_port
 from helpers.proxy import base_config
 from helpers.slow_upstream import SlowUpstream
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 ADMIN = "spiffe://example.org/ns/ops/sa/admin"

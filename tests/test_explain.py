@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 CLI = Path(sys.executable).parent / "secretless-proxy"
 CONFIG = """\

@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from helpers.github_api import BODY_MARKER, GitHubApi
 from helpers.providers import load_text, request_context
 
-from secretless_proxy import certs
-from secretless_proxy.config import Credential
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import Credential
+from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
 from secretless_proxy.credentials.github import GitHubAppProvider, GitHubAppSettings, PemSecretRef
 from secretless_proxy.credentials.registry import KINDS
+from secretless_proxy.dev import certs
 from secretless_proxy.errors import ConfigError
 
 APP_ID = 424242

@@ -28,8 +28,8 @@ from helpers.redis_server import RedisServer
 from helpers.targets import CountingTarget, Nginx
 from helpers.upstream import EchoUpstream
 
-from secretless_proxy import certs
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev import certs
+from secretless_proxy.dev.echoserver import tls_server_context
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 HEAD_LIMIT = 16 * 1024

@@ -10,13 +10,12 @@ import jwt
 import pytest
 from helpers.providers import BILLING, CONFIG_DIR, NOW, REPORTS, ctx
 
-from secretless_proxy import certs
-from secretless_proxy.config import Credential
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import Credential
+from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError
-from secretless_proxy.credentials.registry import KINDS
 from secretless_proxy.credentials.jwt import JwtProvider, JwtSettings
 from secretless_proxy.credentials.registry import KINDS
+from secretless_proxy.dev import certs
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.signing import JwtSigner
 

@@ -1,4 +1,4 @@
-"""`check` warns about rules that are valid but weaker than they look (secretless_proxy/lint.py)."""
+"""`check` warns about rules that are valid but weaker than they look (secretless_proxy/config/lint.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy.certs import make_ca, write_ca
-from secretless_proxy.configparse import load_config
-from secretless_proxy.lint import cross_rule_echo
+from secretless_proxy.config.lint import cross_rule_echo
+from secretless_proxy.config.parse import load_config
+from secretless_proxy.dev.certs import make_ca, write_ca
 
 CLI = Path(sys.executable).with_name("secretless-proxy")
 BILLING = '["spiffe://example.org/ns/prod/sa/billing"]'

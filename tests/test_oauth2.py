@@ -20,9 +20,8 @@ from helpers.idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
 from helpers.providers import BILLING, CONFIG_DIR, NOW, REPORTS, ctx
 from helpers.proxy import Pki
 
-from secretless_proxy import certs
-from secretless_proxy.config import Credential
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import Credential
+from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError
 from secretless_proxy.credentials.oauth2 import (
     ASSERTION_TYPE,
@@ -34,6 +33,7 @@ from secretless_proxy.credentials.oauth2 import (
     TokenExchangeProvider,
     TokenExchangeSettings,
 )
+from secretless_proxy.dev import certs
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.secretrefs import SecretRef
 from secretless_proxy.signing import JwtSigner

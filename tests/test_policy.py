@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy.certs import Issued, write_ca
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.parse import load_config
+from secretless_proxy.dev.certs import Issued, write_ca
 from secretless_proxy.identity import Workload
 from secretless_proxy.matching import split_spiffe_id
 from secretless_proxy.policy import Decision, Deny, Policy

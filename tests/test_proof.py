@@ -1,4 +1,4 @@
-"""Per-connection identity proofs (proof.py): judged on the trust loaded now, re-verified only when it changed."""
+"""Per-connection identity proofs (trust/proof.py): judged on the trust loaded now, re-verified only when it changed."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 from secretless_proxy.errors import IdentityError
 from secretless_proxy.identity import IdentityVerifier
-from secretless_proxy.proof import Proof
+from secretless_proxy.trust.proof import Proof
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 

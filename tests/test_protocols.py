@@ -8,8 +8,8 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.test import taddons, tflow
 
-from secretless_proxy import ownheaders, protocols, requesttarget
 from secretless_proxy.addon import Secretless
+from secretless_proxy.edge import ownheaders, protocols, requesttarget
 
 
 class TestClassify:

@@ -18,8 +18,9 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from secretless_proxy import inject, layerguard, redaction
-from secretless_proxy.config import Injection
+from secretless_proxy import inject, redaction
+from secretless_proxy.config.model import Injection
+from secretless_proxy.edge import layerguard
 from secretless_proxy.redaction import MARKER, needles_for
 from secretless_proxy.secretrefs import Secret
 

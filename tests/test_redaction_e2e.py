@@ -39,7 +39,7 @@ from helpers.proxy import SECRET, base_config
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 INJECTIONS = {

@@ -26,8 +26,8 @@ from helpers.net import free_port
 from helpers.proxy import base_config
 from helpers.targets import CountingTarget
 
-from secretless_proxy import certs
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev import certs
+from secretless_proxy.dev.echoserver import tls_server_context
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 

@@ -22,7 +22,7 @@ from helpers.echo_forms import RawUpstream
 from helpers.proxy import SECRET, base_config
 from test_redaction_e2e import leaks
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 INJECT = {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from secretless_proxy.config import SigningConfig
+from secretless_proxy.config.model import SigningConfig
 from secretless_proxy.secretrefs import SecretRef
 from secretless_proxy.signing import JwtSigner, _thumbprint
 

@@ -21,9 +21,11 @@ import pytest
 from helpers.redis_server import RedisServer
 from redis.asyncio import Redis
 
-from secretless_proxy import certs, yamlsource
-from secretless_proxy.config import StoreConfig, TlsFiles
+from secretless_proxy.config import yamlsource
+from secretless_proxy.config.model import StoreConfig, TlsFiles
+from secretless_proxy.config.store import parse_store_section
 from secretless_proxy.credentials.base import IssuedCredential, ProviderError
+from secretless_proxy.dev import certs
 from secretless_proxy.grants import Grant, new_grant
 from secretless_proxy.secretrefs import Secret, SecretRef
 from secretless_proxy.sharedcache import (
@@ -39,7 +41,6 @@ from secretless_proxy.store.base import Store
 from secretless_proxy.store.redis import SCRIPTS, RedisStore
 from secretless_proxy.store.redisurl import parse_url
 from secretless_proxy.store.sealing import Sealer
-from secretless_proxy.storeconfig import parse_store_section
 
 SEALER = Sealer({"k1": os.urandom(32)}, "k1")
 W = "spiffe://example.org/ns/prod/sa/billing"

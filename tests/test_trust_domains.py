@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from helpers.clients import curl, http_exchange, tunnel
 from helpers.proxy import SECRET, base_config
 
-from secretless_proxy import certs
-from secretless_proxy.bundles import BundleSource, load_bundle
+from secretless_proxy.dev import certs
 from secretless_proxy.errors import IdentityError
 from secretless_proxy.identity import IdentityVerifier
+from secretless_proxy.trust.bundles import BundleSource, load_bundle
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 ADMIN = "spiffe://example.org/ns/ops/sa/admin"

@@ -25,8 +25,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
 
-from secretless_proxy import certs
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev import certs
+from secretless_proxy.dev.echoserver import tls_server_context
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from secretless_proxy import yamlsource
+from secretless_proxy.config import yamlsource
 from secretless_proxy.errors import ConfigError
 
 CLI = Path(sys.executable).with_name("secretless-proxy")

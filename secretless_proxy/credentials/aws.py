@@ -29,11 +29,17 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
-from .. import fields
-from ..errors import SecretUnavailable
-from ..secretrefs import Secret, SecretRef
-from ..yamlsource import Path_, Source
-from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
+from secretless_proxy.config import fields
+from secretless_proxy.config.yamlsource import Path_, Source
+from secretless_proxy.credentials.base import (
+    CredentialKind,
+    IssuedCredential,
+    Provider,
+    ProviderError,
+    RequestContext,
+)
+from secretless_proxy.errors import SecretUnavailable
+from secretless_proxy.secretrefs import Secret, SecretRef
 
 STS_VERSION = "2011-06-15"
 DEFAULT_STS_ENDPOINT = "https://sts.amazonaws.com"

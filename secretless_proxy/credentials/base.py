@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..config import Credential, CredentialSettings
-from ..definition import definition_digest
-from ..errors import CredentialError
-from ..identity import Workload
-from ..reasons import Reason
-from ..secretrefs import Secret
-from ..yamlsource import Path_, Source
+from secretless_proxy.config.model import Credential, CredentialSettings
+from secretless_proxy.config.yamlsource import Path_, Source
+from secretless_proxy.definition import definition_digest
+from secretless_proxy.errors import CredentialError
+from secretless_proxy.identity import Workload
+from secretless_proxy.reasons import Reason
+from secretless_proxy.secretrefs import Secret
 
 if TYPE_CHECKING:
     import httpx
 
-    from ..signing import JwtSigner
+    from secretless_proxy.signing import JwtSigner
 
 # Where a credential of a kind can go: "value" kinds fit header/basic/query; "sigv4" re-signs.
 VALUE_INJECTIONS = frozenset({"header", "basic", "query"})

@@ -24,11 +24,17 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .. import fields
-from ..errors import SecretUnavailable
-from ..secretrefs import Secret, SecretRef
-from ..yamlsource import Path_, Source, type_name
-from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
+from secretless_proxy.config import fields
+from secretless_proxy.config.yamlsource import Path_, Source, type_name
+from secretless_proxy.credentials.base import (
+    CredentialKind,
+    IssuedCredential,
+    Provider,
+    ProviderError,
+    RequestContext,
+)
+from secretless_proxy.errors import SecretUnavailable
+from secretless_proxy.secretrefs import Secret, SecretRef
 
 DEFAULT_BASE_URL = "https://api.github.com"
 API_VERSION = "2022-11-28"

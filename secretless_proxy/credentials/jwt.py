@@ -14,10 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import fields
-from ..secretrefs import Secret, SecretRef
-from ..yamlsource import Path_, Source, type_name
-from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
+from secretless_proxy.config import fields
+from secretless_proxy.config.yamlsource import Path_, Source, type_name
+from secretless_proxy.credentials.base import (
+    CredentialKind,
+    IssuedCredential,
+    Provider,
+    ProviderError,
+    RequestContext,
+)
+from secretless_proxy.secretrefs import Secret, SecretRef
 
 DEFAULT_TTL = 60.0
 MAX_TTL = 3600.0

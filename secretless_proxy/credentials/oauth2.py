@@ -26,13 +26,20 @@ from urllib.parse import quote_plus, urlsplit
 
 import httpx
 
-from .. import fields
-from ..secretrefs import Secret, SecretRef, SecretUnavailable
-from ..yamlsource import Path_, Source, type_name
-from .base import CredentialKind, IssuedCredential, Provider, ProviderDeps, ProviderError, RequestContext
+from secretless_proxy.config import fields
+from secretless_proxy.config.yamlsource import Path_, Source, type_name
+from secretless_proxy.credentials.base import (
+    CredentialKind,
+    IssuedCredential,
+    Provider,
+    ProviderDeps,
+    ProviderError,
+    RequestContext,
+)
+from secretless_proxy.secretrefs import Secret, SecretRef, SecretUnavailable
 
 if TYPE_CHECKING:
-    from ..config import Credential
+    from secretless_proxy.config.model import Credential
 
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"

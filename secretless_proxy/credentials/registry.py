@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from . import aws, github, jwt, oauth2, static
-from .base import CredentialKind
+from secretless_proxy.credentials import aws, github, jwt, oauth2, static
+from secretless_proxy.credentials.base import CredentialKind
 
 __all__ = ["KINDS", "CredentialKind"]
 

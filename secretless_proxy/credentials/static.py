@@ -10,10 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fields import secret_ref
-from ..secretrefs import SecretRef, SecretUnavailable
-from ..yamlsource import Path_, Source
-from .base import CredentialKind, IssuedCredential, Provider, ProviderError, RequestContext
+from secretless_proxy.config.fields import secret_ref
+from secretless_proxy.config.yamlsource import Path_, Source
+from secretless_proxy.credentials.base import (
+    CredentialKind,
+    IssuedCredential,
+    Provider,
+    ProviderError,
+    RequestContext,
+)
+from secretless_proxy.secretrefs import SecretRef, SecretUnavailable
 
 
 @dataclass(frozen=True, kw_only=True)

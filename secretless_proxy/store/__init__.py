@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from ..config import MEMORY, StoreConfig
-from ..errors import SecretUnavailable
-from .base import EVENTS, Store, StoreError
-from .memory import MemoryStore
-from .sealing import Sealer, SealingError
+from secretless_proxy.config.model import MEMORY, StoreConfig
+from secretless_proxy.errors import SecretUnavailable
+from secretless_proxy.store.base import EVENTS, Store, StoreError
+from secretless_proxy.store.memory import MemoryStore
+from secretless_proxy.store.sealing import Sealer, SealingError
 
 __all__ = [
     "EVENTS", "MemoryStore", "Sealer", "SealingError", "Store", "StoreConfig",
@@ -32,7 +32,7 @@ def open_store(config: StoreConfig | str = MEMORY, *, on_error: Callable[[str], 
         config = StoreConfig(url=config)
     if config.kind == "memory":
         return MemoryStore(now=now)
-    from .redis import RedisStore  # redis-py is only imported by deployments that use it
+    from secretless_proxy.store.redis import RedisStore  # redis-py is only imported by deployments that use it
 
     if not config.encryption_keys:
         raise ValueError("a Redis store needs encryption_keys: credentials are never stored in plaintext")

@@ -35,9 +35,9 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import SecretlessError
-from ..grants import Grant
-from ..reasons import Reason
+from secretless_proxy.errors import SecretlessError
+from secretless_proxy.grants import Grant
+from secretless_proxy.reasons import Reason
 
 log = logging.getLogger(__name__)
 

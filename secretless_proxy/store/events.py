@@ -36,9 +36,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import base
-from .base import Event, check_event
-from .sealing import Sealer
+from secretless_proxy.store import base
+from secretless_proxy.store.base import Event, check_event
+from secretless_proxy.store.sealing import Sealer
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..grants import Grant, check_text, valid_grant_id
-from . import base
-from .base import Callback, Event, check_event, check_grant, check_key
+from secretless_proxy.grants import Grant, check_text, valid_grant_id
+from secretless_proxy.store import base
+from secretless_proxy.store.base import Callback, Event, check_event, check_grant, check_key
 
 TOMBSTONE_TTL = 30 * 86400.0
 

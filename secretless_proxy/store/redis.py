@@ -53,14 +53,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..config import TlsFiles
-from ..grants import Grant, check_text, valid_grant_id
-from ..secretrefs import Secret
-from . import base
-from .base import Callback, Event, StoreError, check_grant, check_key
-from .events import EventSigner
-from .redisurl import parse_url
-from .sealing import Sealer, SealingError
+from secretless_proxy.config.model import TlsFiles
+from secretless_proxy.grants import Grant, check_text, valid_grant_id
+from secretless_proxy.secretrefs import Secret
+from secretless_proxy.store import base
+from secretless_proxy.store.base import Callback, Event, StoreError, check_grant, check_key
+from secretless_proxy.store.events import EventSigner
+from secretless_proxy.store.redisurl import parse_url
+from secretless_proxy.store.sealing import Sealer, SealingError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import SecretlessError, SecretUnavailable
-from ..secretrefs import SecretRef
+from secretless_proxy.errors import SecretlessError, SecretUnavailable
+from secretless_proxy.secretrefs import SecretRef
 
 VERSION = 1
 KEY_BYTES = 32  # AES-256

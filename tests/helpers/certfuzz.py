@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from secretless_proxy.certs import Issued, make_ca
+from secretless_proxy.dev.certs import Issued, make_ca
 
 GOOD_ID = "spiffe://example.org/ns/prod/sa/billing"
 ODD_IDS = (

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from secretless_proxy import yamlsource
-from secretless_proxy.certs import make_ca, write_ca
-from secretless_proxy.configparse import UNEXPECTED, load_config
+from secretless_proxy.config import yamlsource
+from secretless_proxy.config.parse import UNEXPECTED, load_config
+from secretless_proxy.dev.certs import make_ca, write_ca
 from secretless_proxy.errors import ConfigError
 
 BASE = {

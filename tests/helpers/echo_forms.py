@@ -36,8 +36,8 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from helpers.net import accept_loop
-from secretless_proxy.certs import Issued
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev.certs import Issued
+from secretless_proxy.dev.echoserver import tls_server_context
 
 
 def _gson(s: str) -> str:

@@ -34,8 +34,8 @@ from typing import Any, Self
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from secretless_proxy.certs import Issued
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev.certs import Issued
+from secretless_proxy.dev.echoserver import tls_server_context
 
 __all__ = ["BODY_MARKER", "GitHubApi", "TokenRequest"]
 

@@ -37,8 +37,8 @@ from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 
-from secretless_proxy.certs import Issued
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev.certs import Issued
+from secretless_proxy.dev.echoserver import tls_server_context
 
 __all__ = ["BODY_MARKER", "IdP", "Received", "mint_token", "token_scope"]
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from secretless_proxy.broker import BrokerEvents
-from secretless_proxy.config import Config, Credential
-from secretless_proxy.configparse import load_config
+from secretless_proxy.config.model import Config, Credential
+from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import IssuedCredential, Provider, ProviderDeps, RequestContext
 from secretless_proxy.identity import Workload
 from secretless_proxy.secretrefs import Secret

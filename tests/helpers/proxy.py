@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from secretless_proxy import certs
+from secretless_proxy.dev import certs
 
 BIN = Path(sys.executable).parent
 SECRET = "sk_test_51SECRETvalue0123456789"

@@ -15,8 +15,8 @@ import time
 from types import TracebackType
 
 from helpers.net import accept_loop
-from secretless_proxy.certs import Issued
-from secretless_proxy.devserver import tls_server_context
+from secretless_proxy.dev.certs import Issued
+from secretless_proxy.dev.echoserver import tls_server_context
 
 _TARGET = re.compile(rb"^GET /slow/([0-9.]+) HTTP/1\.1\r\n")
 

@@ -1,0 +1,1 @@
+"""The admin side: health/metrics listener, the mTLS admin API, its HTTP layer and the admin CLI."""

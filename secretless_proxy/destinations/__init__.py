@@ -1,0 +1,1 @@
+"""Where the proxy connects: address classes, the resolver, admission and pinning of upstream addresses."""

@@ -1,0 +1,1 @@
+"""The edge: what reaches the proxy port before and around a flow (protocols, limits, heads, WebSockets, shutdown)."""

@@ -1,0 +1,376 @@
+"""mitmproxy's HTTP layer with the proxy's byte limits (issue 8 §2 and §3).
+
+mitmproxy reads a request head of any size ("FIXME: protect against header size DoS" in its
+HTTP/1 server), buffers a body even when the ``requestheaders`` hook has already answered the
+request, buffers bodies without bound and forgets the scheme a client wrote in its request target.
+These subclasses change exactly that, and nothing else:
+
+- ``GuardedHttp1Server``: a request head over ``limits.max_request_head_bytes`` gets ``431
+  head_too_large`` and the connection is closed;
+- ``GuardedHttpStream``:
+  - records the request target as the client wrote it (``flow.metadata[TARGET]``), before
+    mitmproxy replaces scheme/host/port with the tunnel's destination (edge/requesttarget.py checks it);
+  - a request refused on its head is answered at once; its body is discarded unread into any
+    buffer (and the connection closed after ``LINGER_BYTES``);
+  - a request body over ``limits.max_request_body_bytes`` gets ``413 body_too_large``, buffered or
+    streamed (a streamed one is aborted upstream);
+  - a buffered response over ``flow.metadata[SCAN_LIMIT]`` (inject rules: the echo check needs the
+    whole body) is withheld with ``502 response_too_large`` and the upstream stream is aborted;
+  - a response whose ``Transfer-Encoding`` is anything but plain ``chunked`` (``gzip, chunked``: a
+    coding the echo check would not decode and the client would) is withheld with ``502
+    transfer_encoding_refused``, on every rule;
+  - a response head over ``limits.max_response_head_bytes`` (cut by ``layerguard``) gets ``502
+    response_head_too_large``.
+
+- ``GuardedHttpLayer.get_connection`` / ``GuardedHttpStream.make_server_connection``: the
+  connection a request is sent over is judged for that request (``destination.Destinations``): a
+  new connection is tagged with the flow it is opened for, an open one is reused only if its peer
+  passes the flow's own rule, and the connection given to the flow is checked once more before the
+  request goes out. A failed upstream connection is answered with the error contract
+  (``on_upstream_failure``), not mitmproxy's HTML page naming the resolved address.
+
+The addon reports every refusal made here through ``on_refusal`` (audit, metric, log).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+from mitmproxy import http
+from mitmproxy.connection import Client, Server
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.layers.http import (
+    ErrorCode,
+    GetHttpConnection,
+    GetHttpConnectionCompleted,
+    HttpLayer,
+    HttpStream,
+    RequestData,
+    RequestEndOfMessage,
+    RequestHeaders,
+    RequestProtocolError,
+    RequestTrailers,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+    ResponseTrailers,
+    SendHttp,
+)
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
+from mitmproxy.proxy.utils import expect
+
+from secretless_proxy.config.model import LimitsConfig
+from secretless_proxy.edge import layerguard, requesthead
+from secretless_proxy.reasons import Reason
+from secretless_proxy.refusal import Refusal, error_response
+
+TARGET = "secretless.target"  # (scheme, authority) of the request target as the client wrote it
+SCAN_LIMIT = "secretless.scan_limit"  # bytes of response body the echo check may buffer
+LINGER_BYTES = 1024 * 1024  # body bytes of a refused request read (and dropped) before closing
+
+
+class Upstreams(Protocol):
+    """Which upstream connection a flow may use (destination.Destinations)."""
+
+    def opening(self, flow: http.HTTPFlow, server: Server) -> None: ...
+    def reusable(self, flow: http.HTTPFlow, server: Server) -> bool: ...
+    def send_refusal(self, flow: http.HTTPFlow, server: Server) -> Refusal | None: ...
+    def opened_as(self, server: Server) -> tuple[str, int] | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """What the guarded layers need from the addon."""
+
+    limits: Callable[[], LimitsConfig]
+    on_refusal: Callable[[http.HTTPFlow, Refusal], None]  # audit + metric + log of a flow's refusal
+    report_connection: Callable[[layer.Context, str], str]  # same for a refusal before any flow; returns an id
+    upstreams: Upstreams | None = None
+    # A failed upstream connection (mitmproxy's error text) → the refusal to answer with (audited, counted).
+    on_upstream_failure: Callable[[http.HTTPFlow, str], Refusal] | None = None
+    # The client reset a stream still in flight (HTTP/2 rapid reset): connlimits.ConnectionGuard counts it.
+    on_reset: Callable[[Client], None] = lambda client: None
+    # Whether the client may open one more stream (connlimits.ConnectionGuard.admit_stream): a stream
+    # not admitted is dropped before mitmproxy makes a flow or runs a hook for it.
+    admit_stream: Callable[[Client], bool] = lambda client: True
+
+
+class GuardedHttpLayer(HttpLayer):
+    def __init__(self, context: layer.Context, mode, *, guard: Guard) -> None:
+        super().__init__(context, mode)
+        self.guard = guard
+
+    # These two return mitmproxy's generator instead of delegating to it with ``yield from``: every
+    # event and command of every stream passes here, and one more generator frame each was measurable.
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start) and self.context.client.alpn not in (b"h2",) \
+                and not (self.context.client.alpn or b"").startswith(b"h3"):
+            self.connections.setdefault(self.context.client, GuardedHttp1Server(self.context.fork(), guard=self.guard))
+        return super()._handle_event(event)
+
+    def event_to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
+        # A reset reaches a stream mitmproxy still tracks: one whose response is not done yet (even
+        # when the reset came in the same read as its HEADERS, before the request hooks ran).
+        if isinstance(event, RequestProtocolError) and isinstance(child, HttpStream) \
+                and "reset by client" in event.message:
+            self.guard.on_reset(self.context.client)
+        return super().event_to_child(child, event)
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        if not self.guard.admit_stream(self.context.client):
+            return  # HttpLayer.event_to_child drops the events of a stream it does not hold
+        self.streams[stream_id] = GuardedHttpStream(self.context.fork(), stream_id, guard=self.guard)
+        yield from self.event_to_child(self.streams[stream_id], events.Start())
+
+    def get_connection(self, event: GetHttpConnection, *, reuse: bool = True) -> layer.CommandGenerator[None]:
+        """mitmproxy's choice, except that a connection is reused only for a flow whose rule allows
+        its peer, and a new one is tagged with its flow before ``server_connect`` runs."""
+        upstreams = self.guard.upstreams
+        flow = getattr(self.command_sources.get(event), "flow", None)
+        if upstreams is None or not isinstance(flow, http.HTTPFlow):
+            yield from super().get_connection(event, reuse=reuse)
+            return
+        if reuse:
+            # mitmproxy's reuse, in its order, but only of a connection this flow's rule allows; one
+            # still being opened counts under the name it was opened for (server_connect put an
+            # address in its place until it is open).
+            mine = next((c for c in self._reuse_candidates(event, upstreams) if upstreams.reusable(flow, c)), None)
+            if mine is not None and mine in self.waiting_for_establishment:
+                self.waiting_for_establishment[mine].append(event)
+                return
+            if mine is not None:
+                stream = self.command_sources.pop(event)
+                reply = (None, mine.error) if mine.error else (mine, None)
+                yield from self.event_to_child(stream, GetHttpConnectionCompleted(event, reply))  # type: ignore[arg-type]
+                return
+        for command in super().get_connection(event, reuse=False):  # a new connection, for this flow
+            if isinstance(command, commands.OpenConnection) and isinstance(command.connection, Server):
+                upstreams.opening(flow, command.connection)
+            yield command
+
+    def _reuse_candidates(self, event: GetHttpConnection, upstreams: Upstreams) -> list[Server]:
+        """The connections mitmproxy's get_connection would consider for ``event``, in its order."""
+        out = []
+        for c in self.connections:
+            if not isinstance(c, Server) or c.tls != event.tls or c.via != event.via \
+                    or c.transport_protocol != event.transport_protocol:
+                continue
+            if c.address != event.address and upstreams.opened_as(c) != event.address:
+                continue
+            if c in self.waiting_for_establishment or c.error or \
+                    (c.connected and not (self.context.client.alpn == b"h2" and c.alpn != b"h2")):
+                out.append(c)
+        return out
+
+
+class GuardedHttp1Server(Http1Server):
+    def __init__(self, context: layer.Context, *, guard: Guard) -> None:
+        super().__init__(context)
+        self.guard = guard
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        from secretless_proxy.edge.protocols import classify
+
+        limit = self.guard.limits().max_request_head_bytes
+        # Later requests on a kept-alive connection: bytes that are not a request line are refused
+        # like the first ones (protocols.Gate), not with mitmproxy's own unaudited 400 page.
+        # The buffer holds at most one head here (bounded below), so peeking at it is cheap.
+        if isinstance(event, events.DataReceived) and classify(bytes(self.buf), max_head=limit) == "refuse" \
+                and len(self.buf) <= limit:
+            yield from self._refuse(Refusal(400, Reason.PROTOCOL_REFUSED, "only HTTP/1.1 and HTTP/2 requests pass this proxy; "
+                                                                   "other bytes are refused"))
+            return
+        if isinstance(event, events.DataReceived):
+            # Empty lines before a request line are ignored (RFC 9112 §2.2); mitmproxy drops one
+            # per event and then waits for more bytes, even when a whole head is buffered.
+            while bytes(self.buf)[:1] == b"\n" or bytes(self.buf)[:2] == b"\r\n":
+                self.buf.maybe_extract_lines()
+        if isinstance(event, events.DataReceived) and (lines := requesthead.head_lines(bytes(self.buf))) is not None:
+            # A complete head: control characters and what mitmproxy's parser would refuse with
+            # its own HTML page are refused here, in the error contract (edge/requesthead.py).
+            parsed = requesthead.parse_head(lines)
+            if isinstance(parsed, Refusal):
+                yield from self._refuse(parsed)
+                return
+            # Accepted: what mitmproxy's Http1Server.read_headers (12.2) does after its own parse
+            # of the same lines, with the request parsed once here.
+            self.buf.maybe_extract_lines()
+            self.request, size = parsed
+            yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, size == 0))
+            self.body_reader = make_body_reader(size)
+            self.state = self.read_body
+            yield from self.state(event)
+            return
+        yield from super().read_headers(event)
+        if self.state == self.read_headers and len(self.buf) > limit:  # still no end of head
+            yield from self._refuse(Refusal(431, Reason.HEAD_TOO_LARGE,
+                                            f"the request head is larger than limits.max_request_head_bytes ({limit} bytes)"))
+
+    def _refuse(self, refusal: Refusal) -> layer.CommandGenerator[None]:
+        from secretless_proxy.edge.protocols import refusal_bytes
+
+        rid = self.guard.report_connection(self.context, refusal.reason)
+        self.buf.maybe_extract_at_most(len(self.buf))
+        yield commands.SendData(self.conn, refusal_bytes(rid, refusal))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+
+class GuardedHttpStream(HttpStream):
+    # The state overrides that only look at an event before mitmproxy's handler return that
+    # handler's generator (or the refusal's) instead of delegating with ``yield from``: one
+    # generator frame less for every event of every request.
+    def __init__(self, context: layer.Context, stream_id: int, *, guard: Guard) -> None:
+        super().__init__(context, stream_id)
+        self.guard = guard
+        self._request_bytes = 0
+        self._response_bytes = 0
+        self._discarded = 0
+
+    @expect(RequestHeaders)
+    def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
+        if event.replay_flow is None:
+            # mitmproxy makes the flow itself, after overwriting the target with the tunnel's
+            # destination; make it here to keep the target the client actually wrote.
+            event = dataclasses.replace(event, replay_flow=http.HTTPFlow(self.context.client, self.context.server))
+        assert event.replay_flow is not None
+        event.replay_flow.metadata[TARGET] = (event.request.scheme, event.request.authority)
+        yield from super().state_wait_for_request_headers(event)
+        if self.flow.response is not None and self.client_state == self.state_consume_request_body:
+            # Refused on its head: answer now, and never buffer the body.
+            self.client_state = self.state_discard_request_body
+            self.flow.response.headers["Connection"] = "close"
+            yield HttpResponseHeadersHook(self.flow)
+            yield from self.send_response()
+
+    def make_server_connection(self) -> layer.CommandGenerator[bool]:
+        """mitmproxy's, plus: a failed connection is answered with the error contract, and the
+        connection the request will go over is judged for this request right before it is sent."""
+        upstreams, on_failure = self.guard.upstreams, self.guard.on_upstream_failure
+        if upstreams is None or on_failure is None:
+            return (yield from super().make_server_connection())
+        connection, err = yield GetHttpConnection(
+            (self.flow.request.host, self.flow.request.port),
+            self.flow.request.scheme == "https",
+            self.flow.server_conn.via,
+            self.flow.server_conn.transport_protocol,
+        )
+        if err:
+            refusal = on_failure(self.flow, err)  # logs mitmproxy's text; the answer never names the address
+        else:
+            assert isinstance(connection, Server)
+            refusal = upstreams.send_refusal(self.flow, connection)
+            if refusal is None:
+                self.context.server = self.flow.server_conn = connection
+                return True
+            self.guard.on_refusal(self.flow, refusal)
+        streaming = self.client_state == self.state_wait_for_request_headers or self.flow.request.stream
+        self.flow.response = error_response(self.flow.id, refusal)
+        if streaming and self.context.client.alpn != b"h2":  # HTTP/2 has no Connection header; the stream ends
+            self.flow.response.headers["Connection"] = "close"  # the body may still come: never read it
+        yield from self.send_response()
+        return False  # mitmproxy's callers stop here (a streamed body is then ignored)
+
+    @expect(RequestData, RequestTrailers, RequestEndOfMessage)
+    def state_discard_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestData):
+            self._discarded += len(event.data)
+            if self._discarded > LINGER_BYTES:
+                yield commands.CloseConnection(self.context.client)
+                self.client_state = self.server_state = self.state_errored
+        elif isinstance(event, RequestEndOfMessage):
+            self.client_state = self.state_done
+            if self.server_state == self.state_done:
+                yield from self.flow_done()
+
+    @expect(RequestData, RequestTrailers, RequestEndOfMessage)
+    def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestData) and self._over_body_limit(event):
+            return self._refuse_body(streaming=False)
+        return super().state_consume_request_body(event)
+
+    @expect(RequestData, RequestTrailers, RequestEndOfMessage)
+    def state_stream_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, RequestData) and self._over_body_limit(event):
+            return self._refuse_body(streaming=True)
+        return super().state_stream_request_body(event)
+
+    def _over_body_limit(self, event: RequestData) -> bool:
+        self._request_bytes += len(event.data)
+        return self._request_bytes > self.guard.limits().max_request_body_bytes
+
+    def _refuse_body(self, *, streaming: bool) -> layer.CommandGenerator[None]:
+        limit = self.guard.limits().max_request_body_bytes
+        self.request_body_buf.clear()
+        refusal = Refusal(413, Reason.BODY_TOO_LARGE, f"the request body is larger than limits.max_request_body_bytes ({limit} bytes)",
+                          self.flow.metadata.get("secretless.rule"))
+        if streaming:  # the head (and part of the body) went upstream: abort that request there
+            yield SendHttp(RequestProtocolError(self.stream_id, "request body too large", ErrorCode.REQUEST_TOO_LARGE),
+                           self.context.server)
+        self.guard.on_refusal(self.flow, refusal)
+        if self.server_state == self.state_wait_for_response_headers or not streaming:
+            self.flow.response = error_response(self.flow.id, refusal)
+            self.flow.response.headers["Connection"] = "close"
+            self.client_state = self.state_discard_request_body
+            self._discarded = 0
+            yield HttpResponseHeadersHook(self.flow)
+            yield from self.send_response()
+            if streaming:
+                self.server_state = self.state_errored  # swallow what the aborted upstream still sends
+        else:
+            yield commands.CloseConnection(self.context.client)
+            self.client_state = self.server_state = self.state_errored
+
+    @expect(ResponseHeaders)
+    def state_wait_for_response_headers(self, event: ResponseHeaders) -> layer.CommandGenerator[None]:
+        codings = [c.strip().lower() for v in event.response.headers.get_all("transfer-encoding") for c in v.split(",")]
+        if codings and codings != ["chunked"]:
+            self.flow.response = event.response
+            return self._withhold(Refusal(
+                502, Reason.TRANSFER_ENCODING_REFUSED, "the upstream sent a Transfer-Encoding other than chunked, which this "
+                "proxy does not relay", self.flow.metadata.get("secretless.rule")))
+        return super().state_wait_for_response_headers(event)
+
+    def handle_protocol_error(self, event: RequestProtocolError | ResponseProtocolError) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError) and event.message == layerguard.RESPONSE_HEAD_TOO_LARGE \
+                and self.server_state == self.state_wait_for_response_headers and self.client_state != self.state_errored:
+            limit = self.guard.limits().max_response_head_bytes
+            return self._withhold(Refusal(
+                502, Reason.RESPONSE_HEAD_TOO_LARGE, f"the upstream's response head is larger than "
+                f"limits.max_response_head_bytes ({limit} bytes)", self.flow.metadata.get("secretless.rule")),
+                abort_upstream=False)  # layerguard closed that connection
+        return super().handle_protocol_error(event)
+
+    @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
+    def state_consume_response_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseData):
+            self._response_bytes += len(event.data)
+            limit = self.flow.metadata.get(SCAN_LIMIT)
+            if isinstance(limit, int) and self._response_bytes > limit:
+                return self._withhold_response(limit)
+        return super().state_consume_response_body(event)
+
+    def _withhold_response(self, limit: int) -> layer.CommandGenerator[None]:
+        yield from self._withhold(Refusal(
+            502, Reason.RESPONSE_TOO_LARGE, f"the response is larger than limits.max_response_scan_bytes ({limit} bytes), the "
+            "most this rule checks for an echoed credential; it was withheld (see inject.echo_check)",
+            self.flow.metadata.get("secretless.rule")))
+
+    def _withhold(self, refusal: Refusal, *, abort_upstream: bool = True) -> layer.CommandGenerator[None]:
+        """Answer the client with ``refusal`` instead of the upstream's response, of which it gets nothing."""
+        self.response_body_buf.clear()
+        if abort_upstream:
+            yield SendHttp(RequestProtocolError(self.stream_id, "response withheld", ErrorCode.RESPONSE_TOO_LARGE),
+                           self.context.server)
+        self.guard.on_refusal(self.flow, refusal)
+        self.flow.response = error_response(self.flow.id, refusal)
+        yield from self.send_response()
+        self.server_state = self.state_errored  # swallow what the aborted upstream still sends
+
+
+__all__ = ["Guard", "GuardedHttpLayer", "SCAN_LIMIT", "TARGET"]

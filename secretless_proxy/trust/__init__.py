@@ -1,0 +1,1 @@
+"""Workload identity: SPIFFE IDs, trust bundles per trust domain, the proof a connection carries."""
