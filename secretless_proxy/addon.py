@@ -437,7 +437,7 @@ class Secretless:
         runtime = services.runtime  # one runtime for the whole request, even across a reload
         req = flow.request
         _check_head(req, services.config.limits)
-        if (bad_head := requesthead.parsed_refusal(req)) is not None:  # CR/LF/NUL: HTTP/2 too
+        if (bad_head := requesthead.parsed_refusal(req, flow.metadata)) is not None:  # CR/LF/NUL: HTTP/2 too
             raise bad_head
         st = self._conns.get(flow.client_conn) or ConnState()
         workload = _require_identity(st, runtime)

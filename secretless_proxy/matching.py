@@ -175,10 +175,12 @@ def canonical_path(raw_path: str) -> str | None:
     """The path a rule is matched against, or None if it cannot be matched safely.
 
     Percent-decoding happens first so ``/v1/%2e%2e/admin`` is seen as the traversal it is; a
-    path with dot segments, backslashes or control characters is refused rather than guessed at
-    (the upstream may resolve it differently than we would).
+    path with dot segments, backslashes, control characters or a ``#`` is refused rather than
+    guessed at (the upstream may resolve it differently than we would).
     """
-    path = raw_path.split("?", 1)[0].split("#", 1)[0]
+    if "#" in raw_path:
+        return None  # a fragment in a request target hides what follows it from the rule (review 17)
+    path = raw_path.split("?", 1)[0]
     if not path.startswith("/"):
         return None
     lowered = path.lower()

@@ -23,7 +23,7 @@ import pytest
 from helpers.clients import OPEN_SOCKETS, svid_tunnel
 from helpers.e2e_broker import metric
 from helpers.net import free_port
-from helpers.proxy import base_config
+from helpers.proxy import SECRET, base_config
 from helpers.targets import CountingTarget
 
 from secretless_proxy.dev import certs
@@ -170,30 +170,102 @@ class TestControlCharacters:
     def test_http2_control_character_refused(self, start, pki, tls_target):
         """An HTTP/2 header value with a control character is refused header_invalid, never forwarded."""
         proxy = start(tls_target.port, free_port())
-        s = tunnel(proxy, pki, tls_target.port, alpn=["h2"])
-        assert s.selected_alpn_protocol() == "h2"
-        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
-        conn.initiate_connection()
-        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", f"localhost:{tls_target.port}"),
-                              (":path", "/a"), ("x", "a\x01b")], end_stream=True)
-        s.sendall(conn.data_to_send())
-        status, data, reset = None, b"", False
-        while not reset:
-            chunk = s.recv(65536)
-            assert chunk, "connection closed"
-            for ev in conn.receive_data(chunk):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = dict(ev.headers)[b":status"]
-                elif isinstance(ev, h2.events.DataReceived):
-                    data += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
-                    reset = True
-            s.sendall(conn.data_to_send())
+        status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/a", [("x", "a\x01b")])
         time.sleep(0.3)
         assert status == b"400"
         assert json.loads(data)["reason"] == "header_invalid"
         assert not tls_target.reached()
+
+
+def h2_request(s: ssl.SSLSocket, port: int, path: str, extra: list[tuple[str, str]] = (), *,
+               body: bytes | None = None) -> tuple[bytes | None, bytes]:
+    """One HTTP/2 request, headers unvalidated (so hostile ones go out); (status, body) of its answer."""
+    assert s.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST" if body is not None else "GET"), (":scheme", "https"),
+                          (":authority", f"localhost:{port}"), (":path", path), *extra], end_stream=body is None)
+    if body is not None:
+        conn.send_data(1, body, end_stream=True)
+    s.sendall(conn.data_to_send())
+    status, data, ended = None, b"", False
+    while not ended:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed"
+        for ev in conn.receive_data(chunk):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = dict(ev.headers)[b":status"]
+            elif isinstance(ev, h2.events.DataReceived):
+                data += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                ended = True
+        s.sendall(conn.data_to_send())
+    return status, data
+
+
+class TestRequestTargetFragment:
+    """A '#' in the request target hid dot segments from the policy and the audit (hostile review 17)."""
+
+    def test_fragment_with_dot_segments_never_leaves(self, start, pki, tls_target, admin_port):
+        """HTTP/1: `GET /v1/charges/x#/../../../admin` on an inject rule: 400 protocol_refused, audited; no connection upstream."""
+        proxy = start(free_port(), tls_target.port)
+        s = tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"GET /v1/charges/x#/../../../admin HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n\r\n".encode())
+        status, body, _ = read_response(s)
+        time.sleep(0.3)
+        assert (status, body["reason"]) == (400, "protocol_refused")
+        assert "fragment" in body["error"]
+        assert not tls_target.reached()
+        assert denied_reasons(proxy) == ["protocol_refused"]
+        assert SECRET not in proxy.output()
+
+    def test_http2_path_with_a_fragment_refused(self, start, pki, tls_target):
+        """HTTP/2 `:path` with '#': refused the same way, never forwarded."""
+        proxy = start(free_port(), tls_target.port)
+        status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x#/../admin")
+        time.sleep(0.3)
+        assert (status, json.loads(data)["reason"]) == (b"400", "protocol_refused")
+        assert not tls_target.reached()
+
+    def test_an_encoded_hash_passes(self, start, pki, tls_target):
+        """%23 is data, not a fragment: the request goes out as written."""
+        proxy = start(free_port(), tls_target.port)
+        s = tunnel(proxy, pki, tls_target.port)
+        s.sendall(f"GET /v1/tag/%23blue HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        assert b"GET /v1/tag/%23blue HTTP/1.1" in tls_target.received
+
+
+class TestHttp2Framing:
+    """HTTP/2 HEADERS with END_STREAM and a Content-Length other than 0 went to an HTTP/1.1 upstream
+    as a request that never ends (hostile review 18)."""
+
+    def test_content_length_without_a_body_refused(self, start, pki, tls_target):
+        """`content-length: 30` on a request that ends with its headers: 400 protocol_refused, never forwarded."""
+        proxy = start(free_port(), tls_target.port)
+        status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
+                                  [("content-length", "30")])
+        time.sleep(0.3)
+        assert (status, json.loads(data)["reason"]) == (b"400", "protocol_refused")
+        assert "Content-Length" in json.loads(data)["error"]
+        assert not tls_target.reached()
+
+    def test_content_length_zero_without_a_body_passes(self, start, pki, tls_target):
+        """`content-length: 0` with END_STREAM is true: forwarded."""
+        proxy = start(free_port(), tls_target.port)
+        status, _ = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
+                               [("content-length", "0")])
+        assert status == b"200"
+        assert tls_target.reached()
+
+    def test_content_length_matching_the_body_passes(self, start, pki, tls_target):
+        """A body of exactly its Content-Length is forwarded whole."""
+        proxy = start(free_port(), tls_target.port)
+        status, _ = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
+                               [("content-length", "5")], body=b"hello")
+        assert status == b"200"
+        assert tls_target.received.endswith(b"hello")
 
 
 PARSER_REFUSED = {

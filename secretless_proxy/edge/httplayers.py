@@ -240,6 +240,8 @@ class GuardedHttpStream(HttpStream):
             event = dataclasses.replace(event, replay_flow=http.HTTPFlow(self.context.client, self.context.server))
         assert event.replay_flow is not None
         event.replay_flow.metadata[TARGET] = (event.request.scheme, event.request.authority)
+        if (why := requesthead.framing(event.request, end_stream=event.end_stream)) is not None:
+            event.replay_flow.metadata[requesthead.MALFORMED] = why  # refused by the addon on the head
         yield from super().state_wait_for_request_headers(event)
         if self.flow.response is not None and self.client_state == self.state_consume_request_body:
             # Refused on its head: answer now, and never buffer the body.

@@ -35,6 +35,12 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # a header name (RFC 91
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11's receive buffer ends a head
 
 CTL_MESSAGE = "the request line or a header contains a control character (CR, LF, NUL, ...): RFC 9112 forbids them"
+# flow.metadata key: why the HTTP layer found the request's framing false (GuardedHttpStream sets it,
+# parsed_refusal answers it, in the error contract like every other head refusal).
+MALFORMED = "secretless.malformed"
+EMPTY_WITH_LENGTH_MESSAGE = ("the request ended with its headers but declares a Content-Length other than 0 "
+                             "(a malformed HTTP/2 request, RFC 9113 §8.1.1)")
+FRAGMENT_MESSAGE = "the request target contains '#': a fragment is never part of a request (RFC 9112 §3.2); send %23 for a literal #"
 FOLD_MESSAGE = "a header line starts with whitespace (obsolete line folding, RFC 9112 §5.2): send each header on one line"
 
 
@@ -72,12 +78,33 @@ def parse_head(lines: list[bytes]) -> Refusal | tuple[http.Request, int | None]:
     return request, size
 
 
-def parsed_refusal(request: http.Request) -> Refusal | None:
-    """The same control-character rule on a parsed request (HTTP/1 or HTTP/2), or None."""
+def framing(request: http.Request, *, end_stream: bool) -> str | None:
+    """Why the framing of an HTTP/2 (or HTTP/3) request is false, or None (hostile review 18).
+
+    HEADERS with END_STREAM and ``content-length: 30``: mitmproxy forwards the header to an
+    HTTP/1.1 upstream with no body, which then waits for 30 bytes the proxy will never send, and
+    the two ends disagree on where the request ends. (A body longer or shorter than its
+    Content-Length is caught by the h2 library when the stream ends.)
+    """
+    if end_stream and (request.is_http2 or request.is_http3):
+        if any(v.strip() != "0" for v in request.headers.get_all("content-length")):
+            return EMPTY_WITH_LENGTH_MESSAGE
+    return None
+
+
+def parsed_refusal(request: http.Request, metadata: dict | None = None) -> Refusal | None:
+    """The same control-character rule on a parsed request (HTTP/1 or HTTP/2), or None; and a
+    request target with a fragment, which no client sends (RFC 9112 §3.2, RFC 9113 §8.3.1): the
+    policy and the audit would see the path before the ``#``, and an upstream that takes ``#`` as
+    data and normalises what follows (``/v1/x#/../../admin``) another one (hostile review 17)."""
     data = request.data
     for part in (data.method, data.path, data.authority, data.scheme):
         if _CTL.search(part) or b" " in part:
             return Refusal(400, Reason.HEADER_INVALID, CTL_MESSAGE)
+    if b"#" in data.path:
+        return Refusal(400, Reason.PROTOCOL_REFUSED, FRAGMENT_MESSAGE)
+    if metadata and (why := metadata.get(MALFORMED)):
+        return Refusal(400, Reason.PROTOCOL_REFUSED, why)
     for name, value in data.headers.fields:
         if not _TOKEN.match(name):
             return Refusal(400, Reason.HEADER_INVALID, "a header name is not a valid token (RFC 9110 §5.1)")
