@@ -28,6 +28,7 @@ from secretless_proxy.credentials.base import IssuedCredential, RequestContext
 from secretless_proxy.destinations.pinning import Destinations, proxy_listeners, upstream_refusal
 from secretless_proxy.edge import (
     bodydecode,
+    connlimits,
     hardening,
     layerguard,
     ownheaders,
@@ -242,6 +243,12 @@ class Secretless:
         self._rebind = False
         ps = ctx.master.addons.get("proxyserver")
         await ps.servers.update([])  # stop all first: the new address may share the old port
+        # Connections mitmdump accepted on its own default address (every interface) before this
+        # rebind are not on the address `listen` names: closed, not served (hostile review 19). Those
+        # accepted but not yet handed to a handler are refused on arrival (connlimits: not_listening).
+        early = list(ps.connections.values())
+        for handler in early:
+            connlimits.close_connection(handler, handler.client, "accepted before the config's listen applied")
         if not await ps.setup_servers():
             log.error("cannot listen on %s:%s (the config's listen); stopping", ctx.options.listen_host,
                       ctx.options.listen_port)

@@ -43,7 +43,7 @@ RELOAD_OUTCOMES = frozenset({"success", "error"})
 # Connection admission and deadlines (edge/connlimits.py, admin/health.py): which listener, and why.
 LISTENERS = frozenset({"proxy", "admin", "admin_api"})
 CONN_REFUSAL_REASONS = frozenset({
-    "max_connections", "max_connections_per_client", "descriptor_limit", "shutting_down",
+    "max_connections", "max_connections_per_client", "descriptor_limit", "shutting_down", "not_listening",
 })
 CONN_TIMEOUT_REASONS = frozenset({"handshake", "request_head", "idle"})
 # An open connection closed for what it did (edge/connlimits.py): too many refused requests without a

@@ -183,6 +183,42 @@ class TestAdmission:
         assert c.error == "admission failed"
 
 
+class TestListeningAddress:
+    """Under mitmdump -s, connections accepted on mitmdump's default *:8080 just before the config's
+    `listen` applied reached the addon after the rebind and were served (hostile review 19)."""
+
+    async def test_a_connection_on_an_address_no_longer_listened_on_is_refused(self, metrics: Metrics) -> None:
+        """A real Proxyserver bound to 127.0.0.1:<port>: a client on 127.0.0.2:8080 is refused not_listening,
+        one on the bound address is admitted; with no server bound (mid-rebind) every one is refused."""
+        from mitmproxy.addons.next_layer import NextLayer
+        from mitmproxy.addons.proxyserver import Proxyserver
+
+        ps = Proxyserver()
+        with taddons.context(ps, NextLayer()) as tctx:
+            tctx.options.listen_host, tctx.options.listen_port = "127.0.0.1", 0
+            assert await ps.setup_servers()
+            try:
+                (bound,) = [a for a in ps.listen_addrs() if a[0] == "127.0.0.1"]
+                g = ConnectionGuard(metrics, lambda: LimitsConfig())
+                early, ok = client("127.0.0.1"), client("127.0.0.1")
+                early.sockname, ok.sockname = ("127.0.0.2", 8080), bound
+                g.client_connected(early)
+                g.client_connected(ok)
+                assert (early.error, ok.error) == ("refused: not_listening", None)
+                mapped = client("127.0.0.1")
+                mapped.sockname = ("::ffff:127.0.0.1", bound[1])
+                g.client_connected(mapped)
+                assert mapped.error is None
+                await ps.servers.update([])
+                late = client("127.0.0.1")
+                late.sockname = bound
+                g.client_connected(late)
+                assert late.error == "refused: not_listening"
+                assert refused(metrics, "not_listening") == 2
+            finally:
+                await ps.servers.update([])
+
+
 class TestPhases:
     def test_request_lifecycle(self, metrics: Metrics) -> None:
         """Handshake deadline at accept, none while a request is in flight, idle deadline after it."""

@@ -518,6 +518,6 @@ class TestCoreDumps:
         """PR_SET_DUMPABLE 0 as the proxy sets it stops a core file even with the core limit unlimited."""
         if not _aborts_leave_core(tmp_path / "control", "import os; os.abort()"):
             pytest.skip("this kernel writes no core files to the working directory (kernel.core_pattern)")
-        code = ("import os, sys; from secretless_proxy import hardening; "
+        code = ("import os, sys; from secretless_proxy.edge import hardening; "
                 "sys.exit(3) if hardening.set_non_dumpable() != 0 else os.abort()")
         assert not _aborts_leave_core(tmp_path / "non-dumpable", code)

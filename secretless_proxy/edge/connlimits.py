@@ -241,7 +241,7 @@ class ConnectionGuard:
     def client_connected(self, client: Client) -> None:
         try:
             peer = _peer(client)
-            reason = self._refusal(peer)
+            reason = self._refusal(peer) or (None if _on_a_listener(client) else "not_listening")
         except Exception as exc:  # noqa: BLE001 - a bug here must close the connection, not admit it
             log.error("connection admission failed (%s); connection closed", type(exc).__name__)
             client.error = "admission failed"
@@ -378,7 +378,7 @@ class ConnectionGuard:
         """Close after the current hook: the response it decided is written first (its stream ends)."""
         def close() -> None:
             ps = ctx.master.addons.get("proxyserver")
-            _close(getattr(ps, "connections", {}).get(client.id), client, "closed for abuse")
+            close_connection(getattr(ps, "connections", {}).get(client.id), client, "closed for abuse")
         asyncio.get_running_loop().call_later(delay, close)
 
     def _request_over(self, flow: http.HTTPFlow) -> None:
@@ -422,11 +422,11 @@ class ConnectionGuard:
                 continue
             conn.deadline = None  # closed once
             if self.draining:
-                _close(handlers.get(client.id), client, "shutting down")
+                close_connection(handlers.get(client.id), client, "shutting down")
                 continue
             self.metrics.connection_timed_out("proxy", conn.phase)
             self.rlog.warning("timeout:" + conn.phase, f"closed a client connection: {conn.phase} timeout")
-            _close(handlers.get(client.id), client, f"{conn.phase} timeout")
+            close_connection(handlers.get(client.id), client, f"{conn.phase} timeout")
 
 
     @staticmethod
@@ -440,12 +440,35 @@ class ConnectionGuard:
         return _head_started(handler, client)
 
 
+def _on_a_listener(client: Client) -> bool:
+    """Whether ``client`` arrived on an address the proxy listens on now.
+
+    Under ``mitmdump -s``, mitmdump binds its default ``*:8080`` before the script applies the
+    config's ``listen``; connections it accepted there just before the rebind reach the addon
+    after it (hostile review 19). They are on no address the operator chose: refused. An
+    address bound to every interface (``0.0.0.0``, ``::``) takes any local address of its port.
+    """
+    master = getattr(ctx, "master", None)
+    ps = master.addons.get("proxyserver") if master is not None else None
+    if ps is None or not client.sockname:
+        return True  # no proxyserver (in-process tests): nothing to compare with
+    host, port = _unmapped(str(client.sockname[0])), client.sockname[1]
+    for addr in ps.listen_addrs():
+        bound_host, bound_port = _unmapped(str(addr[0])), addr[1]
+        if bound_port == port and bound_host in ("", "0.0.0.0", "::", host):
+            return True
+    return False
+
+
+def _unmapped(host: str) -> str:
+    return host[7:] if host.startswith("::ffff:") else host
+
+
 def _peer(client: Client) -> str:
-    host = str(client.peername[0]) if client.peername else "?"
-    return host[7:] if host.startswith("::ffff:") else host  # IPv4-mapped IPv6 is the IPv4 client
+    return _unmapped(str(client.peername[0])) if client.peername else "?"  # IPv4-mapped IPv6 is the IPv4 client
 
 
-def _close(handler, client: Client, why: str) -> None:
+def close_connection(handler, client: Client, why: str) -> None:
     """Cancel the client's connection task, as mitmproxy's own inactivity timeout does."""
     io = getattr(handler, "transports", {}).get(client) if handler is not None else None
     task = getattr(io, "handler", None)
