@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import inspect
 import zlib
@@ -210,3 +211,43 @@ class TestLayerGuard:
         relay = inspect.getsource(websocket.WebsocketLayer.relay_messages.__wrapped__)
         assert "wsproto.events.Ping" in relay and "yield dst_ws.send2(ws_event)" in relay
         assert getattr(websocket.WebsocketConnection.send2, "__secretless_guard__", False)
+
+
+class TestMessageTypeChecks:
+    """layerguard's compiled MessageData checks accept and refuse exactly what mitmproxy's do."""
+
+    CASES = [
+        dict(port="x"), dict(port=1.5), dict(host=b"h"), dict(method="GET"), dict(content="text"),
+        dict(timestamp_start="0"), dict(timestamp_end=b"1"), dict(headers={}), dict(trailers=[]),
+        dict(port=True), dict(timestamp_start=1), dict(timestamp_start=True), dict(timestamp_end=None),
+        dict(content=None), dict(trailers=None), dict(content=b"x"), dict(timestamp_end=2.5),
+    ]
+
+    @staticmethod
+    def outcome(post_init, **kw) -> str:
+        from mitmproxy import http as mhttp
+
+        fields = dict(host="h", port=443, method=b"GET", scheme=b"https", authority=b"", path=b"/",
+                      http_version=b"HTTP/1.1", headers=mhttp.Headers(), content=b"", trailers=None,
+                      timestamp_start=0.0, timestamp_end=None) | kw
+        data = object.__new__(mhttp.RequestData)
+        for k, v in fields.items():
+            object.__setattr__(data, k, v)
+        try:
+            post_init(data)
+        except TypeError as exc:
+            return f"TypeError: {exc}"
+        return "ok"
+
+    @pytest.mark.parametrize("kw", CASES, ids=[",".join(f"{k}={v!r}" for k, v in c.items()) for c in CASES])
+    def test_same_verdict_and_message_as_mitmproxy(self, kw) -> None:
+        """Each field value: the compiled check and mitmproxy's give the same result, the same TypeError text."""
+        from mitmproxy import http as mhttp
+        from mitmproxy.utils import typecheck
+
+        def theirs(data) -> None:
+            for f in dataclasses.fields(mhttp.RequestData):
+                typecheck.check_option_type(f.name, getattr(data, f.name), f.type)
+
+        layerguard.install()
+        assert self.outcome(layerguard._checked_fields, **kw) == self.outcome(theirs, **kw)
