@@ -21,7 +21,7 @@ import h2.events
 import pytest
 import redis
 from helpers import clients
-from helpers.clients import OPEN_SOCKETS, curl, open_tunnel, tunnel
+from helpers.clients import OPEN_SOCKETS, curl, h2_request, open_tunnel, tunnel
 from helpers.net import free_port
 from helpers.proxy import BIN, SECRET, base_config
 from helpers.redis_server import RedisServer
@@ -357,28 +357,7 @@ class TestUpgrades:
     def test_http2_authority_must_match_connect(self, proxy, pki, upstream):
         """HTTP/2 inside the tunnel with :authority naming another host is refused host_mismatch."""
         s = svid_tunnel(proxy, pki, upstream.port, alpn=["h2"])
-        assert s.selected_alpn_protocol() == "h2"
-        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
-        conn.initiate_connection()
-        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "attacker-app.example"),
-                              (":path", "/v1/x")], end_stream=True)
-        s.sendall(conn.data_to_send())
-        status, data = None, b""
-        while True:
-            chunk = s.recv(65536)
-            assert chunk, "connection closed"
-            for ev in conn.receive_data(chunk):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = dict(ev.headers)[b":status"]
-                elif isinstance(ev, h2.events.DataReceived):
-                    data += ev.data
-                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-                elif isinstance(ev, h2.events.StreamEnded):
-                    break
-            else:
-                s.sendall(conn.data_to_send())
-                continue
-            break
+        status, data = h2_request(s, upstream.port, "/v1/x", authority="attacker-app.example")
         assert status == b"403"
         assert json.loads(data)["reason"] == "host_mismatch"
         assert upstream.requests == []

@@ -16,11 +16,8 @@ import ssl
 import threading
 import time
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
-from helpers.clients import OPEN_SOCKETS, svid_tunnel
+from helpers.clients import OPEN_SOCKETS, h2_request, svid_tunnel
 from helpers.e2e_broker import metric
 from helpers.net import free_port
 from helpers.proxy import SECRET, base_config
@@ -175,33 +172,6 @@ class TestControlCharacters:
         assert status == b"400"
         assert json.loads(data)["reason"] == "header_invalid"
         assert not tls_target.reached()
-
-
-def h2_request(s: ssl.SSLSocket, port: int, path: str, extra: list[tuple[str, str]] = (), *,
-               body: bytes | None = None) -> tuple[bytes | None, bytes]:
-    """One HTTP/2 request, headers unvalidated (so hostile ones go out); (status, body) of its answer."""
-    assert s.selected_alpn_protocol() == "h2"
-    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
-    conn.initiate_connection()
-    conn.send_headers(1, [(":method", "POST" if body is not None else "GET"), (":scheme", "https"),
-                          (":authority", f"localhost:{port}"), (":path", path), *extra], end_stream=body is None)
-    if body is not None:
-        conn.send_data(1, body, end_stream=True)
-    s.sendall(conn.data_to_send())
-    status, data, ended = None, b"", False
-    while not ended:
-        chunk = s.recv(65536)
-        assert chunk, "connection closed"
-        for ev in conn.receive_data(chunk):
-            if isinstance(ev, h2.events.ResponseReceived):
-                status = dict(ev.headers)[b":status"]
-            elif isinstance(ev, h2.events.DataReceived):
-                data += ev.data
-                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
-                ended = True
-        s.sendall(conn.data_to_send())
-    return status, data
 
 
 class TestRequestTargetFragment:
