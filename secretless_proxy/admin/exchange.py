@@ -230,10 +230,15 @@ class Listener:
     """What the admin listeners share: the asyncio server, admission and the handler tasks.
 
     Admission (issue 8 §4): at most ``max_per_client`` connections from one address, and at
-    most ``max_connections`` in all. When the listener is full, the oldest connection that has
-    not yet sent its request is closed to make room: a probe sends its request at once and is
-    answered in milliseconds, so idle or trickling connections can never starve ``/healthz``,
-    ``/readyz`` or the admin API, whoever opens them.
+    most ``max_connections`` in all. A new connection is always admitted if a connection that has
+    not yet sent its request can be closed to make room, and is refused only when every slot it
+    could take is answering a request. The one closed is the oldest silent one: of the same
+    address when that address is at its cap (a probe from a sidecar or a node IP shares the
+    address of whatever holds slots there), else of the address holding the most silent
+    connections (a flood from several addresses pays for itself, not the one connection of a
+    probe from another). A probe sends its request at once and is answered in milliseconds, so
+    idle or trickling connections can never starve ``/healthz``, ``/readyz`` or the admin API,
+    whoever opens them (hostile review 22, 23).
 
     Subclasses answer one connection in ``serve()``; errors listed in ``quiet`` mean the client
     went away, stalled or spoke another protocol: nothing to answer, nothing to log.
@@ -311,15 +316,10 @@ class Listener:
         addr = str(peer[0]) if peer else "?"
         reason = None
         if sum(1 for p in self._peers.values() if p == addr) >= self.max_per_client:
-            reason = "max_connections_per_client"
+            reason = self._make_room("max_connections_per_client",
+                                     next((t for t in self._waiting if self._peers.get(t) == addr), None))
         elif len(self._handlers) >= self.max_connections:
-            victim = next(iter(self._waiting), None)
-            if victim is None:
-                reason = "max_connections"
-            else:
-                self._waiting.pop(victim)
-                victim.cancel()  # its handler closes the socket
-                self._refused("max_connections")
+            reason = self._make_room("max_connections", self._fair_victim())
         if reason is not None:
             writer.close()
             self._refused(reason)
@@ -329,6 +329,26 @@ class Listener:
         self._waiting[task] = None  # type: ignore[index]
         task.add_done_callback(self._forget)
         return task  # type: ignore[return-value]
+
+    def _make_room(self, reason: str, victim: asyncio.Task[None] | None) -> str | None:
+        """Close ``victim`` (a silent connection) for the new one, or say why the new one is refused."""
+        if victim is None:
+            return reason
+        self._waiting.pop(victim, None)
+        victim.cancel()  # its handler closes the socket
+        self._refused(reason)
+        return None
+
+    def _fair_victim(self) -> asyncio.Task[None] | None:
+        """The oldest silent connection of the address holding the most silent connections."""
+        counts: dict[str, int] = {}
+        for task in self._waiting:
+            peer = self._peers.get(task, "?")
+            counts[peer] = counts.get(peer, 0) + 1
+        if not counts:
+            return None
+        most = max(counts.values())
+        return next(t for t in self._waiting if counts[self._peers.get(t, "?")] == most)
 
     def request_read(self, task: asyncio.Task[None]) -> None:
         """The request is in: this connection is being answered and no longer evictable."""
