@@ -198,8 +198,14 @@ class GuardedHttp1Server(Http1Server):
                 yield from self._refuse(parsed)
                 return
             # Accepted: what mitmproxy's Http1Server.read_headers (12.2) does after its own parse
-            # of the same lines, with the request parsed once here.
-            self.buf.maybe_extract_lines()
+            # of the same lines, with the request parsed once here. The bytes taken from the buffer
+            # must be exactly the head that was judged; if h11 ever split it otherwise, the rest
+            # would be read as the body, so refuse rather than forward (fail closed).
+            taken = self.buf.maybe_extract_lines()
+            if taken is None or [bytes(x) for x in taken] != lines:
+                yield from self._refuse(Refusal(400, Reason.PROTOCOL_REFUSED,
+                                                "the request head could not be read consistently; it was not forwarded"))
+                return
             self.request, size = parsed
             yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, size == 0))
             self.body_reader = make_body_reader(size)
