@@ -40,11 +40,20 @@ def handlers(chain: list[Any], name: str) -> list[list[Callable[..., Any]]]:
             if not func or isinstance(func, types.ModuleType):  # e.g. `from mitmproxy import log`
                 continue
             if not callable(func):
-                raise exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
+                # mitmproxy raises this inside safecall on every dispatch: logged, the rest of that
+                # top-level addon skipped, the next one still run. Same here, not at table build.
+                funcs.append(_not_callable(name, addon))
+                continue
             funcs.append(func)
         if funcs:
             out.append(funcs)
     return out
+
+
+def _not_callable(name: str, addon: Any) -> Callable[..., None]:
+    def fail(*args: Any) -> None:
+        raise exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
+    return fail
 
 
 def install(manager: AddonManager) -> None:

@@ -98,3 +98,20 @@ class TestDispatch:
         add = ours.add
         dispatch.install(ours)
         assert ours.add is add
+
+    async def test_a_non_callable_hook_is_logged_like_mitmproxy(self, caplog) -> None:
+        """A hook attribute that is not callable: mitmproxy's 'Addon error' per dispatch, the next addon still runs."""
+        theirs, ours = managers()
+        seen_theirs: list[str] = []
+        seen_ours: list[str] = []
+
+        class Broken:
+            request = 42
+
+        theirs.add(Broken(), Recorder("c", seen_theirs))
+        ours.add(Broken(), Recorder("c", seen_ours))
+        with caplog.at_level(logging.ERROR):
+            await fire(theirs)
+            await fire(ours)
+        assert seen_ours == seen_theirs == ["c"]
+        assert sum("not callable" in r.getMessage() for r in caplog.records) == 2
