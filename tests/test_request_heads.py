@@ -229,6 +229,27 @@ class TestHttp2Framing:
         assert status == b"200"
         assert tls_target.reached()
 
+    @pytest.mark.parametrize("rule", ["allow", "inject"])
+    def test_request_trailers_refused(self, start, pki, tls_target, rule):
+        """HEADERS, DATA, then trailer HEADERS: 400 protocol_refused, no traceback, the trailers never relayed
+        (the HTTP/1.1 upstream client crashed on them: hostile review 24). Request bodies are streamed, so
+        the head may be upstream already: that request is aborted there."""
+        proxy = start(tls_target.port, free_port()) if rule == "allow" else start(free_port(), tls_target.port)
+        status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
+                                  [("content-length", "5")], body=b"hello", trailers=[("x-trailer", "1")])
+        time.sleep(0.3)
+        assert (status, json.loads(data)["reason"]) == (b"400", "protocol_refused")
+        assert b"x-trailer" not in tls_target.received.lower()
+        assert "Traceback" not in proxy.output() and "AssertionError" not in proxy.output()
+
+    def test_tab_in_the_path_refused(self, start, pki, tls_target):
+        """`:path: /v1/charges?a<TAB>/admin`: 400 header_invalid, never a request line upstream (review 25)."""
+        proxy = start(free_port(), tls_target.port)
+        status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/charges?a\t/admin")
+        time.sleep(0.3)
+        assert (status, json.loads(data)["reason"]) == (b"400", "header_invalid")
+        assert not tls_target.reached()
+
     def test_content_length_matching_the_body_passes(self, start, pki, tls_target):
         """A body of exactly its Content-Length is forwarded whole."""
         proxy = start(free_port(), tls_target.port)

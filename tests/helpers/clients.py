@@ -91,16 +91,19 @@ def http_exchange(sock: ssl.SSLSocket, request: str) -> tuple[int, bytes]:
 
 
 def h2_request(s: ssl.SSLSocket, port: int, path: str, extra: list[tuple[str, str]] = (), *,
-               body: bytes | None = None, authority: str | None = None) -> tuple[bytes | None, bytes]:
+               body: bytes | None = None, authority: str | None = None,
+               trailers: list[tuple[str, str]] | None = None) -> tuple[bytes | None, bytes]:
     """One HTTP/2 request on a tunnel that chose h2, headers unvalidated (so hostile ones go out);
-    (status, body) of its answer."""
+    (status, body) of its answer. ``trailers`` end the request after its body."""
     assert s.selected_alpn_protocol() == "h2"
     conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
     conn.initiate_connection()
     conn.send_headers(1, [(":method", "POST" if body is not None else "GET"), (":scheme", "https"),
                           (":authority", authority or f"localhost:{port}"), (":path", path), *extra], end_stream=body is None)
     if body is not None:
-        conn.send_data(1, body, end_stream=True)
+        conn.send_data(1, body, end_stream=trailers is None)
+    if trailers is not None:
+        conn.send_headers(1, trailers, end_stream=True)
     s.sendall(conn.data_to_send())
     status, data, ended = None, b"", False
     while not ended:
