@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
@@ -169,6 +170,7 @@ class WorkloadPattern:
 
 # "..;x" counts too: Tomcat/Spring drop ";params" from a segment and then resolve the "..".
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.{1,2}(?:[/;]|$)")
+_STILL_ENCODED = re.compile(r"%(?:2e|2f|5c|u)", re.IGNORECASE)
 
 
 def canonical_path(raw_path: str) -> str | None:
@@ -193,4 +195,10 @@ def canonical_path(raw_path: str) -> str | None:
         return None
     if "\\" in decoded or _DOT_SEGMENT.search(decoded) or any(ord(c) < 0x20 or c == "\x7f" for c in decoded):
         return None
+    if _STILL_ENCODED.search(decoded):
+        return None  # %252e%252e, %u002e: an upstream that decodes twice sees a dot, slash or backslash (review 26)
+    if not decoded.isascii():
+        folded = unicodedata.normalize("NFKC", decoded)
+        if "\\" in folded or folded.count("/") != decoded.count("/") or _DOT_SEGMENT.search(folded):
+            return None  # fullwidth dots (U+FF0E) or slashes fold to '..' or '/' on upstreams that normalise (review 26)
     return decoded

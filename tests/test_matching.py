@@ -301,6 +301,19 @@ class TestCanonicalPath:
         """'..' and '.' segments are refused, also percent-encoded, behind an encoded slash or before ';'."""
         assert canonical_path(raw) is None
 
+    @pytest.mark.parametrize("raw", ["/v1/charges/%EF%BC%8E%EF%BC%8E/admin", "/v1/%EF%BC%8E", "/v1/a%EF%BC%8Fb",
+                                     "/v1/a%EF%BC%BCb", "/v1/%252e%252e/admin", "/v1/%252fadmin", "/v1/%255c",
+                                     "/v1/%u002e%u002e/admin", "/v1/%U2215admin"])
+    def test_what_another_decoder_turns_into_traversal_is_refused(self, raw: str) -> None:
+        """Fullwidth dots/slashes (NFKC) and a second encoding of '.', '/', '\\' are refused (hostile review 26)."""
+        assert canonical_path(raw) is None
+
+    @pytest.mark.parametrize(("raw", "expected"), [("/v1/caf%C3%A9", "/v1/café"), ("/v1/100%25", "/v1/100%"),
+                                                   ("/v1/%E2%82%AC", "/v1/€")])
+    def test_other_unicode_and_a_literal_percent_pass(self, raw: str, expected: str) -> None:
+        """Non-ASCII that folds to no separator, and %25 for a literal '%', are matched as decoded."""
+        assert canonical_path(raw) == expected
+
     @pytest.mark.parametrize("raw", ["/v1/charges#../../admin", "/v1/charges/x#/../../../admin", "/v1/x?a=1#b", "/v1/x#"])
     def test_fragment_refused(self, raw: str) -> None:
         """A '#' in a request target is refused: the dot segments after it would go unjudged (hostile review 17)."""
