@@ -19,13 +19,13 @@ import pytest
 import yaml
 from helpers.clients import OPEN_SOCKETS
 from helpers.dns import DNS_RECORDS, DnsServer, start_dnsmasq
-from helpers.proxy import BIN, ENTRY_SCRIPT, SECRET, Pki, ProxyProcess, start_proxy
+from helpers.proxy import BIN, ENTRY_SCRIPT, SECRET, Pki, ProxyProcess, ProxyView, start_proxy
 from helpers.upstream import EchoUpstream
 
 from secretless_proxy.dev import certs
 
 # Fixtures that start a server process (or, for the proxy factories, may): a test using one is e2e.
-E2E_FIXTURES = {"proxy_factory", "module_proxy_factory", "dnsmasq", "redis_server", "moto", "auth_moto"}
+E2E_FIXTURES = {"proxy_factory", "module_proxy_factory", "shared_proxy_factory", "dnsmasq", "redis_server", "moto", "auth_moto"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -68,6 +68,7 @@ class _ProxyStarter:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.started: list[ProxyProcess] = []
+        self._shared: dict[str, ProxyProcess] = {}
 
     def __call__(self, config: dict, *, env: dict[str, str] | None = None, via: str = "run",
                  wrap: tuple[str, ...] = (), cwd: Path | None = None) -> ProxyProcess:
@@ -90,14 +91,31 @@ class _ProxyStarter:
         self.started.append(p)
         return p
 
+    def shared(self, config: dict, **kw) -> ProxyView:
+        """The running proxy started here with this very config and these arguments (started on
+        first use), seen from now on: tests that only read share one process."""
+        key = yaml.safe_dump([config, sorted((kw.get("env") or {}).items()), kw.get("via", "run"),
+                              list(kw.get("wrap", ())), str(kw.get("cwd"))])
+        p = self._shared.get(key)
+        if p is None:
+            p = self._shared[key] = self(config, **kw)
+        assert p.proc.poll() is None, f"a shared proxy exited with {p.proc.returncode}:\n{p.output()}"
+        listen = (config.get("admin") or {}).get("listen")
+        admin_port = int(listen.rpartition(":")[2]) if isinstance(listen, str) else None
+        return ProxyView(base=p, offset=p.log_path.stat().st_size, admin_port=admin_port)
+
     def close(self) -> None:
         for p in self.started:
             p.stop()
         for p in self.started:
-            out = p.output()
-            for s in p.secrets:
-                assert s not in out, "a secret appeared in the proxy's output"
-            assert "Traceback" not in out, out
+            check_output(p)
+
+
+def check_output(p: ProxyProcess | ProxyView) -> None:
+    out = p.output()
+    for s in p.secrets:
+        assert s not in out, "a secret appeared in the proxy's output"
+    assert "Traceback" not in out, out
 
 
 @pytest.fixture
@@ -114,6 +132,27 @@ def module_proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     starter = _ProxyStarter(tmp_path_factory.mktemp("proxy"))
     yield starter
     starter.close()
+
+
+@pytest.fixture
+def shared_proxy_factory(module_proxy_factory: _ProxyStarter) -> Iterator[Callable[..., ProxyView]]:
+    """``proxy_factory`` whose proxies the module's tests share when their configs are the same.
+
+    Each test gets the shared process seen from its own start (``ProxyView``): its output is
+    checked for secrets and tracebacks at the test's end, as ``proxy_factory`` does, and the process
+    must still be running then. For tests that only send requests: one that signals, limits or
+    reconfigures its proxy, or counts on fresh metrics, uses ``proxy_factory``.
+    """
+    views: list[ProxyView] = []
+
+    def start(config: dict, **kw) -> ProxyView:
+        views.append(module_proxy_factory.shared(config, **kw))
+        return views[-1]
+
+    yield start
+    for v in views:
+        assert v.proc.poll() is None, f"the shared proxy exited during this test:\n{v.output()}"
+        check_output(v)
 
 
 @pytest.fixture(autouse=True)

@@ -64,15 +64,15 @@ def rules(upstream, allow_up) -> list[dict]:
     ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def admin_port() -> int:
     return free_port()
 
 
 @pytest.fixture
-def proxy(proxy_factory, pki, upstream, allow_up, admin_port):
+def proxy(shared_proxy_factory, pki, upstream, allow_up, admin_port):
     allow_up.requests.clear()
-    return proxy_factory(base_config(pki, rules=rules(upstream, allow_up), admin={"listen": f"127.0.0.1:{admin_port}"},
+    return shared_proxy_factory(base_config(pki, rules=rules(upstream, allow_up), admin={"listen": f"127.0.0.1:{admin_port}"},
                                      limits={"max_request_head_bytes": HEAD_LIMIT, "max_request_body_bytes": BODY_LIMIT}))
 
 

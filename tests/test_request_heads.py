@@ -29,10 +29,17 @@ from secretless_proxy.dev.echoserver import tls_server_context
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 
 
-@pytest.fixture
-def tls_target(pki):
+@pytest.fixture(scope="module")
+def _tls_target(pki):
     with CountingTarget(tls_context=tls_server_context(certs.make_server_cert(ca=pki.upstream_ca))) as t:
         yield t
+
+
+@pytest.fixture
+def tls_target(_tls_target):
+    """The module's target (its proxies name it in their rules), with nothing recorded yet."""
+    _tls_target.reset()
+    return _tls_target
 
 
 class _Stdlib(http.server.BaseHTTPRequestHandler):
@@ -63,8 +70,9 @@ def stdlib_upstream(pki):
     srv.server_close()
 
 
-@pytest.fixture
-def admin_port() -> int:
+@pytest.fixture(scope="module")
+def unused_port() -> int:
+    """A port nothing listens on: the rule a test does not use points there."""
     return free_port()
 
 
@@ -76,11 +84,19 @@ def _rules(allow_port: int, inject_port: int) -> list[dict]:
     ]
 
 
+@pytest.fixture(scope="module")
+def admin_ports() -> dict[tuple[int, int], int]:
+    return {}
+
+
 @pytest.fixture
-def start(proxy_factory, pki, admin_port):
-    def go(allow_port: int, inject_port: int):
-        return proxy_factory(base_config(pki, rules=_rules(allow_port, inject_port),
-                                         admin={"listen": f"127.0.0.1:{admin_port}"}))
+def start(shared_proxy_factory, pki, unused_port, admin_ports):
+    """A proxy with an allow rule to ``allow_port`` and an inject rule to ``inject_port`` (None: a
+    port nothing listens on); tests with the same two ports share one process (``.admin_port``)."""
+    def go(allow_port: int | None, inject_port: int | None):
+        ports = (allow_port or unused_port, inject_port or unused_port)
+        admin = admin_ports.setdefault(ports, free_port())
+        return shared_proxy_factory(base_config(pki, rules=_rules(*ports), admin={"listen": f"127.0.0.1:{admin}"}))
     return go
 
 
@@ -131,9 +147,10 @@ class TestControlCharacters:
 
     @pytest.mark.parametrize("rule", ["allow", "inject"])
     @pytest.mark.parametrize("head", list(CTL_HEADS), ids=list(CTL_HEADS))
-    def test_control_characters_refused_on_every_rule(self, start, pki, tls_target, admin_port, rule, head):
+    def test_control_characters_refused_on_every_rule(self, start, pki, tls_target, rule, head):
         """CTLs or obs-fold in a header: 400 header_invalid, audited, counted; the target gets no connection."""
-        proxy = start(tls_target.port, free_port()) if rule == "allow" else start(free_port(), tls_target.port)
+        proxy = start(tls_target.port, None) if rule == "allow" else start(None, tls_target.port)
+        denied = metric(proxy.admin_port, "secretless_denied_total", reason="header_invalid")
         s = tunnel(proxy, pki, tls_target.port)
         s.sendall(f"GET /v1/x HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n".encode() + CTL_HEADS[head] + b"\r\n")
         status, body, headers = read_response(s)
@@ -142,11 +159,11 @@ class TestControlCharacters:
         assert headers["X-Secretless-Request-Id"] == body["request_id"]
         assert not tls_target.reached()
         assert denied_reasons(proxy) == ["header_invalid"]
-        assert metric(admin_port, "secretless_denied_total", reason="header_invalid") == 1
+        assert metric(proxy.admin_port, "secretless_denied_total", reason="header_invalid") == denied + 1
 
     def test_control_character_after_a_good_request_on_the_same_connection(self, start, pki, upstream):
         """A kept-alive connection's second head is checked too: the upstream sees only the first request."""
-        proxy = start(upstream.port, free_port())
+        proxy = start(upstream.port, None)
         s = tunnel(proxy, pki, upstream.port)
         s.sendall(f"GET /a HTTP/1.1\r\nHost: localhost:{upstream.port}\r\n\r\n".encode())
         assert read_response(s)[0] == 200
@@ -158,7 +175,7 @@ class TestControlCharacters:
 
     def test_horizontal_tab_in_a_value_passes(self, start, pki, tls_target):
         """HTAB is the one control character a field value may hold (RFC 9110 §5.5): forwarded."""
-        proxy = start(tls_target.port, free_port())
+        proxy = start(tls_target.port, None)
         s = tunnel(proxy, pki, tls_target.port)
         s.sendall(f"GET /a HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\nX: a\tb\r\n\r\n".encode())
         assert read_response(s)[0] == 200
@@ -166,7 +183,7 @@ class TestControlCharacters:
 
     def test_http2_control_character_refused(self, start, pki, tls_target):
         """An HTTP/2 header value with a control character is refused header_invalid, never forwarded."""
-        proxy = start(tls_target.port, free_port())
+        proxy = start(tls_target.port, None)
         status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/a", [("x", "a\x01b")])
         time.sleep(0.3)
         assert status == b"400"
@@ -177,9 +194,9 @@ class TestControlCharacters:
 class TestRequestTargetFragment:
     """A '#' in the request target hid dot segments from the policy and the audit (hostile review 17)."""
 
-    def test_fragment_with_dot_segments_never_leaves(self, start, pki, tls_target, admin_port):
+    def test_fragment_with_dot_segments_never_leaves(self, start, pki, tls_target):
         """HTTP/1: `GET /v1/charges/x#/../../../admin` on an inject rule: 400 protocol_refused, audited; no connection upstream."""
-        proxy = start(free_port(), tls_target.port)
+        proxy = start(None, tls_target.port)
         s = tunnel(proxy, pki, tls_target.port)
         s.sendall(f"GET /v1/charges/x#/../../../admin HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n\r\n".encode())
         status, body, _ = read_response(s)
@@ -192,7 +209,7 @@ class TestRequestTargetFragment:
 
     def test_http2_path_with_a_fragment_refused(self, start, pki, tls_target):
         """HTTP/2 `:path` with '#': refused the same way, never forwarded."""
-        proxy = start(free_port(), tls_target.port)
+        proxy = start(None, tls_target.port)
         status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x#/../admin")
         time.sleep(0.3)
         assert (status, json.loads(data)["reason"]) == (b"400", "protocol_refused")
@@ -200,7 +217,7 @@ class TestRequestTargetFragment:
 
     def test_an_encoded_hash_passes(self, start, pki, tls_target):
         """%23 is data, not a fragment: the request goes out as written."""
-        proxy = start(free_port(), tls_target.port)
+        proxy = start(None, tls_target.port)
         s = tunnel(proxy, pki, tls_target.port)
         s.sendall(f"GET /v1/tag/%23blue HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n\r\n".encode())
         assert read_response(s)[0] == 200
@@ -213,7 +230,7 @@ class TestHttp2Framing:
 
     def test_content_length_without_a_body_refused(self, start, pki, tls_target):
         """`content-length: 30` on a request that ends with its headers: 400 protocol_refused, never forwarded."""
-        proxy = start(free_port(), tls_target.port)
+        proxy = start(None, tls_target.port)
         status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
                                   [("content-length", "30")])
         time.sleep(0.3)
@@ -223,7 +240,7 @@ class TestHttp2Framing:
 
     def test_content_length_zero_without_a_body_passes(self, start, pki, tls_target):
         """`content-length: 0` with END_STREAM is true: forwarded."""
-        proxy = start(free_port(), tls_target.port)
+        proxy = start(None, tls_target.port)
         status, _ = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
                                [("content-length", "0")])
         assert status == b"200"
@@ -234,7 +251,7 @@ class TestHttp2Framing:
         """HEADERS, DATA, then trailer HEADERS: 400 protocol_refused, no traceback, the trailers never relayed
         (the HTTP/1.1 upstream client crashed on them: hostile review 24). Request bodies are streamed, so
         the head may be upstream already: that request is aborted there."""
-        proxy = start(tls_target.port, free_port()) if rule == "allow" else start(free_port(), tls_target.port)
+        proxy = start(tls_target.port, None) if rule == "allow" else start(None, tls_target.port)
         status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
                                   [("content-length", "5")], body=b"hello", trailers=[("x-trailer", "1")])
         time.sleep(0.3)
@@ -244,7 +261,7 @@ class TestHttp2Framing:
 
     def test_tab_in_the_path_refused(self, start, pki, tls_target):
         """`:path: /v1/charges?a<TAB>/admin`: 400 header_invalid, never a request line upstream (review 25)."""
-        proxy = start(free_port(), tls_target.port)
+        proxy = start(None, tls_target.port)
         status, data = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/charges?a\t/admin")
         time.sleep(0.3)
         assert (status, json.loads(data)["reason"]) == (b"400", "header_invalid")
@@ -252,7 +269,7 @@ class TestHttp2Framing:
 
     def test_content_length_matching_the_body_passes(self, start, pki, tls_target):
         """A body of exactly its Content-Length is forwarded whole."""
-        proxy = start(free_port(), tls_target.port)
+        proxy = start(None, tls_target.port)
         status, _ = h2_request(tunnel(proxy, pki, tls_target.port, alpn=["h2"]), tls_target.port, "/v1/x",
                                [("content-length", "5")], body=b"hello")
         assert status == b"200"
@@ -270,10 +287,11 @@ PARSER_REFUSED = {
 
 class TestParserRefusals:
     @pytest.mark.parametrize("head", list(PARSER_REFUSED), ids=list(PARSER_REFUSED))
-    def test_parser_refusals_follow_the_error_contract(self, start, pki, tls_target, admin_port, head):
+    def test_parser_refusals_follow_the_error_contract(self, start, pki, tls_target, head):
         """What mitmproxy's parser refuses gets JSON 400 protocol_refused with a request id, audited
         and counted, also without a client certificate; the target gets no connection."""
-        proxy = start(tls_target.port, free_port())
+        proxy = start(tls_target.port, None)
+        denied = metric(proxy.admin_port, "secretless_denied_total", reason="protocol_refused")
         s = tunnel(proxy, pki, tls_target.port, cert=False)
         s.sendall(f"POST /status HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n".encode() + PARSER_REFUSED[head])
         status, body, headers = read_response(s)
@@ -284,7 +302,7 @@ class TestParserRefusals:
         assert "not valid HTTP/1.1" in body["error"]
         assert not tls_target.reached()
         assert denied_reasons(proxy) == ["protocol_refused"]
-        assert metric(admin_port, "secretless_denied_total", reason="protocol_refused") == 1
+        assert metric(proxy.admin_port, "secretless_denied_total", reason="protocol_refused") == denied + 1
 
     def test_empty_lines_before_the_request_line_are_ignored(self, start, pki, upstream, tls_target):
         """Empty lines before a request line (RFC 9112 §2.2) neither hide a bad head nor stall a good one."""

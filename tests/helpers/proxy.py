@@ -98,6 +98,47 @@ class ProxyProcess:
                 self.proc.wait()
 
 
+@dataclass
+class ProxyView:
+    """A proxy that a whole module shares, as one test sees it: its output from that test's start on.
+
+    ``shared_proxy_factory`` hands these out; everything but ``output()`` is the shared process's.
+    """
+
+    base: ProxyProcess
+    offset: int
+    admin_port: int | None = None  # the port of the config's admin.listen, if it names one
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.base.proc
+
+    @property
+    def port(self) -> int:
+        return self.base.port
+
+    @property
+    def url(self) -> str:
+        return self.base.url
+
+    @property
+    def log_path(self) -> Path:
+        return self.base.log_path
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self.base.secrets
+
+    @secrets.setter
+    def secrets(self, value: tuple[str, ...]) -> None:
+        self.base.secrets = value  # searched for in the whole log at the module's end too
+
+    def output(self) -> str:
+        with open(self.base.log_path, "rb") as fh:
+            fh.seek(self.offset)
+            return fh.read().decode(errors="replace")
+
+
 def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20,
                 cwd: Path | None = None) -> ProxyProcess:
     with open(log_path, "wb") as fh:  # the child keeps its own copy of the descriptor

@@ -47,6 +47,12 @@ class CountingTarget:
         self._stop = True
         self._sock.close()
 
+    def reset(self) -> None:
+        """Forget what was recorded so far (a module's tests share one target)."""
+        with self._lock:
+            self.connections = 0
+            self.received = b""
+
     def reached(self) -> bool:
         with self._lock:
             return self.connections > 0 or bool(self.received)
