@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from helpers import zygote
+
 from secretless_proxy.dev import certs
 
 BIN = Path(sys.executable).parent
@@ -75,7 +77,7 @@ def base_config(pki: Pki, *, rules: list[dict], credentials: dict | None = None,
 
 @dataclass
 class ProxyProcess:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | zygote.ForkedProcess
     log_path: Path
     port: int = 0
     secrets: tuple[str, ...] = ()
@@ -110,7 +112,7 @@ class ProxyView:
     admin_port: int | None = None  # the port of the config's admin.listen, if it names one
 
     @property
-    def proc(self) -> subprocess.Popen:
+    def proc(self) -> subprocess.Popen | zygote.ForkedProcess:
         return self.base.proc
 
     @property
@@ -141,8 +143,12 @@ class ProxyView:
 
 def start_proxy(cmd: list[str], *, log_path: Path, env: dict[str, str], timeout: float = 20,
                 cwd: Path | None = None) -> ProxyProcess:
+    proc: subprocess.Popen | zygote.ForkedProcess
     with open(log_path, "wb") as fh:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL, cwd=cwd)
+        if zygote.usable(cmd):
+            proc = zygote.ZYGOTE.spawn(cmd, env=env, log_path=log_path, cwd=cwd)  # appends to the empty file
+        else:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL, cwd=cwd)
     p = ProxyProcess(proc=proc, log_path=log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
