@@ -8,7 +8,10 @@ help on every argument, against the whole parser tree).
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,17 @@ def _listen(text: str) -> tuple[str, int]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from secretless_proxy.server import run  # imports mitmproxy: keep `check` and `certs` fast
 
-    return run(args.config, args.listen)
+    code = run(args.config, args.listen)
+    # The proxy has stopped and closed what it owns (audit sinks write unbuffered to their
+    # descriptors). Tearing the interpreter down, every module and object mitmproxy loaded, took
+    # 0.2-0.4 s of CPU on each stop and could only add "Exception ignored" noise: flush and leave.
+    for thread in threading.enumerate():  # what the interpreter's exit would still wait for
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import zygote
 from helpers.clients import OPEN_SOCKETS
 from helpers.dns import DNS_RECORDS, DnsServer, start_dnsmasq
 from helpers.proxy import BIN, ENTRY_SCRIPT, SECRET, Pki, ProxyProcess, ProxyView, start_proxy
@@ -26,6 +27,10 @@ from secretless_proxy.dev import certs
 
 # Fixtures that start a server process (or, for the proxy factories, may): a test using one is e2e.
 E2E_FIXTURES = {"proxy_factory", "module_proxy_factory", "shared_proxy_factory", "dnsmasq", "redis_server", "moto", "auth_moto"}
+
+
+def pytest_sessionfinish() -> None:
+    zygote.ZYGOTE.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

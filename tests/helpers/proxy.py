@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers import zygote
-
 from secretless_proxy.dev import certs
 
 BIN = Path(sys.executable).parent

@@ -146,6 +146,8 @@ class Zygote:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
             self._proc.wait(timeout=10)
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
 
 
 ZYGOTE = Zygote()
