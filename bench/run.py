@@ -203,14 +203,18 @@ class Procs:
         self.procs.clear()
 
 
-def proxy_log_warnings(path: Path, limit: int = 20) -> list[str]:
-    """WARNING/ERROR/CRITICAL lines and tracebacks of a secretless-proxy log, timestamps cut, deduplicated."""
+def log_lines(path: Path) -> list[str]:
+    """The lines of a log another process writes; none while it has not created the file."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace").splitlines()
     except OSError:
         return []
+
+
+def proxy_log_warnings(path: Path, limit: int = 20) -> list[str]:
+    """WARNING/ERROR/CRITICAL lines and tracebacks of a secretless-proxy log, timestamps cut, deduplicated."""
     seen: dict[str, int] = {}
-    for line in lines:
+    for line in log_lines(path):
         for level in (" WARNING ", " ERROR ", " CRITICAL "):
             if level in line:
                 line = line[line.index(level) + 1:]
@@ -632,11 +636,7 @@ class Bench:
     def token_events_between(self, lo: float, hi: float, name: str) -> list[dict]:
         """The token server's calls for /<name>/token with monotonic time in [lo, hi]."""
         out = []
-        try:
-            lines = self.token_events.read_text().splitlines()
-        except OSError:
-            return out
-        for line in lines:
+        for line in log_lines(self.token_events):
             try:
                 ev = json.loads(line)
             except ValueError:
@@ -893,11 +893,7 @@ class Bench:
         if wait > 0:
             time.sleep(wait)
         out = []
-        try:
-            lines = self.nginx_tokens_log.read_text().splitlines()
-        except OSError:
-            return out
-        for line in lines:
+        for line in log_lines(self.nginx_tokens_log):
             parts = line.split()
             if len(parts) == 2 and lo_wall <= (t := float(parts[0])) <= hi_wall:
                 out.append((t, parts[1]))
