@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 
 from secretless_proxy.dev.certs import Issued
 
-__all__ = ["EchoUpstream", "tls_server_context"]
+__all__ = ["EchoUpstream", "TlsHttpServer", "tls_server_context"]
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
@@ -99,26 +99,26 @@ class _EchoHandler(BaseHTTPRequestHandler):
             self.rfile.readline(8)  # CRLF after the chunk
 
 
-class _EchoServer(ThreadingHTTPServer):
-    """Threaded server that does TLS per connection and can force open connections closed."""
+class TlsHttpServer(ThreadingHTTPServer):
+    """Threaded server that does TLS per connection and can force open connections closed.
+
+    The base of the echo server and of the test suite's fake upstreams (the IdP), so each of them
+    stops without a handler thread outliving it.
+    """
 
     # Non-daemon so server_close() joins every handler (ThreadingMixIn only tracks those);
     # close_connections() first wakes any handler parked on a keep-alive read.
     daemon_threads = False
 
-    def __init__(self, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 ssl_context: ssl.SSLContext | None) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.ssl_context = ssl_context
-        self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._closing = False
-        super().__init__(address, _EchoHandler)
-
-    def record(self, request: dict[str, Any]) -> None:
-        with self._lock:
-            self.requests.append(request)
+        super().__init__(address, handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # Runs in the per-connection thread, so a slow or bad handshake never stalls accept().
@@ -157,6 +157,18 @@ class _EchoServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Silenced: clients disconnecting mid-request is normal in tests."""
+
+
+class _EchoServer(TlsHttpServer):
+    """The echo server: records every request it answers."""
+
+    def __init__(self, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None) -> None:
+        self.requests: list[dict[str, Any]] = []
+        super().__init__(address, _EchoHandler, ssl_context=ssl_context)
+
+    def record(self, request: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(request)
 
 
 class EchoUpstream:

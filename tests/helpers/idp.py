@@ -23,14 +23,13 @@ import base64
 import hmac
 import json
 import secrets
-import socket
 import ssl
 import threading
 import traceback
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote_plus
@@ -38,7 +37,7 @@ from urllib.parse import parse_qs, unquote_plus
 import jwt
 
 from secretless_proxy.dev.certs import Issued
-from secretless_proxy.dev.echoserver import tls_server_context
+from secretless_proxy.dev.echoserver import TlsHttpServer, tls_server_context
 
 __all__ = ["BODY_MARKER", "IdP", "Received", "mint_token", "token_scope"]
 
@@ -346,39 +345,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _Server(ThreadingHTTPServer):
-    # Non-daemon handler threads: server_close() joins them, so nothing outlives the test.
-    daemon_threads = False
-
+class _Server(TlsHttpServer):
     def __init__(self, idp: IdP, ctx: ssl.SSLContext) -> None:
         self.idp = idp
-        self.ssl_context = ctx
-        self._conns: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        conn = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-        with self._conn_lock:
-            self._conns.add(conn)
-        try:
-            conn.do_handshake()
-            super().finish_request(conn, client_address)
-        except OSError:
-            pass  # clients giving up (timeouts) and teardown resets
-        finally:
-            with self._conn_lock:
-                self._conns.discard(conn)
-            conn.close()
-
-    def close_connections(self) -> None:
-        with self._conn_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                socket.socket.shutdown(conn, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().__init__(("127.0.0.1", 0), _Handler, ssl_context=ctx)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.idp.errors.append(traceback.format_exc())
