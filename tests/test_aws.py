@@ -24,7 +24,7 @@ from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 from helpers.moto_server import ROLE_ARN, MotoServer
-from helpers.providers import load_example, load_text, request_context
+from helpers.providers import config_head, load_example, load_text, request_context
 from mitmproxy import http
 
 from secretless_proxy import sigv4
@@ -676,10 +676,7 @@ class TestRegionAndService:
 def config_text(pki: Any, credential: str, inject: str = "sigv4: {}") -> str:
     """A config whose credential block starts on line 6, its keys from line 8."""
     return (
-        "version: 1\n"
-        "identity:\n"
-        f"  trust_bundle: {pki.trust_bundle}\n"
-        "  trust_domains: [example.org]\n"
+        config_head(pki.trust_bundle) +
         "credentials:\n"
         "  aws:\n"
         "    kind: aws_sigv4\n"

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from helpers.github_api import BODY_MARKER, GitHubApi
-from helpers.providers import load_example, load_text, request_context
+from helpers.providers import config_head, load_example, load_text, request_context
 
 from secretless_proxy.config.model import Credential
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
@@ -282,10 +282,7 @@ class TestFailures:
 def config_text(pki, credential: str) -> str:
     """A config whose credential block starts on line 6 (its keys from line 7)."""
     return (
-        "version: 1\n"
-        "identity:\n"
-        f"  trust_bundle: {pki.trust_bundle}\n"
-        "  trust_domains: [example.org]\n"
+        config_head(pki.trust_bundle) +
         "credentials:\n"
         "  gh:\n"
         "    kind: github_app\n"

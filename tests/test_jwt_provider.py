@@ -7,7 +7,7 @@ from typing import Any
 
 import jwt
 import pytest
-from helpers.providers import BILLING, CREDS_FILE, NOW, REPORTS, ctx, load_credential, load_example
+from helpers.providers import BILLING, CREDS_FILE, NOW, REPORTS, config_head, ctx, load_credential, load_example
 
 from secretless_proxy.config.model import Credential
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError
@@ -105,16 +105,7 @@ class TestJwtProvider:
 
 
 FILE = CREDS_FILE
-HEAD = """\
-version: 1
-identity:
-  trust_bundle: ca.pem
-  trust_domains: [example.org]
-rules: []
-credentials:
-  tok:
-    kind: jwt
-"""  # further keys of the credential start on line 9
+HEAD = config_head() + "rules: []\ncredentials:\n  tok:\n    kind: jwt\n"  # further keys of the credential start on line 9
 
 
 def load(tmp_path: Path, body: str) -> Any:

@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 from helpers.idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
-from helpers.providers import BILLING, CREDS_FILE, NOW, REPORTS, ctx, load_credential, load_example
+from helpers.providers import BILLING, CREDS_FILE, NOW, REPORTS, config_head, ctx, load_credential, load_example
 from helpers.proxy import Pki
 
 from secretless_proxy.config.model import Credential
@@ -420,15 +420,7 @@ class TestTokenExchange:
 # -- configuration ------------------------------------------------------------------------------
 
 FILE = CREDS_FILE
-HEAD = """\
-version: 1
-identity:
-  trust_bundle: ca.pem
-  trust_domains: [example.org]
-rules: []
-credentials:
-  pay:
-"""  # the credential's keys start on line 8
+HEAD = config_head() + "rules: []\ncredentials:\n  pay:\n"  # the credential's keys start on line 8
 
 
 def load(tmp_path: Path, body: str, **kw: Any):

@@ -62,6 +62,11 @@ def load_example(tmp_path: Path, name: str) -> Config:
 CREDS_FILE = "creds.yaml"
 
 
+def config_head(trust_bundle: str | Path = "ca.pem") -> str:
+    """Lines 1-4 of a provider test's config: the version and a one-domain identity."""
+    return f"version: 1\nidentity:\n  trust_bundle: {trust_bundle}\n  trust_domains: [example.org]\n"
+
+
 def load_credential(tmp_path: Path, head: str, body: str, **kw: Any) -> Config:
     """``head`` (a config up to one credential's name) and ``body`` (that credential's keys, one per
     line) written to CREDS_FILE next to a workload CA (``ca.pem``), and loaded."""
