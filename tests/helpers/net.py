@@ -1,10 +1,11 @@
-"""Loopback ports and polling, for tests that wait on another process."""
+"""Loopback ports and listeners, and polling, for tests that wait on another process."""
 
 from __future__ import annotations
 
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -76,3 +77,48 @@ def accept_loop(sock: socket.socket, handle: Callable[[socket.socket], None], *,
             return
         accepted()
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def recv_head(conn: socket.socket, bufsize: int = 65536) -> bytes:
+    """What ``conn`` sends up to the blank line that ends an HTTP head (and whatever came with it in
+    the same read); b"" if the peer closed before the head was complete."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(bufsize)
+        if not chunk:
+            return b""
+        head += chunk
+    return head
+
+
+def head_field(head: bytes, name: bytes) -> bytes | None:
+    """The value of the first header line called ``name`` (lower case) in a raw head, or None."""
+    return next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                 if line.lower().startswith(name + b":")), None)
+
+
+class TlsListener:
+    """A TLS listener on 127.0.0.1 for upstreams that write raw bytes: each accepted connection,
+    once its handshake is done, goes to ``handle(conn)`` in a daemon thread; a peer that hangs up
+    or fails the handshake ends only its own connection."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self._ctx = ctx
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+
+    def start(self) -> None:
+        threading.Thread(target=accept_loop, args=(self._sock, self._one), daemon=True).start()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def handle(self, conn: ssl.SSLSocket) -> None:
+        raise NotImplementedError
+
+    def _one(self, raw: socket.socket) -> None:
+        try:
+            with self._ctx.wrap_socket(raw, server_side=True) as conn:
+                self.handle(conn)
+        except OSError:  # ssl.SSLError included
+            pass
