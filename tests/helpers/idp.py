@@ -103,7 +103,6 @@ class IdP:
         self._stop = threading.Event()
         self._server_cert = server_cert
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self.url = ""
 
     @property
@@ -121,20 +120,14 @@ class IdP:
     def __enter__(self) -> Self:
         self._server = _Server(self, tls_server_context(self._server_cert))
         self.url = f"https://localhost:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="test-idp", daemon=True)
-        self._thread.start()
+        self._server.start("test-idp")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._stop.set()  # wakes a hanging handler
         if self._server is not None:
-            self._server.shutdown()
-            self._server.close_connections()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
+            self._server.stop()
 
     # -- request handling (runs in the server's threads) --
 
