@@ -28,14 +28,14 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from helpers.net import FakeHttps
 from secretless_proxy.dev.certs import Issued
-from secretless_proxy.dev.echoserver import TlsHttpServer, tls_server_context
+from secretless_proxy.dev.echoserver import TlsHttpServer
 
 __all__ = ["BODY_MARKER", "GitHubApi", "TokenRequest"]
 
@@ -88,8 +88,10 @@ class _Server(TlsHttpServer):
         super().__init__(("127.0.0.1", 0), _Handler, ssl_context=ctx)
 
 
-class GitHubApi:
+class GitHubApi(FakeHttps):
     """Context manager running the fake API; ``url`` is the API root (``base_url``)."""
+
+    thread_name = "github-api"
 
     def __init__(self, *, server_cert: Issued, app_id: int, public_key: rsa.RSAPublicKey,
                  installation_id: int, token_ttl: float = 3600) -> None:
@@ -107,10 +109,7 @@ class GitHubApi:
         self.revoked: list[str] = []
         self._live: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._cert = server_cert
-        self._server: _Server | None = None
-        self.url = ""
+        super().__init__(server_cert)
 
     def reset(self) -> None:
         with self._lock:
@@ -218,14 +217,5 @@ class GitHubApi:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def __enter__(self) -> Self:
-        self._server = _Server(self, tls_server_context(self._cert))
-        self.url = f"https://localhost:{self._server.server_address[1]}"
-        self._server.start("github-api")
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._stop.set()  # releases hanging handlers
-        if self._server is not None:
-            self._server.stop()
+    def make_server(self, ctx: ssl.SSLContext) -> _Server:
+        return _Server(self, ctx)

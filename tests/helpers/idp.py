@@ -30,14 +30,14 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 
+from helpers.net import FakeHttps
 from secretless_proxy.dev.certs import Issued
-from secretless_proxy.dev.echoserver import TlsHttpServer, tls_server_context
+from secretless_proxy.dev.echoserver import TlsHttpServer
 
 __all__ = ["BODY_MARKER", "IdP", "Received", "mint_token", "token_scope"]
 
@@ -73,8 +73,10 @@ class _Reject(Exception):
         self.status, self.error, self.reason = status, error, reason
 
 
-class IdP:
+class IdP(FakeHttps):
     """Context manager running the server; configure it (and read what it saw) from the test."""
+
+    thread_name = "test-idp"
 
     def __init__(self, *, server_cert: Issued, clients: dict[str, str | None] | None = None,
                  jwks: dict[str, Any] | str | None = None, jwks_ca: str | None = None,
@@ -100,10 +102,7 @@ class IdP:
         self.errors: list[str] = []  # handler crashes: a test fixture asserts there are none
         self._seen_jti: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._server_cert = server_cert
-        self._server: _Server | None = None
-        self.url = ""
+        super().__init__(server_cert)
 
     @property
     def token_url(self) -> str:
@@ -117,17 +116,8 @@ class IdP:
     def jwks_url(self) -> str:
         return self.url + "/.well-known/jwks.json"
 
-    def __enter__(self) -> Self:
-        self._server = _Server(self, tls_server_context(self._server_cert))
-        self.url = f"https://localhost:{self._server.server_address[1]}"
-        self._server.start("test-idp")
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._stop.set()  # wakes a hanging handler
-        if self._server is not None:
-            self._server.stop()
+    def make_server(self, ctx: ssl.SSLContext) -> _Server:
+        return _Server(self, ctx)
 
     # -- request handling (runs in the server's threads) --
 

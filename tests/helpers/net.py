@@ -10,6 +10,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
+
+from secretless_proxy.dev.certs import Issued
+from secretless_proxy.dev.echoserver import TlsHttpServer, tls_server_context
 
 
 def _port_range() -> tuple[int, int]:
@@ -122,3 +126,31 @@ class TlsListener:
                 self.handle(conn)
         except OSError:  # ssl.SSLError included
             pass
+
+
+class FakeHttps:
+    """A fake HTTPS API on 127.0.0.1 (``url`` names localhost) inside its ``with`` block: the
+    server ``make_server(ctx)`` builds serves it in a thread; leaving sets ``_stop``, which the
+    handlers a test makes hang wait on, and joins every thread."""
+
+    thread_name = "fake-https"
+
+    def __init__(self, server_cert: Issued) -> None:
+        self._server_cert = server_cert
+        self._stop = threading.Event()
+        self._server: TlsHttpServer | None = None
+        self.url = ""
+
+    def make_server(self, ctx: ssl.SSLContext) -> TlsHttpServer:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._server = self.make_server(tls_server_context(self._server_cert))
+        self.url = f"https://localhost:{self._server.server_address[1]}"
+        self._server.start(self.thread_name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.stop()
