@@ -6,19 +6,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.trust_domains import TWO_DOMAINS, write_two_domain_cas
 
 from secretless_proxy.config.parse import load_config
-from secretless_proxy.dev.certs import Issued, write_ca
+from secretless_proxy.dev.certs import Issued
 from secretless_proxy.identity import Workload
 from secretless_proxy.matching import split_spiffe_id
 from secretless_proxy.policy import Decision, Deny, Policy
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
-HEAD = """\
-version: 1
-identity:
-  trust_domains: [example.org, partner.example]
-  trust_bundles: {example.org: ca/ca.pem, partner.example: partner/ca.pem}
+HEAD = TWO_DOMAINS + """\
 credentials:
   stripe: {kind: static, secret: env:SECRETLESS_TEST_STRIPE}
 rules:
@@ -57,8 +54,7 @@ def rule_name(result: Decision | Deny) -> str:
 @pytest.fixture
 def make_policy(tmp_path: Path, ca: Issued, partner_ca: Issued, monkeypatch: pytest.MonkeyPatch) -> PolicyFactory:
     """Build a Policy from YAML rules (list items under 'rules:') through load_config."""
-    write_ca(ca, tmp_path / "ca")
-    write_ca(partner_ca, tmp_path / "partner")
+    write_two_domain_cas(tmp_path, ca, partner_ca)
     monkeypatch.setenv("SECRETLESS_TEST_STRIPE", "sk_test_value")
 
     def build(rules: str) -> Policy:
