@@ -154,3 +154,27 @@ class FakeHttps:
         self._stop.set()
         if self._server is not None:
             self._server.stop()
+
+
+class LoopbackServer:
+    """A server on a loopback socket whose ``_serve`` runs in a daemon thread inside its ``with``
+    block; leaving sets ``_stop`` and closes the socket (waking a blocked accept or receive), then
+    joins the thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True, name=f"{type(self).__name__}-{self.port}")
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        raise NotImplementedError
