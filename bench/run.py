@@ -203,14 +203,18 @@ class Procs:
         self.procs.clear()
 
 
-def proxy_log_warnings(path: Path, limit: int = 20) -> list[str]:
-    """WARNING/ERROR/CRITICAL lines and tracebacks of a secretless-proxy log, timestamps cut, deduplicated."""
+def log_lines(path: Path) -> list[str]:
+    """The lines of a log another process writes; none while it has not created the file."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace").splitlines()
     except OSError:
         return []
+
+
+def proxy_log_warnings(path: Path, limit: int = 20) -> list[str]:
+    """WARNING/ERROR/CRITICAL lines and tracebacks of a secretless-proxy log, timestamps cut, deduplicated."""
     seen: dict[str, int] = {}
-    for line in lines:
+    for line in log_lines(path):
         for level in (" WARNING ", " ERROR ", " CRITICAL "):
             if level in line:
                 line = line[line.index(level) + 1:]
@@ -632,11 +636,7 @@ class Bench:
     def token_events_between(self, lo: float, hi: float, name: str) -> list[dict]:
         """The token server's calls for /<name>/token with monotonic time in [lo, hi]."""
         out = []
-        try:
-            lines = self.token_events.read_text().splitlines()
-        except OSError:
-            return out
-        for line in lines:
+        for line in log_lines(self.token_events):
             try:
                 ev = json.loads(line)
             except ValueError:
@@ -751,13 +751,18 @@ class Bench:
             exe, "-q", "--listen-host", "127.0.0.1", "--listen-port", str(port),
             "--set", f"confdir={d}", "--set", f"ssl_verify_upstream_trusted_ca={self.bench_ca}"],
             d / "mitmdump.log")
+        self.measure_through("b", "mitmdump", p, port, cafile=d / "mitmproxy-ca-cert.pem", expect="auth=none",
+                             logfile=d / "mitmdump.log")
+
+    def measure_through(self, key: str, name: str, p: subprocess.Popen, port: int, *, cafile: Path, expect: str,
+                        logfile: Path) -> None:
+        """Case ``key`` through the proxy ``p`` on ``port``, stopped after; a failure carries its log's tail."""
         try:
-            wait_port(port, p, 30, "mitmdump")
-            wait_file(d / "mitmproxy-ca-cert.pem", 10, "mitmdump CA")
-            self.measure("b", {"cafile": d / "mitmproxy-ca-cert.pem", "expect": "auth=none",
-                               "proxy_port": port}, p, d / "mitmdump.log")
+            wait_port(port, p, 30, name)
+            wait_file(cafile, 10, f"{name} CA")  # mitmdump writes its CA after it listens
+            self.measure(key, {"cafile": cafile, "expect": expect, "proxy_port": port}, p, logfile)
         except Exception as e:
-            raise RuntimeError(f"{e}\n  mitmdump log tail:\n{tail(d / 'mitmdump.log')}") from None
+            raise RuntimeError(f"{e}\n  {name} log tail ({logfile.name}):\n{tail(logfile)}") from None
         finally:
             self.procs.stop(p)
 
@@ -893,11 +898,7 @@ class Bench:
         if wait > 0:
             time.sleep(wait)
         out = []
-        try:
-            lines = self.nginx_tokens_log.read_text().splitlines()
-        except OSError:
-            return out
-        for line in lines:
+        for line in log_lines(self.nginx_tokens_log):
             parts = line.split()
             if len(parts) == 2 and lo_wall <= (t := float(parts[0])) <= hi_wall:
                 out.append((t, parts[1]))
@@ -1027,14 +1028,8 @@ class Bench:
         if r.returncode != 0:
             raise RuntimeError(f"squid -k parse failed:\n{r.stdout}{r.stderr}")
         p = self.procs.start("squid", [squid, "-N", "-f", str(conf)], d.parent / f"{d.name}-stdout.log")
-        try:
-            wait_port(port, p, 30, "squid")
-            self.measure("d", {"cafile": d / "bump-ca.pem", "expect": "auth=injected",
-                               "proxy_port": port}, p, d / "cache.log")
-        except Exception as e:
-            raise RuntimeError(f"{e}\n  squid cache.log tail:\n{tail(d / 'cache.log')}") from None
-        finally:
-            self.procs.stop(p)
+        self.measure_through("d", "squid", p, port, cafile=d / "bump-ca.pem", expect="auth=injected",
+                             logfile=d / "cache.log")
 
     # ---- report
     def report(self, failures: dict[str, str]) -> str:

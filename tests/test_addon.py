@@ -18,6 +18,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.addons.tlsconfig import TlsConfig
 from mitmproxy.test import taddons, tflow
 
+from secretless_proxy import inject
 from secretless_proxy.addon import ConnState, Secretless
 from secretless_proxy.dev import certs
 from secretless_proxy.secretrefs import SecretRef
@@ -149,40 +150,29 @@ class TestIdentityState:
 
 
 class TestFailClosed:
-    async def test_unexpected_exception_in_credential_source_refuses(self, addon_ctx, pki, monkeypatch, caplog):
-        """A bug in the credential source refuses the request (503) and logs no exception text."""
+    @pytest.mark.parametrize(("owner", "attr", "error", "status", "reason"), [
+        (SecretRef, "resolve", RuntimeError(f"leaky message {SECRET}"), 503, "credential_unavailable"),
+        (inject, "apply", KeyError(SECRET), 502, "internal_error"),
+    ], ids=["bug-in-credential-source-503", "bug-in-injection-after-brokering-502"])
+    async def test_unexpected_exception_refuses(self, addon_ctx, pki, monkeypatch, caplog, owner, attr, error,
+                                                status, reason):
+        """A bug in the credential source refuses the request (503 credential_unavailable); one after
+        the credential is brokered still refuses (502 internal_error). Neither sends the credential
+        on nor logs the exception text."""
         addon, _ = addon_ctx
-
-        def boom(self):
-            raise RuntimeError(f"leaky message {SECRET}")
-
-        monkeypatch.setattr(SecretRef, "resolve", boom)
-        client = tflow.tclient_conn()
-        handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
-        f = tunnelled_flow(client)
-        with caplog.at_level(logging.DEBUG):
-            await addon.request(f)
-        assert f.response.status_code == 503
-        assert json.loads(f.response.content)["reason"] == "credential_unavailable"
-        assert "Authorization" not in f.request.headers
-        assert SECRET not in caplog.text and SECRET not in f.response.text
-
-    async def test_bug_in_injection_refuses(self, addon_ctx, pki, monkeypatch, caplog):
-        """An unexpected exception after the credential is brokered still refuses (502 internal_error)."""
-        addon, _ = addon_ctx
-        from secretless_proxy import inject
 
         def boom(*a, **k):
-            raise KeyError(SECRET)
+            raise error
 
-        monkeypatch.setattr(inject, "apply", boom)
+        monkeypatch.setattr(owner, attr, boom)
         client = tflow.tclient_conn()
         handshake(addon, client, [certs.make_svid(ca=pki.workload_ca, spiffe_id=BILLING).cert])
         f = tunnelled_flow(client)
         with caplog.at_level(logging.DEBUG):
             await addon.request(f)
-        assert f.response.status_code == 502
-        assert json.loads(f.response.content)["reason"] == "internal_error"
+        assert f.response.status_code == status
+        assert json.loads(f.response.content)["reason"] == reason
+        assert "Authorization" not in f.request.headers
         assert SECRET not in caplog.text and SECRET not in f.response.text
 
     async def test_no_config_refuses(self):

@@ -8,7 +8,6 @@ with IAM authentication on, so it checks the signatures of our STS calls and of 
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,12 +24,11 @@ from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 from helpers.moto_server import ROLE_ARN, MotoServer
-from helpers.providers import load_text, request_context
+from helpers.providers import config_head, load_example, load_text, request_context
 from mitmproxy import http
 
 from secretless_proxy import sigv4
 from secretless_proxy.config.model import Credential
-from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.aws import AwsProvider, AwsSettings, role_session_name
 from secretless_proxy.credentials.base import (
     IssuedCredential,
@@ -47,7 +45,6 @@ ROLE = ROLE_ARN
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 ISSUER = "https://secretless.example.org"
 BODY_MARKER = "sts-private-detail-c41d"
-REPO_ROOT = Path(__file__).parents[1]
 # The moto fixtures' view of an authenticating moto: its URL and the IAM user's key.
 AuthMoto = MotoServer
 
@@ -679,10 +676,7 @@ class TestRegionAndService:
 def config_text(pki: Any, credential: str, inject: str = "sigv4: {}") -> str:
     """A config whose credential block starts on line 6, its keys from line 8."""
     return (
-        "version: 1\n"
-        "identity:\n"
-        f"  trust_bundle: {pki.trust_bundle}\n"
-        "  trust_domains: [example.org]\n"
+        config_head(pki.trust_bundle) +
         "credentials:\n"
         "  aws:\n"
         "    kind: aws_sigv4\n"
@@ -793,11 +787,7 @@ class TestConfig:
 class TestExampleConfig:
     def test_config_aws_yaml_is_valid(self, pki, tmp_path) -> None:
         """config/aws.yaml loads (secrets unresolved) next to a dev CA, as `make dev-certs` makes it."""
-        (tmp_path / "dev" / "ca").mkdir(parents=True)
-        shutil.copy(pki.trust_bundle, tmp_path / "dev" / "ca" / "ca.pem")
-        (tmp_path / "config").mkdir()
-        shutil.copy(REPO_ROOT / "config" / "aws.yaml", tmp_path / "config" / "aws.yaml")
-        cfg = load_config(tmp_path / "config" / "aws.yaml", resolve_secrets=False)
+        cfg = load_example(tmp_path, "aws.yaml")
         assert {c.kind for c in cfg.credentials.values()} == {"aws_sigv4"}
         assert {c.settings.mode for c in cfg.credentials.values()} == {"assume_role", "web_identity"}
         assert all(r.inject is not None and r.inject.sigv4 for r in cfg.rules if r.action == "inject")

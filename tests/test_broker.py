@@ -54,6 +54,16 @@ async def until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
             await asyncio.sleep(0.001)
 
 
+async def fetch_in_flight(make: Callable[..., Broker]) -> tuple[Broker, FakeProvider, asyncio.Task]:
+    """A broker whose provider holds its first fetch until ``gate`` is set, and the get waiting on it."""
+    p = FakeProvider(clock=time.time)
+    p.gate = asyncio.Event()
+    broker = make(p)
+    waiter = asyncio.create_task(broker.get("api", context()))
+    await until(lambda: p.calls == 1)
+    return broker, p, waiter
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
@@ -277,23 +287,19 @@ class TestProviderFailures:
         with pytest.raises(ProviderError, match="returned a NoneType instead of a credential"):
             await broker.get("api", context())
 
-    async def test_non_retryable_error_is_not_retried(self, make) -> None:
-        """ProviderError(retryable=False) ends the get after one attempt."""
+    @pytest.mark.parametrize(("error", "retries", "match", "calls"), [
+        (ProviderError("invalid_client", retryable=False), 5, r"after 1 attempt\(s\): invalid_client", 1),
+        (ProviderError("503 from the token endpoint"), 3, r"after 4 attempt\(s\): 503", 4),
+    ], ids=["non-retryable-is-not-retried", "retryable-is-retried-until-attempts-run-out"])
+    async def test_attempts_of_a_failing_provider(self, make, error, retries, match, calls) -> None:
+        """ProviderError(retryable=False) ends the get after one attempt; a retryable error is tried
+        1 + retries times."""
         p = FakeProvider(clock=time.time)
-        p.down = ProviderError("invalid_client", retryable=False)
-        broker = make(p, retries=5)
-        with pytest.raises(ProviderError, match=r"after 1 attempt\(s\): invalid_client"):
+        p.down = error
+        broker = make(p, retries=retries)
+        with pytest.raises(ProviderError, match=match):
             await broker.get("api", context())
-        assert p.calls == 1
-
-    async def test_retryable_error_is_retried_until_attempts_run_out(self, make) -> None:
-        """A retryable error is tried 1 + retries times."""
-        p = FakeProvider(clock=time.time)
-        p.down = ProviderError("503 from the token endpoint")
-        broker = make(p, retries=3)
-        with pytest.raises(ProviderError, match=r"after 4 attempt\(s\): 503"):
-            await broker.get("api", context())
-        assert p.calls == 4
+        assert p.calls == calls
 
     async def test_retry_succeeds_after_transient_failures(self, make) -> None:
         """Two transient failures followed by a success return the credential."""
@@ -450,11 +456,7 @@ class TestEvict:
 
     async def test_fetch_in_flight_during_evict_is_not_cached(self, make) -> None:
         """A fetch started before evict() answers its waiter but does not repopulate the cache."""
-        p = FakeProvider(clock=time.time)
-        p.gate = asyncio.Event()
-        broker = make(p)
-        waiter = asyncio.create_task(broker.get("api", context()))
-        await until(lambda: p.calls == 1)
+        broker, p, waiter = await fetch_in_flight(make)
         await broker.evict(["api"], reason="config_changed")
         p.gate.set()
         assert (await waiter).secret.reveal() == "tok-1"
@@ -543,11 +545,7 @@ class TestClose:
 
     async def test_waiters_of_a_fetch_cancelled_by_aclose_get_a_provider_error(self, make) -> None:
         """A get waiting on a fetch when the broker closes is refused, not silently cancelled."""
-        p = FakeProvider(clock=time.time)
-        p.gate = asyncio.Event()
-        broker = make(p)
-        waiter = asyncio.create_task(broker.get("api", context()))
-        await until(lambda: p.calls == 1)
+        broker, _, waiter = await fetch_in_flight(make)
         await broker.aclose()
         with pytest.raises(ProviderError, match="broker shut down during the fetch"):
             await waiter

@@ -10,20 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.trust_domains import TWO_DOMAINS, write_two_domain_cas
 
 from secretless_proxy.config.model import LimitsConfig
 from secretless_proxy.config.parse import load_config
-from secretless_proxy.dev.certs import Issued, write_ca
+from secretless_proxy.dev.certs import Issued
 from secretless_proxy.errors import ConfigError, ConfigIssue
 
 CLI = Path(sys.executable).with_name("secretless-proxy")
 FILE = "example.yaml"
 
-VALID = """\
-version: 1
-identity:
-  trust_domains: [example.org, partner.example]
-  trust_bundles: {example.org: ca/ca.pem, partner.example: partner/ca.pem}
+VALID = TWO_DOMAINS + """\
 listen: 127.0.0.1:8080
 interception_ca: mitm
 upstream:
@@ -472,8 +469,7 @@ def rendered(line: int | None, path: str) -> str:
 def workdir(tmp_path: Path, ca: Issued, partner_ca: Issued, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A config directory with real workload CAs at ca/ca.pem (example.org) and partner/ca.pem
     (partner.example), and the test secrets set."""
-    write_ca(ca, tmp_path / "ca")
-    write_ca(partner_ca, tmp_path / "partner")
+    write_two_domain_cas(tmp_path, ca, partner_ca)
     monkeypatch.setenv("SECRETLESS_TEST_GITHUB", "ghs_test_value")
     monkeypatch.setenv("SECRETLESS_TEST_STRIPE", "sk_test_value")
     monkeypatch.delenv("NOPE_UNSET", raising=False)

@@ -69,6 +69,15 @@ def broker(providers, clock, store=None, events=None) -> Broker:
     return b
 
 
+async def restarted(store: MemoryStore, clock: Clock, before: FakeProvider, after: FakeProvider) -> Broker:
+    """A broker that fetched with ``before`` and closed (a process that stopped), then a new one on
+    the same store with ``after`` (the restart)."""
+    b1 = broker([before], clock, store)
+    await b1.get("api", context())
+    await b1.aclose()
+    return broker([after], clock, store)
+
+
 class TestBrokerKeys:
     async def test_changed_definition_is_not_served_the_old_token(self) -> None:
         """After a reload that swaps the provider (without evicting), the next get mints under the new definition."""
@@ -149,41 +158,30 @@ class TestSharedStore:
             assert [c.secret.reveal() for c in narrowed.revoked] == ["tok-1"]  # the old token, revoked
             assert narrowed.revoked[0].expires_at == pytest.approx(clock() + 1000)
 
-    async def test_old_token_never_travels_to_another_revocation_endpoint(self) -> None:
-        """After a restart that moved the revocation endpoint, the swept token is deleted but not sent there."""
+    @pytest.mark.parametrize(("before", "after"), [
+        (lambda clock: define(Targeted(clock=clock)),
+         lambda clock: define(Targeted(clock=clock, target="https://other.example/revoke"),
+                              token_url="https://other.example/t")),
+        (lambda clock: define(RevocableProvider(clock=clock)),
+         lambda clock: define(RevocableProvider(clock=clock), scopes=("x",))),
+    ], ids=["revocation-endpoint-moved", "provider-without-a-revocation-target"])
+    async def test_swept_token_is_deleted_but_not_revoked(self, before, after) -> None:
+        """After a restart that moved the revocation endpoint, the swept token is deleted but not sent
+        there; a revocable kind that does not say where it revokes gets no swept token to revoke."""
         clock = Clock(time.time())
         async with MemoryStore() as store:
-            b1 = broker([define(Targeted(clock=clock))], clock, store)
-            await b1.get("api", context())
-            await b1.aclose()
-            moved = define(Targeted(clock=clock, target="https://other.example/revoke"), token_url="https://other.example/t")
-            b2 = broker([moved], clock, store)
+            current = after(clock)
+            b2 = await restarted(store, clock, before(clock), current)
             assert await b2.retire_stale() == 1
             await b2.aclose()
-            assert moved.revoked == []
-
-    async def test_a_provider_without_a_target_never_revokes_swept_tokens(self) -> None:
-        """A revocable kind that does not say where it revokes gets no swept token to revoke."""
-        clock = Clock(time.time())
-        async with MemoryStore() as store:
-            b1 = broker([define(RevocableProvider(clock=clock))], clock, store)
-            await b1.get("api", context())
-            await b1.aclose()
-            again = define(RevocableProvider(clock=clock), scopes=("x",))
-            b2 = broker([again], clock, store)
-            assert await b2.retire_stale() == 1
-            await b2.aclose()
-            assert again.revoked == []
+            assert current.revoked == []
 
     async def test_unchanged_definition_is_shared_after_a_restart(self) -> None:
         """Same definition, new process: the stored token is reused, nothing swept, no provider call."""
         clock = Clock(time.time())
         async with MemoryStore() as store:
-            b1 = broker([define(FakeProvider(clock=clock))], clock, store)
-            await b1.get("api", context())
-            await b1.aclose()
             again = define(FakeProvider(clock=clock))
-            b2 = broker([again], clock, store)
+            b2 = await restarted(store, clock, define(FakeProvider(clock=clock)), again)
             assert await b2.retire_stale() == 0
             assert (await b2.get("api", context())).secret.reveal() == "tok-1" and again.calls == 0
             await b2.aclose()

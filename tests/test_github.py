@@ -4,7 +4,6 @@ and the ``github_app`` config kind."""
 from __future__ import annotations
 
 import re
-import shutil
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,10 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from helpers.github_api import BODY_MARKER, GitHubApi
-from helpers.providers import load_text, request_context
+from helpers.providers import config_head, load_example, load_text, request_context
 
 from secretless_proxy.config.model import Credential
-from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError, RequestContext
 from secretless_proxy.credentials.github import GitHubAppProvider, GitHubAppSettings, PemSecretRef
 from secretless_proxy.credentials.registry import KINDS
@@ -28,7 +26,6 @@ from secretless_proxy.errors import ConfigError
 
 APP_ID = 424242
 INSTALLATION_ID = 9876543
-REPO_ROOT = Path(__file__).parents[1]
 
 
 def rsa_pem(key: rsa.RSAPrivateKey) -> bytes:
@@ -285,10 +282,7 @@ class TestFailures:
 def config_text(pki, credential: str) -> str:
     """A config whose credential block starts on line 6 (its keys from line 7)."""
     return (
-        "version: 1\n"
-        "identity:\n"
-        f"  trust_bundle: {pki.trust_bundle}\n"
-        "  trust_domains: [example.org]\n"
+        config_head(pki.trust_bundle) +
         "credentials:\n"
         "  gh:\n"
         "    kind: github_app\n"
@@ -382,11 +376,7 @@ class TestConfig:
 class TestExampleConfig:
     def test_config_github_yaml_is_valid(self, pki, tmp_path) -> None:
         """config/github.yaml loads (secrets unresolved) next to a dev CA, as `make dev-certs` makes it."""
-        (tmp_path / "dev" / "ca").mkdir(parents=True)
-        shutil.copy(pki.trust_bundle, tmp_path / "dev" / "ca" / "ca.pem")
-        (tmp_path / "config").mkdir()
-        shutil.copy(REPO_ROOT / "config" / "github.yaml", tmp_path / "config" / "github.yaml")
-        cfg = load_config(tmp_path / "config" / "github.yaml", resolve_secrets=False)
+        cfg = load_example(tmp_path, "github.yaml")
         kinds = {c.kind for c in cfg.credentials.values()}
         assert kinds == {"github_app"}
         assert all(r.inject is not None for r in cfg.rules)

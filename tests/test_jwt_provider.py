@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from helpers.providers import BILLING, CONFIG_DIR, NOW, REPORTS, ctx
+from helpers.providers import BILLING, CREDS_FILE, NOW, REPORTS, config_head, ctx, load_credential, load_example
 
 from secretless_proxy.config.model import Credential
-from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError
 from secretless_proxy.credentials.jwt import JwtProvider, JwtSettings
 from secretless_proxy.credentials.registry import KINDS
-from secretless_proxy.dev import certs
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.signing import JwtSigner
 
@@ -107,23 +104,12 @@ class TestJwtProvider:
         assert KINDS["jwt"].injections == frozenset({"header", "basic", "query"})
 
 
-FILE = "creds.yaml"
-HEAD = """\
-version: 1
-identity:
-  trust_bundle: ca.pem
-  trust_domains: [example.org]
-rules: []
-credentials:
-  tok:
-    kind: jwt
-"""  # further keys of the credential start on line 9
+FILE = CREDS_FILE
+HEAD = config_head() + "rules: []\ncredentials:\n  tok:\n    kind: jwt\n"  # further keys of the credential start on line 9
 
 
 def load(tmp_path: Path, body: str) -> Any:
-    (tmp_path / "ca.pem").write_bytes(certs.make_ca().cert_pem())
-    (tmp_path / FILE).write_text(HEAD + "".join(f"    {line}\n" for line in body.strip().splitlines()))
-    return load_config(tmp_path / FILE)
+    return load_credential(tmp_path, HEAD, body)
 
 
 MALFORMED = [
@@ -166,11 +152,7 @@ class TestJwtConfig:
 
     def test_example_file_loads(self, tmp_path: Path) -> None:
         """config/jwt.yaml is valid."""
-        (tmp_path / "config").mkdir()
-        shutil.copy(CONFIG_DIR / "jwt.yaml", tmp_path / "config" / "jwt.yaml")
-        (tmp_path / "dev" / "ca").mkdir(parents=True)
-        (tmp_path / "dev" / "ca" / "ca.pem").write_bytes(certs.make_ca().cert_pem())
-        cfg = load_config(tmp_path / "config" / "jwt.yaml", resolve_secrets=False)
+        cfg = load_example(tmp_path, "jwt.yaml")
         assert {c.kind for c in cfg.credentials.values()} == {"jwt"}
         assert cfg.credentials["audit-jwt"].settings.per_request is True
         assert cfg.signing is not None and cfg.signing.issuer == "https://secretless.example.org"

@@ -4,8 +4,6 @@ HTTPS authorization server on loopback (tests/helpers/idp.py), and their config 
 from __future__ import annotations
 
 import base64
-import os
-import shutil
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -17,11 +15,10 @@ import httpx
 import jwt
 import pytest
 from helpers.idp import ACCESS_TOKEN_TYPE, BODY_MARKER, IdP
-from helpers.providers import BILLING, CONFIG_DIR, NOW, REPORTS, ctx
+from helpers.providers import BILLING, CREDS_FILE, NOW, REPORTS, config_head, ctx, load_credential, load_example
 from helpers.proxy import Pki
 
 from secretless_proxy.config.model import Credential
-from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import ProviderDeps, ProviderError
 from secretless_proxy.credentials.oauth2 import (
     ASSERTION_TYPE,
@@ -422,23 +419,12 @@ class TestTokenExchange:
 
 # -- configuration ------------------------------------------------------------------------------
 
-FILE = "creds.yaml"
-HEAD = """\
-version: 1
-identity:
-  trust_bundle: ca.pem
-  trust_domains: [example.org]
-rules: []
-credentials:
-  pay:
-"""  # the credential's keys start on line 8
+FILE = CREDS_FILE
+HEAD = config_head() + "rules: []\ncredentials:\n  pay:\n"  # the credential's keys start on line 8
 
 
 def load(tmp_path: Path, body: str, **kw: Any):
-    if not (tmp_path / "ca.pem").exists():
-        (tmp_path / "ca.pem").write_bytes(certs.make_ca().cert_pem())
-    (tmp_path / FILE).write_text(HEAD + "".join(f"    {line}\n" for line in body.strip().splitlines()))
-    return load_config(tmp_path / FILE, **kw)
+    return load_credential(tmp_path, HEAD, body, **kw)
 
 
 CC = "kind: oauth2_client_credentials\ntoken_url: https://idp.example/token\nclient_id: billing\n"  # lines 8-10
@@ -549,15 +535,6 @@ class TestConfig:
 
     def test_example_file_loads(self, tmp_path: Path) -> None:
         """config/oauth2.yaml is valid (secrets not resolved: they live on the deployment's disk)."""
-        copy_example(tmp_path, "oauth2.yaml")
-        cfg = load_config(tmp_path / "config" / "oauth2.yaml", resolve_secrets=False)
+        cfg = load_example(tmp_path, "oauth2.yaml")
         assert {c.kind for c in cfg.credentials.values()} == {"oauth2_client_credentials", "oauth2_token_exchange"}
         assert cfg.rules
-
-
-def copy_example(tmp_path: Path, name: str) -> None:
-    """The example next to a dev/ tree like `make dev-certs` makes (trust bundle only)."""
-    (tmp_path / "config").mkdir()
-    shutil.copy(CONFIG_DIR / name, tmp_path / "config" / name)
-    os.makedirs(tmp_path / "dev" / "ca")
-    (tmp_path / "dev" / "ca" / "ca.pem").write_bytes(certs.make_ca().cert_pem())

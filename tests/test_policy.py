@@ -6,19 +6,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.trust_domains import TWO_DOMAINS, write_two_domain_cas
 
 from secretless_proxy.config.parse import load_config
-from secretless_proxy.dev.certs import Issued, write_ca
+from secretless_proxy.dev.certs import Issued
 from secretless_proxy.identity import Workload
 from secretless_proxy.matching import split_spiffe_id
 from secretless_proxy.policy import Decision, Deny, Policy
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
-HEAD = """\
-version: 1
-identity:
-  trust_domains: [example.org, partner.example]
-  trust_bundles: {example.org: ca/ca.pem, partner.example: partner/ca.pem}
+HEAD = TWO_DOMAINS + """\
 credentials:
   stripe: {kind: static, secret: env:SECRETLESS_TEST_STRIPE}
 rules:
@@ -57,8 +54,7 @@ def rule_name(result: Decision | Deny) -> str:
 @pytest.fixture
 def make_policy(tmp_path: Path, ca: Issued, partner_ca: Issued, monkeypatch: pytest.MonkeyPatch) -> PolicyFactory:
     """Build a Policy from YAML rules (list items under 'rules:') through load_config."""
-    write_ca(ca, tmp_path / "ca")
-    write_ca(partner_ca, tmp_path / "partner")
+    write_two_domain_cas(tmp_path, ca, partner_ca)
     monkeypatch.setenv("SECRETLESS_TEST_STRIPE", "sk_test_value")
 
     def build(rules: str) -> Policy:
@@ -74,6 +70,11 @@ def rule(name: str, to: str, *, who: str = BILLING, extra: str = "action: allow"
 
 
 INJECT = "inject: {credential: stripe, header: Authorization, format: 'Bearer {secret}'}"
+# Rules of the nearest-miss cases.
+_WRITES = rule("writes", "{host: api.stripe.com, methods: [POST], paths: ['/v1/other']}")
+_CHARGES = rule("charges", "{host: api.stripe.com, paths: ['/v1/charges']}")
+_P1 = rule("p1", "{host: api.stripe.com, paths: ['/a']}")
+_P2 = rule("p2", "{host: api.stripe.com, paths: ['/b']}")
 
 
 class TestFirstMatch:
@@ -181,41 +182,22 @@ class TestDenyReasons:
         assert decide(policy, path="/v1/charges/%2e%2e/admin") == Deny("path", "charges")
         assert decide(policy, path="/v1/charges/..%2fadmin") == Deny("path", "charges")
 
-    def test_method_miss_on_matching_path_is_nearest(self, make_policy: PolicyFactory) -> None:
-        """A rule covering the path but not the method outranks a rule missing the path, in any order."""
-        method_first = make_policy(
-            rule("writes", "{host: api.stripe.com, methods: [POST], paths: ['/v1/other']}")
-            + rule("charges", "{host: api.stripe.com, paths: ['/v1/charges']}")
-        )
-        assert decide(method_first, path="/v1/other") == Deny("method", "writes")
-        path_first = make_policy(
-            rule("charges", "{host: api.stripe.com, paths: ['/v1/charges']}")
-            + rule("writes", "{host: api.stripe.com, methods: [POST], paths: ['/v1/other']}")
-        )
-        assert decide(path_first, path="/v1/other") == Deny("method", "writes")
-
-    def test_path_miss_outranks_no_rule_and_names_the_rule(self, make_policy: PolicyFactory) -> None:
-        """When no rule covers the path, the reason is 'path' and names the first such rule."""
-        policy = make_policy(
-            rule("writes", "{host: api.stripe.com, methods: [POST], paths: ['/a']}")
-            + rule("charges", "{host: api.stripe.com, methods: [GET], paths: ['/v1/charges']}")
-        )
-        assert decide(policy, method="DELETE", path="/v1/other") == Deny("path", "writes")
-
-    def test_nearest_of_equals_is_the_first(self, make_policy: PolicyFactory) -> None:
-        """Of several rules missing on the same check, the first in file order is named."""
-        policy = make_policy(
-            rule("one", "{host: api.stripe.com, methods: [POST]}")
-            + rule("two", "{host: api.stripe.com, methods: [PUT]}")
-            + rule("p1", "{host: api.stripe.com, paths: ['/a']}")
-            + rule("p2", "{host: api.stripe.com, paths: ['/b']}")
-        )
-        assert decide(policy, method="DELETE", path="/c") == Deny("method", "one")
-        only_paths = make_policy(
-            rule("p1", "{host: api.stripe.com, paths: ['/a']}")
-            + rule("p2", "{host: api.stripe.com, paths: ['/b']}")
-        )
-        assert decide(only_paths, path="/c") == Deny("path", "p1")
+    @pytest.mark.parametrize(("rules", "asked", "denial"), [
+        (_WRITES + _CHARGES, {"path": "/v1/other"}, Deny("method", "writes")),
+        (_CHARGES + _WRITES, {"path": "/v1/other"}, Deny("method", "writes")),
+        (rule("writes", "{host: api.stripe.com, methods: [POST], paths: ['/a']}")
+         + rule("charges", "{host: api.stripe.com, methods: [GET], paths: ['/v1/charges']}"),
+         {"method": "DELETE", "path": "/v1/other"}, Deny("path", "writes")),
+        (rule("one", "{host: api.stripe.com, methods: [POST]}") + rule("two", "{host: api.stripe.com, methods: [PUT]}")
+         + _P1 + _P2, {"method": "DELETE", "path": "/c"}, Deny("method", "one")),
+        (_P1 + _P2, {"path": "/c"}, Deny("path", "p1")),
+    ], ids=["method-miss-on-the-path-first", "method-miss-on-the-path-second", "path-miss-outranks-no-rule",
+            "first-of-equal-method-misses", "first-of-equal-path-misses"])
+    def test_nearest_miss_is_named(self, make_policy: PolicyFactory, rules: str, asked: dict, denial: Deny) -> None:
+        """A rule covering the path but not the method outranks a rule missing the path, in any order;
+        when no rule covers the path, the reason is 'path' and names the first such rule; of several
+        rules missing on the same check, the first in file order is named."""
+        assert decide(make_policy(rules), **asked) == denial
 
     def test_other_workloads_near_miss_is_not_reported(self, make_policy: PolicyFactory) -> None:
         """A rule for another workload never becomes the 'nearest' rule of a denial."""

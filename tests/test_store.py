@@ -8,6 +8,7 @@ clients, outages, restarts and partitions of a real ``redis-server`` started by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -92,19 +93,28 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
 Make = Callable[..., Awaitable[Any]]
 
 
-@pytest.fixture
-async def replicas(redis_server: RedisServer) -> AsyncIterator[Make]:
-    """Started RedisStores on the test's server, as separate replicas would hold; all closed at teardown."""
+@contextlib.asynccontextmanager
+async def redis_replicas(server: RedisServer) -> AsyncIterator[Make]:
+    """Makes started RedisStores on ``server``, as separate replicas would hold; all closed at the end."""
     made: list[RedisStore] = []
 
     async def make(**kw: Any) -> RedisStore:
-        store = RedisStore(kw.pop("url", redis_server.url), sealer=kw.pop("sealer", SEALER), **kw)
+        store = RedisStore(kw.pop("url", server.url), sealer=kw.pop("sealer", SEALER), **kw)
         made.append(store)
         await store.start()
         return store
-    yield make
-    for store in made:
-        await store.close()
+    try:
+        yield make
+    finally:
+        for store in made:
+            await store.close()
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[Make]:
+    """Started RedisStores on the test's server; all closed at teardown."""
+    async with redis_replicas(redis_server) as make:
+        yield make
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e)])
@@ -118,17 +128,8 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
         yield same
         await mem.close()
         return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    made: list[RedisStore] = []
-
-    async def make(**kw: Any) -> Store:
-        store = RedisStore(server.url, sealer=SEALER, **kw)
-        made.append(store)
-        await store.start()
-        return store
-    yield make
-    for store in made:
-        await store.close()
+    async with redis_replicas(request.getfixturevalue("redis_server")) as make:
+        yield make
 
 
 @pytest.fixture
@@ -382,6 +383,11 @@ class TestAudit:
         first = await store.audit_xadd("audit", {"event": "credential.used"}, maxlen=10)
         second = await store.audit_xadd("audit", {"event": "credential.used"}, maxlen=10)
         assert first != second
+
+    async def test_maxlen_below_one(self, store: Store) -> None:
+        """A stream capped at no entries is refused: it would drop every audit record it is given."""
+        with pytest.raises(ValueError, match="maxlen must be at least 1"):
+            await store.audit_xadd("audit", {"event": "credential.used"}, maxlen=0)
 
     async def test_maxlen_memory(self) -> None:
         """The memory stream keeps the last maxlen entries."""

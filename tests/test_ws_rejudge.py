@@ -13,13 +13,12 @@ import json
 import shutil
 import socket
 import ssl
-import threading
 import time
 
 import pytest
 import yaml
 from helpers.e2e_broker import metric
-from helpers.net import accept_loop, free_port
+from helpers.net import TlsListener, free_port, head_field, recv_head
 from helpers.proxy import SECRET, base_config
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
@@ -32,51 +31,36 @@ BILLING = "spiffe://example.org/ns/prod/sa/billing"
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-class WsUpstream:
+class WsUpstream(TlsListener):
     """TLS WebSocket server: answers each text message with ``echo: …``, records what it got."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
-        self._ctx = ctx
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
+        super().__init__(ctx)
         self.messages: list[str] = []
         self.heads: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.start()
 
-    def close(self) -> None:
-        self._sock.close()
-
-    def _serve(self) -> None:
-        accept_loop(self._sock, self._one)
-
-    def _one(self, raw: socket.socket) -> None:
-        try:
-            with self._ctx.wrap_socket(raw, server_side=True) as conn:
-                conn.settimeout(30)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    head += chunk
-                self.heads.append(head)
-                key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"sec-websocket-key:"))
-                accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
-                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-                ws = Connection(ConnectionType.SERVER)
-                while data := conn.recv(65536):
-                    ws.receive_data(data)
-                    for event in ws.events():
-                        if isinstance(event, TextMessage):
-                            self.messages.append(event.data)
-                            conn.sendall(ws.send(TextMessage(data=f"echo: {event.data}")))
-                        elif isinstance(event, CloseConnection):
-                            conn.sendall(ws.send(event.response()))
-                            return
-        except (OSError, ssl.SSLError):
-            pass
+    def handle(self, conn: ssl.SSLSocket) -> None:
+        conn.settimeout(30)
+        head = recv_head(conn)
+        if not head:
+            return
+        self.heads.append(head)
+        key = head_field(head, b"sec-websocket-key")
+        assert key is not None, head
+        accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        ws = Connection(ConnectionType.SERVER)
+        while data := conn.recv(65536):
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, TextMessage):
+                    self.messages.append(event.data)
+                    conn.sendall(ws.send(TextMessage(data=f"echo: {event.data}")))
+                elif isinstance(event, CloseConnection):
+                    conn.sendall(ws.send(event.response()))
+                    return
 
 
 @pytest.fixture

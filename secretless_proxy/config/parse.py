@@ -37,7 +37,7 @@ from secretless_proxy.destinations.addresses import NOTHING, Allowance
 from secretless_proxy.destinations.resolver import ResolverConfig
 from secretless_proxy.errors import ConfigError, ConfigIssue, SecretUnavailable
 from secretless_proxy.matching import Glob, HostPattern, WorkloadPattern
-from secretless_proxy.secretrefs import expand_user
+from secretless_proxy.secretrefs import SecretRef, expand_user
 from secretless_proxy.trust.config import IdentityConfig, parse_identity
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
@@ -98,10 +98,7 @@ def _parse(src: Source, base: Path, path: Path, digest: str, *, resolve_secrets:
         # Even when other keys are wrong: one `check` run must report every problem it can find.
         for cred in credentials.values():
             for key, ref in cred.secret_refs().items():
-                try:
-                    ref.resolve()
-                except SecretUnavailable as exc:
-                    src.error(("credentials", cred.name, key), f"cannot resolve {ref}: {exc}")
+                _check_resolves(src, ("credentials", cred.name, key), ref)
     rules = _rules(src, top.get("rules"), credentials, identity) if "rules" in top else ()
     listen = _listen(src, ("listen",), top["listen"]) if "listen" in top else None
     ica = _path(src, ("interception_ca",), top["interception_ca"], base) if "interception_ca" in top else None
@@ -183,6 +180,14 @@ def _limits(src: Source, value: Any) -> LimitsConfig:
     return limits
 
 
+def _check_resolves(src: Source, p: Path_, ref: SecretRef, *, pem: bool = False) -> None:
+    """Report at ``p`` a secret that cannot be read now, so a bad reference fails the load, not a request."""
+    try:
+        ref.resolve_pem() if pem else ref.resolve()
+    except SecretUnavailable as exc:
+        src.error(p, f"cannot resolve {ref}: {exc}")
+
+
 def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
     p: Path_ = ("audit",)
     m = src.mapping(p, value, optional=("sinks", "fingerprint_key", "on_sink_failure"))
@@ -205,10 +210,7 @@ def _audit(src: Source, value: Any, base: Path, resolve: bool) -> AuditConfig:
         src.error(p + ("sinks",), "an empty sink list would drop every audit event: name at least one (stdout or file:/path)")
     key = fields.secret_ref(src, p + ("fingerprint_key",), m["fingerprint_key"], base) if "fingerprint_key" in m else None
     if key is not None and resolve:
-        try:
-            key.resolve()
-        except SecretUnavailable as exc:
-            src.error(p + ("fingerprint_key",), f"cannot resolve {key}: {exc}")
+        _check_resolves(src, p + ("fingerprint_key",), key)
     mode = src.choice(p + ("on_sink_failure",), m.get("on_sink_failure", "fail_closed"),
                       ("fail_closed", "log_and_continue"))
     return AuditConfig(sinks=tuple(sinks), fingerprint_key=key, fail_closed=mode != "log_and_continue")
@@ -238,10 +240,7 @@ def _signing(src: Source, value: Any, base: Path, resolve: bool) -> SigningConfi
     issuer = fields.url(src, p + ("issuer",), m["issuer"])
     key = fields.secret_ref(src, p + ("key",), m["key"], base) if "key" in m else None
     if key is not None and resolve:
-        try:
-            key.resolve_pem()
-        except SecretUnavailable as exc:
-            src.error(p + ("key",), f"cannot resolve {key}: {exc}")
+        _check_resolves(src, p + ("key",), key, pem=True)
     key_id = src.string(p + ("key_id",), m["key_id"]) if "key_id" in m else None
     if issuer is None:
         return None

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 
 from secretless_proxy.dev.certs import Issued
 
-__all__ = ["EchoUpstream", "tls_server_context"]
+__all__ = ["EchoUpstream", "TlsHttpServer", "tls_server_context"]
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
@@ -99,26 +99,42 @@ class _EchoHandler(BaseHTTPRequestHandler):
             self.rfile.readline(8)  # CRLF after the chunk
 
 
-class _EchoServer(ThreadingHTTPServer):
-    """Threaded server that does TLS per connection and can force open connections closed."""
+class TlsHttpServer(ThreadingHTTPServer):
+    """Threaded server that does TLS per connection and can force open connections closed.
+
+    The base of the echo server and of the test suite's fake upstreams (IdP, GitHub API), so each
+    of them stops without a handler thread outliving it.
+    """
 
     # Non-daemon so server_close() joins every handler (ThreadingMixIn only tracks those);
     # close_connections() first wakes any handler parked on a keep-alive read.
     daemon_threads = False
 
-    def __init__(self, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 ssl_context: ssl.SSLContext | None) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.ssl_context = ssl_context
-        self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._closing = False
-        super().__init__(address, _EchoHandler)
+        self._thread: threading.Thread | None = None
+        super().__init__(address, handler)
 
-    def record(self, request: dict[str, Any]) -> None:
-        with self._lock:
-            self.requests.append(request)
+    def start(self, name: str) -> None:
+        """Serve in a background thread (``name``) until ``stop()``."""
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name=name,
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving, wake the handlers parked on keep-alive reads and join every thread."""
+        if self._thread is not None:
+            self.shutdown()
+        self.close_connections()
+        self.server_close()  # joins the handler threads
+        if self._thread is not None:
+            self._thread.join()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # Runs in the per-connection thread, so a slow or bad handshake never stalls accept().
@@ -159,6 +175,18 @@ class _EchoServer(ThreadingHTTPServer):
         """Silenced: clients disconnecting mid-request is normal in tests."""
 
 
+class _EchoServer(TlsHttpServer):
+    """The echo server: records every request it answers."""
+
+    def __init__(self, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None) -> None:
+        self.requests: list[dict[str, Any]] = []
+        super().__init__(address, _EchoHandler, ssl_context=ssl_context)
+
+    def record(self, request: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+
 class EchoUpstream:
     """Context manager running an echo server on ``host``: HTTPS with ``server_cert``, else HTTP."""
 
@@ -167,7 +195,6 @@ class EchoUpstream:
         self._host = host
         self._port = port
         self._server: _EchoServer | None = None
-        self._thread: threading.Thread | None = None
         self.port = 0
         self.url = ""
 
@@ -185,13 +212,7 @@ class EchoUpstream:
         name = "localhost" if self._host in _LOOPBACK_NAMES else self._host
         name = f"[{name}]" if ":" in name else name
         self.url = f"{scheme}://{name}:{self.port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"echo-upstream-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server.start(f"echo-upstream-{self.port}")
         return self
 
     def __exit__(
@@ -200,13 +221,8 @@ class EchoUpstream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.close_connections()
-        self._server.server_close()  # joins the handler threads
-        if self._thread is not None:
-            self._thread.join()
+        if self._server is not None:
+            self._server.stop()
 
 
 def tls_server_context(cert: Issued) -> ssl.SSLContext:

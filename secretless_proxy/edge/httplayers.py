@@ -298,19 +298,20 @@ class GuardedHttpStream(HttpStream):
 
     @expect(RequestData, RequestTrailers, RequestEndOfMessage)
     def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, RequestData) and self._over_body_limit(event):
-            return self._refuse_body(streaming=False)
-        if isinstance(event, RequestTrailers):
-            return self._refuse_body(streaming=False, refusal=self._trailers_refusal())
-        return super().state_consume_request_body(event)
+        return self._judge_body_event(event, super().state_consume_request_body, streaming=False)
 
     @expect(RequestData, RequestTrailers, RequestEndOfMessage)
     def state_stream_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        return self._judge_body_event(event, super().state_stream_request_body, streaming=True)
+
+    def _judge_body_event(self, event: events.Event, relay: Callable[[events.Event], layer.CommandGenerator[None]],
+                          *, streaming: bool) -> layer.CommandGenerator[None]:
+        """Refuse a body over the limit and request trailers; ``relay`` (mitmproxy's state) takes the rest."""
         if isinstance(event, RequestData) and self._over_body_limit(event):
-            return self._refuse_body(streaming=True)
+            return self._refuse_body(streaming=streaming)
         if isinstance(event, RequestTrailers):
-            return self._refuse_body(streaming=True, refusal=self._trailers_refusal())
-        return super().state_stream_request_body(event)
+            return self._refuse_body(streaming=streaming, refusal=self._trailers_refusal())
+        return relay(event)
 
     def _trailers_refusal(self) -> Refusal:
         # HTTP/2 request trailers: mitmproxy's HTTP/1.1 upstream client has no case for them and

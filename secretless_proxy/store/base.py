@@ -136,6 +136,13 @@ def check_key(key: object) -> str:
     return key
 
 
+def check_maxlen(maxlen: int) -> int:
+    """An audit stream's cap: at least one entry (a cap of 0 would drop every record it is given)."""
+    if maxlen < 1:
+        raise ValueError("maxlen must be at least 1")
+    return maxlen
+
+
 def check_event(event: Mapping[str, Any]) -> Event:
     """A well-formed event (known type, its one field a string) or ValueError."""
     kind = event.get("type") if isinstance(event, Mapping) else None

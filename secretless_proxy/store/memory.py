@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from secretless_proxy.grants import Grant, check_text, valid_grant_id
 from secretless_proxy.store import base
-from secretless_proxy.store.base import Callback, Event, check_event, check_grant, check_key
+from secretless_proxy.store.base import Callback, Event, check_event, check_grant, check_key, check_maxlen
 
 TOMBSTONE_TTL = 30 * 86400.0
 
@@ -171,8 +171,7 @@ class MemoryStore:
 
     async def audit_xadd(self, stream: str, fields: Mapping[str, str], *, maxlen: int,
                          approximate: bool = False) -> str:
-        if maxlen < 1:
-            raise ValueError("maxlen must be at least 1")
+        check_maxlen(maxlen)
         self._seq += 1
         entry_id = f"{int(self._now() * 1000)}-{self._seq}"
         q = self._streams.get(stream)

@@ -57,7 +57,7 @@ from secretless_proxy.config.model import TlsFiles
 from secretless_proxy.grants import Grant, check_text, valid_grant_id
 from secretless_proxy.secretrefs import Secret
 from secretless_proxy.store import base
-from secretless_proxy.store.base import Callback, Event, StoreError, check_grant, check_key
+from secretless_proxy.store.base import Callback, Event, StoreError, check_grant, check_key, check_maxlen
 from secretless_proxy.store.events import EventSigner
 from secretless_proxy.store.redisurl import parse_url
 from secretless_proxy.store.sealing import Sealer, SealingError
@@ -327,8 +327,7 @@ class RedisStore:
 
     async def audit_xadd(self, stream: str, fields: Mapping[str, str], *, maxlen: int,
                          approximate: bool = False) -> str:
-        if maxlen < 1:
-            raise ValueError("maxlen must be at least 1")
+        check_maxlen(maxlen)
         skey = self._prefix + "audit:" + check_key(stream)
         entry = await self._run("audit_xadd", lambda c: c.xadd(skey, dict(fields), maxlen=maxlen,
                                                                  approximate=approximate))

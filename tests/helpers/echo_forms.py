@@ -22,7 +22,6 @@ import base64
 import gzip
 import hashlib
 import json
-import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import zstandard
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
-from helpers.net import accept_loop
+from helpers.net import TlsListener, head_field, recv_head
 from secretless_proxy.dev.certs import Issued
 from secretless_proxy.dev.echoserver import tls_server_context
 
@@ -234,40 +233,26 @@ def bad_header_line_response(auth: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nX-Echo " + auth + b"\r\nContent-Length: 0\r\n\r\n"
 
 
-class RawUpstream:
+class RawUpstream(TlsListener):
     """An HTTP/1.1 TLS upstream answering each request with ``respond(authorization)`` bytes as they are."""
 
     def __init__(self, *, server_cert: Issued, respond: Callable[[bytes], bytes]) -> None:
+        super().__init__(tls_server_context(server_cert))
         self._respond = respond
-        self._ctx = tls_server_context(server_cert)
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
         self.url = f"https://localhost:{self.port}"
         self.requests = 0
 
     def __enter__(self) -> RawUpstream:
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._sock.close()
+        self.close()
 
-    def _serve(self) -> None:
-        accept_loop(self._sock, self._one)
-
-    def _one(self, raw: socket.socket) -> None:
-        try:
-            with self._ctx.wrap_socket(raw, server_side=True) as conn:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        return
-                    head += chunk
-                self.requests += 1
-                auth = next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
-                             if line.lower().startswith(b"authorization:")), b"")
-                conn.sendall(self._respond(auth))
-                conn.recv(4096)  # wait for the proxy to close
-        except OSError:
-            pass
+    def handle(self, conn: ssl.SSLSocket) -> None:
+        head = recv_head(conn, 4096)
+        if not head:
+            return
+        self.requests += 1
+        conn.sendall(self._respond(head_field(head, b"authorization") or b""))
+        conn.recv(4096)  # wait for the proxy to close

@@ -27,15 +27,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from helpers.net import FakeHttps
 from secretless_proxy.dev.certs import Issued
-from secretless_proxy.dev.echoserver import tls_server_context
+from secretless_proxy.dev.echoserver import TlsHttpServer
 
 __all__ = ["BODY_MARKER", "GitHubApi", "TokenRequest"]
 
@@ -82,30 +82,16 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(TlsHttpServer):
     def __init__(self, api: GitHubApi, ctx: ssl.SSLContext) -> None:
         self.api = api
-        self.ssl_context = ctx
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        conn = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-        try:
-            conn.do_handshake()
-            super().finish_request(conn, client_address)
-        except OSError:
-            pass  # handshake failures and resets are fine in tests
-        finally:
-            conn.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Silenced: clients that time out and disconnect are expected."""
+        super().__init__(("127.0.0.1", 0), _Handler, ssl_context=ctx)
 
 
-class GitHubApi:
+class GitHubApi(FakeHttps):
     """Context manager running the fake API; ``url`` is the API root (``base_url``)."""
+
+    thread_name = "github-api"
 
     def __init__(self, *, server_cert: Issued, app_id: int, public_key: rsa.RSAPublicKey,
                  installation_id: int, token_ttl: float = 3600) -> None:
@@ -123,11 +109,7 @@ class GitHubApi:
         self.revoked: list[str] = []
         self._live: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._cert = server_cert
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
+        super().__init__(server_cert)
 
     def reset(self) -> None:
         with self._lock:
@@ -235,19 +217,5 @@ class GitHubApi:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def __enter__(self) -> Self:
-        self._server = _Server(self, tls_server_context(self._cert))
-        self.url = f"https://localhost:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="github-api", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._stop.set()  # releases hanging handlers
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
+    def make_server(self, ctx: ssl.SSLContext) -> _Server:
+        return _Server(self, ctx)

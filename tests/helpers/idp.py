@@ -23,22 +23,21 @@ import base64
 import hmac
 import json
 import secrets
-import socket
 import ssl
 import threading
 import traceback
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 
+from helpers.net import FakeHttps
 from secretless_proxy.dev.certs import Issued
-from secretless_proxy.dev.echoserver import tls_server_context
+from secretless_proxy.dev.echoserver import TlsHttpServer
 
 __all__ = ["BODY_MARKER", "IdP", "Received", "mint_token", "token_scope"]
 
@@ -74,8 +73,10 @@ class _Reject(Exception):
         self.status, self.error, self.reason = status, error, reason
 
 
-class IdP:
+class IdP(FakeHttps):
     """Context manager running the server; configure it (and read what it saw) from the test."""
+
+    thread_name = "test-idp"
 
     def __init__(self, *, server_cert: Issued, clients: dict[str, str | None] | None = None,
                  jwks: dict[str, Any] | str | None = None, jwks_ca: str | None = None,
@@ -101,11 +102,7 @@ class IdP:
         self.errors: list[str] = []  # handler crashes: a test fixture asserts there are none
         self._seen_jti: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._server_cert = server_cert
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
+        super().__init__(server_cert)
 
     @property
     def token_url(self) -> str:
@@ -119,23 +116,8 @@ class IdP:
     def jwks_url(self) -> str:
         return self.url + "/.well-known/jwks.json"
 
-    def __enter__(self) -> Self:
-        self._server = _Server(self, tls_server_context(self._server_cert))
-        self.url = f"https://localhost:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="test-idp", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._stop.set()  # wakes a hanging handler
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.close_connections()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
+    def make_server(self, ctx: ssl.SSLContext) -> _Server:
+        return _Server(self, ctx)
 
     # -- request handling (runs in the server's threads) --
 
@@ -346,39 +328,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _Server(ThreadingHTTPServer):
-    # Non-daemon handler threads: server_close() joins them, so nothing outlives the test.
-    daemon_threads = False
-
+class _Server(TlsHttpServer):
     def __init__(self, idp: IdP, ctx: ssl.SSLContext) -> None:
         self.idp = idp
-        self.ssl_context = ctx
-        self._conns: set[socket.socket] = set()
-        self._conn_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        conn = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-        with self._conn_lock:
-            self._conns.add(conn)
-        try:
-            conn.do_handshake()
-            super().finish_request(conn, client_address)
-        except OSError:
-            pass  # clients giving up (timeouts) and teardown resets
-        finally:
-            with self._conn_lock:
-                self._conns.discard(conn)
-            conn.close()
-
-    def close_connections(self) -> None:
-        with self._conn_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                socket.socket.shutdown(conn, socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().__init__(("127.0.0.1", 0), _Handler, ssl_context=ctx)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         self.idp.errors.append(traceback.format_exc())

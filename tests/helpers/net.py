@@ -1,14 +1,19 @@
-"""Loopback ports and polling, for tests that wait on another process."""
+"""Loopback ports and listeners, and polling, for tests that wait on another process."""
 
 from __future__ import annotations
 
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
+
+from secretless_proxy.dev.certs import Issued
+from secretless_proxy.dev.echoserver import TlsHttpServer, tls_server_context
 
 
 def _port_range() -> tuple[int, int]:
@@ -76,3 +81,100 @@ def accept_loop(sock: socket.socket, handle: Callable[[socket.socket], None], *,
             return
         accepted()
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def recv_head(conn: socket.socket, bufsize: int = 65536) -> bytes:
+    """What ``conn`` sends up to the blank line that ends an HTTP head (and whatever came with it in
+    the same read); b"" if the peer closed before the head was complete."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(bufsize)
+        if not chunk:
+            return b""
+        head += chunk
+    return head
+
+
+def head_field(head: bytes, name: bytes) -> bytes | None:
+    """The value of the first header line called ``name`` (lower case) in a raw head, or None."""
+    return next((line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                 if line.lower().startswith(name + b":")), None)
+
+
+class TlsListener:
+    """A TLS listener on 127.0.0.1 for upstreams that write raw bytes: each accepted connection,
+    once its handshake is done, goes to ``handle(conn)`` in a daemon thread; a peer that hangs up
+    or fails the handshake ends only its own connection."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self._ctx = ctx
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+
+    def start(self) -> None:
+        threading.Thread(target=accept_loop, args=(self._sock, self._one), daemon=True).start()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def handle(self, conn: ssl.SSLSocket) -> None:
+        raise NotImplementedError
+
+    def _one(self, raw: socket.socket) -> None:
+        try:
+            with self._ctx.wrap_socket(raw, server_side=True) as conn:
+                self.handle(conn)
+        except OSError:  # ssl.SSLError included
+            pass
+
+
+class FakeHttps:
+    """A fake HTTPS API on 127.0.0.1 (``url`` names localhost) inside its ``with`` block: the
+    server ``make_server(ctx)`` builds serves it in a thread; leaving sets ``_stop``, which the
+    handlers a test makes hang wait on, and joins every thread."""
+
+    thread_name = "fake-https"
+
+    def __init__(self, server_cert: Issued) -> None:
+        self._server_cert = server_cert
+        self._stop = threading.Event()
+        self._server: TlsHttpServer | None = None
+        self.url = ""
+
+    def make_server(self, ctx: ssl.SSLContext) -> TlsHttpServer:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._server = self.make_server(tls_server_context(self._server_cert))
+        self.url = f"https://localhost:{self._server.server_address[1]}"
+        self._server.start(self.thread_name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.stop()
+
+
+class LoopbackServer:
+    """A server on a loopback socket whose ``_serve`` runs in a daemon thread inside its ``with``
+    block; leaving sets ``_stop`` and closes the socket (waking a blocked accept or receive), then
+    joins the thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.port = sock.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True, name=f"{type(self).__name__}-{self.port}")
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        raise NotImplementedError

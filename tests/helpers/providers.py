@@ -7,14 +7,17 @@ delay, failures and lifetimes the tests control (test_broker, test_breaker, test
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from secretless_proxy.broker import BrokerEvents
 from secretless_proxy.config.model import Config, Credential
 from secretless_proxy.config.parse import load_config
 from secretless_proxy.credentials.base import IssuedCredential, Provider, ProviderDeps, RequestContext
+from secretless_proxy.dev import certs
 from secretless_proxy.identity import Workload
 from secretless_proxy.secretrefs import Secret
 
@@ -44,6 +47,33 @@ def load_text(tmp_path: Path, text: str, *, name: str = "config.yaml", resolve: 
     path = tmp_path / name
     path.write_text(text)
     return load_config(path, resolve_secrets=resolve)
+
+
+def load_example(tmp_path: Path, name: str) -> Config:
+    """config/<name> loaded (secrets unresolved: they live on the deployment's disk) next to a dev/
+    tree like `make dev-certs` makes (trust bundle only)."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(CONFIG_DIR / name, tmp_path / "config" / name)
+    (tmp_path / "dev" / "ca").mkdir(parents=True)
+    (tmp_path / "dev" / "ca" / "ca.pem").write_bytes(certs.make_ca().cert_pem())
+    return load_config(tmp_path / "config" / name, resolve_secrets=False)
+
+
+CREDS_FILE = "creds.yaml"
+
+
+def config_head(trust_bundle: str | Path = "ca.pem") -> str:
+    """Lines 1-4 of a provider test's config: the version and a one-domain identity."""
+    return f"version: 1\nidentity:\n  trust_bundle: {trust_bundle}\n  trust_domains: [example.org]\n"
+
+
+def load_credential(tmp_path: Path, head: str, body: str, **kw: Any) -> Config:
+    """``head`` (a config up to one credential's name) and ``body`` (that credential's keys, one per
+    line) written to CREDS_FILE next to a workload CA (``ca.pem``), and loaded."""
+    if not (tmp_path / "ca.pem").exists():
+        (tmp_path / "ca.pem").write_bytes(certs.make_ca().cert_pem())
+    (tmp_path / CREDS_FILE).write_text(head + "".join(f"    {line}\n" for line in body.strip().splitlines()))
+    return load_config(tmp_path / CREDS_FILE, **kw)
 
 
 def context(workload: str = BILLING) -> RequestContext:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
 from collections import Counter
 
 import dns.flags
@@ -19,37 +18,28 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from helpers.net import LoopbackServer
 
-class RebindingDns:
+
+class RebindingDns(LoopbackServer):
     def __init__(self, answers: dict[str, list[tuple[str, ...]]], *, silent: bool = False) -> None:
         self.answers = {k.rstrip(".").lower(): v for k, v in answers.items()}
         self.silent = silent  # never answer: for resolver timeouts
         self.queries: Counter[tuple[str, str]] = Counter()  # (name, type) → count
         self._a_seen: Counter[str] = Counter()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        super().__init__(sock)
 
     @property
     def nameserver(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> RebindingDns:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self.sock.close()
-        self._thread.join(timeout=5)
-
     def _serve(self) -> None:
-        self.sock.settimeout(0.2)
+        self._sock.settimeout(0.2)
         while not self._stop:
             try:
-                data, peer = self.sock.recvfrom(4096)
+                data, peer = self._sock.recvfrom(4096)
             except TimeoutError:
                 continue
             except OSError:
@@ -64,7 +54,7 @@ class RebindingDns:
             self.queries[(name, rdtype)] += 1
             if self.silent:
                 continue
-            self.sock.sendto(self._answer(query, name, q.rdtype).to_wire(), peer)
+            self._sock.sendto(self._answer(query, name, q.rdtype).to_wire(), peer)
 
     def _answer(self, query, name: str, rdtype) -> dns.message.Message:
         resp = dns.message.make_response(query)

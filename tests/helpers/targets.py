@@ -21,31 +21,20 @@ from pathlib import Path
 
 import pytest
 
-from helpers.net import accept_loop, free_port
+from helpers.net import LoopbackServer, accept_loop, free_port
 
 REACHED = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nREACHED"
 
 
-class CountingTarget:
+class CountingTarget(LoopbackServer):
     """Records ``connections`` (count) and ``received`` (all bytes, every connection)."""
 
     def __init__(self, *, tls_context: ssl.SSLContext | None = None) -> None:
         self._tls = tls_context
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
         self.connections = 0
         self.received = b""
         self._lock = threading.Lock()
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True, name=f"target-{self.port}")
-
-    def __enter__(self) -> CountingTarget:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._sock.close()
+        super().__init__(socket.create_server(("127.0.0.1", 0)))
 
     def reset(self) -> None:
         """Forget what was recorded so far (a module's tests share one target)."""
