@@ -14,9 +14,11 @@ The child is double-forked so that it is re-parented to the test worker, which d
 child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux): the worker reaps it and reads its real
 exit status (``ForkedProcess`` has the part of ``subprocess.Popen`` the tests use).
 
-What starts through ``exec`` as before: ``mitmdump -s`` (its entry script is what those tests test),
-commands with a wrapper such as ``prlimit``, other subcommands, and everything when
-``SECRETLESS_TEST_SPAWN=exec`` is set (to rule the zygote out when a test behaves oddly).
+``mitmdump -s addons/secretless.py`` starts the same way, through ``mitmproxy.tools.main.mitmdump``
+(what its console script runs); mitmdump loads the entry script itself, as it always does. What
+still starts through ``exec``: commands with a wrapper such as ``prlimit``, other subcommands, and
+everything when ``SECRETLESS_TEST_SPAWN=exec`` is set (to rule the zygote out when a test behaves
+oddly). tests/test_cli.py and tests/test_mitmdump_entry.py run the console scripts themselves too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ _CHILD = r"""
 import json, os, random, sys
 import secretless_proxy.cli as cli
 import secretless_proxy.server  # what `run` imports lazily: the work the zygote saves
+from mitmproxy.tools import dump
+from mitmproxy.tools.main import mitmdump
 
 out = os.fdopen(1, "w", buffering=1)
 for line in sys.stdin:
@@ -61,7 +65,10 @@ for line in sys.stdin:
             sys.stdout = open(1, "w", buffering=1, closefd=False)
             sys.stderr = open(2, "w", buffering=1, closefd=False)
             sys.argv = req["argv"]
-            code = cli.main(req["argv"][1:])
+            if req["argv"][0].endswith("mitmdump"):
+                code = mitmdump(req["argv"][1:])  # what the mitmdump console script runs
+            else:
+                code = cli.main(req["argv"][1:])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:
@@ -154,7 +161,8 @@ ZYGOTE = Zygote()
 
 
 def usable(cmd: list[str]) -> bool:
-    """Whether ``cmd`` is ``secretless-proxy run …`` from this venv, which the zygote can start."""
-    if os.environ.get("SECRETLESS_TEST_SPAWN") == "exec" or not sys.platform.startswith("linux"):
+    """Whether ``cmd`` is ``secretless-proxy run …`` or ``mitmdump …`` from this venv, which the zygote can start."""
+    if os.environ.get("SECRETLESS_TEST_SPAWN") == "exec" or not sys.platform.startswith("linux") or len(cmd) < 2:
         return False
-    return len(cmd) >= 2 and Path(cmd[0]) == Path(sys.executable).parent / "secretless-proxy" and cmd[1] == "run"
+    bindir = Path(sys.executable).parent
+    return (Path(cmd[0]) == bindir / "secretless-proxy" and cmd[1] == "run") or Path(cmd[0]) == bindir / "mitmdump"
