@@ -64,6 +64,9 @@ RESET_WINDOW = 10.0
 CLOSE_DELAY = 0.2  # seconds: lets the refusals already decided reach the client before the close
 TICK = 0.25  # deadline resolution
 FD_RESERVE = 48  # listening sockets, epoll, log/audit files, Redis, provider HTTP clients
+# Connections an admin listener holds unadmitted while full (admin/exchange.Listener), besides its
+# limits.admin_max_connections: sockets without a transport, waiting for their request.
+ADMIN_PENDING = 8
 
 
 class RateLimitedLog:
@@ -173,7 +176,7 @@ class _Conn:
 
 def descriptor_budget(nofile: int, admin_listeners: int, admin_max: int) -> int:
     """How many proxy client connections ``nofile`` descriptors can carry (two each: client, upstream)."""
-    return max(1, (nofile - FD_RESERVE - admin_listeners * admin_max) // 2)
+    return max(1, (nofile - FD_RESERVE - admin_listeners * (admin_max + ADMIN_PENDING)) // 2)
 
 
 class ConnectionGuard:
