@@ -21,6 +21,7 @@ from secretless_proxy.admin.health import AdminServer
 from secretless_proxy.config.model import LimitsConfig
 from secretless_proxy.edge.connlimits import (
     ADMIN_PENDING,
+    ADMIN_SOCKETS,
     FD_RESERVE,
     AcceptErrors,
     ConnectionGuard,
@@ -113,8 +114,8 @@ class TestAcceptErrors:
 
 class TestDescriptorBudget:
     def test_two_descriptors_per_connection_after_the_reserve(self) -> None:
-        """256 descriptors with one admin listener of 64 (and its 8 held unadmitted) carry 68 client connections."""
-        assert descriptor_budget(256, 1, 64) == (256 - FD_RESERVE - 64 - ADMIN_PENDING) // 2 == 68
+        """256 descriptors with one admin listener of 64 (its 8 held unadmitted, its 8 listening sockets) carry 64 client connections."""
+        assert descriptor_budget(256, 1, 64) == (256 - FD_RESERVE - 64 - ADMIN_PENDING - ADMIN_SOCKETS) // 2 == 64
 
     def test_never_zero(self) -> None:
         """A tiny limit still admits one connection rather than none."""

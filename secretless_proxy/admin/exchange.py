@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import json
 import logging
 import re
 import socket
 import struct
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,7 +45,7 @@ from typing import Any
 
 import h11
 
-from secretless_proxy.edge.connlimits import ADMIN_PENDING, RateLimitedLog
+from secretless_proxy.edge.connlimits import ADMIN_PENDING, ADMIN_SOCKETS, RateLimitedLog
 from secretless_proxy.metrics import Metrics
 from secretless_proxy.reasons import Reason
 from secretless_proxy.refusal import Refusal
@@ -54,9 +57,15 @@ MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
-BACKLOG = 4096  # listen(2); Linux caps it at net.core.somaxconn (4096 since 5.4)
-ACCEPT_BATCH = 256  # connections taken from the backlog per wakeup (asyncio's server takes 100)
+BACKLOG = 4096  # listen(2), per socket; Linux caps it at net.core.somaxconn (4096 since 5.4)
+ACCEPT_BATCH = 64  # connections taken from one socket's backlog per wakeup: the sockets take turns
 ACCEPT_RETRY = 1.0  # seconds accept() pauses when out of descriptors, as asyncio's does
+# Linux: the listen backlog is split over ADMIN_SOCKETS sockets (SO_REUSEPORT) by a classic BPF
+# program that picks the socket from the client's address (its last 32 bits modulo the count), so a
+# connect flood fills the queues of its own addresses, not the one a probe from another waits in.
+_SO_ATTACH_REUSEPORT_CBPF = 51
+_SKF_NET_OFF = -0x100000  # BPF_ABS offsets from the IP header
+SWEEP = 0.05  # seconds between two looks at the held connections when no new one pushes them
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 _METHOD = re.compile(rb"[A-Z]{1,16}")
@@ -284,7 +293,9 @@ class Listener:
         self._count: Counter[str] = Counter()  # open connections per address
         # Per address, its silent connections oldest first: the evictable ones.
         self._silent: dict[str, dict[asyncio.Task[None], None]] = {}
-        self._pending: dict[socket.socket, tuple[str, str]] = {}  # unadmitted, oldest first: (address, cap)
+        # Unadmitted, oldest first: (address, the cap it met, when accepted).
+        self._pending: dict[socket.socket, tuple[str, str, float]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     def set_limits(self, *, max_connections: int, max_per_client: int, metrics: Metrics | None) -> None:
         self.max_connections, self.max_per_client, self._limit_metrics = max_connections, max_per_client, metrics
@@ -302,16 +313,22 @@ class Listener:
                                        flags=socket.AI_PASSIVE)
         try:
             for family, kind, proto, _, addr in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
-                self._sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if self.port == 0 and len(self._sockets) > 1:  # every family on the one port picked
-                    addr = (addr[0], self._sockets[0].getsockname()[1], *addr[2:])
-                sock.bind(addr)
-                sock.listen(BACKLOG)
-                sock.setblocking(False)
+                steer = _steering(family)
+                for i in range(ADMIN_SOCKETS if steer else 1):
+                    sock = socket.socket(family, kind, proto)
+                    self._sockets.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    if steer:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                        if i == 0:
+                            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, steer.program)
+                    if (self.port == 0 or i) and len(self._sockets) > 1:  # every socket on the port picked
+                        addr = (addr[0], self._sockets[0].getsockname()[1], *addr[2:])
+                    sock.bind(addr)
+                    sock.listen(BACKLOG)
+                    sock.setblocking(False)
         except OSError:
             for sock in self._sockets:
                 sock.close()
@@ -336,8 +353,9 @@ class Listener:
         for sock in self._sockets:
             loop.remove_reader(sock.fileno())
             sock.close()
-        for conn in list(self._pending):
-            loop.remove_reader(conn.fileno())
+        if self._sweep is not None:
+            self._sweep.cancel()
+        for conn in self._pending:
             conn.close()
         self._pending.clear()
         for task in list(self._handlers):
@@ -351,67 +369,88 @@ class Listener:
         raise NotImplementedError
 
     # -- accept and admission ------------------------------------------------------------------
+    # Per connection this path costs a few system calls and no allocation beyond the socket: the
+    # closes of one wakeup are counted and logged once (a flood of 20,000 connections a second
+    # against a loop that gets a quarter of a core is what it has to outrun).
 
     def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # As asyncio's own accept loop does, in the words connlimits.AcceptErrors counts:
-                    # pause this socket for a second rather than spin on a backlog it cannot take.
-                    loop.call_exception_handler({"message": "socket.accept() out of system resource",
-                                                 "exception": exc, "socket": sock})
-                    loop.remove_reader(sock.fileno())
-                    loop.call_later(ACCEPT_RETRY, self._resume, sock)
-                else:
-                    self.log.error("%s listener: accept() failed (%s)", self.name, exc.strerror or type(exc).__name__)
-                return
-            conn.setblocking(False)
-            self._arrived(conn, _address(peer))
+        closed: Counter[str] = Counter()
+        now = time.monotonic()
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, peer = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        # As asyncio's own accept loop does, in the words connlimits.AcceptErrors counts:
+                        # pause this socket for a second rather than spin on a backlog it cannot take.
+                        loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                                     "exception": exc, "socket": sock})
+                        loop.remove_reader(sock.fileno())
+                        loop.call_later(ACCEPT_RETRY, self._resume, sock)
+                    else:
+                        self.log.error("%s listener: accept() failed (%s)", self.name,
+                                       exc.strerror or type(exc).__name__)
+                    return
+                conn.setblocking(False)
+                host = peer[0] if isinstance(peer, tuple) and peer else "?"
+                self._arrived(conn, host[7:] if host.startswith("::ffff:") else host, now, closed)
+        finally:
+            self._counted(closed)
+            if self._pending and self._sweep is None and not self._closing:
+                self._sweep = loop.call_later(SWEEP, self._sweep_pending)
 
     def _resume(self, sock: socket.socket) -> None:
         if not self._closing and sock.fileno() != -1:
             asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
 
-    def _arrived(self, conn: socket.socket, addr: str) -> None:
+    def _arrived(self, conn: socket.socket, addr: str, now: float, closed: Counter[str]) -> None:
         """Admit, hold or refuse a connection just accepted (see the class docstring)."""
         cap = self._cap(addr)
         if cap is None:
             self._open(conn, addr)
             return
         data = _peek(conn)
-        if data is None:  # already gone
-            self._refuse(conn, cap)
-            return
-        if self.complete_request(data) or (cap == "max_connections" and self._minority(addr)):
-            if self._make_room(addr, cap):
+        if data is not None and (self.complete_request(data) or (cap == "max_connections" and self._minority(addr))):
+            if self._make_room(addr, cap, closed):
                 self._open(conn, addr)
             else:
-                self._refuse(conn, cap)
+                self._refuse(conn, cap, closed)
             return
-        self._pending[conn] = (addr, cap)
-        asyncio.get_running_loop().add_reader(conn.fileno(), self._settle, conn, False)
+        if data is None:  # already gone
+            self._refuse(conn, cap, closed)
+            return
+        self._pending[conn] = (addr, cap, now)
         if len(self._pending) > ADMIN_PENDING:
-            self._settle(next(iter(self._pending)), True)
+            self._settle(next(iter(self._pending)), closed, drop=True)
 
-    def _settle(self, conn: socket.socket, last: bool) -> None:
-        """A held connection sent bytes, or falls off the queue: admit it or close it."""
+    def _settle(self, conn: socket.socket, closed: Counter[str], *, drop: bool) -> None:
+        """Admit a held connection whose request is in (or for which a slot freed), or close it
+        when it went away, ``drop`` (it falls off the queue) or it outstayed ``READ_TIMEOUT``."""
+        addr, cap, since = self._pending[conn]
         data = _peek(conn)
-        if data == b"" and not last:
-            return
-        addr, cap = self._pending.pop(conn)
-        asyncio.get_running_loop().remove_reader(conn.fileno())
         now = self._cap(addr)
-        if data is not None and (now is None or (self.complete_request(data) and self._make_room(addr, now))):
+        if data is not None and (now is None or (self.complete_request(data) and self._make_room(addr, now, closed))):
+            del self._pending[conn]
             self._open(conn, addr)
-        else:
-            self._refuse(conn, now or cap)
+        elif data is None or drop or time.monotonic() - since > READ_TIMEOUT:
+            del self._pending[conn]
+            self._refuse(conn, now or cap, closed)
+
+    def _sweep_pending(self) -> None:
+        """Every ``SWEEP`` seconds while connections are held: settle each (no flood pushes them)."""
+        self._sweep = None
+        closed: Counter[str] = Counter()
+        for conn in list(self._pending):
+            self._settle(conn, closed, drop=False)
+        self._counted(closed)
+        if self._pending and not self._closing:
+            self._sweep = asyncio.get_running_loop().call_later(SWEEP, self._sweep_pending)
 
     def _cap(self, addr: str) -> str | None:
         """Which cap a new connection from ``addr`` is at, if any."""
@@ -425,7 +464,7 @@ class Listener:
         most = max((len(s) for s in self._silent.values()), default=0)
         return len(self._silent.get(addr, ())) < most
 
-    def _make_room(self, addr: str, cap: str) -> bool:
+    def _make_room(self, addr: str, cap: str, closed: Counter[str]) -> bool:
         """Close a silent connection for one from ``addr``; False when every candidate is answering."""
         if cap == "max_connections_per_client":
             candidates = self._silent.get(addr, {})
@@ -436,7 +475,7 @@ class Listener:
             return False
         self.request_read(victim)  # no longer a candidate while its handler closes the socket
         victim.cancel()
-        self._refused(cap)
+        closed[cap] += 1
         return True
 
     def _has_request(self, task: asyncio.Task[None]) -> bool:
@@ -456,11 +495,16 @@ class Listener:
         self._silent.setdefault(addr, {})[task] = None
         task.add_done_callback(self._forget)
 
-    def _refuse(self, conn: socket.socket, cap: str) -> None:
+    @staticmethod
+    def _refuse(conn: socket.socket, cap: str, closed: Counter[str]) -> None:
         with contextlib.suppress(OSError):  # RST: nothing of this connection lingers in the kernel
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         conn.close()
-        self._refused(cap)
+        closed[cap] += 1
+
+    def _counted(self, closed: Counter[str]) -> None:
+        for reason, n in closed.items():
+            self._refused(reason, n)
 
     async def _run(self, conn: socket.socket) -> None:
         task = asyncio.current_task()
@@ -502,10 +546,10 @@ class Listener:
             if self._count[addr] <= 0:
                 del self._count[addr]
 
-    def _refused(self, reason: str) -> None:
+    def _refused(self, reason: str, n: int = 1) -> None:
         if self._limit_metrics is not None:
-            self._limit_metrics.connection_refused(self.name, reason)
-        _REFUSALS.warning(f"{self.name}:{reason}", f"{self.name} listener: closed a connection ({reason})")
+            self._limit_metrics.connection_refused(self.name, reason, n)
+        _REFUSALS.warning(f"{self.name}:{reason}", f"{self.name} listener: closed a connection ({reason})", n)
 
 
 def _peek(conn: socket.socket) -> bytes | None:
@@ -519,6 +563,22 @@ def _peek(conn: socket.socket) -> bytes | None:
     return data or None  # b"" from recv: the client closed
 
 
-def _address(peer: Any) -> str:
-    host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-    return host[7:] if host.startswith("::ffff:") else host  # IPv4-mapped IPv6 is the IPv4 client
+
+@dataclass(frozen=True)
+class _Steering:
+    program: bytes  # struct sock_fprog, pointing into filter
+    filter: Any  # the ctypes buffer of struct sock_filter[]: kept alive with the program
+
+
+def _steering(family: int) -> _Steering | None:
+    """The reuseport program for ``family``, or None where the kernel has none (not Linux)."""
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT") or ADMIN_SOCKETS < 2:
+        return None
+    offset = {socket.AF_INET: 12, socket.AF_INET6: 20}.get(family)  # source address (IPv6: its last word)
+    if offset is None:
+        return None
+    code = [(0x20, (_SKF_NET_OFF + offset) & 0xFFFFFFFF),  # A = 32-bit word at the IP header + offset
+            (0x94, ADMIN_SOCKETS),                           # A %= ADMIN_SOCKETS
+            (0x16, 0)]                                       # return A: the socket's index
+    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", op, 0, 0, k) for op, k in code))
+    return _Steering(program=struct.pack("HL", len(code), ctypes.addressof(buf)), filter=buf)
