@@ -4,7 +4,8 @@ Both admin listeners stand on it: ``admin.py`` (``/metrics`` and the probes, pla
 ``adminapi.py`` (grants and inventory, over mTLS). Neither is a general web server, so this one
 is small and strict:
 
-- **Admission** (``Listener``): connection caps per client and in all, oldest idle evicted first.
+- **Admission** (``Listener``): connection caps per client and in all; a silent connection makes
+  room for one that has sent its request; the backlog split by client address (Linux).
 - **One request** (``Exchange.read``): h11 frames it and checks the grammar (request line, field
   names and values, ``Host`` on HTTP/1.1, ``Content-Length``), with a head of at most
   ``MAX_HEAD`` bytes. On top of h11 we refuse what RFC 9112 lets a recipient tolerate and these
@@ -37,8 +38,8 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -267,8 +268,12 @@ class Listener:
     an accept, two ``MSG_PEEK`` reads and a close, an order of magnitude less than a transport
     and a task, so the loop drains the listen backlog as fast as a flood fills it and a probe's
     SYN finds room (hostile review 23: with asyncio's server and its backlog of 100 the backlog
-    stayed full and probes' SYNs were dropped). The backlog is ``BACKLOG`` (the kernel caps it at
-    ``net.core.somaxconn``) and each wakeup accepts up to ``ACCEPT_BATCH`` connections.
+    stayed full and probes' SYNs were dropped). On Linux the listener is ``ADMIN_SOCKETS``
+    sockets on one port (``SO_REUSEPORT``) and a classic BPF program picks one by the client's
+    address, so a flood faster than any accept loop fills the queues of its own addresses and a
+    probe from another is accepted from an empty one. Each has a backlog of ``BACKLOG`` (the
+    kernel caps it at ``net.core.somaxconn``) and gives up to ``ACCEPT_BATCH`` connections per
+    wakeup: the sockets take turns.
 
     Subclasses answer one connection in ``serve()``; errors listed in ``quiet`` mean the client
     went away, stalled or spoke another protocol: nothing to answer, nothing to log.
@@ -321,14 +326,27 @@ class Listener:
                     if family == socket.AF_INET6:
                         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     if steer:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                        if i == 0:
-                            sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, steer.program)
+                        try:
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                            if i == 0:
+                                sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, steer.program)
+                        except OSError as exc:  # a kernel or sandbox without it: one socket, as before
+                            self.log.warning("%s listener: no per-address backlog (%s)", self.name,
+                                             exc.strerror or type(exc).__name__)
+                            self._sockets.pop().close()
+                            sock = socket.socket(family, kind, proto)
+                            self._sockets.append(sock)
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                            if family == socket.AF_INET6:
+                                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                            steer = None
                     if (self.port == 0 or i) and len(self._sockets) > 1:  # every socket on the port picked
                         addr = (addr[0], self._sockets[0].getsockname()[1], *addr[2:])
                     sock.bind(addr)
                     sock.listen(BACKLOG)
                     sock.setblocking(False)
+                    if steer is None:
+                        break
         except OSError:
             for sock in self._sockets:
                 sock.close()
