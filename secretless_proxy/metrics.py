@@ -251,9 +251,9 @@ class Metrics:
         """A shared-store operation failed (``op`` is the store's bounded operation name)."""
         self.store_errors.labels(op=op if op.isidentifier() and len(op) <= 32 else "other").inc()
 
-    def connection_refused(self, listener: str, reason: str) -> None:
+    def connection_refused(self, listener: str, reason: str, count: int = 1) -> None:
         self.conn_refused.labels(self._closed("listener", listener, LISTENERS),
-                                 self._closed("reason", reason, CONN_REFUSAL_REASONS)).inc()
+                                 self._closed("reason", reason, CONN_REFUSAL_REASONS)).inc(count)
 
     def connection_closed(self, listener: str, reason: str) -> None:
         self.conn_closed.labels(self._closed("listener", listener, LISTENERS),

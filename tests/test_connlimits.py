@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry
 from secretless_proxy.admin.health import AdminServer
 from secretless_proxy.config.model import LimitsConfig
 from secretless_proxy.edge.connlimits import (
+    ADMIN_PENDING,
+    ADMIN_SOCKETS,
     FD_RESERVE,
     AcceptErrors,
     ConnectionGuard,
@@ -112,8 +114,8 @@ class TestAcceptErrors:
 
 class TestDescriptorBudget:
     def test_two_descriptors_per_connection_after_the_reserve(self) -> None:
-        """256 descriptors with one admin listener of 64 carry 72 client connections."""
-        assert descriptor_budget(256, 1, 64) == (256 - FD_RESERVE - 64) // 2 == 72
+        """256 descriptors with one admin listener of 64 (its 8 held unadmitted, its 8 listening sockets) carry 64 client connections."""
+        assert descriptor_budget(256, 1, 64) == (256 - FD_RESERVE - 64 - ADMIN_PENDING - ADMIN_SOCKETS) // 2 == 64
 
     def test_never_zero(self) -> None:
         """A tiny limit still admits one connection rather than none."""
@@ -290,15 +292,19 @@ class TestAdminEviction:
             await server.close()
 
     async def test_per_client_cap_on_the_admin_listener(self, metrics: Metrics) -> None:
-        """One address holds at most max_per_client connections: a third makes its oldest silent one close."""
+        """One address holds at most max_per_client connections: a third silent one is held unadmitted,
+        and once its request is in it takes the slot of the oldest silent one, which closes."""
         server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
         server.set_limits(max_connections=10, max_per_client=2, metrics=metrics)
         host, port = await server.start()
         held = [await asyncio.open_connection(host, port) for _ in range(3)]
         try:
+            await asyncio.sleep(0.05)
+            assert len(server._handlers) == 2 and len(server._pending) == 1
+            held[2][1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(held[2][0].read(), 2)).startswith(b"HTTP/1.1 200")
             assert await asyncio.wait_for(held[0][0].read(), 2) == b""
             assert refused(metrics, "max_connections_per_client", "admin") == 1
-            assert len(server._handlers) == 2
         finally:
             for _, w in held:
                 w.close()

@@ -252,7 +252,7 @@ class TestDescriptorLimit:
             "max_connections_per_client": 32, "handshake_timeout_seconds": 4}),
             wrap=("prlimit", "--nofile=256", "--"))
         admin = admin_url(proxy)
-        assert "at most 72 client connections" in proxy.output()
+        assert "at most 64 client connections" in proxy.output()
         cert = pki.svid(BILLING)
         t = open_tunnel(proxy, upstream.port, pki)
         assert get_on(t) == 200
@@ -275,10 +275,10 @@ class TestDescriptorLimit:
         for a in attackers:
             a.close()
 
-        # Phase 2: 300 idle connections from ten addresses fill the cap (72 at 256 descriptors).
+        # Phase 2: 300 idle connections from ten addresses fill the cap (64 at 256 descriptors).
         before = refused("max_connections")
         attackers = [connect_from(f"127.0.0.{10 + i % 10}", proxy.port) for i in range(self.ATTACK)]
-        _wait_for(lambda: refused("max_connections") - before >= self.ATTACK - 72, 30)
+        _wait_for(lambda: refused("max_connections") - before >= self.ATTACK - 64, 30)
         figures["ten addresses: established 200s"] = sum(get_on(t) == 200 for _ in range(20))
         figures["ten addresses: probe 200s"] = sum(probe(admin + p) == 200 for p in ("/healthz", "/readyz") * 10)
         started = time.monotonic()
@@ -360,7 +360,10 @@ class TestAdminUnderAttack:
         flood = [connect_from(f"127.0.0.{2 + i % 8}", admin_port) for i in range(200)]
         flood += [connect_from(f"127.0.0.{2 + i % 8}", proxy.port) for i in range(200)]
         for s in flood[:100]:
-            s.sendall(b"GET /metr")  # half a request: trickling, not idle
+            try:
+                s.sendall(b"GET /metr")  # half a request: trickling, not idle
+            except ConnectionResetError:
+                pass  # one the full listener turned away (RST) while it was still silent
         codes = [probe(admin + p) for p in ("/healthz", "/readyz") * 15]
         assert codes == [200] * 30, codes
         for s in flood:

@@ -253,6 +253,11 @@ class AdminApiServer(Listener):
         self.admins = admins
         self._tls = _server_context(server_cert)
 
+    def complete_request(self, data: bytes) -> bool:
+        # What a client sends first is its ClientHello, often in more than one segment: a whole TLS
+        # record header of a handshake record is as far as a connection can be judged unread.
+        return len(data) >= 5 and data[0] == 0x16 and data[1] == 0x03
+
     def listening(self, host: str, port: int) -> None:
         log.info("admin API on https://%s:%d (/v1/grants /v1/credentials; mTLS, admin.workloads only)", host, port)
 

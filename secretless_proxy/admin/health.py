@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client.exposition import choose_encoder
 
 from secretless_proxy.admin.exchange import (
+    MAX_HEAD,
     READ_TIMEOUT,
     WRITE_TIMEOUT,
     Exchange,
@@ -62,6 +63,10 @@ class AdminServer(Listener):
         self.oidc = oidc
         # secretless_ready follows the same checks as /readyz.
         metrics.track_readiness(self._checks)
+
+    def complete_request(self, data: bytes) -> bool:
+        # The whole head (no body is accepted), or more than one may be: either is answered at once.
+        return b"\r\n\r\n" in data or len(data) > MAX_HEAD
 
     def listening(self, host: str, port: int) -> None:
         log.info("admin listener on %s:%d (/metrics /healthz /readyz)", host, port)

@@ -64,6 +64,10 @@ RESET_WINDOW = 10.0
 CLOSE_DELAY = 0.2  # seconds: lets the refusals already decided reach the client before the close
 TICK = 0.25  # deadline resolution
 FD_RESERVE = 48  # listening sockets, epoll, log/audit files, Redis, provider HTTP clients
+# Connections an admin listener holds unadmitted while full (admin/exchange.Listener), besides its
+# limits.admin_max_connections: sockets without a transport, waiting for their request.
+ADMIN_PENDING = 8
+ADMIN_SOCKETS = 8  # listening sockets of one admin listener: its backlog split by client address
 
 
 class RateLimitedLog:
@@ -75,13 +79,14 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
-    def warning(self, key: str, message: str) -> None:
+    def warning(self, key: str, message: str, events: int = 1) -> None:
+        """Log ``message`` for ``events`` events of ``key`` (the first one, the others counted)."""
         now = self._clock()
         if now - self._last.get(key, -self._every) < self._every:
-            self._suppressed[key] += 1
+            self._suppressed[key] += events
             return
         self._last[key] = now
-        more = self._suppressed.pop(key, 0)
+        more = self._suppressed.pop(key, 0) + events - 1
         self._log.warning("%s%s", message, f" ({more} more since the last such line)" if more else "")
 
 
@@ -173,7 +178,7 @@ class _Conn:
 
 def descriptor_budget(nofile: int, admin_listeners: int, admin_max: int) -> int:
     """How many proxy client connections ``nofile`` descriptors can carry (two each: client, upstream)."""
-    return max(1, (nofile - FD_RESERVE - admin_listeners * admin_max) // 2)
+    return max(1, (nofile - FD_RESERVE - admin_listeners * (admin_max + ADMIN_PENDING + ADMIN_SOCKETS)) // 2)
 
 
 class ConnectionGuard:
