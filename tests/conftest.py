@@ -21,6 +21,7 @@ from helpers import zygote
 from helpers.clients import OPEN_SOCKETS
 from helpers.dns import DNS_RECORDS, DnsServer, start_dnsmasq
 from helpers.proxy import BIN, ENTRY_SCRIPT, SECRET, Pki, ProxyProcess, ProxyView, start_proxy
+from helpers.targets import CountingTarget
 from helpers.upstream import EchoUpstream
 
 from secretless_proxy.dev import certs
@@ -59,6 +60,13 @@ def partner_ca() -> certs.Issued:
 def upstream(pki: Pki) -> Iterator[EchoUpstream]:
     with EchoUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as up:
         yield up
+
+
+@pytest.fixture(scope="module")
+def tls_counting_target(pki: Pki) -> Iterator[CountingTarget]:
+    """A TLS ``CountingTarget`` for the module (tests that need a fresh one ``reset()`` it)."""
+    with CountingTarget.tls(pki.upstream_ca) as t:
+        yield t
 
 
 @pytest.fixture(autouse=True)

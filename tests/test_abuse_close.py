@@ -22,20 +22,16 @@ import pytest
 from helpers.clients import OPEN_SOCKETS, svid_tunnel, tunnel
 from helpers.net import free_port
 from helpers.proxy import base_config
-from helpers.targets import CountingTarget
 
-from secretless_proxy.dev import certs
-from secretless_proxy.dev.echoserver import tls_server_context
 from secretless_proxy.edge.connlimits import ANONYMOUS_REFUSALS, RESETS_PER_WINDOW
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 
 
-@pytest.fixture(scope="module")
-def silent(pki):
+@pytest.fixture
+def silent(tls_counting_target):
     """A TLS target that never answers: an allowed stream stays in flight until the client resets it."""
-    with CountingTarget(tls_context=tls_server_context(certs.make_server_cert(ca=pki.upstream_ca))) as t:
-        yield t
+    return tls_counting_target
 
 
 @pytest.fixture

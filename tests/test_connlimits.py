@@ -8,6 +8,7 @@ listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from dataclasses import replace
@@ -273,108 +274,100 @@ class TestPhases:
             assert (conn.phase, conn.tunnelled, g.in_flight()) == ("handshake", True, 0)
 
 
+@contextlib.asynccontextmanager
+async def admin_listener(metrics: Metrics, *, max_connections: int, max_per_client: int):
+    """An AdminServer on a free port with these caps, and a list of held (reader, writer) pairs that
+    is closed, with the server, when the test is done."""
+    server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
+    server.set_limits(max_connections=max_connections, max_per_client=max_per_client, metrics=metrics)
+    host, port = await server.start()
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        yield server, f"{host}:{port}", held
+    finally:
+        for _, w in held:
+            w.close()
+        await server.close()
+
+
+async def hold(where: str, n: int, held: list, *, head: bytes = b"") -> None:
+    """Open ``n`` connections to ``where`` that send ``head`` (nothing by default) and wait."""
+    host, _, port = where.rpartition(":")
+    for _ in range(n):
+        r, w = await asyncio.open_connection(host, int(port))
+        if head:
+            w.write(head)
+        held.append((r, w))
+
+
 class TestAdminEviction:
     async def test_full_listener_evicts_the_oldest_silent_connection(self, metrics: Metrics) -> None:
         """With every slot held by silent connections, a probe is answered and the oldest silent one is closed."""
-        server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
-        server.set_limits(max_connections=4, max_per_client=5, metrics=metrics)
-        host, port = await server.start()
-        held = [await asyncio.open_connection(host, port) for _ in range(4)]
-        await asyncio.sleep(0.05)
-        try:
+        async with admin_listener(metrics, max_connections=4, max_per_client=5) as (_, where, held):
+            await hold(where, 4, held)
+            await asyncio.sleep(0.05)
             async with httpx.AsyncClient(timeout=3) as c:
-                assert (await c.get(f"http://{host}:{port}/healthz")).status_code == 200
+                assert (await c.get(f"http://{where}/healthz")).status_code == 200
             assert await asyncio.wait_for(held[0][0].read(), 2) == b""  # the oldest was closed
             assert refused(metrics, "max_connections", "admin") == 1
-        finally:
-            for _, w in held:
-                w.close()
-            await server.close()
 
     async def test_per_client_cap_on_the_admin_listener(self, metrics: Metrics) -> None:
         """One address holds at most max_per_client connections: a third silent one is held unadmitted,
         and once its request is in it takes the slot of the oldest silent one, which closes."""
-        server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
-        server.set_limits(max_connections=10, max_per_client=2, metrics=metrics)
-        host, port = await server.start()
-        held = [await asyncio.open_connection(host, port) for _ in range(3)]
-        try:
+        async with admin_listener(metrics, max_connections=10, max_per_client=2) as (server, where, held):
+            await hold(where, 3, held)
             await asyncio.sleep(0.05)
             assert len(server._handlers) == 2 and len(server._pending) == 1
             held[2][1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (await asyncio.wait_for(held[2][0].read(), 2)).startswith(b"HTTP/1.1 200")
             assert await asyncio.wait_for(held[0][0].read(), 2) == b""
             assert refused(metrics, "max_connections_per_client", "admin") == 1
-        finally:
-            for _, w in held:
-                w.close()
-            await server.close()
 
     async def test_a_probe_from_an_address_at_its_cap_is_answered(self, metrics: Metrics) -> None:
         """Half-sent heads fill one address's share (a sidecar's localhost, a node IP): a probe from that
         address still gets /healthz, 20 times out of 20; the heads pay with their own slots (review 22)."""
-        server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
-        server.set_limits(max_connections=64, max_per_client=8, metrics=metrics)
-        host, port = await server.start()
-        held = []
-        try:
-            for _ in range(8):
-                r, w = await asyncio.open_connection(host, port)
-                w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
-                held.append((r, w))
+        async with admin_listener(metrics, max_connections=64, max_per_client=8) as (_, where, held):
+            await hold(where, 8, held, head=b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
             await asyncio.sleep(0.05)
             async with httpx.AsyncClient(timeout=3) as c:
-                answers = [(await c.get(f"http://{host}:{port}/healthz", headers={"Connection": "close"})).status_code
+                answers = [(await c.get(f"http://{where}/healthz", headers={"Connection": "close"})).status_code
                            for _ in range(20)]
             assert answers == [200] * 20
-        finally:
-            for _, w in held:
-                w.close()
-            await server.close()
 
     async def test_a_flood_from_several_addresses_does_not_evict_a_probe(self, metrics: Metrics) -> None:
         """Silent connections from four addresses fill the listener; a probe from a fifth is answered,
         20 times out of 20: the address holding the most silent connections gives up one (review 23)."""
-        server = AdminServer("127.0.0.1", 0, metrics=metrics, readiness=lambda: {})
-        server.set_limits(max_connections=16, max_per_client=8, metrics=metrics)
-        host, port = await server.start()
-        held = []
+        async with admin_listener(metrics, max_connections=16, max_per_client=8) as (_, where, held):
+            host, _, port = where.rpartition(":")
 
-        async def silent(source: str) -> None:
-            r, w = await asyncio.open_connection(host, port, local_addr=(source, 0))
-            held.append((r, w))
+            async def probe() -> int:
+                r, w = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.6", 0))
+                try:
+                    w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    await w.drain()
+                    head = await asyncio.wait_for(r.read(), 3)
+                    return int(head.split(b" ", 2)[1]) if head else 0
+                finally:
+                    w.close()
 
-        async def probe() -> int:
-            r, w = await asyncio.open_connection(host, port, local_addr=("127.0.0.6", 0))
+            stop = asyncio.Event()
+
+            async def flood(source: str) -> None:
+                while not stop.is_set():
+                    held.append(await asyncio.open_connection(host, int(port), local_addr=(source, 0)))
+                    if len(held) > 400:  # keep our own descriptors bounded: drop what the server closed
+                        for _, w in held[:200]:
+                            w.close()
+                        del held[:200]
+
+            floods = [asyncio.create_task(flood(f"127.0.0.{2 + k}")) for k in range(4)]
             try:
-                w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                await w.drain()
-                head = await asyncio.wait_for(r.read(), 3)
-                return int(head.split(b" ", 2)[1]) if head else 0
+                await asyncio.sleep(0.2)
+                results = [await probe() for _ in range(20)]
+                assert results == [200] * 20
             finally:
-                w.close()
-
-        stop = asyncio.Event()
-
-        async def flood(source: str) -> None:
-            while not stop.is_set():
-                await silent(source)
-                if len(held) > 400:  # keep our own descriptors bounded: drop what the server closed
-                    for _, w in held[:200]:
-                        w.close()
-                    del held[:200]
-
-        floods = [asyncio.create_task(flood(f"127.0.0.{2 + k}")) for k in range(4)]
-        try:
-            await asyncio.sleep(0.2)
-            results = [await probe() for _ in range(20)]
-            assert results == [200] * 20
-        finally:
-            stop.set()
-            await asyncio.gather(*floods, return_exceptions=True)
-            for _, w in held:
-                w.close()
-            await server.close()
+                stop.set()
+                await asyncio.gather(*floods, return_exceptions=True)
 
 
 def closed_for(m: Metrics, reason: str) -> float:

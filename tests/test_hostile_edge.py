@@ -29,7 +29,6 @@ from helpers.targets import CountingTarget, Nginx
 from helpers.upstream import EchoUpstream
 
 from secretless_proxy.dev import certs
-from secretless_proxy.dev.echoserver import tls_server_context
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 HEAD_LIMIT = 16 * 1024
@@ -50,7 +49,7 @@ def plain_target():
 
 @pytest.fixture
 def tls_target(pki):
-    with CountingTarget(tls_context=tls_server_context(certs.make_server_cert(ca=pki.upstream_ca))) as t:
+    with CountingTarget.tls(pki.upstream_ca) as t:
         yield t
 
 

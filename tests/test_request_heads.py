@@ -21,7 +21,6 @@ from helpers.clients import OPEN_SOCKETS, h2_request, svid_tunnel
 from helpers.e2e_broker import metric
 from helpers.net import free_port
 from helpers.proxy import SECRET, base_config
-from helpers.targets import CountingTarget
 
 from secretless_proxy.dev import certs
 from secretless_proxy.dev.echoserver import tls_server_context
@@ -29,17 +28,11 @@ from secretless_proxy.dev.echoserver import tls_server_context
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 
 
-@pytest.fixture(scope="module")
-def _tls_target(pki):
-    with CountingTarget(tls_context=tls_server_context(certs.make_server_cert(ca=pki.upstream_ca))) as t:
-        yield t
-
-
 @pytest.fixture
-def tls_target(_tls_target):
+def tls_target(tls_counting_target):
     """The module's target (its proxies name it in their rules), with nothing recorded yet."""
-    _tls_target.reset()
-    return _tls_target
+    tls_counting_target.reset()
+    return tls_counting_target
 
 
 class _Stdlib(http.server.BaseHTTPRequestHandler):

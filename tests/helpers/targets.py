@@ -36,6 +36,14 @@ class CountingTarget(LoopbackServer):
         self._lock = threading.Lock()
         super().__init__(socket.create_server(("127.0.0.1", 0)))
 
+    @classmethod
+    def tls(cls, ca) -> CountingTarget:
+        """A target that speaks TLS with a ``localhost`` certificate from ``ca`` (the upstream CA)."""
+        from secretless_proxy.dev import certs
+        from secretless_proxy.dev.echoserver import tls_server_context
+
+        return cls(tls_context=tls_server_context(certs.make_server_cert(ca=ca)))
+
     def reset(self) -> None:
         """Forget what was recorded so far (a module's tests share one target)."""
         with self._lock:
