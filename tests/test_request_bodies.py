@@ -242,3 +242,21 @@ class TestWellFormedBodies:
         time.sleep(0.3)
         assert [a["reason"] for a in audit(proxy) if a["event"] == "request.denied"] == ["body_too_large"]
         assert upstream.requests == []
+
+
+class TestMitmproxyShape:
+    def test_the_code_the_guard_relies_on(self):
+        """mitmproxy 12.2 catches h11.ProtocolError around the body reader (and closes unanswered), and
+        a request event waits in ``_paused_event_queue`` while a hook runs, where check_killed (and
+        GuardedHttpStream.start_request_stream) look for it (fails if mitmproxy changes shape)."""
+        import inspect
+
+        from mitmproxy.proxy.layers.http import HttpStream, _http1
+
+        from secretless_proxy.edge import layerguard
+
+        layerguard.install()
+        body = inspect.getsource(_http1.Http1Connection.read_body.__wrapped__)
+        assert "self.body_reader(self.buf)" in body and "self.body_reader.read_eof()" in body
+        assert "except h11.ProtocolError" in body
+        assert "self._paused_event_queue" in inspect.getsource(HttpStream.check_killed)

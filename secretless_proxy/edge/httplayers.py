@@ -48,7 +48,7 @@ from typing import Protocol
 
 import h11
 from mitmproxy import http
-from mitmproxy.connection import Client, ConnectionState, Server
+from mitmproxy.connection import Client, Server
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     DropStream,
@@ -126,10 +126,8 @@ class UnreadableRequestBody(HttpEvent):
     message: str
 
 
-class _Unreadable(Exception):
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason, self.message = reason, message
+class _Unreadable(Refusal):
+    """Raised by ``_BodyReader`` through mitmproxy's ``read_body``; ``GuardedHttp1Server`` passes it on."""
 
 
 class _BodyReader:
@@ -148,7 +146,7 @@ class _BodyReader:
         except h11.ProtocolError as exc:
             raise _malformed(exc) from None
         if isinstance(event, h11.EndOfMessage) and event.headers:
-            raise _Unreadable(Reason.PROTOCOL_REFUSED, TRAILERS_REFUSED)
+            raise _Unreadable(400, Reason.PROTOCOL_REFUSED, TRAILERS_REFUSED)
         return event
 
     def read_eof(self):
@@ -165,7 +163,7 @@ def _malformed(exc: h11.ProtocolError) -> _Unreadable:
     # h11's text up to its first colon: what failed, without the client's bytes it quotes after it
     # ("illegal chunk header: bytearray(b'zz\\r\\n')").
     what = str(exc).split(":", 1)[0].strip() or "invalid framing"
-    return _Unreadable(Reason.BODY_MALFORMED, f"the request body is not valid HTTP/1.1 ({what}); the request was refused")
+    return _Unreadable(400, Reason.BODY_MALFORMED, f"the request body is not valid HTTP/1.1 ({what}); the request was refused")
 
 
 class GuardedHttpLayer(HttpLayer):
