@@ -152,6 +152,21 @@ class TestBodyErrorsInOneWrite:
         assert_refused(proxy, read_all(s), reason, admin_port)
         assert not tls_target.reached()
 
+    def test_refused_on_its_head_answered_once(self, start, pki, tls_target, admin_port):
+        """No client certificate and a malformed body in the same write: the head's refusal (407) is the
+        one answer and the one audit record; the malformed body is never read on."""
+        proxy = start(allow_port=free_port(), inject_port=tls_target.port)
+        s = svid_tunnel(proxy.port, tls_target.port, pki=pki, cert=False)
+        s.sendall(f"POST /v1/charges HTTP/1.1\r\nHost: localhost:{tls_target.port}\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n".encode() + BAD_BODIES["bad chunk size"][0])
+        raw = read_all(s)
+        assert raw.count(b"HTTP/1.1 ") == 1 and b"mitmproxy" not in raw.lower()
+        status, body, _ = parse(raw)
+        assert (status, body["reason"]) == (407, "identity_missing")
+        time.sleep(0.3)
+        assert [a["reason"] for a in audit(proxy) if a["event"] == "request.denied"] == ["identity_missing"]
+        assert not tls_target.reached()
+
     def test_eof_before_the_declared_length(self, start, pki, tls_target, admin_port):
         """3 of 10 declared bytes, then the client half-closes: still answered (it can read), audited
         body_malformed, nothing upstream, no credential.used."""
