@@ -10,7 +10,7 @@ These subclasses change exactly that, and nothing else:
   fails: a bad chunk size line, chunk data not followed by CRLF, a chunk extension, the connection
   closed before the declared length; or chunked trailer fields) is not closed unanswered, as
   mitmproxy does, nor answered with its HTML page: it stops reading and passes
-  ``UnreadableRequestBody`` to the stream, which answers it (below);
+  ``UnreadableRequestBody`` (edge/requestbody.py) to the stream, which answers it (below);
 - ``GuardedHttpStream``:
   - records the request target as the client wrote it (``flow.metadata[TARGET]``), before
     mitmproxy replaces scheme/host/port with the tunnel's destination (edge/requesttarget.py checks it);
@@ -46,7 +46,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
-import h11
 from mitmproxy import http
 from mitmproxy.connection import Client, Server
 from mitmproxy.proxy import commands, events, layer
@@ -69,13 +68,14 @@ from mitmproxy.proxy.layers.http import (
     ResponseTrailers,
     SendHttp,
 )
-from mitmproxy.proxy.layers.http._base import HttpEvent, ReceiveHttp
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 from mitmproxy.proxy.utils import expect
 
 from secretless_proxy.config.model import LimitsConfig
 from secretless_proxy.edge import layerguard, requesthead
+from secretless_proxy.edge.requestbody import TRAILERS_REFUSED, BodyReader, BodyRefused, UnreadableRequestBody
 from secretless_proxy.reasons import Reason
 from secretless_proxy.refusal import Refusal, error_response
 
@@ -111,59 +111,6 @@ class Guard:
     # A request that will never go upstream although its head was decided (its body was unreadable):
     # its injected credential (or pending signature) is dropped, so it is not audited as used.
     unsent: Callable[[http.HTTPFlow], None] = lambda flow: None
-
-
-@dataclasses.dataclass
-class UnreadableRequestBody(HttpEvent):
-    """The HTTP/1 body of the request on ``stream_id`` cannot be read on (``GuardedHttp1Server``):
-    the stream answers with ``reason`` and closes the connection; nothing more of it is read.
-
-    Deliberately not a ``RequestProtocolError``: mitmproxy reads one queued while a hook runs as the
-    client gone (``HttpStream.check_killed``) and kills the flow unanswered.
-    """
-
-    reason: Reason
-    message: str
-
-
-class _Unreadable(Refusal):
-    """Raised by ``_BodyReader`` through mitmproxy's ``read_body``; ``GuardedHttp1Server`` passes it on."""
-
-
-class _BodyReader:
-    """h11's body reader (mitmproxy's ``make_body_reader``) whose failures are raised as ``_Unreadable``,
-    which mitmproxy's ``read_body`` does not catch: it closes the connection unanswered on an
-    ``h11.ProtocolError`` and raises ``NotImplementedError`` on trailer fields."""
-
-    __slots__ = ("_inner",)
-
-    def __init__(self, inner) -> None:
-        self._inner = inner
-
-    def __call__(self, buf):
-        try:
-            event = self._inner(buf)
-        except h11.ProtocolError as exc:
-            raise _malformed(exc) from None
-        if isinstance(event, h11.EndOfMessage) and event.headers:
-            raise _Unreadable(400, Reason.PROTOCOL_REFUSED, TRAILERS_REFUSED)
-        return event
-
-    def read_eof(self):
-        try:
-            return self._inner.read_eof()
-        except h11.ProtocolError as exc:
-            raise _malformed(exc) from None
-
-
-TRAILERS_REFUSED = "request trailers are not relayed by this proxy; send the fields as headers"
-
-
-def _malformed(exc: h11.ProtocolError) -> _Unreadable:
-    # h11's text up to its first colon: what failed, without the client's bytes it quotes after it
-    # ("illegal chunk header: bytearray(b'zz\\r\\n')").
-    what = str(exc).split(":", 1)[0].strip() or "invalid framing"
-    return _Unreadable(400, Reason.BODY_MALFORMED, f"the request body is not valid HTTP/1.1 ({what}); the request was refused")
 
 
 class GuardedHttpLayer(HttpLayer):
@@ -284,14 +231,14 @@ class GuardedHttp1Server(Http1Server):
                                             f"the request head is larger than limits.max_request_head_bytes ({limit} bytes)"))
 
     def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if not isinstance(self.body_reader, _BodyReader):  # once per request
-            self.body_reader = _BodyReader(self.body_reader)
+        if not isinstance(self.body_reader, BodyReader):  # once per request
+            self.body_reader = BodyReader(self.body_reader)
         try:
             yield from super().read_body(event)
-        except _Unreadable as exc:
+        except BodyRefused as exc:
             yield from self._unreadable_body(exc)
 
-    def _unreadable_body(self, exc: _Unreadable) -> layer.CommandGenerator[None]:
+    def _unreadable_body(self, exc: BodyRefused) -> layer.CommandGenerator[None]:
         # Nothing after a body that cannot be parsed is read: it is not a next request.
         self.buf.maybe_extract_at_most(len(self.buf))
         self.state = self.done
@@ -435,7 +382,7 @@ class GuardedHttpStream(HttpStream):
     def _trailers_refusal(self) -> Refusal:
         # HTTP/2 request trailers: mitmproxy's HTTP/1.1 upstream client has no case for them and
         # crashed with a traceback after the request had gone out (hostile review 24). Refused like
-        # HTTP/1 chunked trailers (``_BodyReader``): never read, never relayed.
+        # HTTP/1 chunked trailers (``BodyReader``): never read, never relayed.
         return Refusal(400, Reason.PROTOCOL_REFUSED, TRAILERS_REFUSED, self.flow.metadata.get("secretless.rule"))
 
     def _over_body_limit(self, event: RequestData) -> bool:
@@ -517,4 +464,4 @@ class GuardedHttpStream(HttpStream):
         self.server_state = self.state_errored  # swallow what the aborted upstream still sends
 
 
-__all__ = ["Guard", "GuardedHttpLayer", "SCAN_LIMIT", "TARGET", "UnreadableRequestBody"]
+__all__ = ["Guard", "GuardedHttpLayer", "SCAN_LIMIT", "TARGET"]
