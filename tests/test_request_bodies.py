@@ -225,6 +225,24 @@ class TestBodyErrorsWhileStreaming:
         assert [(a["request_id"], a["status"]) for a in used(proxy)] == [(rid, 400)]
 
 
+    def test_after_100_continue(self, start, pki, silent_target, admin_port):
+        """`Expect: 100-continue`: the body that follows the interim response is malformed. The
+        `100 Continue` is no answer: the JSON refusal still comes, and the upstream request is aborted."""
+        proxy = start(allow_port=free_port(), inject_port=silent_target.port)
+        s = tunnel(proxy, pki, silent_target.port)
+        s.sendall(f"POST /v1/charges HTTP/1.1\r\nHost: localhost:{silent_target.port}\r\nExpect: 100-continue\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n".encode())
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += s.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100")
+        s.sendall(BAD_BODIES["bad chunk size"][0])
+        rest = interim.split(b"\r\n\r\n", 1)[1] + read_all(s)
+        rid = assert_refused(proxy, rest, "body_malformed", admin_port)
+        assert silent_target.closed.wait(3), "the upstream request was not aborted"
+        assert [(a["request_id"], a["status"]) for a in used(proxy)] == [(rid, 400)]
+
+
 class TestWellFormedBodies:
     def test_chunked_request_passes(self, start, pki, upstream, admin_port):
         """A chunked body without trailers goes upstream whole, with the credential, on an inject rule."""

@@ -242,7 +242,7 @@ class GuardedHttp1Server(Http1Server):
         # Nothing after a body that cannot be parsed is read: it is not a next request.
         self.buf.maybe_extract_at_most(len(self.buf))
         self.state = self.done
-        if self.response is not None:
+        if self.response is not None and self.response.status_code >= 200:  # not `100 Continue`
             # An answer has started on this connection (the request was refused on its head or over
             # the body limit, or the upstream answered early): it cannot be replaced. Closed, as
             # mitmproxy does; the stream already answered or relays what it has.
