@@ -145,7 +145,8 @@ class Secretless:
         self._guard = Guard(limits=self._limits, on_refusal=self._report_refusal,
                             report_connection=lambda c, reason: self.gate.report(c, reason),
                             upstreams=self.destinations, on_upstream_failure=self._upstream_failed,
-                            on_reset=self.guard.stream_reset, admit_stream=self.guard.admit_stream)
+                            on_reset=self.guard.stream_reset, admit_stream=self.guard.admit_stream,
+                            unsent=self._unsent)
         self.gate = protocols.Gate(max_head=lambda: self._limits().max_request_head_bytes,
                                    report=self._connection_refused,
                                    make_http=lambda c, mode: GuardedHttpLayer(c, mode, guard=self._guard))
@@ -607,11 +608,17 @@ class Secretless:
         log.warning("request %s to %s:%d: the upstream connection failed: %s", flow.id, flow.request.host,
                     flow.request.port, error)
         refusal = upstream_refusal(error, host=flow.request.host, rule=flow.metadata.get("secretless.rule"))
-        injected = self._injected.pop(flow, None)
-        if injected is not None:
-            injected.scrub(flow.request)  # never sent: nothing to audit as used
+        self._unsent(flow)
         self._report_refusal(flow, refusal)
         return refusal
+
+    def _unsent(self, flow: http.HTTPFlow) -> None:
+        """A request refused before it went upstream, after its head was decided: its credential was
+        not used (no ``credential.used``), and the flow's copy of the request no longer holds it."""
+        self._sign_later.pop(flow, None)
+        injected = self._injected.pop(flow, None)
+        if injected is not None:
+            injected.scrub(flow.request)
 
     # -- response path -----------------------------------------------------------------------
 

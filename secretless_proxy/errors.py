@@ -15,6 +15,7 @@ module that defines it. ``tests/test_reasons.py`` holds this tree to the code.
     ├── DnsError                 destinations.resolver: a host does not resolve
     │   └── DnsTimeout           destinations.resolver: the resolver did not answer in time
     ├── Refusal                  refusal: a request answered with the error contract (.status, .reason, .rule)
+    │   └── BodyRefused          edge.requestbody: an HTTP/1 request body that cannot be read on (400)
     ├── NotAFile (OSError)       config.safefile: the path is a FIFO, device, directory or socket, never read
     ├── TooLarge (OSError)       config.safefile: the file is larger than its reader allows
     ├── TooLarge                 edge.bodydecode: a body decodes to more than the scan window

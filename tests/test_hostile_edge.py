@@ -455,10 +455,13 @@ class TestLimits:
         assert (status, body["reason"]) == (413, "body_too_large")
         assert allow_up.requests == []
 
-    def test_chunked_body_over_the_limit_gets_413(self, proxy, pki, allow_up):
-        """A chunked body that grows past the limit is cut off with 413 body_too_large."""
-        s = svid_tunnel(proxy, pki, allow_up.port)
-        s.sendall(f"POST / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    @pytest.mark.parametrize("rule", ["allow", "inject"])
+    def test_chunked_body_over_the_limit_gets_413(self, proxy, pki, allow_up, upstream, rule):
+        """A chunked body that grows past the limit is cut off with 413 body_too_large (audited), on an
+        allow and an inject rule (whose body errors are refused on the same path: test_request_bodies.py)."""
+        target = allow_up if rule == "allow" else upstream
+        s = svid_tunnel(proxy, pki, target.port)
+        s.sendall(f"POST /v1/upload HTTP/1.1\r\nHost: localhost:{target.port}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
         chunk = b"%x\r\n%s\r\n" % (65536, b"y" * 65536)
         try:
             for _ in range(BODY_LIMIT // 65536 + 2):
@@ -467,7 +470,9 @@ class TestLimits:
             pass
         status, body = read_response(s)
         assert (status, body["reason"]) == (413, "body_too_large")
-        assert all(len(r.get("body", b"")) <= BODY_LIMIT for r in allow_up.requests)
+        assert all(len(r.get("body", b"")) <= BODY_LIMIT for r in target.requests)
+        settle()
+        assert audited(proxy, "body_too_large")
 
     def test_body_within_the_limit_is_streamed_through(self, proxy, pki, upstream):
         """A body under the limit on an inject rule arrives whole, with the credential."""

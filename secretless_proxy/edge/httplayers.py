@@ -6,7 +6,11 @@ request, buffers bodies without bound and forgets the scheme a client wrote in i
 These subclasses change exactly that, and nothing else:
 
 - ``GuardedHttp1Server``: a request head over ``limits.max_request_head_bytes`` gets ``431
-  head_too_large`` and the connection is closed;
+  head_too_large`` and the connection is closed; a body that cannot be read on (h11's body reader
+  fails: a bad chunk size line, chunk data not followed by CRLF, a chunk extension, the connection
+  closed before the declared length; or chunked trailer fields) is not closed unanswered, as
+  mitmproxy does, nor answered with its HTML page: it stops reading and passes
+  ``UnreadableRequestBody`` (edge/requestbody.py) to the stream, which answers it (below);
 - ``GuardedHttpStream``:
   - records the request target as the client wrote it (``flow.metadata[TARGET]``), before
     mitmproxy replaces scheme/host/port with the tunnel's destination (edge/requesttarget.py checks it);
@@ -14,6 +18,10 @@ These subclasses change exactly that, and nothing else:
     buffer (and the connection closed after ``LINGER_BYTES``);
   - a request body over ``limits.max_request_body_bytes`` gets ``413 body_too_large``, buffered or
     streamed (a streamed one is aborted upstream);
+  - an unreadable HTTP/1 body (``UnreadableRequestBody``) gets ``400 body_malformed`` (trailers:
+    ``400 protocol_refused``) and the connection is closed. A body that failed while the request hooks
+    ran never goes upstream (its credential is dropped through ``Guard.unsent``, not audited as used); a
+    request already streaming is aborted upstream, and its credential was used (it went with the head);
   - a buffered response over ``flow.metadata[SCAN_LIMIT]`` (inject rules: the echo check needs the
     whole body) is withheld with ``502 response_too_large`` and the upstream stream is aborted;
   - a response whose ``Transfer-Encoding`` is anything but plain ``chunked`` (``gzip, chunked``: a
@@ -42,6 +50,7 @@ from mitmproxy import http
 from mitmproxy.connection import Client, Server
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
+    DropStream,
     ErrorCode,
     GetHttpConnection,
     GetHttpConnectionCompleted,
@@ -66,6 +75,7 @@ from mitmproxy.proxy.utils import expect
 
 from secretless_proxy.config.model import LimitsConfig
 from secretless_proxy.edge import layerguard, requesthead
+from secretless_proxy.edge.requestbody import TRAILERS_REFUSED, BodyReader, BodyRefused, UnreadableRequestBody
 from secretless_proxy.reasons import Reason
 from secretless_proxy.refusal import Refusal, error_response
 
@@ -98,6 +108,9 @@ class Guard:
     # Whether the client may open one more stream (connlimits.ConnectionGuard.admit_stream): a stream
     # not admitted is dropped before mitmproxy makes a flow or runs a hook for it.
     admit_stream: Callable[[Client], bool] = lambda client: True
+    # A request that will never go upstream although its head was decided (its body was unreadable):
+    # its injected credential (or pending signature) is dropped, so it is not audited as used.
+    unsent: Callable[[http.HTTPFlow], None] = lambda flow: None
 
 
 class GuardedHttpLayer(HttpLayer):
@@ -217,6 +230,30 @@ class GuardedHttp1Server(Http1Server):
             yield from self._refuse(Refusal(431, Reason.HEAD_TOO_LARGE,
                                             f"the request head is larger than limits.max_request_head_bytes ({limit} bytes)"))
 
+    def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if not isinstance(self.body_reader, BodyReader):  # once per request
+            self.body_reader = BodyReader(self.body_reader)
+        try:
+            yield from super().read_body(event)
+        except BodyRefused as exc:
+            yield from self._unreadable_body(exc)
+
+    def _unreadable_body(self, exc: BodyRefused) -> layer.CommandGenerator[None]:
+        # Nothing after a body that cannot be parsed is read: it is not a next request.
+        self.buf.maybe_extract_at_most(len(self.buf))
+        self.state = self.done
+        if self.response is not None and self.response.status_code >= 200:  # not `100 Continue`
+            # An answer has started on this connection (the request was refused on its head or over
+            # the body limit, or the upstream answered early): it cannot be replaced. Closed, as
+            # mitmproxy does; the stream already answered or relays what it has.
+            yield commands.CloseConnection(self.conn)
+            yield ReceiveHttp(RequestProtocolError(self.stream_id, exc.message, ErrorCode.GENERIC_CLIENT_ERROR))
+            return
+        # The request side is over; the stream answers and closes the connection (even after an EOF
+        # the client may still read: a half-closed connection).
+        self.request_done = True
+        yield ReceiveHttp(UnreadableRequestBody(self.stream_id, exc.reason, exc.message))
+
     def _refuse(self, refusal: Refusal) -> layer.CommandGenerator[None]:
         from secretless_proxy.edge.protocols import refusal_bytes
 
@@ -238,6 +275,11 @@ class GuardedHttpStream(HttpStream):
         self._response_bytes = 0
         self._discarded = 0
 
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, UnreadableRequestBody):
+            return self._refuse_unreadable(event)
+        return super()._handle_event(event)
+
     @expect(RequestHeaders)
     def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         if event.replay_flow is None:
@@ -255,6 +297,31 @@ class GuardedHttpStream(HttpStream):
             self.flow.response.headers["Connection"] = "close"
             yield HttpResponseHeadersHook(self.flow)
             yield from self.send_response()
+
+    def start_request_stream(self) -> layer.CommandGenerator[None]:
+        # The body already failed while the request hooks ran (the event waits in the queue mitmproxy's
+        # check_killed reads too): nothing goes upstream, not even the head with its credential. The
+        # body is consumed instead, so the queued failure is answered as for a buffered request.
+        if any(isinstance(e, UnreadableRequestBody) for e in self._paused_event_queue):
+            self.client_state = self.state_consume_request_body
+            return
+        yield from super().start_request_stream()
+
+    def _refuse_unreadable(self, event: UnreadableRequestBody) -> layer.CommandGenerator[None]:
+        """Answer a request whose HTTP/1 body cannot be read (``GuardedHttp1Server``), then close."""
+        rule = self.flow.metadata.get("secretless.rule")
+        refusal = Refusal(400, event.reason, event.message, rule)
+        if self.client_state == self.state_consume_request_body:
+            self.guard.unsent(self.flow)  # never sent: its credential was not used
+            yield from self._refuse_body(streaming=False, refusal=refusal)
+        elif self.client_state == self.state_stream_request_body:
+            yield from self._refuse_body(streaming=True, refusal=refusal, abort=ErrorCode.GENERIC_CLIENT_ERROR)
+        # Any other state was answered already (refused on its head, over the body limit, no upstream).
+        # What follows on the connection is the rest of this body: it is closed, never read on.
+        yield commands.CloseConnection(self.context.client)
+        self.client_state = self.server_state = self.state_errored
+        self.flow.live = False
+        yield DropStream(self.stream_id)
 
     def make_server_connection(self) -> layer.CommandGenerator[bool]:
         """mitmproxy's, plus: a failed connection is answered with the error contract, and the
@@ -316,26 +383,29 @@ class GuardedHttpStream(HttpStream):
     def _trailers_refusal(self) -> Refusal:
         # HTTP/2 request trailers: mitmproxy's HTTP/1.1 upstream client has no case for them and
         # crashed with a traceback after the request had gone out (hostile review 24). Refused like
-        # HTTP/1 chunked trailers (layerguard): never read, never relayed.
-        return Refusal(400, Reason.PROTOCOL_REFUSED, "request trailers are not relayed by this proxy; send the "
-                       "fields as headers", self.flow.metadata.get("secretless.rule"))
+        # HTTP/1 chunked trailers (``BodyReader``): never read, never relayed.
+        return Refusal(400, Reason.PROTOCOL_REFUSED, TRAILERS_REFUSED, self.flow.metadata.get("secretless.rule"))
 
     def _over_body_limit(self, event: RequestData) -> bool:
         self._request_bytes += len(event.data)
         return self._request_bytes > self.guard.limits().max_request_body_bytes
 
-    def _refuse_body(self, *, streaming: bool, refusal: Refusal | None = None) -> layer.CommandGenerator[None]:
-        """Refuse the request over its body (too large by default; ``refusal`` for another reason)."""
+    def _refuse_body(self, *, streaming: bool, refusal: Refusal | None = None,
+                     abort: ErrorCode = ErrorCode.REQUEST_TOO_LARGE) -> layer.CommandGenerator[None]:
+        """Refuse the request over its body (too large by default; ``refusal`` for another reason);
+        a streamed one is aborted upstream with ``abort``."""
         if refusal is None:
             limit = self.guard.limits().max_request_body_bytes
             refusal = Refusal(413, Reason.BODY_TOO_LARGE, f"the request body is larger than limits.max_request_body_bytes "
                               f"({limit} bytes)", self.flow.metadata.get("secretless.rule"))
         self.request_body_buf.clear()
         if streaming:  # the head (and part of the body) went upstream: abort that request there
-            yield SendHttp(RequestProtocolError(self.stream_id, "request body refused", ErrorCode.REQUEST_TOO_LARGE),
-                           self.context.server)
+            yield SendHttp(RequestProtocolError(self.stream_id, "request body refused", abort), self.context.server)
         self.guard.on_refusal(self.flow, refusal)
-        if self.server_state == self.state_wait_for_response_headers or not streaming:
+        # Answered while the client has none of the upstream's response (an inject rule's response is
+        # buffered for the echo check until it is complete: withheld, never sent in part).
+        if not streaming or self.server_state in (self.state_wait_for_response_headers, self.state_consume_response_body):
+            self.response_body_buf.clear()
             self.flow.response = error_response(self.flow.id, refusal)
             self.flow.response.headers["Connection"] = "close"
             self.client_state = self.state_discard_request_body

@@ -4,9 +4,12 @@
    not implemented yet.")`` when a chunked message ends with trailer fields (mitmproxy
    ``proxy/layers/http/_http1.py``, unchanged up to its main branch). The exception escapes the
    layer, mitmproxy logs "mitmproxy has crashed!" with a traceback, and the stream is left with
-   no event: the client waits until its own timeout (600 s in the reported case). Here a message
-   with trailers ends its stream with a protocol error instead: a 502 from an upstream, a 400 for
-   a client, and the connection is closed. The trailer fields are never read, so never relayed.
+   no event: the client waits until its own timeout (600 s in the reported case). Here a response
+   with trailers ends its stream with a protocol error instead (a 502 for the client) and the
+   upstream connection is closed. Request trailers are refused before mitmproxy's reader sees them,
+   in the error contract, by ``httplayers.GuardedHttp1Server`` (every HTTP/1 client connection of
+   the proxy); an unguarded server would only be closed, never answered with mitmproxy's HTML page.
+   The trailer fields are never read, so never relayed.
 2. **Parse errors quote the peer's bytes.** "Cannot parse HTTP response: Bad HTTP response line:
    b'HTTP/1.1 200 echo Bearer sk_…'" is sent to the client in mitmproxy's error page and kept in
    ``flow.error`` (which the addon logs): an upstream could echo a credential through a
@@ -204,7 +207,9 @@ def _bounded_head(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[.
 def _end_with_trailers(conn: _http1.Http1Connection) -> Generator[Any, Any, None]:
     conn.state = conn.done
     if isinstance(conn, _http1.Http1Server):
-        yield commands.SendData(conn.conn, _http1.make_error_response(400, REQUEST_TRAILERS))
+        # Not reached behind httplayers.GuardedHttp1Server, which answers request trailers in the
+        # error contract (JSON, request id, audited) before mitmproxy's reader raises. mitmproxy's
+        # own HTML page (no request id, not audited) is never the answer.
         yield commands.CloseConnection(conn.conn)
         yield ReceiveHttp(RequestProtocolError(conn.stream_id, REQUEST_TRAILERS, ErrorCode.GENERIC_CLIENT_ERROR))
     else:

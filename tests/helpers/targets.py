@@ -27,10 +27,13 @@ REACHED = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nREA
 
 
 class CountingTarget(LoopbackServer):
-    """Records ``connections`` (count) and ``received`` (all bytes, every connection)."""
+    """Records ``connections`` (count) and ``received`` (all bytes, every connection); ``closed`` is
+    set once a connection has ended. ``answer=False``: never answers (a request held open upstream)."""
 
-    def __init__(self, *, tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, *, tls_context: ssl.SSLContext | None = None, answer: bool = True) -> None:
         self._tls = tls_context
+        self._answer = answer
+        self.closed = threading.Event()
         self.connections = 0
         self.received = b""
         self._lock = threading.Lock()
@@ -69,11 +72,13 @@ class CountingTarget(LoopbackServer):
             while chunk := conn.recv(65536):
                 with self._lock:
                     self.received += chunk
-                conn.sendall(REACHED)
+                if self._answer:
+                    conn.sendall(REACHED)
         except (OSError, ssl.SSLError):
             pass
         finally:
             conn.close()
+            self.closed.set()
 
 
 NGINX = "/usr/sbin/nginx"
