@@ -548,6 +548,19 @@ class TestOwnedHeaders:
                             "proxy-connection", "te", "x-drop", "connection"}
         assert "x-keep" in names
 
+    def test_client_connection_close_is_honoured(self, proxy, pki, allow_up):
+        """`Connection: close, X-Drop` from the client: the answer comes and then the proxy closes the
+        connection; upstream only `Connection: close` is left of it (X-Drop is stripped)."""
+        s = svid_tunnel(proxy, pki, allow_up.port)
+        s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\nConnection: close, X-Drop\r\n"
+                  "X-Drop: 1\r\n\r\n".encode())
+        assert read_response(s)[0] == 200
+        s.settimeout(3)
+        assert s.recv(1) == b""  # closed by the proxy, not left open until the idle timeout
+        [seen] = allow_up.requests
+        assert [(k.lower(), v) for k, v in seen["headers"] if k.lower() in ("connection", "x-drop")] == \
+            [("connection", "close")]
+
     @pytest.mark.parametrize("method", ["get", "Get", "gEt"])
     def test_non_canonical_method_refused(self, proxy, pki, upstream, method):
         """`get`/`Get` do not pass a GET rule with the credential: 400 method_not_canonical."""

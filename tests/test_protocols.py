@@ -102,10 +102,21 @@ class TestOwnedHeaders:
     def test_strips_proxy_namespace_and_hop_by_hop(self):
         """Proxy-Authorization, X-Secretless-*, hop-by-hop and Connection-named headers go; the rest stays."""
         r = req(headers=[("Proxy-Authorization", "Basic x"), ("X-Secretless-Rule", "a"), ("x-secretless-request-id", "b"),
-                         ("Connection", "close, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "5"), ("TE", "gzip"),
+                         ("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "5"), ("TE", "gzip"),
                          ("Content-Length", "0"), ("X-Keep", "1")])
         ownheaders.strip(r, websocket=False)
         assert [k.lower() for k in r.headers] == ["content-length", "x-keep"]
+
+    def test_connection_close_is_the_one_token_kept(self):
+        """`Connection: close, X-Hop` leaves exactly `Connection: close` (mitmproxy closes the client's
+        connection after the answer from it); X-Hop still goes. HTTP/2 has no Connection header."""
+        r = req(headers=[("Connection", "close, X-Hop"), ("X-Hop", "1"), ("X-Keep", "1")])
+        ownheaders.strip(r, websocket=False)
+        assert list(r.headers.items()) == [("X-Keep", "1"), ("Connection", "close")]
+        h2 = req(headers=[("Connection", "close")])
+        h2.http_version = "HTTP/2.0"
+        ownheaders.strip(h2, websocket=False)
+        assert "connection" not in h2.headers
 
     def test_websocket_keeps_its_upgrade_pair(self):
         """A WebSocket handshake keeps Upgrade and gets exactly `Connection: Upgrade`."""

@@ -3,8 +3,9 @@
 Whatever the rule, a forwarded request carries none of the client's proxy credentials
 (``Proxy-Authorization``, also from ``curl --proxy-user``), nothing in the proxy's own
 ``X-Secretless-`` namespace and no hop-by-hop header (RFC 9110 §7.6.1): those are for the hop to
-the proxy, and an upstream must not read meaning into them. The one exception is the
-``Connection: Upgrade`` / ``Upgrade: websocket`` pair of a WebSocket handshake that passed policy.
+the proxy, and an upstream must not read meaning into them. The exceptions: the ``Connection:
+Upgrade`` / ``Upgrade: websocket`` pair of a WebSocket handshake that passed policy, and
+``Connection: close`` (alone), so that the client's connection is closed after the answer.
 
 Methods are case-sensitive (RFC 9110 §9.1): ``get`` is not ``GET``. mitmproxy upper-cases the
 method it shows the policy but forwards the bytes the client sent, so a ``GET`` rule would let
@@ -41,6 +42,9 @@ def strip(request: http.Request, *, websocket: bool) -> None:
     named: set[str] = set()
     for value in request.headers.get_all("connection"):
         named.update(t.strip().lower() for t in value.split(",") if t.strip())
+    # A client's `Connection: close` is for the hop to the proxy, but mitmproxy decides whether to
+    # close that hop from this same request: without it the connection stayed open after the answer.
+    close = "close" in named and not (request.is_http2 or request.is_http3)
     keep = {"upgrade"} if websocket else set()
     # Connection may name end-to-end framing headers too; mitmproxy owns those, never drop them.
     named -= {"content-length", "transfer-encoding", "host"} | keep
@@ -54,3 +58,5 @@ def strip(request: http.Request, *, websocket: bool) -> None:
             request.headers.pop(name, None)
     if websocket:
         request.headers["Connection"] = "Upgrade"
+    elif close:
+        request.headers["Connection"] = "close"  # the one token kept: the upstream hop closes too
