@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -173,6 +174,8 @@ class LoopbackServer:
 
     def __exit__(self, *exc: object) -> None:
         self._stop = True
+        with contextlib.suppress(OSError):  # close() alone does not wake a thread blocked in accept()
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._thread.join(timeout=5)
 
