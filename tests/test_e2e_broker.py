@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 import ssl
 import threading
 import time
@@ -138,9 +139,11 @@ def config_path(proxy: ProxyProcess) -> Path:
 
 
 def rewrite_config(proxy: ProxyProcess, config: dict) -> None:
-    """Rewrite the config file in place and wait until the proxy says it reloaded it."""
+    """Rewrite the config file in place, SIGHUP the proxy (the file watcher would take up to a
+    second; its own tests are in test_e2e_observability) and wait until it says it reloaded."""
     before = proxy.output().count("config reloaded")
     config_path(proxy).write_text(yaml.safe_dump(config, sort_keys=False))
+    proxy.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: proxy.output().count("config reloaded") > before, timeout=10, what="'config reloaded'")
 
 
