@@ -124,6 +124,14 @@ class TestDescriptorBudget:
 
 
 class TestAdmission:
+    @pytest.fixture(autouse=True)
+    def _own_master(self):
+        # A master of its own: mitmproxy's ctx.master outlives a taddons.context, and one left with
+        # a Proxyserver by an earlier test (TestListeningAddress) made these connections "not
+        # listening" when a worker ran them in that order.
+        with taddons.context():
+            yield
+
     def guard(self, metrics: Metrics, **limits) -> ConnectionGuard:
         lim = replace(LimitsConfig(), **limits)
         return ConnectionGuard(metrics, lambda: lim)
