@@ -42,7 +42,7 @@ from secretless_proxy.breaker import CLOSED, Backoff, Breakers
 from secretless_proxy.config.model import BrokerConfig
 from secretless_proxy.credentials.base import IssuedCredential, Provider, ProviderError, RequestContext
 from secretless_proxy.errors import CredentialError
-from secretless_proxy.reasons import Reason
+from secretless_proxy.reasons import REVOCATION_REASONS, Reason
 from secretless_proxy.sharedcache import (
     credential_family,
     credential_key,
@@ -55,7 +55,7 @@ from secretless_proxy.store.base import Store, StoreError
 log = logging.getLogger(__name__)
 
 # The closed vocabulary of revocation reasons (a metric label: keep it bounded).
-REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual", "shutdown"})
+REASONS = REVOCATION_REASONS
 GRANT_MARK = "#grant="  # scope suffix of credentials brokered under a grant
 PER_REQUEST = "\x00per-request"  # the breaker key's scope for credentials minted per request
 

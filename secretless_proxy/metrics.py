@@ -38,7 +38,7 @@ ERROR_REASONS: frozenset[str] = reasons.PROXY_FAILURES
 DECISIONS = frozenset({"allowed", "injected", "denied", "error"})
 FETCH_OUTCOMES = frozenset({"success", "error", "timeout"})
 CACHE_RESULTS = frozenset({"hit", "miss", "refresh"})
-REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual", "shutdown"})
+REVOCATION_REASONS = reasons.REVOCATION_REASONS
 RELOAD_OUTCOMES = frozenset({"success", "error"})
 # Connection admission and deadlines (edge/connlimits.py, admin/health.py): which listener, and why.
 LISTENERS = frozenset({"proxy", "admin", "admin_api"})

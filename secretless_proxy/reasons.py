@@ -95,3 +95,7 @@ PROXY_FAILURES = frozenset({
     Reason.UPSTREAM_TLS_FAILED, Reason.UPSTREAM_TIMEOUT, Reason.RESPONSE_TOO_LARGE,
     Reason.RESPONSE_HEAD_TOO_LARGE, Reason.TRANSFER_ENCODING_REFUSED,
 })
+
+# Not a refusal: why a cached credential was dropped (broker.Broker.revoke), which is also the label
+# of secretless_revocations_total{reason}; spelled once here for both.
+REVOCATION_REASONS = frozenset({"expired", "config_changed", "grant_revoked", "grant_expired", "manual", "shutdown"})
