@@ -211,6 +211,33 @@ class TestLayerGuard:
         relay = inspect.getsource(websocket.WebsocketLayer.relay_messages.__wrapped__)
         assert "wsproto.events.Ping" in relay and "yield dst_ws.send2(ws_event)" in relay
         assert getattr(websocket.WebsocketConnection.send2, "__secretless_guard__", False)
+        send = _http1.Http1Client.send
+        assert getattr(send, "__secretless_guard__", False)
+        assert "Convert to an HTTP/1 request" in inspect.getsource(send.__wrapped__)
+
+    @pytest.mark.parametrize("content, framing", [
+        (None, b"transfer-encoding: chunked\r\n\r\n16\r\nDELETE /x HTTP/1.1\r\n\r\n\r\n0\r\n\r\n"),
+        (b"DELETE /x HTTP/1.1\r\n\r\n", b"content-length: 22\r\n\r\nDELETE /x HTTP/1.1\r\n\r\n"),
+    ], ids=["streamed", "buffered"])
+    def test_http2_body_without_content_length_is_framed_for_http1(self, content, framing):
+        """An HTTP/2 request with a body and no content-length goes to an HTTP/1.1 upstream framed:
+        chunked when streamed, Content-Length when buffered; its bytes never read as a request (review 28)."""
+        from mitmproxy.connection import Client, Server
+        from mitmproxy.options import Options
+        from mitmproxy.proxy import commands, context
+        from mitmproxy.proxy.layers.http._events import RequestData, RequestEndOfMessage, RequestHeaders
+        from mitmproxy.test import tutils
+
+        layerguard.install()
+        req = tutils.treq(http_version=b"HTTP/2.0", headers=((b"host", b"localhost"),), content=None)
+        req.data.content = content
+        ctx = context.Context(Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0), Options())
+        ctx.server = Server(address=("localhost", 443))
+        client = _http1.Http1Client(ctx)
+        out = b""
+        for event in (RequestHeaders(1, req, False), RequestData(1, b"DELETE /x HTTP/1.1\r\n\r\n"), RequestEndOfMessage(1)):
+            out += b"".join(c.data for c in client.send(event) if isinstance(c, commands.SendData))
+        assert out == b"GET /path HTTP/1.1\r\nhost: localhost\r\n" + framing
 
 
 class TestMessageTypeChecks:

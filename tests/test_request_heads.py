@@ -40,13 +40,28 @@ class _Stdlib(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     seen: list[dict] = []
+    requests: list[tuple[str, str, bytes]] = []  # every request it parsed: (method, path, body)
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         type(self).seen.append({k.lower(): v for k, v in self.headers.items()})
+        self._answer()
+
+    def _answer(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).requests.append((self.command, self.path, body))
         self.send_response(200)
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
+
+    do_POST = do_DELETE = _answer  # noqa: N815
 
     def log_message(self, *args):
         pass
@@ -56,7 +71,7 @@ class _Stdlib(http.server.BaseHTTPRequestHandler):
 def stdlib_upstream(pki):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stdlib)
     srv.socket = tls_server_context(certs.make_server_cert(ca=pki.upstream_ca)).wrap_socket(srv.socket, server_side=True)
-    _Stdlib.seen = []
+    _Stdlib.seen, _Stdlib.requests = [], []
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv.server_address[1]
     srv.shutdown()
@@ -259,6 +274,18 @@ class TestHttp2Framing:
         time.sleep(0.3)
         assert (status, json.loads(data)["reason"]) == (b"400", "header_invalid")
         assert not tls_target.reached()
+
+    @pytest.mark.parametrize("rule", ["allow", "inject"])
+    def test_body_without_content_length_is_framed_for_an_http1_upstream(self, start, pki, stdlib_upstream, rule):
+        """An HTTP/2 body without content-length whose bytes are an HTTP/1.1 request: the HTTP/1.1
+        upstream reads them as that request's (chunked) body, never as a second request that no rule
+        judged (hostile review 28: `DELETE /admin/smuggled` reached it)."""
+        proxy = start(stdlib_upstream, None) if rule == "allow" else start(None, stdlib_upstream)
+        smuggled = f"DELETE /admin/smuggled HTTP/1.1\r\nHost: localhost:{stdlib_upstream}\r\n\r\n".encode()
+        status, _ = h2_request(tunnel(proxy, pki, stdlib_upstream, alpn=["h2"]), stdlib_upstream, "/v1/x", body=smuggled)
+        time.sleep(0.3)
+        assert status == b"200"
+        assert _Stdlib.requests == [("POST", "/v1/x", smuggled)]
 
     def test_content_length_matching_the_body_passes(self, start, pki, tls_target):
         """A body of exactly its Content-Length is forwarded whole."""

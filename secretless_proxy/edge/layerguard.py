@@ -45,6 +45,15 @@
    fails one, or a field of another shape, goes to mitmproxy's own check, which raises the same
    TypeError as before.
 
+7. **Request framing toward an HTTP/1.1 upstream.** ``Http1Client.send`` turns an HTTP/2 (or
+   HTTP/3) request head into HTTP/1.1 as it is, and writes the DATA bytes raw after it. An HTTP/2
+   request needs no ``content-length``, so a head without one went out with no framing at all: the
+   upstream read an empty body and parsed the DATA as further requests that no rule had judged
+   (``DELETE /admin`` behind an allowed ``POST /v1/x``: hostile review 28). A request with a body
+   and no ``content-length`` is framed here: ``Content-Length`` when its whole body is already
+   buffered (an upstream such as S3 refuses chunked uploads), ``Transfer-Encoding: chunked``
+   when it is streamed.
+
 ``install()`` wraps these methods once per process; they are pinned to mitmproxy 12.2
 (``pyproject.toml``), and ``tests/test_redaction.py`` fails if the wrapped code changes shape.
 """
@@ -69,7 +78,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import websocket
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestProtocolError, ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestHeaders, RequestProtocolError, ResponseProtocolError
 from mitmproxy.utils import typecheck
 
 __all__ = ["RESPONSE_HEAD_TOO_LARGE", "RESPONSE_TRAILERS", "REQUEST_TRAILERS", "clean_message", "install"]
@@ -99,6 +108,7 @@ def install(response_head_limit: Callable[[], int] | None = None) -> None:
         return
     _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
     _http1.Http1Client.read_headers = _bounded_head(_guarded(_http1.Http1Client.read_headers))  # type: ignore[method-assign]
+    _http1.Http1Client.send = _framed_requests(_http1.Http1Client.send)  # type: ignore[method-assign]
     websocket.WebsocketLayer.relay_messages = _guarded(websocket.WebsocketLayer.relay_messages, trailers=False, ends=_killed_ending)  # type: ignore[method-assign]
     websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
     websocket.WebsocketConnection.send2 = _control_frames_scrubbed(websocket.WebsocketConnection.send2)  # type: ignore[method-assign]
@@ -199,6 +209,24 @@ def _bounded_head(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[.
                                                         ErrorCode.GENERIC_SERVER_ERROR))
                 return None
         return (yield from method(self, event))
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _framed_requests(send: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+    @functools.wraps(send)
+    def wrapper(self: _http1.Http1Client, event: Any) -> Generator[Any, Any, Any]:
+        if isinstance(event, RequestHeaders) and not event.end_stream:
+            request = event.request
+            # HTTP/1 requests keep the framing they were read with (Content-Length or chunked, or
+            # no body); the check is for the ones converted from HTTP/2 or HTTP/3 (point 7).
+            if (request.is_http2 or request.is_http3) and "content-length" not in request.headers:
+                if request.raw_content is not None:  # buffered: the whole body is what follows
+                    request.headers["content-length"] = str(len(request.raw_content))
+                else:
+                    request.headers["transfer-encoding"] = "chunked"
+        return send(self, event)
 
     wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
     return wrapper
