@@ -38,7 +38,7 @@ from secretless_proxy.edge import (
     wsjudge,
 )
 from secretless_proxy.edge.connlimits import ConnectionGuard
-from secretless_proxy.edge.httplayers import SCAN_LIMIT, TARGET, Guard, GuardedHttpLayer
+from secretless_proxy.edge.httplayers import SCAN_LIMIT, SENT, TARGET, Guard, GuardedHttpLayer
 from secretless_proxy.edge.shutdown import Drain
 from secretless_proxy.errors import ConfigError, CredentialError, IdentityError
 from secretless_proxy.identity import Workload
@@ -689,9 +689,12 @@ class Secretless:
         self._injected.pop(flow, None)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        # mitmproxy answers transport failures with its own page (no request id): log the id here.
-        log.warning("request %s to %s:%d failed upstream: %s", flow.id, flow.request.host, flow.request.port,
+        # The request ended without a response: a transport failure on either side (the client's
+        # HTTP/2 protocol error too, hostile review 29), so the line does not say which.
+        log.warning("request %s to %s:%d ended without a response: %s", flow.id, flow.request.host, flow.request.port,
                     flow.error.msg if flow.error else "unknown error")
+        if not flow.metadata.get(SENT):  # ended before its head went upstream: its credential was not used
+            self._unsent(flow)
         injected = self._injected.pop(flow, None)
         if injected is not None:
             injected.scrub(flow.request)

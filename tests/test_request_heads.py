@@ -16,6 +16,11 @@ import ssl
 import threading
 import time
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
 import pytest
 from helpers.clients import OPEN_SOCKETS, h2_request, svid_tunnel
 from helpers.e2e_broker import metric
@@ -286,6 +291,43 @@ class TestHttp2Framing:
         time.sleep(0.3)
         assert status == b"200"
         assert _Stdlib.requests == [("POST", "/v1/x", smuggled)]
+
+    @pytest.mark.parametrize("rule", ["allow", "inject"])
+    @pytest.mark.parametrize("head, data", [
+        ([("content-length", "10")], b"abc"),
+        ([("content-length", "2")], b"abcdef"),
+        ([("connection", "keep-alive")], b"abc"),
+    ], ids=["shorter than content-length", "longer than content-length", "connection-specific header"])
+    def test_malformed_request_is_refused_audited_and_counted(self, start, pki, tls_target, rule, head, data):
+        """What the h2 library refuses with a connection error (DATA that contradicts content-length, a
+        connection-specific header) is a refusal too: audited, counted, the GOAWAY naming its request id;
+        nothing reaches the target and no credential is audited as used (hostile review 29)."""
+        proxy = start(tls_target.port, None) if rule == "allow" else start(None, tls_target.port)
+        denied = metric(proxy.admin_port, "secretless_denied_total", reason="protocol_refused")
+        s = tunnel(proxy, pki, tls_target.port, alpn=["h2"])
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))  # send them as they are
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{tls_target.port}"),
+                              (":path", "/v1/x"), *head], end_stream=False)
+        conn.send_data(1, data, end_stream=True)
+        s.sendall(conn.data_to_send())
+        ended: list[h2.events.ConnectionTerminated] = []  # h2 sends its own GOAWAY first, then the proxy's
+        while chunk := s.recv(65536):
+            try:
+                ended += [e for e in conn.receive_data(chunk) if isinstance(e, h2.events.ConnectionTerminated)]
+            except h2.exceptions.ProtocolError:  # frames after the first GOAWAY
+                break
+        time.sleep(0.3)
+        assert ended and {e.error_code for e in ended} == {h2.errors.ErrorCodes.PROTOCOL_ERROR}
+        debug = b" ".join(e.additional_data or b"" for e in ended)
+        audit = [json.loads(line) for line in proxy.output().splitlines() if line.startswith('{"')]
+        [refused] = [a for a in audit if a.get("event") == "request.denied"]
+        assert refused["reason"] == "protocol_refused"
+        assert f"request id {refused['request_id']}".encode() in debug
+        assert not [a for a in audit if a.get("event") == "credential.used"]
+        assert metric(proxy.admin_port, "secretless_denied_total", reason="protocol_refused") == denied + 1
+        assert not tls_target.reached()
 
     def test_content_length_matching_the_body_passes(self, start, pki, tls_target):
         """A body of exactly its Content-Length is forwarded whole."""

@@ -46,6 +46,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
+import h2.errors
 from mitmproxy import http
 from mitmproxy.connection import Client, Server
 from mitmproxy.proxy import commands, events, layer
@@ -71,6 +72,7 @@ from mitmproxy.proxy.layers.http import (
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 from mitmproxy.proxy.utils import expect
 
 from secretless_proxy.config.model import LimitsConfig
@@ -82,6 +84,7 @@ from secretless_proxy.refusal import Refusal, error_response
 TARGET = "secretless.target"  # (scheme, authority) of the request target as the client wrote it
 SCAN_LIMIT = "secretless.scan_limit"  # bytes of response body the echo check may buffer
 LINGER_BYTES = 1024 * 1024  # body bytes of a refused request read (and dropped) before closing
+SENT = "secretless.sent"  # set once the request's head goes upstream: only then was a credential used
 
 
 class Upstreams(Protocol):
@@ -121,9 +124,9 @@ class GuardedHttpLayer(HttpLayer):
     # These two return mitmproxy's generator instead of delegating to it with ``yield from``: every
     # event and command of every stream passes here, and one more generator frame each was measurable.
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start) and self.context.client.alpn not in (b"h2",) \
-                and not (self.context.client.alpn or b"").startswith(b"h3"):
-            self.connections.setdefault(self.context.client, GuardedHttp1Server(self.context.fork(), guard=self.guard))
+        if isinstance(event, events.Start) and not (self.context.client.alpn or b"").startswith(b"h3"):
+            server = GuardedHttp2Server if self.context.client.alpn == b"h2" else GuardedHttp1Server
+            self.connections.setdefault(self.context.client, server(self.context.fork(), guard=self.guard))
         return super()._handle_event(event)
 
     def event_to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
@@ -179,6 +182,24 @@ class GuardedHttpLayer(HttpLayer):
                     (c.connected and not (self.context.client.alpn == b"h2" and c.alpn != b"h2")):
                 out.append(c)
         return out
+
+
+class GuardedHttp2Server(Http2Server):
+    """mitmproxy's HTTP/2 server side, plus: a protocol error of the client's is refused like any
+    other bad request, audited and counted (hostile review 29). The h2 library refuses a malformed
+    request (DATA that contradicts its content-length, a connection-specific header such as
+    ``connection`` or ``transfer-encoding``) with a connection error, so there is no stream left to
+    carry the JSON refusal: the GOAWAY's debug data names the problem and the request id of the
+    audit record. The requests still open on the connection end there; one whose head had not
+    gone upstream is not audited as a use of its credential (``SENT``)."""
+
+    def __init__(self, context: layer.Context, *, guard: Guard) -> None:
+        super().__init__(context)
+        self.guard = guard
+
+    def protocol_error(self, message: str, error_code: int = h2.errors.ErrorCodes.PROTOCOL_ERROR) -> layer.CommandGenerator[None]:
+        rid = self.guard.report_connection(self.context, Reason.PROTOCOL_REFUSED)
+        return super().protocol_error(f"{layerguard.clean_message(message)} (request id {rid})", error_code)
 
 
 class GuardedHttp1Server(Http1Server):
@@ -328,7 +349,10 @@ class GuardedHttpStream(HttpStream):
         connection the request will go over is judged for this request right before it is sent."""
         upstreams, on_failure = self.guard.upstreams, self.guard.on_upstream_failure
         if upstreams is None or on_failure is None:
-            return (yield from super().make_server_connection())
+            ok = yield from super().make_server_connection()
+            if ok:
+                self.flow.metadata[SENT] = True
+            return ok
         connection, err = yield GetHttpConnection(
             (self.flow.request.host, self.flow.request.port),
             self.flow.request.scheme == "https",
@@ -342,6 +366,7 @@ class GuardedHttpStream(HttpStream):
             refusal = upstreams.send_refusal(self.flow, connection)
             if refusal is None:
                 self.context.server = self.flow.server_conn = connection
+                self.flow.metadata[SENT] = True  # mitmproxy's callers send the head next, at once
                 return True
             self.guard.on_refusal(self.flow, refusal)
         streaming = self.client_state == self.state_wait_for_request_headers or self.flow.request.stream
