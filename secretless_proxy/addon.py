@@ -400,10 +400,6 @@ class Secretless:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Identity and policy are decided on the head: a refused request's body is never read
         # (httplayers.GuardedHttpStream answers at once), an allowed one is streamed.
-        if flow.error and flow.request.method == "CONNECT" and flow.response is None:
-            # mitmproxy refuses a CONNECT inside a tunnel (its transparent mode) itself: audit and count it.
-            self._report_refusal(flow, Refusal(400, Reason.PROTOCOL_REFUSED, "CONNECT inside a tunnel is not supported"))
-            return
         if flow.response or flow.error or not flow.live:
             return
         if not self.guard.admit_request(flow):

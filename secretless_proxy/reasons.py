@@ -61,6 +61,7 @@ class Reason(StrEnum):
     RESPONSE_TOO_LARGE = "response_too_large"  # 502: inject-rule response over limits.max_response_scan_bytes
     RESPONSE_HEAD_TOO_LARGE = "response_head_too_large"  # 502: upstream head over limits.max_response_head_bytes
     TRANSFER_ENCODING_REFUSED = "transfer_encoding_refused"  # 502: upstream Transfer-Encoding other than chunked
+    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"  # 502: the upstream's response could not be read (malformed, cut)
 
     # The admin API only (admin/api.py): an origin server's refusals of an admin's request.
     NOT_ADMIN = "not_admin"  # 403: a verified workload not under admin.workloads
@@ -93,7 +94,7 @@ PROXY_FAILURES = frozenset({
     Reason.CREDENTIAL_UNAVAILABLE, Reason.AUDIT_UNAVAILABLE, Reason.STORE_UNAVAILABLE, Reason.NOT_CONFIGURED,
     Reason.INTERNAL_ERROR, Reason.DNS_FAILED, Reason.DNS_TIMEOUT, Reason.UPSTREAM_UNREACHABLE,
     Reason.UPSTREAM_TLS_FAILED, Reason.UPSTREAM_TIMEOUT, Reason.RESPONSE_TOO_LARGE,
-    Reason.RESPONSE_HEAD_TOO_LARGE, Reason.TRANSFER_ENCODING_REFUSED,
+    Reason.RESPONSE_HEAD_TOO_LARGE, Reason.TRANSFER_ENCODING_REFUSED, Reason.UPSTREAM_PROTOCOL_ERROR,
 })
 
 # Not a refusal: why a cached credential was dropped (broker.Broker.revoke), which is also the label

@@ -208,14 +208,17 @@ class TestNoRawRelay:
         assert audited(proxy, "protocol_refused")
 
     def test_connect_inside_a_tunnel_never_tunnels(self, proxy, pki, tls_target):
-        """A CONNECT sent inside an intercepted tunnel is refused and audited; no nested tunnel opens."""
+        """A CONNECT sent inside an intercepted tunnel is refused in the error contract (JSON, not
+        mitmproxy's HTML page) and audited under the id it names; no nested tunnel opens."""
         s = svid_tunnel(proxy, pki, tls_target.port)
         s.sendall(f"CONNECT 127.0.0.1:{tls_target.port} HTTP/1.1\r\nHost: 127.0.0.1:{tls_target.port}\r\n\r\n".encode())
-        status, _ = read_response(s)
+        status, body = read_response(s)
         settle()
-        assert status == 400
+        assert (status, body.get("reason")) == (400, "protocol_refused"), body
+        assert "CONNECT inside a tunnel" in body["error"]
         assert not tls_target.reached()
-        assert audited(proxy, "protocol_refused")
+        assert any(json.loads(line).get("request_id") == body["request_id"] for line in proxy.output().splitlines()
+                   if line.startswith("{") and '"request.denied"' in line)
 
     def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
         """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""

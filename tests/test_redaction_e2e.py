@@ -281,8 +281,8 @@ def test_redaction_table(proxy_factory, pki, forms_upstream, moto, tmp_path, inj
 
 
 class TestUpstreamProtocolErrors:
-    def _get_twice(self, proxy_factory, pki, respond):
-        with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond) as up:
+    def _get_twice(self, proxy_factory, pki, respond, *, hang_up: bool = False):
+        with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond, hang_up=hang_up) as up:
             rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
                     "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
             p = proxy_factory(base_config(pki, rules=[rule]))
@@ -293,10 +293,19 @@ class TestUpstreamProtocolErrors:
                 first = c.get(f"{up.url}/v1/x")
                 again = c.get(f"{up.url}/v1/y")  # the proxy is still serving
             assert up.requests == 2
+        out = p.output()
+        denied = {json.loads(line)["request_id"]: json.loads(line) for line in out.splitlines()
+                  if line.startswith("{") and '"request.denied"' in line}
+        used = [json.loads(line) for line in out.splitlines() if line.startswith("{") and '"credential.used"' in line]
         for r in (first, again):
             assert r.status_code == 502
             assert not leaks(r.text + str(r.headers) + r.reason_phrase, {SECRET})
-        out = p.output()
+            # The error contract, not mitmproxy's HTML page: JSON naming the reason and the request id
+            # of its audit record (hostile review 32); the credential went upstream, so it was used.
+            body = r.json()
+            assert r.headers["x-secretless-request-id"] == body["request_id"]
+            assert denied[body["request_id"]]["reason"] == body["reason"] == "upstream_protocol_error"
+            assert [u["status"] for u in used if u["request_id"] == body["request_id"]] == [502]
         assert not leaks(out, {SECRET})
         assert "Traceback" not in out and "has crashed" not in out
         return first
@@ -310,4 +319,11 @@ class TestUpstreamProtocolErrors:
     def test_malformed_response_error_does_not_quote_the_upstream(self, proxy_factory, pki, respond):
         """A status or header line mitmproxy cannot parse gives a 502 that names the problem, not the line's bytes."""
         r = self._get_twice(proxy_factory, pki, respond)
-        assert "Cannot parse HTTP response" in r.text
+        assert "Cannot parse HTTP response" in r.json()["error"]
+
+    @pytest.mark.parametrize("respond", [lambda auth: b"", lambda auth: b"HTTP/1.1 200 OK\r\nContent-Le"],
+                             ids=["closed_unanswered", "head_cut_short"])
+    def test_upstream_closing_before_its_response_is_a_json_502(self, proxy_factory, pki, respond):
+        """An upstream that closes before its response head is complete gets the client a 502 in the error contract."""
+        r = self._get_twice(proxy_factory, pki, respond, hang_up=True)
+        assert "could not be read" in r.json()["error"]

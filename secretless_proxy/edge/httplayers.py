@@ -68,6 +68,7 @@ from mitmproxy.proxy.layers.http import (
     ResponseProtocolError,
     ResponseTrailers,
     SendHttp,
+    validate_request,
 )
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
@@ -295,6 +296,8 @@ class GuardedHttpStream(HttpStream):
         self._request_bytes = 0
         self._response_bytes = 0
         self._discarded = 0
+        self._head_ends_stream = False
+        self._answered = False  # withheld while the request body was still streaming (_withhold)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, UnreadableRequestBody):
@@ -309,6 +312,7 @@ class GuardedHttpStream(HttpStream):
             event = dataclasses.replace(event, replay_flow=http.HTTPFlow(self.context.client, self.context.server))
         assert event.replay_flow is not None
         event.replay_flow.metadata[TARGET] = (event.request.scheme, event.request.authority)
+        self._head_ends_stream = event.end_stream
         if (why := requesthead.framing(event.request, end_stream=event.end_stream)) is not None:
             event.replay_flow.metadata[requesthead.MALFORMED] = why  # refused by the addon on the head
         yield from super().state_wait_for_request_headers(event)
@@ -385,7 +389,7 @@ class GuardedHttpStream(HttpStream):
                 self.client_state = self.server_state = self.state_errored
         elif isinstance(event, RequestEndOfMessage):
             self.client_state = self.state_done
-            if self.server_state == self.state_done:
+            if self.server_state == self.state_done or self._answered:
                 yield from self.flow_done()
 
     @expect(RequestData, RequestTrailers, RequestEndOfMessage)
@@ -454,14 +458,53 @@ class GuardedHttpStream(HttpStream):
         return super().state_wait_for_response_headers(event)
 
     def handle_protocol_error(self, event: RequestProtocolError | ResponseProtocolError) -> layer.CommandGenerator[None]:
-        if isinstance(event, ResponseProtocolError) and event.message == layerguard.RESPONSE_HEAD_TOO_LARGE \
-                and self.server_state == self.state_wait_for_response_headers and self.client_state != self.state_errored:
-            limit = self.guard.limits().max_response_head_bytes
-            return self._withhold(Refusal(
-                502, Reason.RESPONSE_HEAD_TOO_LARGE, f"the upstream's response head is larger than "
-                f"limits.max_response_head_bytes ({limit} bytes)", self.flow.metadata.get("secretless.rule")),
-                abort_upstream=False)  # layerguard closed that connection
+        # The upstream's response failed before the client got any of it (a head that does not parse,
+        # trailers, a connection closed or reset before the response ended): answered in the error
+        # contract, audited and counted, not with mitmproxy's HTML page (hostile review 32). Once part
+        # of the response went to the client, the client connection (or HTTP/2 stream) is cut, as in mitmproxy.
+        if isinstance(event, ResponseProtocolError) and self.client_state != self.state_errored \
+                and self.server_state in (self.state_wait_for_response_headers, self.state_consume_response_body) \
+                and event.code is not ErrorCode.CONNECT_FAILED and event.code.http_status_code() is not None:
+            return self._withhold(self._upstream_error(event), abort_upstream=False)  # that connection is closed
         return super().handle_protocol_error(event)
+
+    def _upstream_error(self, event: ResponseProtocolError) -> Refusal:
+        rule = self.flow.metadata.get("secretless.rule")
+        if event.message == layerguard.RESPONSE_HEAD_TOO_LARGE:
+            limit = self.guard.limits().max_response_head_bytes
+            return Refusal(502, Reason.RESPONSE_HEAD_TOO_LARGE, f"the upstream's response head is larger than "
+                           f"limits.max_response_head_bytes ({limit} bytes)", rule)
+        # mitmproxy's text up to the first quoted value (layerguard cleans what its readers say; this
+        # covers the HTTP/2 client too): what failed, never the upstream's bytes.
+        return Refusal(502, Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response could not be read "
+                       f"({layerguard.clean_message(event.message)}); nothing of it was relayed", rule)
+
+    def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
+        """mitmproxy's check of a request head, answered in the error contract (hostile review 33): a
+        CONNECT inside a tunnel, a request target whose scheme is not http(s), framing headers its
+        smuggling check refuses. mitmproxy answered these with its HTML page, naming its own options."""
+        if not request:
+            return (yield from super().check_invalid(request))
+        err = validate_request(self.mode, self.flow.request, self.context.options.validate_inbound_headers)
+        if err is None:
+            return False
+        if self.flow.request.method == "CONNECT":
+            refusal = Refusal(400, Reason.PROTOCOL_REFUSED, "CONNECT inside a tunnel is not supported; "
+                              "open one tunnel per destination")
+        elif self.flow.request.scheme not in ("http", "https", ""):
+            refusal = Refusal(400, Reason.PROTOCOL_REFUSED, "the request target's scheme is not http or https")
+        else:
+            refusal = Refusal(400, Reason.HEADER_INVALID, "the request's framing headers are invalid "
+                              "(refused: a request that could be read two ways is never forwarded)")
+        self.guard.on_refusal(self.flow, refusal)
+        self.flow.response = error_response(self.flow.id, refusal)
+        if self.context.client.alpn != b"h2":  # HTTP/2 has no Connection header; the stream ends
+            self.flow.response.headers["Connection"] = "close"  # nothing after it is read
+        self.client_state = self.state_done if self._head_ends_stream else self.state_discard_request_body
+        self.server_state = self.state_wait_for_response_headers
+        yield HttpResponseHeadersHook(self.flow)
+        yield from self.send_response()
+        return True
 
     @expect(ResponseData, ResponseTrailers, ResponseEndOfMessage)
     def state_consume_response_body(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -486,6 +529,12 @@ class GuardedHttpStream(HttpStream):
                            self.context.server)
         self.guard.on_refusal(self.flow, refusal)
         self.flow.response = error_response(self.flow.id, refusal)
+        if self.client_state == self.state_stream_request_body:  # the upstream ended before the request did
+            if self.context.client.alpn != b"h2":
+                self.flow.response.headers["Connection"] = "close"
+            self.client_state = self.state_discard_request_body  # the rest of the body goes nowhere
+            self._discarded = 0
+            self._answered = True
         yield from self.send_response()
         self.server_state = self.state_errored  # swallow what the aborted upstream still sends
 

@@ -236,9 +236,10 @@ def bad_header_line_response(auth: bytes) -> bytes:
 class RawUpstream(TlsListener):
     """An HTTP/1.1 TLS upstream answering each request with ``respond(authorization)`` bytes as they are."""
 
-    def __init__(self, *, server_cert: Issued, respond: Callable[[bytes], bytes]) -> None:
+    def __init__(self, *, server_cert: Issued, respond: Callable[[bytes], bytes], hang_up: bool = False) -> None:
         super().__init__(tls_server_context(server_cert))
         self._respond = respond
+        self._hang_up = hang_up  # close the connection right after the response bytes
         self.url = f"https://localhost:{self.port}"
         self.requests = 0
 
@@ -255,4 +256,5 @@ class RawUpstream(TlsListener):
             return
         self.requests += 1
         conn.sendall(self._respond(head_field(head, b"authorization") or b""))
-        conn.recv(4096)  # wait for the proxy to close
+        if not self._hang_up:
+            conn.recv(4096)  # wait for the proxy to close
