@@ -45,6 +45,7 @@ class Reason(StrEnum):
     HEAD_TOO_LARGE = "head_too_large"  # 431: request line + headers over limits.max_request_head_bytes
     BODY_TOO_LARGE = "body_too_large"  # 413: request body over limits.max_request_body_bytes
     BODY_MALFORMED = "body_malformed"  # 400: HTTP/1.1 body framing broken (chunk size/CRLF) or cut short by EOF
+    BODY_TIMEOUT = "body_timeout"  # 408: no request body bytes for limits.request_body_timeout
 
     # 5xx: the proxy could not do its part (metrics: decision="error").
     CREDENTIAL_UNAVAILABLE = "credential_unavailable"  # 503: the provider failed, nothing valid cached

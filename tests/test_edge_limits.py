@@ -9,6 +9,8 @@ the probes from 127.0.0.1, as a kubelet and a workload would from their own addr
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import resource
 import signal
@@ -20,9 +22,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import requests
-from helpers.clients import curl, http_exchange, tunnel
+from helpers.clients import curl, http_exchange, svid_tunnel, tunnel
 from helpers.idp import IdP
 from helpers.net import free_port
 from helpers.proxy import base_config
@@ -184,6 +189,86 @@ class TestSlowloris:
         assert r.status == 200, r
         for a in attackers:
             a.close()
+
+
+class TestRequestBodyDeadline:
+    """A request body that stops arriving gets ``408 body_timeout`` (hostile review 35): before, no
+    deadline ran while a request was in flight, so a head and a stalled body held the client
+    connection, and an upstream connection and stream, for mitmproxy's 600 s."""
+
+    @pytest.fixture
+    def proxy(self, proxy_factory, pki, upstream):
+        return proxy_factory(config(pki, upstream.port, limits={"request_body_timeout_seconds": 1}))
+
+    @staticmethod
+    def _stalled(upstream, path: str) -> list[dict]:
+        return [r for r in upstream.requests if r["path"] == path]
+
+    def test_stalled_body_gets_408_and_the_connection_is_closed(self, proxy, pki, upstream):
+        """10 of 100 declared bytes, then nothing: 408 in the error contract within seconds, connection closed."""
+        t = open_tunnel(proxy, upstream.port, pki)
+        started = time.monotonic()
+        t.sendall(b"POST /v1/stalled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789")
+        resp = http.client.HTTPResponse(t)
+        resp.begin()
+        body = json.loads(resp.read())
+        assert (resp.status, body["reason"]) == (408, "body_timeout"), body
+        assert time.monotonic() - started < 8
+        assert resp.getheader("x-secretless-request-id") == body["request_id"]
+        assert closed_within(t, 3), "the connection stayed open after the body deadline"
+        # The streamed request was aborted upstream: it never arrived whole.
+        assert all(len(r.get("body", "")) < 100 for r in self._stalled(upstream, "/v1/stalled"))
+        assert metric(admin_url(proxy), "secretless_denied_total", reason="body_timeout") >= 1
+        assert any('"body_timeout"' in line for line in proxy.output().splitlines() if '"request.denied"' in line)
+
+    def test_a_body_that_keeps_arriving_is_not_cut(self, proxy, pki, upstream):
+        """The deadline is between two reads: 12 bytes 0.4 s apart (about 5 s in all) against 1 s still pass."""
+        t = open_tunnel(proxy, upstream.port, pki)
+        t.sendall(b"POST /v1/trickled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 12\r\n\r\n")
+        for byte in b"hello, world":
+            time.sleep(0.4)
+            t.sendall(bytes([byte]))
+        resp = http.client.HTTPResponse(t)
+        resp.begin()
+        resp.read()
+        assert resp.status == 200
+        assert [r["body"] for r in self._stalled(upstream, "/v1/trickled")] == ["hello, world"]
+
+    def test_http2_stalled_stream_is_answered_and_its_connection_serves_on(self, proxy, pki, upstream):
+        """On HTTP/2 the stalled stream gets the 408 and is reset; the connection's next request is served."""
+        s = svid_tunnel(proxy.port, upstream.port, pki=pki, alpn=["h2"])
+        _OPEN.append(s)
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{upstream.port}"),
+                              (":path", "/v1/stalled-h2"), ("content-length", "100")])
+        conn.send_data(1, b"0123456789")
+        s.sendall(conn.data_to_send())
+        status, data, reset = None, b"", False
+        s.settimeout(8)
+        while not reset:
+            chunk = s.recv(65536)
+            assert chunk, "the connection was closed"
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
+                    status = dict(ev.headers)[b":status"]
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
+                    data += ev.data
+                elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == 1:
+                    reset = True
+            s.sendall(conn.data_to_send())
+        assert status == b"408" and json.loads(data)["reason"] == "body_timeout"
+        conn.send_headers(3, [(":method", "GET"), (":scheme", "https"), (":authority", f"localhost:{upstream.port}"),
+                              (":path", "/v1/after")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        status = None
+        while status is None:
+            chunk = s.recv(65536)
+            assert chunk, "the connection was closed"
+            for ev in conn.receive_data(chunk):
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 3:
+                    status = dict(ev.headers)[b":status"]
+        assert status == b"200"
 
 
 class TestIdle:

@@ -86,6 +86,7 @@ class LimitsConfig:
     max_response_head_bytes: int = 64 * 1024  # upstream status line + headers; over it: 502
     handshake_timeout: float = 10.0  # TLS handshake / CONNECT head, from accept
     request_head_timeout: float = 15.0  # from the first byte of a request to the end of its head
+    request_body_timeout: float = 30.0  # the longest a request body may go without bytes arriving; over it: 408
     idle_timeout: float = 60.0  # keep-alive connection with no request in flight
     max_connections: int = 4096  # concurrent client connections, all clients
     max_connections_per_client: int = 256  # concurrent client connections from one address

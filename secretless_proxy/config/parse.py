@@ -149,6 +149,7 @@ _LIMIT_SIZES = {
 _LIMIT_TIMES = {
     "handshake_timeout_seconds": ("handshake_timeout", 0.5, 600),
     "request_head_timeout_seconds": ("request_head_timeout", 0.5, 600),
+    "request_body_timeout_seconds": ("request_body_timeout", 0.5, 3600),
     "idle_timeout_seconds": ("idle_timeout", 1, 3600),
     "drain_seconds": ("drain_seconds", 0, 3600),
 }

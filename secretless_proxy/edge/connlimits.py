@@ -27,8 +27,9 @@ are dropped by the HTTP layer before a flow exists (``admit_stream``, edge/httpl
 already made is killed before the addon judges it (``admit_request``): neither is audited.
 Counted in ``secretless_connections_closed_total{listener="proxy",reason}``.
 
-No deadline runs while a request (or a WebSocket) is in flight, except for a request refused on
-its head whose body has not arrived: it gets ``request_head`` again. A closed connection is counted in
+No connection deadline runs while a request (or a WebSocket) is in flight, except for a request
+refused on its head whose body has not arrived: it gets ``request_head`` again. A request's own
+body has ``limits.request_body_timeout`` between two reads (``httplayers.GuardedHttpStream``: 408). A closed connection is counted in
 ``secretless_connection_timeouts_total{listener="proxy",reason}``; refusals in
 ``secretless_connections_refused_total``. Neither is audited: they are not requests, and an
 audit record per refused socket would let anyone fill the audit log. The log gets at most one

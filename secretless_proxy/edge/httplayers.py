@@ -43,6 +43,7 @@ The addon reports every refusal made here through ``on_refusal`` (audit, metric,
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -298,11 +299,54 @@ class GuardedHttpStream(HttpStream):
         self._discarded = 0
         self._head_ends_stream = False
         self._answered = False  # withheld while the request body was still streaming (_withhold)
+        self._body_clock: commands.RequestWakeup | None = None
+        self._body_seen = 0.0  # when the last request body bytes arrived (time.monotonic)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, UnreadableRequestBody):
             return self._refuse_unreadable(event)
+        if isinstance(event, events.Wakeup) and event.command is self._body_clock:
+            return self._body_clock_rang()
         return super()._handle_event(event)
+
+    # -- the request body's deadline (hostile review 35) -----------------------------------------
+    # A client that sends a head and then stalls inside its body held the connection, and on a
+    # streamed request an upstream connection and stream too, until mitmproxy's 600 s tcp_timeout:
+    # no connection deadline runs while a request is in flight. The body gets
+    # limits.request_body_timeout between two reads; one wakeup at a time per request.
+
+    def _start_body_clock(self) -> layer.CommandGenerator[None]:
+        self._body_seen = time.monotonic()
+        self._body_clock = commands.RequestWakeup(self.guard.limits().request_body_timeout)
+        yield self._body_clock
+
+    def _body_clock_rang(self) -> layer.CommandGenerator[None]:
+        self._body_clock = None
+        if self.client_state not in (self.state_consume_request_body, self.state_stream_request_body):
+            return  # the body is in (or was refused): nothing to time
+        timeout = self.guard.limits().request_body_timeout
+        waited = time.monotonic() - self._body_seen
+        if waited < timeout:
+            self._body_clock = commands.RequestWakeup(timeout - waited)
+            yield self._body_clock
+            return
+        refusal = Refusal(408, Reason.BODY_TIMEOUT, f"no request body bytes arrived for limits.request_body_timeout "
+                          f"({timeout:g} s); the request was refused", self.flow.metadata.get("secretless.rule"))
+        if self.client_state == self.state_consume_request_body:
+            self.guard.unsent(self.flow)  # never sent: its credential was not used
+            yield from self._refuse_body(streaming=False, refusal=refusal)
+        else:
+            yield from self._refuse_body(streaming=True, refusal=refusal, abort=ErrorCode.GENERIC_CLIENT_ERROR)
+        if self.context.client.alpn == b"h2":
+            # The answer is complete; the client's half of the stream is reset (RFC 9113 §8.1), the
+            # connection and its other streams go on.
+            yield SendHttp(ResponseProtocolError(self.stream_id, "request body timeout", ErrorCode.CANCEL),
+                           self.context.client)
+        else:
+            yield commands.CloseConnection(self.context.client)  # the rest of this body is never read
+        self.client_state = self.server_state = self.state_errored
+        self.flow.live = False
+        yield DropStream(self.stream_id)
 
     @expect(RequestHeaders)
     def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
@@ -322,6 +366,8 @@ class GuardedHttpStream(HttpStream):
             self.flow.response.headers["Connection"] = "close"
             yield HttpResponseHeadersHook(self.flow)
             yield from self.send_response()
+        elif not event.end_stream and self.client_state in (self.state_consume_request_body, self.state_stream_request_body):
+            yield from self._start_body_clock()  # a body is owed
 
     def start_request_stream(self) -> layer.CommandGenerator[None]:
         # The body already failed while the request hooks ran (the event waits in the queue mitmproxy's
@@ -403,8 +449,10 @@ class GuardedHttpStream(HttpStream):
     def _judge_body_event(self, event: events.Event, relay: Callable[[events.Event], layer.CommandGenerator[None]],
                           *, streaming: bool) -> layer.CommandGenerator[None]:
         """Refuse a body over the limit and request trailers; ``relay`` (mitmproxy's state) takes the rest."""
-        if isinstance(event, RequestData) and self._over_body_limit(event):
-            return self._refuse_body(streaming=streaming)
+        if isinstance(event, RequestData):
+            self._body_seen = time.monotonic()
+            if self._over_body_limit(event):
+                return self._refuse_body(streaming=streaming)
         if isinstance(event, RequestTrailers):
             return self._refuse_body(streaming=streaming, refusal=self._trailers_refusal())
         return relay(event)
