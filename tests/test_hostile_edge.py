@@ -220,6 +220,20 @@ class TestNoRawRelay:
         assert any(json.loads(line).get("request_id") == body["request_id"] for line in proxy.output().splitlines()
                    if line.startswith("{") and '"request.denied"' in line)
 
+    @pytest.mark.parametrize("head", [b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
+                                      b"GET /x HTTP/1.0\r\n\r\n"], ids=["no_host", "empty_host", "http10"])
+    def test_request_naming_no_destination_is_refused_in_the_error_contract(self, proxy, head):
+        """A request sent to the proxy port in origin form with no Host names no destination: a JSON 400,
+        audited under the id it carries (mitmproxy answered with its unaudited HTML page)."""
+        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        _SOCKETS.append(s)
+        s.sendall(head)
+        status, body = read_response(s)
+        assert (status, body.get("reason")) == (400, "protocol_refused"), body
+        assert "no destination" in body["error"]
+        assert any(json.loads(line).get("request_id") == body["request_id"] for line in proxy.output().splitlines()
+                   if line.startswith("{") and '"request.denied"' in line)
+
     def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
         """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""
         s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -153,3 +154,23 @@ class TestInProcess:
             tctx.options.update(listen_port=9999)
             tctx.configure(addon, secretless_config=config_file(tmp_path, pki, listen="127.0.0.3:7000"))
             assert (tctx.options.listen_host, tctx.options.listen_port) == ("127.0.0.3", 9999)
+
+
+class TestNoMitmproxyErrorPage:
+    def test_mitmproxys_own_body_size_limit_answers_in_the_error_contract(self, mitmdump, pki: Pki, upstream) -> None:
+        """mitmproxy's body_size_limit (an option of its own, allowed under mitmdump) refuses a large body
+        with its HTML page; the proxy's net under every such page answers in the error contract instead."""
+        rule = {"name": "billing-to-api", "workloads": ["spiffe://example.org/ns/prod/sa/billing"],
+                "to": {"host": "localhost", "port": upstream.port}, "action": "allow"}
+        p = mitmdump(base_config(pki, rules=[rule]), "--listen-host", "127.0.0.1", "-p", "0",
+                     "--set", "body_size_limit=1k")
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid("spiffe://example.org/ns/prod/sa/billing"))
+        with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
+            r = c.post(f"{upstream.url}/v1/x", content=b"x" * 5000)
+        assert r.status_code == 413
+        assert r.headers["content-type"] == "application/json", r.text
+        body = r.json()
+        assert body["reason"] == "body_too_large" and r.headers["x-secretless-request-id"] == body["request_id"]
+        assert "mitmproxy" not in r.text and "<html" not in r.text
+        assert not [q for q in upstream.requests if q["path"] == "/v1/x"]

@@ -49,7 +49,8 @@ from typing import Protocol
 
 import h2.errors
 from mitmproxy import http
-from mitmproxy.connection import Client, Server
+from mitmproxy.connection import Client, ConnectionState, Server
+from mitmproxy.net.http import url
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     DropStream,
@@ -57,6 +58,7 @@ from mitmproxy.proxy.layers.http import (
     GetHttpConnection,
     GetHttpConnectionCompleted,
     HttpLayer,
+    HTTPMode,
     HttpStream,
     RequestData,
     RequestEndOfMessage,
@@ -71,7 +73,7 @@ from mitmproxy.proxy.layers.http import (
     SendHttp,
     validate_request,
 )
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._base import HttpEvent, ReceiveHttp
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 from mitmproxy.proxy.layers.http._http2 import Http2Server
@@ -203,6 +205,37 @@ class GuardedHttp2Server(Http2Server):
         rid = self.guard.report_connection(self.context, Reason.PROTOCOL_REFUSED)
         return super().protocol_error(f"{layerguard.clean_message(message)} (request id {rid})", error_code)
 
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError) and event.code.http_status_code() is not None \
+                and not self.is_closed(event.stream_id) and self.is_open_for_us(event.stream_id) \
+                and not self.h2_conn.streams[event.stream_id].state_machine.headers_sent:
+            return self._answer(event)
+        return super()._handle_event(event)
+
+    def _answer(self, event: ResponseProtocolError) -> layer.CommandGenerator[None]:
+        """What mitmproxy would answer with its HTML error page, in the error contract (``unanswered``)."""
+        refusal = unanswered(event)
+        response = error_response(self.guard.report_connection(self.context, refusal.reason), refusal)
+        yield from super()._handle_event(ResponseHeaders(event.stream_id, response, False))
+        yield from super()._handle_event(ResponseData(event.stream_id, response.content or b""))
+        yield from super()._handle_event(ResponseEndOfMessage(event.stream_id))
+
+
+# What a stream that mitmproxy ends with an error of its own (ResponseProtocolError) is answered with
+# when no layer of the proxy answered it first: mitmproxy's page is HTML, unaudited, and may name an
+# address or quote bytes. The streams answer every known case themselves (GuardedHttpStream); this is
+# the net under them, so no path left in mitmproxy can send its page.
+_UNANSWERED = {
+    400: (Reason.PROTOCOL_REFUSED, "the proxy could not handle this request"),
+    413: (Reason.BODY_TOO_LARGE, "the request body is larger than this proxy accepts"),
+}
+
+
+def unanswered(event: ResponseProtocolError) -> Refusal:
+    status = event.code.http_status_code() or 502
+    reason, message = _UNANSWERED.get(status, (Reason.UPSTREAM_PROTOCOL_ERROR, "the request could not be completed"))
+    return Refusal(status, reason, message)
+
 
 class GuardedHttp1Server(Http1Server):
     def __init__(self, context: layer.Context, *, guard: Guard) -> None:
@@ -277,6 +310,12 @@ class GuardedHttp1Server(Http1Server):
         self.request_done = True
         yield ReceiveHttp(UnreadableRequestBody(self.stream_id, exc.reason, exc.message))
 
+    def send(self, event: HttpEvent) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError) and not self.response and event.code.http_status_code() is not None \
+                and self.conn.state & ConnectionState.CAN_WRITE:
+            return self._refuse(unanswered(event))  # never mitmproxy's HTML page (see ``unanswered``)
+        return super().send(event)
+
     def _refuse(self, refusal: Refusal) -> layer.CommandGenerator[None]:
         from secretless_proxy.edge.protocols import refusal_bytes
 
@@ -297,7 +336,6 @@ class GuardedHttpStream(HttpStream):
         self._request_bytes = 0
         self._response_bytes = 0
         self._discarded = 0
-        self._head_ends_stream = False
         self._answered = False  # withheld while the request body was still streaming (_withhold)
         self._body_clock: commands.RequestWakeup | None = None
         self._body_seen = 0.0  # when the last request body bytes arrived (time.monotonic)
@@ -356,7 +394,6 @@ class GuardedHttpStream(HttpStream):
             event = dataclasses.replace(event, replay_flow=http.HTTPFlow(self.context.client, self.context.server))
         assert event.replay_flow is not None
         event.replay_flow.metadata[TARGET] = (event.request.scheme, event.request.authority)
-        self._head_ends_stream = event.end_stream
         if (why := requesthead.framing(event.request, end_stream=event.end_stream)) is not None:
             event.replay_flow.metadata[requesthead.MALFORMED] = why  # refused by the addon on the head
         yield from super().state_wait_for_request_headers(event)
@@ -527,16 +564,31 @@ class GuardedHttpStream(HttpStream):
         return Refusal(502, Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response could not be read "
                        f"({layerguard.clean_message(event.message)}); nothing of it was relayed", rule)
 
+    def _destination_unknown(self) -> bool:
+        """mitmproxy's test for a request it cannot route (origin form to the proxy, no usable Host)."""
+        if self.mode is HTTPMode.transparent or self.flow.request.host:
+            return False
+        try:
+            url.parse_authority(self.flow.request.host_header or "", check=True)
+        except ValueError:
+            return True
+        return False
+
     def check_invalid(self, request: bool) -> layer.CommandGenerator[bool]:
         """mitmproxy's check of a request head, answered in the error contract (hostile review 33): a
         CONNECT inside a tunnel, a request target whose scheme is not http(s), framing headers its
-        smuggling check refuses. mitmproxy answered these with its HTML page, naming its own options."""
+        smuggling check refuses; and a request with no destination at all (origin form sent to the proxy
+        without a Host header), which mitmproxy refuses a step later. mitmproxy answered each with its
+        HTML page, unaudited, naming its own options."""
         if not request:
             return (yield from super().check_invalid(request))
         err = validate_request(self.mode, self.flow.request, self.context.options.validate_inbound_headers)
-        if err is None:
+        if err is None and not self._destination_unknown():
             return False
-        if self.flow.request.method == "CONNECT":
+        if err is None:
+            refusal = Refusal(400, Reason.PROTOCOL_REFUSED, "the request names no destination (no Host header); "
+                              "send it through a CONNECT tunnel or in absolute form")
+        elif self.flow.request.method == "CONNECT":
             refusal = Refusal(400, Reason.PROTOCOL_REFUSED, "CONNECT inside a tunnel is not supported; "
                               "open one tunnel per destination")
         elif self.flow.request.scheme not in ("http", "https", ""):
@@ -548,7 +600,7 @@ class GuardedHttpStream(HttpStream):
         self.flow.response = error_response(self.flow.id, refusal)
         if self.context.client.alpn != b"h2":  # HTTP/2 has no Connection header; the stream ends
             self.flow.response.headers["Connection"] = "close"  # nothing after it is read
-        self.client_state = self.state_done if self._head_ends_stream else self.state_discard_request_body
+        self.client_state = self.state_discard_request_body  # its end of message (or body) still comes: dropped
         self.server_state = self.state_wait_for_response_headers
         yield HttpResponseHeadersHook(self.flow)
         yield from self.send_response()
