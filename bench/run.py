@@ -169,10 +169,9 @@ class Procs:
             argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no",
                     f"--callgrind-out-file={logfile.parent / 'callgrind.out.%p'}"] + argv
         log(f"start {name}: {' '.join(argv)}")
-        fh = open(logfile, "ab")
-        p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, cwd=cwd, start_new_session=True)
-        fh.close()
+        with open(logfile, "ab") as fh:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, cwd=cwd, start_new_session=True)
         self.procs.append((name, p))
         return p
 
@@ -198,7 +197,7 @@ class Procs:
             pass
 
     def stop_all(self) -> None:
-        for name, p in reversed(self.procs):
+        for _name, p in reversed(self.procs):
             self.stop(p, grace=2.0)
         self.procs.clear()
 
@@ -388,7 +387,7 @@ def write_cert(cert: x509.Certificate, path: Path) -> None:
 
 
 def make_ca(cn: str, key) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder()
             .subject_name(_name(cn)).issuer_name(_name(cn))
             .public_key(key.public_key())
@@ -406,7 +405,7 @@ def make_ca(cn: str, key) -> x509.Certificate:
 
 def make_server_cert(ca_cert, ca_key, key, host: str) -> x509.Certificate:
     import ipaddress
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder()
             .subject_name(_name(host)).issuer_name(ca_cert.subject)
             .public_key(key.public_key())

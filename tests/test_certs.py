@@ -393,11 +393,11 @@ class TestEchoUpstream:
 
     def test_https_echoes_duplicate_headers(self, root: Issued, ca_file: Path) -> None:
         """Repeated header lines (httpx; requests cannot send them) are echoed in order."""
-        with EchoUpstream(server_cert=make_server_cert(ca=root)) as up:
-            with httpx.Client(verify=ssl.create_default_context(cafile=ca_file)) as client:
-                echo = client.get(
-                    f"{up.url}/h", headers=[("X-Dup", "one"), ("X-Other", "x"), ("X-Dup", "two")]
-                ).json()
+        with EchoUpstream(server_cert=make_server_cert(ca=root)) as up, \
+                httpx.Client(verify=ssl.create_default_context(cafile=ca_file)) as client:
+            echo = client.get(
+                f"{up.url}/h", headers=[("X-Dup", "one"), ("X-Other", "x"), ("X-Dup", "two")]
+            ).json()
         assert [[k, v] for k, v in echo["headers"] if k.lower().startswith("x-")] == [
             ["X-Dup", "one"],
             ["X-Other", "x"],
@@ -406,11 +406,11 @@ class TestEchoUpstream:
 
     def test_keep_alive_reuses_connection(self, root: Issued, ca_file: Path) -> None:
         """Several requests on one HTTP/1.1 connection all succeed (keep-alive works)."""
-        with httpx.Client(verify=ssl.create_default_context(cafile=ca_file)) as client:
-            with EchoUpstream(server_cert=make_server_cert(ca=root)) as up:
-                for i in range(3):
-                    assert client.put(f"{up.url}/r{i}", content=b"x" * i).json()["body"] == "x" * i
-                # The client still holds the pooled connection here; leaving must not hang.
+        with httpx.Client(verify=ssl.create_default_context(cafile=ca_file)) as client, \
+                EchoUpstream(server_cert=make_server_cert(ca=root)) as up:
+            for i in range(3):
+                assert client.put(f"{up.url}/r{i}", content=b"x" * i).json()["body"] == "x" * i
+            # The client still holds the pooled connection here; leaving must not hang.
         assert [r["path"] for r in up.requests] == ["/r0", "/r1", "/r2"]
         ports = {h[1] for r in up.requests for h in r["headers"] if h[0].lower() == "host"}
         assert len(ports) == 1

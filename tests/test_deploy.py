@@ -342,7 +342,7 @@ class TestKubernetes:
 class TestSystemd:
     def test_exec_start_parses(self) -> None:
         """ExecStart is a command line the CLI accepts."""
-        (line,) = [l for l in UNIT.read_text().splitlines() if l.startswith("ExecStart=")]
+        (line,) = [ln for ln in UNIT.read_text().splitlines() if ln.startswith("ExecStart=")]
         argv = shlex.split(line.removeprefix("ExecStart="))
         assert argv[0].endswith("/secretless-proxy")
         args = build_parser().parse_args(argv[1:])
@@ -365,5 +365,5 @@ class TestSystemd:
         unit = tmp_path / UNIT.name
         unit.write_text(UNIT.read_text().replace("/opt/secretless-proxy/bin/secretless-proxy", "/bin/true"))
         out = subprocess.run([tool, "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60)
-        problems = [l for l in (out.stdout + out.stderr).splitlines() if UNIT.name in l]
+        problems = [ln for ln in (out.stdout + out.stderr).splitlines() if UNIT.name in ln]
         assert not problems, problems

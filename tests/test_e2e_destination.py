@@ -246,7 +246,7 @@ class TestAllowed:
         headers = dict(echo.requests[-1]["headers"])
         assert headers["Host"] == f"ok.dest.test:{echo.port}"
         assert headers["Authorization"] == f"Bearer {SECRET}"
-        assert "upstream connection to ok.dest.test:%d at 127.0.0.1" % echo.port in proxy.output()
+        assert f"upstream connection to ok.dest.test:{echo.port} at 127.0.0.1" in proxy.output()
 
     def test_keep_alive_reuses_the_checked_connection(self, pki, client, proxy, echo):
         """Two requests on one tunnel share one upstream connection (the name is restored after connect)."""
