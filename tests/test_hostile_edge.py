@@ -491,6 +491,32 @@ class TestLimits:
         settle()
         assert audited(proxy, "body_too_large")
 
+    @pytest.mark.parametrize("http2", [False, True], ids=["http1", "h2"])
+    def test_body_over_the_limit_in_the_heads_write_never_sends_the_head(self, proxy_factory, pki,
+                                                                         tls_counting_target, http2):
+        """Head and an over-limit chunked body (HTTP/2: DATA with no content-length) in one write, on an
+        inject rule: 413, and neither the head with its credential nor a byte reaches the upstream
+        (hostile review 30: the head went out, then the 413). The credential was not used."""
+        target = tls_counting_target
+        target.reset()
+        rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": target.port},
+                "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+        p = proxy_factory(base_config(pki, rules=[rule], limits={"max_request_body_bytes": 1000}))
+        s = clients.svid_tunnel(p.port, target.port, pki=pki, alpn=["h2"] if http2 else None)
+        if http2:
+            status, data = h2_request(s, target.port, "/v1/upload", body=b"x" * 2000)
+            status, body = int(status), json.loads(data)
+        else:
+            s.sendall(f"POST /v1/upload HTTP/1.1\r\nHost: localhost:{target.port}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      .encode() + b"7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n")
+            status, body = read_response(s)
+        settle()
+        assert (status, body["reason"]) == (413, "body_too_large")
+        assert not target.reached(), target.received[:200]
+        out = p.output()
+        assert audited(p, "body_too_large")
+        assert '"credential.used"' not in out
+
     def test_body_within_the_limit_is_streamed_through(self, proxy, pki, upstream):
         """A body under the limit on an inject rule arrives whole, with the credential."""
         cert, key = pki.svid(BILLING)

@@ -408,9 +408,13 @@ class GuardedHttpStream(HttpStream):
 
     def start_request_stream(self) -> layer.CommandGenerator[None]:
         # The body already failed while the request hooks ran (the event waits in the queue mitmproxy's
-        # check_killed reads too): nothing goes upstream, not even the head with its credential. The
-        # body is consumed instead, so the queued failure is answered as for a buffered request.
-        if any(isinstance(e, UnreadableRequestBody) for e in self._paused_event_queue):
+        # check_killed reads too), or the part of it that came with the head is already over the body
+        # limit (hostile review 30: head and body in one write): nothing goes upstream, not even the
+        # head with its credential. The body is consumed instead, so the queued events are refused as
+        # for a buffered request, whose credential was never used.
+        queued = self._paused_event_queue
+        if any(isinstance(e, UnreadableRequestBody) for e in queued) or \
+                sum(len(e.data) for e in queued if isinstance(e, RequestData)) > self.guard.limits().max_request_body_bytes:
             self.client_state = self.state_consume_request_body
             return
         yield from super().start_request_stream()
@@ -515,6 +519,8 @@ class GuardedHttpStream(HttpStream):
         self.request_body_buf.clear()
         if streaming:  # the head (and part of the body) went upstream: abort that request there
             yield SendHttp(RequestProtocolError(self.stream_id, "request body refused", abort), self.context.server)
+        else:
+            self.guard.unsent(self.flow)  # a buffered request never went upstream: its credential was not used
         self.guard.on_refusal(self.flow, refusal)
         # Answered while the client has none of the upstream's response (an inject rule's response is
         # buffered for the echo check until it is complete: withheld, never sent in part).
