@@ -162,3 +162,42 @@ class TestConnectFloods:
         assert answered >= 19
         assert refused(proxy, listener) >= 100
         check_log(proxy)
+
+
+# A TLS handshake record header (RFC 8446 §5.1) declaring 65535 bytes that never come: more than a
+# record may hold (2^14 + 256), so it cannot be the start of a ClientHello the listener waits for.
+STALLED_RECORD_HEADER = b"\x16\x03\x01\xff\xff"
+
+
+def api_probe(port: int, ctx: ssl.SSLContext) -> bool:
+    """One admin's mTLS request from PROBER on a fresh connection: a 200 within 3 s."""
+    s = socket.socket()
+    try:
+        s.bind((PROBER, 0))
+        s.settimeout(3)
+        deadline = time.monotonic() + 3
+        s.connect(("127.0.0.1", port))
+        with ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+            tls.settimeout(max(0.01, deadline - time.monotonic()))
+            tls.sendall(b"GET /v1/grants HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            return tls.recv(20).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class TestAdminApiUnderStalledHandshakes:
+    @pytest.mark.parametrize("header", [STALLED_RECORD_HEADER, b"\x16\x03\x01\x02\x00"],
+                             ids=["oversized-record", "record-never-completed"])
+    def test_admin_requests_answered(self, proxy, pki, header):
+        """Connections that send a TLS record header and stall, from four addresses, hold no request:
+        19 of 20 admin mTLS requests answered in 3 s (hostile review 34)."""
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(ADMIN))
+        with flood(proxy.api, send=header) as opened, ThreadPoolExecutor(4) as pool:
+            answered = sum(pool.map(lambda _: api_probe(proxy.api, ctx), range(20)))
+        print(f"\n[api stalled record headers] admin requests answered {answered}/20, connections opened "
+              f"{opened[0]}, refused {refused(proxy, 'admin_api')}")
+        assert answered >= 19
+        check_log(proxy)

@@ -725,6 +725,31 @@ class TestCli:
             assert "Traceback" not in ran.err
 
 
+def _client_hello() -> bytes:
+    """A real ClientHello, as a TLS client sends it first."""
+    out, into = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(into, out, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+class TestAdmission:
+    @pytest.mark.parametrize(("data", "complete"), [
+        (_client_hello(), True),
+        (_client_hello() + b"\x17\x03\x03", True),  # more behind it
+        (_client_hello()[:-1], False),  # the record not yet all in
+        (_client_hello()[:5], False),  # its header alone
+        (b"\x16\x03\x01\xff\xff" + b"\x00" * 65535, False),  # longer than any TLS record may be
+        (b"\x16\x03\x01\x00\x00", False),  # an empty handshake record
+        (b"GET /v1/grants HTTP/1.1\r\n\r\n", False),  # not TLS
+    ], ids=["client-hello", "client-hello-and-more", "partial-record", "header-only", "oversized-record",
+            "empty-record", "plain-http"])
+    async def test_only_a_whole_first_record_holds_a_request(self, api: Api, data: bytes, complete: bool) -> None:
+        """A connection holds its request (is never evicted at a cap) only once its whole first TLS record is in."""
+        assert api.server.complete_request(data) is complete
+
+
 class TestEndToEnd:
     async def test_cli_against_running_proxy(self, pki: Pki, ids: Ids, tmp_path: Path,
                                              proxy_factory: Callable[..., ProxyProcess]) -> None:
