@@ -245,6 +245,7 @@ class AdminApiServer(Listener):
     name = "admin_api"
     log = log
     quiet = (ConnectionError, TimeoutError, SSL.Error)  # SSL.Error: the client does not speak TLS
+    peek_size = 5 + MAX_RECORD  # a whole first record, however long a ClientHello may be
 
     def __init__(self, host: str, port: int, *, api: AdminApi, verifier: Callable[[], IdentityVerifier],
                  admins: Callable[[], tuple[WorkloadPattern, ...]], server_cert: Issued) -> None:

@@ -284,6 +284,7 @@ class Listener:
     quiet: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     max_connections = MAX_CONNECTIONS
     max_per_client = 32
+    peek_size = MAX_HEAD + 1  # bytes looked at without taking them: enough for complete_request to judge
     _limit_metrics: Metrics | None = None  # where refusals are counted (set_limits)
 
     def __init__(self, host: str, port: int) -> None:
@@ -433,7 +434,7 @@ class Listener:
         if cap is None:
             self._open(conn, addr)
             return
-        data = _peek(conn)
+        data = _peek(conn, self.peek_size)
         if data is not None and (self.complete_request(data) or (cap == "max_connections" and self._minority(addr))):
             if self._make_room(addr, cap, closed):
                 self._open(conn, addr)
@@ -451,7 +452,7 @@ class Listener:
         """Admit a held connection whose request is in (or for which a slot freed), or close it
         when it went away, ``drop`` (it falls off the queue) or it outstayed ``READ_TIMEOUT``."""
         addr, cap, since = self._pending[conn]
-        data = _peek(conn)
+        data = _peek(conn, self.peek_size)
         now = self._cap(addr)
         if data is not None and (now is None or (self.complete_request(data) and self._make_room(addr, now, closed))):
             del self._pending[conn]
@@ -501,7 +502,7 @@ class Listener:
         reader = self._readers.get(task)
         buffered = bytes(getattr(reader, "_buffer", b""))  # asyncio.StreamReader's, read on the next step
         sock = self._socks.get(task)
-        data = (_peek(sock) or b"") if sock is not None else b""
+        data = (_peek(sock, self.peek_size) or b"") if sock is not None else b""
         return self.complete_request(buffered + data)
 
     def _open(self, conn: socket.socket, addr: str) -> None:
@@ -570,10 +571,10 @@ class Listener:
         _REFUSALS.warning(f"{self.name}:{reason}", f"{self.name} listener: closed a connection ({reason})", n)
 
 
-def _peek(conn: socket.socket) -> bytes | None:
+def _peek(conn: socket.socket, size: int) -> bytes | None:
     """The bytes waiting on ``conn`` without taking them: b"" when none yet, None once it is gone."""
     try:
-        data = conn.recv(MAX_HEAD + 1, socket.MSG_PEEK)
+        data = conn.recv(size, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
         return b""
     except OSError:
