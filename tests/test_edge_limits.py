@@ -584,6 +584,42 @@ class TestGracefulShutdown:
             assert "second signal: cutting 1 request(s) still in flight" in proxy.output()
 
 
+    def test_revocation_after_a_second_signal_is_bounded(self, proxy_factory, pki):
+        """A second signal during the drain still revokes, but an IdP that does not answer the
+        revocation holds the exit for broker.timeout_seconds only (1 s here), not its 30 s."""
+        with (IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp,
+              SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow):
+            idp.revoke_mode, idp.hang_seconds = "hang", 30
+            creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
+                                  "revocation_url": idp.revoke_url, "client_id": "billing",
+                                  "client_secret": "env:TEST_CLIENT_SECRET"}}
+            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": slow.port},
+                    "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
+            cfg = base_config(pki, rules=[rule], credentials=creds, broker={"timeout_seconds": 1, "retries": 0},
+                              limits={"revoke_on_shutdown": True, "drain_seconds": 30})
+            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            with session(pki, proxy, pki.svid(BILLING)) as s:
+                assert s.get(f"{slow.url}/v1/x", timeout=10).status_code == 200
+            issued = list(idp.issued)
+            futures, pool = _fire(pki, proxy, f"{slow.url}/slow/25", 1)
+            _wait_for(lambda: slow.arrived == 2, 10)
+            proxy.proc.send_signal(signal.SIGTERM)
+            _wait_for(lambda: "no longer accepting connections" in proxy.output(), 5)
+            started = time.monotonic()
+            proxy.proc.send_signal(signal.SIGINT)
+            _wait_for(lambda: idp.calls["revoke"] == 1, 5)
+            proxy.proc.send_signal(signal.SIGINT)  # a third: logged, revocation still bounded
+            assert proxy.proc.wait(timeout=20) == 0
+            stopped_after = time.monotonic() - started
+            [f.result(timeout=10) for f in futures]
+            pool.shutdown()
+        proxy.secrets = (*proxy.secrets, *issued)
+        assert 0.9 < stopped_after < 5, stopped_after
+        out = proxy.output()
+        assert "SIGINT: already stopping; revoking brokered credentials first" in out
+        assert "revoking at the oauth2_client_credentials provider failed (TimeoutError)" in out
+
+
 # -- §7 core dumps -------------------------------------------------------------------------------
 
 
