@@ -101,17 +101,18 @@ def flood(port: int, *, send: bytes = b"") -> Iterator[list[int]]:
             t.join(5)
 
 
-def probe(port: int, path: str) -> bool:
-    """One probe from PROBER on a fresh connection: a 200 within 3 s."""
+def probe(port: int, path: str, tls: ssl.SSLContext | None = None) -> bool:
+    """One probe from PROBER on a fresh connection (over TLS with ``tls``): a 200 within 3 s."""
     s = socket.socket()
     try:
         s.bind((PROBER, 0))
         s.settimeout(3)
         deadline = time.monotonic() + 3
         s.connect(("127.0.0.1", port))
-        s.settimeout(max(0.01, deadline - time.monotonic()))
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        return s.recv(20).startswith(b"HTTP/1.1 200")
+        with (tls.wrap_socket(s, server_hostname="127.0.0.1") if tls else s) as conn:
+            conn.settimeout(max(0.01, deadline - time.monotonic()))
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            return conn.recv(20).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
     finally:
@@ -169,24 +170,6 @@ class TestConnectFloods:
 STALLED_RECORD_HEADER = b"\x16\x03\x01\xff\xff"
 
 
-def api_probe(port: int, ctx: ssl.SSLContext) -> bool:
-    """One admin's mTLS request from PROBER on a fresh connection: a 200 within 3 s."""
-    s = socket.socket()
-    try:
-        s.bind((PROBER, 0))
-        s.settimeout(3)
-        deadline = time.monotonic() + 3
-        s.connect(("127.0.0.1", port))
-        with ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
-            tls.settimeout(max(0.01, deadline - time.monotonic()))
-            tls.sendall(b"GET /v1/grants HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            return tls.recv(20).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 class TestAdminApiUnderStalledHandshakes:
     @pytest.mark.parametrize("header", [STALLED_RECORD_HEADER, b"\x16\x03\x01\x02\x00"],
                              ids=["oversized-record", "record-never-completed"])
@@ -196,7 +179,7 @@ class TestAdminApiUnderStalledHandshakes:
         ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
         ctx.load_cert_chain(*pki.svid(ADMIN))
         with flood(proxy.api, send=header) as opened, ThreadPoolExecutor(4) as pool:
-            answered = sum(pool.map(lambda _: api_probe(proxy.api, ctx), range(20)))
+            answered = sum(pool.map(lambda _: probe(proxy.api, "/v1/grants", ctx), range(20)))
         print(f"\n[api stalled record headers] admin requests answered {answered}/20, connections opened "
               f"{opened[0]}, refused {refused(proxy, 'admin_api')}")
         assert answered >= 19
