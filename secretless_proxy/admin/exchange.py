@@ -249,8 +249,8 @@ class Listener:
     """What the admin listeners share: the listening sockets, admission and the handler tasks.
 
     Admission (issue 8 §4): at most ``max_per_client`` connections from one address, and at
-    most ``max_connections`` in all. A connection that has not yet sent its request is *silent*;
-    one that has is being answered and is never closed to make room.
+    most ``max_connections`` in all. A connection whose request has not yet been read is *silent*;
+    one whose request was read is being answered and is never closed to make room.
 
     - Below both caps a connection is admitted.
     - At a cap, a newcomer that already holds its request (``complete_request`` on the bytes in
@@ -258,8 +258,10 @@ class Listener:
       per-client cap (a probe from a sidecar or a node IP shares the address of whatever holds
       slots there), else of the address holding the most silent connections.
     - At the global cap, a newcomer from an address holding fewer silent connections than the
-      address with the most takes the oldest silent slot of that address: a flood from several
-      addresses pays for itself, not the one connection of a probe from another (review 23).
+      address with the most takes the oldest silent slot of that address, if need be one whose
+      request is in but not yet read: a flood from several addresses pays for itself, not the one
+      connection of a probe from another (reviews 23, 34: a flood of whole requests or ClientHellos
+      outpaces the handlers, so its slots always hold a request not yet read).
     - Any other newcomer waits, unadmitted, in a short queue of ``ADMIN_PENDING`` sockets with
       no transport and no task: it is admitted as soon as its request is in (or a slot frees),
       and closed (RST) when it falls off the queue still without one.
@@ -490,6 +492,11 @@ class Listener:
         else:
             candidates = self._silent.get(max(self._silent, key=lambda a: len(self._silent[a]), default=""), {})
         victim = next((t for t in candidates if not self._has_request(t)), None)
+        if victim is None and cap == "max_connections" and self._minority(addr):
+            # Every slot of the address holding the most holds a request not yet read: on the admin API
+            # a flood of whole ClientHellos, each stalled once its handshake is answered, keeps them so.
+            # That address pays with its oldest, not a newcomer from an address holding fewer (review 34).
+            victim = next(iter(candidates), None)
         if victim is None:
             return False
         self.request_read(victim)  # no longer a candidate while its handler closes the socket
