@@ -1,10 +1,10 @@
 """Connect floods against the admin listener, the admin API and the proxy port (issue 8 §4, hostile
-review 23): probes from an unrelated address keep being answered.
+reviews 23 and 34): probes from an unrelated address keep being answered.
 
 A real proxy process under ``prlimit --nofile=256``; four threads flood from 127.0.0.1, .2, .4
 and .5 as fast as they can open sockets (each holds its last 25 and closes the older ones: below
 the per-client cap); the probes come from 127.0.0.3, a fresh connection each with a 3 s budget,
-as a kubelet sends them. Static floods of idle connections are in test_edge_limits.py
+as a kubelet sends them (on the admin API: an admin's mTLS request). Static floods of idle connections are in test_edge_limits.py
 (``TestAdminUnderAttack``, ``TestDescriptorLimit``), the anonymous HTTP/2 flood in
 test_abuse_close.py.
 """
