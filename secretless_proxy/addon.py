@@ -286,16 +286,24 @@ class Secretless:
         try:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, self._sighup)
-            loop.add_signal_handler(signal.SIGTERM, self.drain.on_signal)  # replaces mitmdump's handler
+            # Both replace the handlers mitmdump or `run` installed (master.shutdown): Ctrl-C drains
+            # and revokes as SIGTERM does (hostile review 31).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.drain.on_signal, sig)
         except (NotImplementedError, RuntimeError, ValueError):
-            log.warning("SIGHUP reload and graceful SIGTERM are not available here; the config file is still watched")
+            log.warning("SIGHUP reload and graceful SIGTERM/SIGINT are not available here; the config file is "
+                        "still watched")
         ps = ctx.master.addons.get("proxyserver")
         for addr in (ps.listen_addrs() if ps is not None else []):
             log.info("secretless-proxy listening on %s:%d", addr[0], addr[1])
 
     async def _revoke_all(self) -> int:
         broker = self.services.broker if self.services else None
-        return await broker.evict(None, reason="shutdown") if broker is not None else 0
+        if broker is None:
+            return 0
+        n = await broker.evict(None, reason="shutdown")
+        await broker.revocations_settled()  # awaited here, not abandoned when the loop stops
+        return n
 
     async def done(self) -> None:
         # server.AdminListeners, before this addon in the chain, closed the admin listeners already.

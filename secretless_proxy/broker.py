@@ -360,11 +360,15 @@ class Broker:
                     self._spawn_revoke(provider, cred)
         return count
 
+    async def revocations_settled(self) -> None:
+        """Wait for the revocations under way, at most ``broker.timeout_seconds`` (each is bounded by it)."""
+        if self._revoking:
+            await asyncio.wait(set(self._revoking), timeout=self._config.timeout)
+
     async def aclose(self) -> None:
         """Stop: let pending revocations finish (bounded by the timeout), cancel and await every task."""
         self._closed = True
-        if self._revoking:
-            await asyncio.wait(set(self._revoking), timeout=self._config.timeout)
+        await self.revocations_settled()
         tasks = self._tasks | self._revoking
         for task in tasks:
             task.cancel()

@@ -128,6 +128,8 @@ async def _serve(config_path: str, listen: tuple[str, int] | None) -> int:
         print(f"secretless-proxy: {exc}", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
+    # Until the addon's running() replaces both with its graceful drain (edge/shutdown.py): a
+    # signal before then has nothing in flight and nothing brokered to revoke.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, m.shutdown)
     await m.run()

@@ -1,10 +1,10 @@
 """Connect floods against the admin listener, the admin API and the proxy port (issue 8 §4, hostile
-review 23): probes from an unrelated address keep being answered.
+reviews 23 and 34): probes from an unrelated address keep being answered.
 
 A real proxy process under ``prlimit --nofile=256``; four threads flood from 127.0.0.1, .2, .4
 and .5 as fast as they can open sockets (each holds its last 25 and closes the older ones: below
 the per-client cap); the probes come from 127.0.0.3, a fresh connection each with a 3 s budget,
-as a kubelet sends them. Static floods of idle connections are in test_edge_limits.py
+as a kubelet sends them (on the admin API: an admin's mTLS request). Static floods of idle connections are in test_edge_limits.py
 (``TestAdminUnderAttack``, ``TestDescriptorLimit``), the anonymous HTTP/2 flood in
 test_abuse_close.py.
 """
@@ -101,17 +101,18 @@ def flood(port: int, *, send: bytes = b"") -> Iterator[list[int]]:
             t.join(5)
 
 
-def probe(port: int, path: str) -> bool:
-    """One probe from PROBER on a fresh connection: a 200 within 3 s."""
+def probe(port: int, path: str, tls: ssl.SSLContext | None = None) -> bool:
+    """One probe from PROBER on a fresh connection (over TLS with ``tls``): a 200 within 3 s."""
     s = socket.socket()
     try:
         s.bind((PROBER, 0))
         s.settimeout(3)
         deadline = time.monotonic() + 3
         s.connect(("127.0.0.1", port))
-        s.settimeout(max(0.01, deadline - time.monotonic()))
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        return s.recv(20).startswith(b"HTTP/1.1 200")
+        with (tls.wrap_socket(s, server_hostname="127.0.0.1") if tls else s) as conn:
+            conn.settimeout(max(0.01, deadline - time.monotonic()))
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            return conn.recv(20).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
     finally:
@@ -149,6 +150,15 @@ class TestConnectFloods:
         assert refused(proxy, {"api": "admin_api"}.get(target, target)) >= 100  # the flood was counted
         check_log(proxy)
 
+    def test_probes_answered_during_a_request_flood(self, proxy):
+        """Whole requests on the admin port, never read back, from four addresses: the slots they hold
+        are not all out of a probe's reach, 19 of 20 probes answered in 3 s (review 34)."""
+        with flood(proxy.admin, send=b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") as opened:
+            answered = probes(proxy.admin)
+        print(f"\n[admin request flood] probes answered {answered}/20, connections opened {opened[0]}")
+        assert answered >= 19
+        check_log(proxy)
+
     @pytest.mark.parametrize("target", ["api", "admin"])
     def test_probes_answered_during_a_stalled_head_flood(self, proxy, target):
         """A ClientHello on the admin API, half a request head on the admin port, then silence, from
@@ -161,4 +171,26 @@ class TestConnectFloods:
               f"refused {refused(proxy, listener)}")
         assert answered >= 19
         assert refused(proxy, listener) >= 100
+        check_log(proxy)
+
+
+# A TLS handshake record header (RFC 8446 §5.1) declaring 65535 bytes that never come: more than a
+# record may hold (2^14 + 256), so it cannot be the start of a ClientHello the listener waits for.
+STALLED_RECORD_HEADER = b"\x16\x03\x01\xff\xff"
+
+
+class TestAdminApiUnderStalledHandshakes:
+    @pytest.mark.parametrize("sent", ["oversized-record", "record-never-completed", "client-hello"])
+    def test_admin_requests_answered(self, proxy, pki, sent):
+        """Connections that send a TLS record header, or a whole ClientHello, and stall, from four
+        addresses: 19 of 20 admin mTLS requests answered in 3 s (hostile review 34)."""
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(ADMIN))
+        header = {"oversized-record": STALLED_RECORD_HEADER, "record-never-completed": b"\x16\x03\x01\x02\x00",
+                  "client-hello": client_hello()}[sent]
+        with flood(proxy.api, send=header) as opened, ThreadPoolExecutor(4) as pool:
+            answered = sum(pool.map(lambda _: probe(proxy.api, "/v1/grants", ctx), range(20)))
+        print(f"\n[api stalled {sent}] admin requests answered {answered}/20, connections opened "
+              f"{opened[0]}, refused {refused(proxy, 'admin_api')}")
+        assert answered >= 19
         check_log(proxy)

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -723,6 +724,49 @@ class TestCli:
             assert ran.code == 1, ran
             assert message in ran.err, ran.err
             assert "Traceback" not in ran.err
+
+
+def _client_hello(ctx: ssl.SSLContext | None = None) -> bytes:
+    """A real ClientHello, as a TLS client sends it first."""
+    out, into = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = (ctx or ssl.create_default_context()).wrap_bio(into, out, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+class TestAdmission:
+    @pytest.mark.parametrize(("data", "complete"), [
+        (_client_hello(), True),
+        (_client_hello() + b"\x17\x03\x03", True),  # more behind it
+        (_client_hello()[:-1], False),  # the record not yet all in
+        (_client_hello()[:5], False),  # its header alone
+        (b"\x16\x03\x01\xff\xff" + b"\x00" * 65535, False),  # longer than any TLS record may be
+        (b"\x16\x03\x01\x00\x00", False),  # an empty handshake record
+        (b"GET /v1/grants HTTP/1.1\r\n\r\n", False),  # not TLS
+    ], ids=["client-hello", "client-hello-and-more", "partial-record", "header-only", "oversized-record",
+            "empty-record", "plain-http"])
+    async def test_only_a_whole_first_record_holds_a_request(self, api: Api, data: bytes, complete: bool) -> None:
+        """A connection holds its request (is never evicted at a cap) only once its whole first TLS record is in."""
+        assert api.server.complete_request(data) is complete
+
+    async def test_a_long_client_hello_takes_a_silent_slot(self, api: Api, ids: Ids) -> None:
+        """At the per-client cap, an admin whose ClientHello (~10 KB, longer than a request head) is in
+        takes the slot of a silent connection at once."""
+        api.server.set_limits(max_connections=64, max_per_client=1, metrics=None)
+        host, port = api.url.removeprefix("https://").rsplit(":", 1)
+        with socket.create_connection((host, int(port))):  # silent: holds this address's one slot
+            await asyncio.sleep(0.1)
+            ctx = ssl.create_default_context(cafile=api.cacert)
+            ctx.load_cert_chain(*ids.admin)
+            ctx.set_alpn_protocols(["http/1.1", *(f"{i:03d}".ljust(250, "x") for i in range(40))])
+            assert len(_client_hello(ctx)) > 10_000
+            async with asyncio.timeout(2):  # a held newcomer would wait for the silent one's 5 s timeout
+                reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=host)
+                writer.write(b"GET /v1/grants HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                status = await reader.readline()
+                writer.close()
+        assert status.startswith(b"HTTP/1.1 200"), status
 
 
 class TestEndToEnd:

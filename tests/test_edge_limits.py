@@ -499,15 +499,17 @@ def _wait_for(cond, timeout: float) -> None:
 
 
 class TestGracefulShutdown:
-    def test_sigterm_drains_in_flight_requests(self, proxy_factory, pki):
-        """SIGTERM with 20 requests in flight: all complete, /readyz says draining, new connections are refused, exit 0."""
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+    def test_signal_drains_in_flight_requests(self, proxy_factory, pki, sig):
+        """SIGTERM or SIGINT with 20 requests in flight: all complete, /readyz says draining, new connections
+        are refused, exit 0."""
         with SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow:
             proxy = proxy_factory(config(pki, slow.port, limits={"drain_seconds": 20}))
             admin = admin_url(proxy)
             futures, pool = _fire(pki, proxy, f"{slow.url}/slow/3", 20)
             _wait_for(lambda: slow.arrived >= 10, 20)
-            proxy.proc.send_signal(signal.SIGTERM)
-            _wait_for(lambda: "no longer accepting connections" in proxy.output(), 5)
+            proxy.proc.send_signal(sig)
+            _wait_for(lambda: f"{sig.name}: no longer accepting connections" in proxy.output(), 5)
             ready = requests.get(admin + "/readyz", timeout=2)
             with pytest.raises(ConnectionRefusedError):
                 _OPEN.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=2))
@@ -537,26 +539,85 @@ class TestGracefulShutdown:
         assert completed == 0 and 200 not in results, results
         assert "cutting 5 request(s) still in flight" in proxy.output()
 
-    @pytest.mark.parametrize("revoke", [True, False], ids=["revoke_on_shutdown", "default"])
-    def test_revoke_on_shutdown(self, proxy_factory, pki, upstream, revoke):
-        """With revoke_on_shutdown the brokered OAuth2 token is revoked at the IdP (RFC 7009) on SIGTERM; by default not."""
-        with IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp:
+    @pytest.mark.parametrize("via", ["run", "mitmdump"])
+    @pytest.mark.parametrize(("revoke", "signals"), [
+        (True, ("SIGTERM",)), (True, ("SIGINT",)), (True, ("SIGTERM", "SIGINT")), (True, ("SIGINT", "SIGTERM")),
+        (False, ("SIGTERM",)), (False, ("SIGINT",)),
+    ], ids=["revoke-SIGTERM", "revoke-SIGINT", "revoke-SIGTERM-then-SIGINT", "revoke-SIGINT-then-SIGTERM",
+            "default-SIGTERM", "default-SIGINT"])
+    def test_revoke_on_shutdown(self, proxy_factory, pki, revoke, signals, via):
+        """With revoke_on_shutdown the brokered OAuth2 token is revoked at the IdP (RFC 7009) on SIGTERM or
+        SIGINT, and still when a second signal ends the drain of a slow request early; by default not."""
+        with (IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp,
+              SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow):
             creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
                                   "revocation_url": idp.revoke_url, "client_id": "billing",
                                   "client_secret": "env:TEST_CLIENT_SECRET"}}
-            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": upstream.port},
+            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": slow.port},
                     "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
-            cfg = base_config(pki, rules=[rule], credentials=creds, limits={"revoke_on_shutdown": revoke})
-            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            cfg = base_config(pki, rules=[rule], credentials=creds,
+                              limits={"revoke_on_shutdown": revoke, "drain_seconds": 30})
+            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"}, via=via)
             with session(pki, proxy, pki.svid(BILLING)) as s:
-                assert s.get(f"{upstream.url}/v1/x", timeout=10).status_code == 200
+                assert s.get(f"{slow.url}/v1/x", timeout=10).status_code == 200
             issued = list(idp.issued)
             assert len(issued) == 1
-            proxy.proc.send_signal(signal.SIGTERM)
-            assert proxy.proc.wait(timeout=30) == 0
+            futures, pool = _fire(pki, proxy, f"{slow.url}/slow/25", 1) if len(signals) > 1 else ([], None)
+            _wait_for(lambda: slow.arrived == 1 + len(futures), 10)
+            started = time.monotonic()
+            proxy.proc.send_signal(getattr(signal, signals[0]))
+            if len(signals) > 1:
+                _wait_for(lambda: "no longer accepting connections" in proxy.output(), 5)
+                proxy.proc.send_signal(getattr(signal, signals[1]))
+            assert proxy.proc.wait(timeout=20) == 0
+            stopped_after = time.monotonic() - started
             revoked = [tok for tok, _ in idp.revoked]
-        assert revoked == (issued if revoke else [])
+            results = [f.result(timeout=10) for f in futures]
+            if pool is not None:
+                pool.shutdown()
         proxy.secrets = (*proxy.secrets, *issued)  # the token itself never reaches the log
+        assert revoked == (issued if revoke else [])
+        assert stopped_after < 10, stopped_after  # the second signal did not wait out the 25 s request
+        assert 200 not in results
+        if len(signals) > 1:
+            assert f"second shutdown signal ({signals[1]}): ending the drain now; revoking" in proxy.output()
+            assert "second signal: cutting 1 request(s) still in flight" in proxy.output()
+
+
+    def test_revocation_after_a_second_signal_is_bounded(self, proxy_factory, pki):
+        """A second signal during the drain still revokes, but an IdP that does not answer the
+        revocation holds the exit for broker.timeout_seconds only (1 s here), not its 30 s."""
+        with (IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp,
+              SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow):
+            idp.revoke_mode, idp.hang_seconds = "hang", 30
+            creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
+                                  "revocation_url": idp.revoke_url, "client_id": "billing",
+                                  "client_secret": "env:TEST_CLIENT_SECRET"}}
+            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": slow.port},
+                    "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
+            cfg = base_config(pki, rules=[rule], credentials=creds, broker={"timeout_seconds": 1, "retries": 0},
+                              limits={"revoke_on_shutdown": True, "drain_seconds": 30})
+            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            with session(pki, proxy, pki.svid(BILLING)) as s:
+                assert s.get(f"{slow.url}/v1/x", timeout=10).status_code == 200
+            issued = list(idp.issued)
+            futures, pool = _fire(pki, proxy, f"{slow.url}/slow/25", 1)
+            _wait_for(lambda: slow.arrived == 2, 10)
+            proxy.proc.send_signal(signal.SIGTERM)
+            _wait_for(lambda: "no longer accepting connections" in proxy.output(), 5)
+            started = time.monotonic()
+            proxy.proc.send_signal(signal.SIGINT)
+            _wait_for(lambda: idp.calls["revoke"] == 1, 5)
+            proxy.proc.send_signal(signal.SIGINT)  # a third: logged, revocation still bounded
+            assert proxy.proc.wait(timeout=20) == 0
+            stopped_after = time.monotonic() - started
+            [f.result(timeout=10) for f in futures]
+            pool.shutdown()
+        proxy.secrets = (*proxy.secrets, *issued)
+        assert 0.9 < stopped_after < 5, stopped_after
+        out = proxy.output()
+        assert "SIGINT: already stopping; revoking brokered credentials first" in out
+        assert "revoking at the oauth2_client_credentials provider failed (TimeoutError)" in out
 
 
 # -- §7 core dumps -------------------------------------------------------------------------------

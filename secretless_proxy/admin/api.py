@@ -76,6 +76,7 @@ from secretless_proxy.store.base import Store, StoreError
 log = logging.getLogger("secretless.adminapi")
 
 MAX_BODY = 16384
+MAX_RECORD = 2**14 + 256  # RFC 8446 §5.2: the longest TLS record a peer may send
 LONG_LIVED_KINDS = frozenset({"static"})  # injected as stored; every other kind is minted per lifetime
 # Identity refusals: 401 here, where the proxy port says 407. This is an origin server, not a
 # proxy (RFC 9110 §15.5.2, §15.5.8); the reason codes are the same closed set on both.
@@ -244,6 +245,7 @@ class AdminApiServer(Listener):
     name = "admin_api"
     log = log
     quiet = (ConnectionError, TimeoutError, SSL.Error)  # SSL.Error: the client does not speak TLS
+    peek_size = 5 + MAX_RECORD  # a whole first record, however long a ClientHello may be
 
     def __init__(self, host: str, port: int, *, api: AdminApi, verifier: Callable[[], IdentityVerifier],
                  admins: Callable[[], tuple[WorkloadPattern, ...]], server_cert: Issued) -> None:
@@ -254,9 +256,15 @@ class AdminApiServer(Listener):
         self._tls = _server_context(server_cert)
 
     def complete_request(self, data: bytes) -> bool:
-        # What a client sends first is its ClientHello, often in more than one segment: a whole TLS
-        # record header of a handshake record is as far as a connection can be judged unread.
-        return len(data) >= 5 and data[0] == 0x16 and data[1] == 0x03
+        # What a client sends first is its ClientHello, often in more than one segment: a handshake
+        # record (RFC 8446 §5.1: type 22, legacy version 3.x, a 2-byte length). Only the whole first
+        # record counts, never its header alone: five bytes and silence made a connection look busy,
+        # so it was never evicted and a few addresses filled the caps (hostile review 34). A record
+        # declaring more than a record may hold is no ClientHello: it will never be complete.
+        if len(data) < 5 or data[0] != 0x16 or data[1] != 0x03:
+            return False
+        length = int.from_bytes(data[3:5], "big")
+        return 0 < length <= MAX_RECORD and len(data) >= 5 + length
 
     def listening(self, host: str, port: int) -> None:
         log.info("admin API on https://%s:%d (/v1/grants /v1/credentials; mTLS, admin.workloads only)", host, port)

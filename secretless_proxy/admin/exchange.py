@@ -249,8 +249,8 @@ class Listener:
     """What the admin listeners share: the listening sockets, admission and the handler tasks.
 
     Admission (issue 8 §4): at most ``max_per_client`` connections from one address, and at
-    most ``max_connections`` in all. A connection that has not yet sent its request is *silent*;
-    one that has is being answered and is never closed to make room.
+    most ``max_connections`` in all. A connection whose request has not yet been read is *silent*;
+    one whose request was read is being answered and is never closed to make room.
 
     - Below both caps a connection is admitted.
     - At a cap, a newcomer that already holds its request (``complete_request`` on the bytes in
@@ -258,8 +258,10 @@ class Listener:
       per-client cap (a probe from a sidecar or a node IP shares the address of whatever holds
       slots there), else of the address holding the most silent connections.
     - At the global cap, a newcomer from an address holding fewer silent connections than the
-      address with the most takes the oldest silent slot of that address: a flood from several
-      addresses pays for itself, not the one connection of a probe from another (review 23).
+      address with the most takes the oldest silent slot of that address, if need be one whose
+      request is in but not yet read: a flood from several addresses pays for itself, not the one
+      connection of a probe from another (reviews 23, 34: a flood of whole requests or ClientHellos
+      outpaces the handlers, so its slots always hold a request not yet read).
     - Any other newcomer waits, unadmitted, in a short queue of ``ADMIN_PENDING`` sockets with
       no transport and no task: it is admitted as soon as its request is in (or a slot frees),
       and closed (RST) when it falls off the queue still without one.
@@ -284,6 +286,7 @@ class Listener:
     quiet: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     max_connections = MAX_CONNECTIONS
     max_per_client = 32
+    peek_size = MAX_HEAD + 1  # bytes looked at without taking them: enough for complete_request to judge
     _limit_metrics: Metrics | None = None  # where refusals are counted (set_limits)
 
     def __init__(self, host: str, port: int) -> None:
@@ -433,7 +436,7 @@ class Listener:
         if cap is None:
             self._open(conn, addr)
             return
-        data = _peek(conn)
+        data = _peek(conn, self.peek_size)
         if data is not None and (self.complete_request(data) or (cap == "max_connections" and self._minority(addr))):
             if self._make_room(addr, cap, closed):
                 self._open(conn, addr)
@@ -451,7 +454,7 @@ class Listener:
         """Admit a held connection whose request is in (or for which a slot freed), or close it
         when it went away, ``drop`` (it falls off the queue) or it outstayed ``READ_TIMEOUT``."""
         addr, cap, since = self._pending[conn]
-        data = _peek(conn)
+        data = _peek(conn, self.peek_size)
         now = self._cap(addr)
         if data is not None and (now is None or (self.complete_request(data) and self._make_room(addr, now, closed))):
             del self._pending[conn]
@@ -489,6 +492,11 @@ class Listener:
         else:
             candidates = self._silent.get(max(self._silent, key=lambda a: len(self._silent[a]), default=""), {})
         victim = next((t for t in candidates if not self._has_request(t)), None)
+        if victim is None and cap == "max_connections" and self._minority(addr):
+            # Every slot of the address holding the most holds a request not yet read: on the admin API
+            # a flood of whole ClientHellos, each stalled once its handshake is answered, keeps them so.
+            # That address pays with its oldest, not a newcomer from an address holding fewer (review 34).
+            victim = next(iter(candidates), None)
         if victim is None:
             return False
         self.request_read(victim)  # no longer a candidate while its handler closes the socket
@@ -501,7 +509,7 @@ class Listener:
         reader = self._readers.get(task)
         buffered = bytes(getattr(reader, "_buffer", b""))  # asyncio.StreamReader's, read on the next step
         sock = self._socks.get(task)
-        data = (_peek(sock) or b"") if sock is not None else b""
+        data = (_peek(sock, self.peek_size) or b"") if sock is not None else b""
         return self.complete_request(buffered + data)
 
     def _open(self, conn: socket.socket, addr: str) -> None:
@@ -570,10 +578,10 @@ class Listener:
         _REFUSALS.warning(f"{self.name}:{reason}", f"{self.name} listener: closed a connection ({reason})", n)
 
 
-def _peek(conn: socket.socket) -> bytes | None:
+def _peek(conn: socket.socket, size: int) -> bytes | None:
     """The bytes waiting on ``conn`` without taking them: b"" when none yet, None once it is gone."""
     try:
-        data = conn.recv(MAX_HEAD + 1, socket.MSG_PEEK)
+        data = conn.recv(size, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
         return b""
     except OSError:

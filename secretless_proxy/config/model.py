@@ -92,8 +92,8 @@ class LimitsConfig:
     max_connections_per_client: int = 256  # concurrent client connections from one address
     admin_max_connections: int = 64  # each admin listener (admin.listen, admin.api_listen)
     admin_max_connections_per_client: int = 32  # one address's share of an admin listener
-    drain_seconds: float = 25.0  # on SIGTERM: how long in-flight requests may take to finish
-    revoke_on_shutdown: bool = False  # on SIGTERM: revoke brokered credentials that support it
+    drain_seconds: float = 25.0  # on SIGTERM or SIGINT: how long in-flight requests may take to finish
+    revoke_on_shutdown: bool = False  # on SIGTERM or SIGINT: revoke brokered credentials that support it
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,8 @@
-"""Graceful shutdown on SIGTERM (issue 8 §5): stop accepting, drain, optionally revoke, exit 0.
+"""Graceful shutdown on SIGTERM or SIGINT (issue 8 §5, hostile review 31): stop accepting, drain,
+optionally revoke, exit 0.
+
+SIGINT (Ctrl-C, ``kill -INT``, supervisors that send it) does exactly what SIGTERM does, under
+``secretless-proxy run`` and under ``mitmdump -s``: the addon installs this handler for both.
 
 1. ``/readyz`` turns 503 (check ``draining``) and new client connections are refused: the
    proxy's listening sockets are closed, so a connecting client gets ECONNREFUSED at once and
@@ -7,17 +11,20 @@
    in-flight request is answered. Requests in flight run to completion for up to
    ``limits.drain_seconds``.
 3. With ``limits.revoke_on_shutdown`` the credentials this process brokered are revoked at
-   their providers (those that support it: OAuth2 RFC 7009, GitHub App tokens), bounded by
-   ``broker.timeout_seconds``.
+   their providers (those that support it: OAuth2 RFC 7009, GitHub App tokens). The
+   revocations are awaited, each bounded by ``broker.timeout_seconds``, before mitmproxy stops.
 4. mitmproxy shuts down (what is still open is cut) and the process exits 0.
 
-A second SIGTERM (or SIGINT) during the drain skips what is left of it.
+A second signal (SIGTERM or SIGINT) during the drain ends the drain at once; step 3 still runs
+(a credential left valid at its provider is what the option exists to prevent, and it is
+bounded), then step 4. Further signals while revoking are logged and change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 
@@ -35,9 +42,11 @@ class Drain:
                  revoke: Callable[[], Awaitable[int]] | None) -> None:
         self.guard = guard
         self._drain_seconds = drain_seconds
-        self._revoke = revoke  # None: revoke_on_shutdown is off
+        self._revoke = revoke  # None: revoke_on_shutdown is off; else drops, revokes and awaits (bounded)
         self.started: float | None = None
         self._task: asyncio.Task | None = None
+        self._cut = False  # a second signal: stop waiting for in-flight requests
+        self._revoking = False
 
     @property
     def draining(self) -> bool:
@@ -46,32 +55,40 @@ class Drain:
     def readiness(self) -> str | None:
         return "draining for shutdown" if self.draining else None
 
-    def on_signal(self) -> None:
-        """The SIGTERM handler: start the drain, or end it now when one is under way."""
-        if self._task is not None:
-            log.warning("second shutdown signal: stopping without waiting for in-flight requests")
-            ctx.master.shutdown()
-            return
-        self.started = time.monotonic()
-        self.guard.draining = True
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    def on_signal(self, signum: int = signal.SIGTERM) -> None:
+        """The SIGTERM and SIGINT handler: start the drain, or end it now when one is under way."""
+        name = signal.Signals(signum).name
+        if self._task is None:
+            self.started = time.monotonic()
+            self.guard.draining = True
+            self._task = asyncio.get_running_loop().create_task(self._run(name))
+        elif self._revoking:
+            log.warning("%s: already stopping; revoking brokered credentials first (bounded by "
+                        "broker.timeout_seconds)", name)
+        elif not self._cut:
+            self._cut = True
+            then = ("revoking brokered credentials (revoke_on_shutdown, bounded by broker.timeout_seconds), "
+                    "then stopping" if self._revoke is not None else "stopping")
+            log.warning("second shutdown signal (%s): ending the drain now; %s", name, then)
 
-    async def _run(self) -> None:
+    async def _run(self, name: str) -> None:
         try:
             await self._stop_listening()
             deadline = self.started + self._drain_seconds()  # type: ignore[operator]
             pending = self.guard.in_flight()
-            log.info("SIGTERM: no longer accepting connections; draining %d in-flight request(s) for up to %gs",
-                     pending, self._drain_seconds())
+            log.info("%s: no longer accepting connections; draining %d in-flight request(s) for up to %gs",
+                     name, pending, self._drain_seconds())
             self.guard.close_idle()
-            while self.guard.in_flight() and time.monotonic() < deadline:
+            while self.guard.in_flight() and time.monotonic() < deadline and not self._cut:
                 await asyncio.sleep(POLL)
             left = self.guard.in_flight()
             if left:
-                log.warning("drain deadline reached: cutting %d request(s) still in flight", left)
+                why = "second signal" if self._cut else "drain deadline reached"
+                log.warning("%s: cutting %d request(s) still in flight", why, left)
             else:
                 log.info("drained in %.2fs", time.monotonic() - self.started)  # type: ignore[operator]
             if self._revoke is not None:
+                self._revoking = True
                 n = await self._revoke()
                 log.info("revoke_on_shutdown: %d cached credential(s) dropped and revoked where supported", n)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the process must still stop

@@ -90,7 +90,7 @@ class IdP(FakeHttps):
         self.subject_audience: str | None = None  # expected subject token aud; None: token_url
         self.assertion_audience: str | None = None  # expected client assertion aud; None: URL called
         self.mode: str | None = None
-        self.revoke_mode: str | None = None  # None or "server_error"
+        self.revoke_mode: str | None = None  # None, "server_error" or "hang" (answers after hang_seconds)
         self.hang_seconds = 5.0
         self.published_jwks: dict[str, Any] | None = None
         self.requests: list[Received] = []
@@ -190,6 +190,8 @@ class IdP(FakeHttps):
             self.calls["revoke"] += 1
         if self.revoke_mode == "server_error":
             return 503, {"Content-Type": "text/plain"}, f"busy {BODY_MARKER}".encode()
+        if self.revoke_mode == "hang" and self._stop.wait(self.hang_seconds):
+            return 0, {}, b""  # shutting down: drop the connection
         self._authenticate(rec, self.revoke_url, public_ok=False)
         token = rec.one("token")
         if not token:
