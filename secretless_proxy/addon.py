@@ -696,7 +696,7 @@ class Secretless:
         # The request ended without a response: a transport failure on either side (the client's
         # HTTP/2 protocol error too, hostile review 29), so the line does not say which.
         log.warning("request %s to %s:%d ended without a response: %s", flow.id, flow.request.host, flow.request.port,
-                    flow.error.msg if flow.error else "unknown error")
+                    layerguard.clean_message(flow.error.msg) if flow.error else "unknown error")  # never the peer's bytes
         if not flow.metadata.get(SENT):  # ended before its head went upstream: its credential was not used
             self._unsent(flow)
         injected = self._injected.pop(flow, None)

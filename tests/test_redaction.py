@@ -200,6 +200,13 @@ class TestLayerGuard:
         assert layerguard.clean_message("peer closed connection (incomplete chunked read)") == \
             "peer closed connection (incomplete chunked read)"
 
+    def test_goaway_debug_data_is_cut_from_protocol_errors(self):
+        """h2 prints a GOAWAY's debug data unquoted, in hex: it is withheld, the rest of the text kept."""
+        msg = ("HTTP/2 connection closed: <ConnectionTerminated error_code:1, last_stream_id:1, "
+               "additional_data:42656172657220736b5f>")
+        assert layerguard.clean_message(msg) == ("HTTP/2 connection closed: <ConnectionTerminated error_code:1, "
+                                                 "last_stream_id:1, additional_data:(withheld)>")
+
     def test_wraps_the_readers_that_raise_on_trailers(self):
         """The wrapped mitmproxy readers are the ones that raise on trailers (fails if mitmproxy changes shape)."""
         layerguard.install()

@@ -221,6 +221,21 @@ class GuardedHttp2Server(Http2Server):
         yield from super()._handle_event(ResponseEndOfMessage(event.stream_id))
 
 
+def upstream_failure(message: str) -> str:
+    """A fixed description of mitmproxy's text about an upstream's failed response."""
+    if message == layerguard.RESPONSE_TRAILERS:
+        return "it sent HTTP/1.1 trailer fields, which this proxy does not relay"
+    if message.startswith("Cannot parse HTTP response"):
+        return "its status line or a header line does not parse"
+    if message.startswith(("server closed connection", "unexpected server response")):
+        return "it closed the connection before its response head was complete"
+    if message.startswith("HTTP/2 connection closed"):
+        return "it closed the HTTP/2 connection (GOAWAY)"
+    if "reset" in message.lower():
+        return "it reset the stream"
+    return "a protocol error"
+
+
 # What a stream that mitmproxy ends with an error of its own (ResponseProtocolError) is answered with
 # when no layer of the proxy answered it first: mitmproxy's page is HTML, unaudited, and may name an
 # address or quote bytes. The streams answer every known case themselves (GuardedHttpStream); this is
@@ -565,10 +580,10 @@ class GuardedHttpStream(HttpStream):
             limit = self.guard.limits().max_response_head_bytes
             return Refusal(502, Reason.RESPONSE_HEAD_TOO_LARGE, f"the upstream's response head is larger than "
                            f"limits.max_response_head_bytes ({limit} bytes)", rule)
-        # mitmproxy's text up to the first quoted value (layerguard cleans what its readers say; this
-        # covers the HTTP/2 client too): what failed, never the upstream's bytes.
-        return Refusal(502, Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response could not be read "
-                       f"({layerguard.clean_message(event.message)}); nothing of it was relayed", rule)
+        # What failed, in words of ours: never mitmproxy's text, which can carry the upstream's own
+        # bytes (an HTTP/2 GOAWAY's debug data, hex-encoded: hostile review 4.04).
+        return Refusal(502, Reason.UPSTREAM_PROTOCOL_ERROR, f"the upstream's response could not be read "
+                       f"({upstream_failure(event.message)}); nothing of it was relayed", rule)
 
     def _destination_unknown(self) -> bool:
         """mitmproxy's test for a request it cannot route (origin form to the proxy, no usable Host)."""

@@ -93,9 +93,13 @@ _QUOTED = re.compile(r"""(?::\s*)?b?['"].*""", re.S)
 _installed = False
 
 
+_PEER_DATA = re.compile(r"additional_data:[^,>\s]*")  # an HTTP/2 GOAWAY's debug data, as h2 prints it (hex)
+
+
 def clean_message(message: str) -> str:
-    """``message`` cut before its first quoted value (the peer's bytes), e.g. ``b'...'``."""
-    return _QUOTED.sub("", message) or "protocol error"
+    """``message`` cut before its first quoted value (the peer's bytes), e.g. ``b'...'``, and without
+    an HTTP/2 GOAWAY's debug data, which h2's repr prints unquoted in hex (hostile review 4.04)."""
+    return _PEER_DATA.sub("additional_data:(withheld)", _QUOTED.sub("", message)) or "protocol error"
 
 
 def install(response_head_limit: Callable[[], int] | None = None) -> None:

@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import h2.config
@@ -23,7 +24,9 @@ import h2.exceptions
 class H2Upstream:
     """h2 over TLS on ``addresses`` (same port); ``seen`` holds (address, path, authorization)."""
 
-    def __init__(self, addresses: tuple[str, ...], *, cert_file: str, key_file: str) -> None:
+    def __init__(self, addresses: tuple[str, ...], *, cert_file: str, key_file: str,
+                 respond: Callable[[h2.connection.H2Connection, int, dict[str, str]], None] | None = None) -> None:
+        self._respond = respond  # answers a request itself (conn, stream id, headers), e.g. with a GOAWAY
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(cert_file, key_file)
         self.ctx.set_alpn_protocols(["h2"])
@@ -69,6 +72,9 @@ class H2Upstream:
                 if isinstance(ev, h2.events.RequestReceived):
                     h = dict(ev.headers)
                     self.seen.append((addr, h.get(":path", ""), h.get("authorization")))
+                    if self._respond is not None:
+                        self._respond(conn, ev.stream_id, h)
+                        continue
                     conn.send_headers(ev.stream_id, [(":status", "200"), ("content-length", "2")])
                     conn.send_data(ev.stream_id, b"ok", end_stream=True)
             s.sendall(conn.data_to_send())
