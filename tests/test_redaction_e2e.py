@@ -321,6 +321,14 @@ class TestUpstreamProtocolErrors:
         r = self._get_twice(proxy_factory, pki, respond)
         assert "does not parse" in r.json()["error"]
 
+    def test_response_with_conflicting_framing_is_a_json_502(self, proxy_factory, pki):
+        """Content-Length with Transfer-Encoding in the upstream's head (smuggling-shaped): 502 in the error
+        contract, audited (hostile review 4.01: mitmproxy's HTML page, unaudited)."""
+        def respond(auth: bytes) -> bytes:
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        r = self._get_twice(proxy_factory, pki, respond)
+        assert "framing headers" in r.json()["error"]
+
     def test_http2_goaway_debug_data_never_reaches_the_workload(self, proxy_factory, pki, tmp_path):
         """An HTTP/2 upstream that echoes the credential in its GOAWAY's debug data: the 502 names the
         GOAWAY in words of the proxy's, and neither the body nor the log carries the data, in any

@@ -51,6 +51,7 @@ import h2.errors
 from mitmproxy import http
 from mitmproxy.connection import Client, ConnectionState, Server
 from mitmproxy.net.http import url
+from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.http import (
     DropStream,
@@ -601,8 +602,19 @@ class GuardedHttpStream(HttpStream):
         smuggling check refuses; and a request with no destination at all (origin form sent to the proxy
         without a Host header), which mitmproxy refuses a step later. mitmproxy answered each with its
         HTML page, unaudited, naming its own options."""
-        if not request:
-            return (yield from super().check_invalid(request))
+        if not request:  # the upstream's response head: withheld in the error contract, audited
+            if not self.context.options.validate_inbound_headers:
+                return False
+            try:
+                validate_headers(self.flow.response)  # type: ignore[arg-type]
+            except ValueError:
+                yield commands.CloseConnection(self.flow.server_conn)  # never read on: framing unknown
+                yield from self._withhold(Refusal(
+                    502, Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response could not be read (its framing "
+                    "headers conflict or do not parse, e.g. Content-Length with Transfer-Encoding); nothing of it "
+                    "was relayed", self.flow.metadata.get("secretless.rule")), abort_upstream=False)
+                return True
+            return False
         err = validate_request(self.mode, self.flow.request, self.context.options.validate_inbound_headers)
         if err is None and not self._destination_unknown():
             return False
