@@ -590,7 +590,7 @@ class TestKubernetes:
 class TestSystemd:
     def test_exec_start_parses(self) -> None:
         """ExecStart is a command line the CLI accepts."""
-        (line,) = [l for l in UNIT.read_text().splitlines() if l.startswith("ExecStart=")]
+        (line,) = [x for x in UNIT.read_text().splitlines() if x.startswith("ExecStart=")]
         argv = shlex.split(line.removeprefix("ExecStart="))
         assert argv[0].endswith("/secretless-proxy")
         args = build_parser().parse_args(argv[1:])
@@ -613,5 +613,5 @@ class TestSystemd:
         unit = tmp_path / UNIT.name
         unit.write_text(UNIT.read_text().replace("/opt/secretless-proxy/bin/secretless-proxy", "/bin/true"))
         out = subprocess.run([tool, "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60)
-        problems = [l for l in (out.stdout + out.stderr).splitlines() if UNIT.name in l]
+        problems = [x for x in (out.stdout + out.stderr).splitlines() if UNIT.name in x]
         assert not problems, problems
