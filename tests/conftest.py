@@ -84,13 +84,16 @@ class _ProxyStarter:
         self._shared: dict[str, ProxyProcess] = {}
 
     def __call__(self, config: dict, *, env: dict[str, str] | None = None, via: str = "run",
-                 wrap: tuple[str, ...] = (), cwd: Path | None = None) -> ProxyProcess:
+                 wrap: tuple[str, ...] = (), cwd: Path | None = None,
+                 config_file: Path | None = None) -> ProxyProcess:
         """``via="mitmdump"`` uses the plain -s entry script. ``wrap`` prefixes the command (e.g.
         ``("prlimit", "--nofile=256", "--")``); the proxy keeps the pid (prlimit execs it). ``cwd`` is
-        the proxy's working directory."""
+        the proxy's working directory. ``config_file``: a file the test laid out itself (a kubelet-style
+        ConfigMap directory), used instead of writing ``config`` to a new one."""
         n = len(self.started)
-        cfg_path = self.workdir / f"config{n}.yaml"
-        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        cfg_path = config_file or self.workdir / f"config{n}.yaml"
+        if config_file is None:
+            cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         full_env = {**os.environ, "TEST_STRIPE_KEY": SECRET, **(env or {})}
         if via == "run":
             cmd = [str(BIN / "secretless-proxy"), "run", "--config", str(cfg_path), "--listen", "127.0.0.1:0"]

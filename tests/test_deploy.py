@@ -22,6 +22,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import yaml
+from helpers import kustomize
 from helpers.net import free_port
 from helpers.proxy import Pki
 from prometheus_client import CollectorRegistry, generate_latest
@@ -35,6 +36,8 @@ from secretless_proxy.metrics import Metrics
 DEPLOY = Path(__file__).parents[1] / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts_test.yaml"
+SCRAPE = DEPLOY / "prometheus" / "scrape.yaml"
+RUNBOOK = Path(__file__).parents[1] / "docs" / "runbook.md"
 DASHBOARD = DEPLOY / "grafana" / "secretless-proxy.json"
 K8S = DEPLOY / "kubernetes"
 UNIT = DEPLOY / "systemd" / "secretless-proxy.service"
@@ -66,6 +69,35 @@ def grafana(expr: str) -> str:
 
 def alert_rules() -> list[dict]:
     return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def scrape_job() -> dict:
+    (job,) = yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
+    return job
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation dropped, spaces to '-'."""
+    heads = [line.lstrip("#").strip() for line in markdown.splitlines() if re.match(r"#{1,6} ", line)]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def relabel(rules: list[dict], labels: dict[str, str]) -> dict[str, str] | None:
+    """Prometheus' relabeling for the actions scrape.yaml uses (keep, replace); None when dropped."""
+    labels = dict(labels)
+    for r in rules:
+        value = r.get("separator", ";").join(labels.get(n, "") for n in r.get("source_labels", []))
+        m = re.fullmatch(r.get("regex", "(.*)"), value)
+        action = r.get("action", "replace")
+        if action == "keep":
+            if m is None:
+                return None
+        elif action == "replace":
+            if m is not None:
+                labels[r["target_label"]] = m.expand(r.get("replacement", "$1").replace("$1", "\\1"))
+        else:
+            raise ValueError(f"relabel action {action} is not implemented here")
+    return labels
 
 
 def exposed_names() -> set[str]:
@@ -108,6 +140,50 @@ class TestAlertRules:
         for name, rule in rules.items():
             assert rule["labels"]["severity"] in ("warning", "critical"), name
             assert rule["annotations"]["summary"], name
+
+    def test_every_alert_has_a_runbook(self) -> None:
+        """Every alert's runbook_url points at docs/runbook.md and at an anchor one of its headings makes."""
+        anchors = github_anchors(RUNBOOK.read_text())
+        for rule in alert_rules():
+            url = rule["annotations"].get("runbook_url", "")
+            page, _, anchor = url.partition("#")
+            assert page.endswith("/docs/runbook.md"), (rule["alert"], url)
+            assert anchor == rule["alert"].lower() and anchor in anchors, (rule["alert"], url)
+
+    def test_up_job_is_the_scrape_job(self) -> None:
+        """The alerts' `up{job=...}` names the job deploy/prometheus/scrape.yaml defines."""
+        jobs = {m for r in alert_rules() for m in re.findall(r'\bup\{job="([^"]+)"', r["expr"])}
+        assert jobs == {scrape_job()["job_name"]}
+
+    def test_scrape_job_keeps_the_admin_port_only(self) -> None:
+        """scrape.yaml's relabeling keeps the proxy pods' admin port and drops the proxy port and other pods."""
+        job = scrape_job()
+        assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["secretless"]}}]
+        objects = kustomize.render(K8S / "base")
+        (deployment,) = [d for d in objects if d["kind"] == "Deployment"]
+        pod = deployment["spec"]["template"]
+        kept = {}
+        for name, labels in (("secretless-proxy-0", pod["metadata"]["labels"]), ("other-0", {"app.kubernetes.io/name": "other"})):
+            for c in pod["spec"]["containers"]:
+                for port in c["ports"]:
+                    meta = {f"__meta_kubernetes_pod_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}": v for k, v in labels.items()}
+                    meta |= {"__meta_kubernetes_pod_container_port_name": port["name"],
+                             "__meta_kubernetes_pod_name": name, "__meta_kubernetes_namespace": "secretless",
+                             "__address__": f"10.0.0.1:{port['containerPort']}"}
+                    out = relabel(job["relabel_configs"], meta)
+                    if out is not None:
+                        kept[out["__address__"]] = out["instance"]
+        admin = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        (admin_port,) = [p["containerPort"] for p in admin if p["name"] == "admin"]
+        assert kept == {f"10.0.0.1:{admin_port}": "secretless-proxy-0"}
+
+    def test_promtool_checks_the_scrape_config(self) -> None:
+        """promtool accepts scrape.yaml (skipped where promtool was built without Kubernetes discovery, as Debian's is)."""
+        promtool = need("promtool")
+        out = subprocess.run([promtool, "check", "config", str(SCRAPE)], check=False, capture_output=True, text=True, timeout=60)
+        if "field kubernetes_sd_configs not found" in out.stdout + out.stderr:
+            pytest.skip("this promtool has no Kubernetes service discovery (Debian builds it without)")
+        assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
@@ -185,7 +261,7 @@ async def scraped(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "500ms", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "secretless-proxy", "static_configs": [{"targets": [f"{host}:{port}"]}]}],
+        "scrape_configs": [{"job_name": scrape_job()["job_name"], "static_configs": [{"targets": [f"{host}:{port}"]}]}],
     }))
     web = f"127.0.0.1:{free_port()}"
     with (tmp_path / "prometheus.log").open("wb") as log:
@@ -260,89 +336,261 @@ class TestWithPrometheus:
 # -- Kubernetes and systemd examples -----------------------------------------------------------
 
 
-def k8s_docs() -> list[dict]:
-    return [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/prod"]
+# The Kubernetes release whose OpenAPI schemas the manifests are checked against (kubernetes-validate
+# ships them); the oldest the example supports would do as well, these are the ones it targets.
+K8S_VERSION = "1.32"
+DNS, HTTPS, REDIS = {("UDP", 53), ("TCP", 53)}, ("TCP", 443), ("TCP", 6379)
 
 
-def k8s(kind: str) -> dict:
-    (doc,) = [d for d in k8s_docs() if d["kind"] == kind]
+def rendered(name: str) -> list[dict]:
+    return kustomize.render(K8S / name)
+
+
+def pick(objects: list[dict], kind: str, name: str = "secretless-proxy") -> dict:
+    (doc,) = [d for d in objects if d["kind"] == kind and d["metadata"]["name"] == name]
     return doc
 
 
-@pytest.fixture
-def k8s_config() -> dict:
-    return yaml.safe_load(k8s("ConfigMap")["data"]["config.yaml"])
+def config_of(objects: list[dict]) -> dict:
+    return yaml.safe_load(pick(objects, "ConfigMap")["data"]["config.yaml"])
 
 
-@pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
+def pod_of(objects: list[dict]) -> dict:
+    return pick(objects, "Deployment")["spec"]["template"]
+
+
+def proxy_container(objects: list[dict]) -> dict:
+    (c,) = pod_of(objects)["spec"]["containers"]
+    return c
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A label selector with matchLabels only (all ours use) against an object's labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def policies_of(objects: list[dict]) -> list[dict]:
+    pod_labels = pod_of(objects)["metadata"]["labels"]
+    return [d["spec"] for d in objects if d["kind"] == "NetworkPolicy" and selects(d["spec"]["podSelector"], pod_labels)]
+
+
+def policy_port(port: dict, container: dict) -> tuple[str, int]:
+    """(protocol, number) of a NetworkPolicy port, a named one looked up in the proxy container."""
+    number = port["port"]
+    if isinstance(number, str):
+        (number,) = [p["containerPort"] for p in container["ports"] if p["name"] == number]
+    return port.get("protocol", "TCP"), number
+
+
+def file_refs(config: dict) -> list[str]:
+    return [t[5:] for t in yaml.safe_dump(config, width=1000).split() if t.startswith("file:/")]
+
+
+@pytest.fixture(params=KUSTOMIZATIONS)
+def manifests(request: pytest.FixtureRequest) -> list[dict]:
+    """The rendered objects of the base and of each overlay (helpers/kustomize.py)."""
+    return rendered(request.param)
+
+
 class TestKubernetes:
-    def test_config_is_valid(self, k8s_config: dict, pki: Pki, tmp_path: Path) -> None:
+    def test_renders(self) -> None:
+        """The base and both overlays render to the same kinds; dev runs one replica, prod three with Redis egress."""
+        kinds = ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy", "PodDisruptionBudget", "Service"]
+        assert sorted(d["kind"] for d in rendered("base")) == kinds
+        assert sorted(d["kind"] for d in rendered("overlays/dev")) == kinds
+        assert sorted(d["kind"] for d in rendered("overlays/prod")) == sorted([*kinds, "NetworkPolicy"])
+        replicas = {k: pick(rendered(k), "Deployment")["spec"]["replicas"] for k in KUSTOMIZATIONS}
+        assert replicas == {"base": 2, "overlays/dev": 1, "overlays/prod": 3}
+
+    def test_config_is_valid(self, manifests: list[dict], pki: Pki, tmp_path: Path) -> None:
         """The ConfigMap's config passes the real config loader (files pointed at test fixtures)."""
-        k8s_config["identity"]["trust_bundle"] = str(pki.trust_bundle)
-        k8s_config["interception_ca"] = str(tmp_path / "interception")
+        config = config_of(manifests)
+        config["identity"]["trust_bundle"] = str(pki.trust_bundle)
+        config["interception_ca"] = str(tmp_path / "interception")
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(k8s_config))
+        path.write_text(yaml.safe_dump(config))
         cfg = load_config(path, resolve_secrets=False)
         assert cfg.admin_listen is not None and cfg.listen is not None
         assert cfg.admin_listen[1] != cfg.listen[1]
 
-    def test_probes_and_scrape_use_the_admin_port(self, k8s_config: dict) -> None:
-        """Probes hit /healthz and /readyz and Prometheus scrapes the port admin.listen names."""
-        admin_port = int(k8s_config["admin"]["listen"].rsplit(":", 1)[1])
-        proxy_port = int(k8s_config["listen"].rsplit(":", 1)[1])
-        pod = k8s("Deployment")["spec"]["template"]
-        (c,) = pod["spec"]["containers"]
+    def test_probes_use_the_admin_port(self, manifests: list[dict]) -> None:
+        """The container ports are the config's listen and admin.listen; probes hit /healthz and /readyz on admin."""
+        config = config_of(manifests)
+        c = proxy_container(manifests)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"proxy": proxy_port, "admin": admin_port}
+        assert ports == {"proxy": int(config["listen"].rsplit(":", 1)[1]),
+                         "admin": int(config["admin"]["listen"].rsplit(":", 1)[1])}
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
-        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(admin_port)
 
-    def test_service_exposes_proxy_port_only(self) -> None:
+    def test_service_exposes_proxy_port_only(self, manifests: list[dict]) -> None:
         """Workloads reach the proxy through the Service, never the admin listener."""
-        assert [p["targetPort"] for p in k8s("Service")["spec"]["ports"]] == ["proxy"]
+        assert [p["targetPort"] for p in pick(manifests, "Service")["spec"]["ports"]] == ["proxy"]
 
-    def test_secrets_are_files_not_values(self, k8s_config: dict) -> None:
-        """Every secret in the example config is a file: reference into the mounted Secret."""
-        refs = [v["secret"] if "secret" in v else v.get("client_secret") for v in k8s_config["credentials"].values()]
-        refs.append(k8s_config["audit"]["fingerprint_key"])
-        assert all(r.startswith("file:/etc/secretless/secrets/") for r in refs), refs
+    def test_secrets_are_files_from_secret_volumes(self, manifests: list[dict]) -> None:
+        """Every secret the config names is a file: reference into a mounted Secret, never a value."""
+        config = config_of(manifests)
+        refs = [v["secret"] if "secret" in v else v["client_secret"] for v in config["credentials"].values()]
+        refs.append(config["audit"]["fingerprint_key"])
+        if isinstance(config["store"], dict):
+            refs += [*config["store"]["encryption_keys"].values(), config["store"]["password"]]
+        volumes = {v["name"]: v for v in pod_of(manifests)["spec"]["volumes"]}
+        secret_mounts = [m["mountPath"] for m in proxy_container(manifests)["volumeMounts"] if "secret" in volumes[m["name"]]]
+        for ref in refs:
+            assert ref.startswith("file:/"), ref
+            assert any(ref[5:].startswith(m + "/") for m in secret_mounts), ref
 
-    def test_mounts_match_config_paths(self, k8s_config: dict) -> None:
+    def test_mounts_match_config_paths(self, manifests: list[dict]) -> None:
         """Every path the config names is under a volume the container mounts."""
-        (c,) = k8s("Deployment")["spec"]["template"]["spec"]["containers"]
-        mounts = [m["mountPath"] for m in c["volumeMounts"]]
-        paths = [k8s_config["identity"]["trust_bundle"], k8s_config["interception_ca"] + "/x"]
-        paths += [r[5:] for r in yaml.safe_dump(k8s_config).split() if r.startswith("file:/")]
-        for p in paths:
+        config = config_of(manifests)
+        mounts = [m["mountPath"] for m in proxy_container(manifests)["volumeMounts"]]
+        for p in [config["identity"]["trust_bundle"], config["interception_ca"] + "/x", *file_refs(config)]:
             assert any(p.startswith(m.rstrip("/") + "/") for m in mounts), p
-        assert c["args"][:3] == ["run", "--config", "/etc/secretless/config.yaml"]
 
-    def test_grace_period_outlasts_the_drain(self, k8s_config: dict) -> None:
-        """terminationGracePeriodSeconds covers preStop, limits.drain_seconds and the revocation timeout."""
-        pod = k8s("Deployment")["spec"]["template"]["spec"]
-        (c,) = pod["containers"]
-        pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    def test_config_is_a_directory_mount(self, manifests: list[dict]) -> None:
+        """--config names a key of the ConfigMap inside a whole-directory mount: no subPath, so updates arrive."""
+        c = proxy_container(manifests)
+        pod = pod_of(manifests)["spec"]
+        assert all("subPath" not in m and "subPathExpr" not in m for x in pod["containers"] + pod["initContainers"]
+                   for m in x["volumeMounts"])
+        assert c["args"][:2] == ["run", "--config"]
+        config_path = Path(c["args"][2])
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["configMap"]["name"] == "secretless-proxy"
+        assert config_path.name in pick(manifests, "ConfigMap")["data"]
+
+    def test_grace_period_matches_the_drain(self, manifests: list[dict]) -> None:
+        """terminationGracePeriodSeconds covers preStop + limits.drain_seconds + the revocation timeout, with
+        at most 10 s to spare (a longer one only delays rollouts)."""
+        from secretless_proxy.config.model import BrokerConfig, LimitsConfig
+
+        config = config_of(manifests)
+        pod = pod_of(manifests)["spec"]
+        pre_stop = proxy_container(manifests)["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep"
-        budget = float(pre_stop[1]) + k8s_config["limits"]["drain_seconds"] + k8s_config["broker"]["timeout_seconds"]
-        assert pod["terminationGracePeriodSeconds"] > budget
+        drain = config.get("limits", {}).get("drain_seconds", LimitsConfig().drain_seconds)
+        revoke = config.get("broker", {}).get("timeout_seconds", BrokerConfig().timeout)
+        budget = float(pre_stop[1]) + drain + revoke
+        assert budget < pod["terminationGracePeriodSeconds"] <= budget + 10, (budget, pod["terminationGracePeriodSeconds"])
 
-    def test_kustomize_renders(self) -> None:
-        """kubectl kustomize renders the example (skipped without kubectl)."""
+    def test_ingress_only_from_clients_and_monitoring(self, manifests: list[dict]) -> None:
+        """The proxy port admits labelled client namespaces or pods only; the admin port the monitoring namespace only."""
+        c = proxy_container(manifests)
+        ingress: dict[tuple[str, int], list[dict]] = {}
+        for spec in policies_of(manifests):
+            if "Ingress" in spec["policyTypes"]:
+                for rule in spec.get("ingress", []):
+                    assert rule.get("ports") and rule.get("from"), f"an ingress rule open to all: {rule}"
+                    for port in rule["ports"]:
+                        ingress.setdefault(policy_port(port, c), []).extend(rule["from"])
+        ports = {p["name"]: ("TCP", p["containerPort"]) for p in c["ports"]}
+        client = {"matchLabels": {"secretless-proxy/client": "true"}}
+        assert ingress == {
+            ports["proxy"]: [{"namespaceSelector": client}, {"namespaceSelector": {}, "podSelector": client}],
+            ports["admin"]: [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        }
+
+    def test_egress_only_dns_https_and_redis(self, manifests: list[dict]) -> None:
+        """The pods may open DNS and 443 anywhere, and Redis only where the config has a Redis store."""
+        c = proxy_container(manifests)
+        egress = set()
+        for spec in policies_of(manifests):
+            assert "Egress" in spec["policyTypes"]
+            for rule in spec.get("egress", []):
+                assert rule.get("ports"), f"an egress rule open to every port: {rule}"
+                egress |= {policy_port(p, c) for p in rule["ports"]}
+        store = config_of(manifests)["store"]
+        redis = isinstance(store, dict) and store["url"].startswith("redis://")
+        assert egress == DNS | {HTTPS} | ({REDIS} if redis else set())
+        if redis:
+            assert store["url"].split("/")[2].endswith(":6379")
+
+    def test_replicas_spread_and_disruption_budget(self, manifests: list[dict]) -> None:
+        """Replicas spread over nodes (hard) and zones (soft); a PodDisruptionBudget evicts one at a time."""
+        labels = pod_of(manifests)["metadata"]["labels"]
+        spread = pod_of(manifests)["spec"]["topologySpreadConstraints"]
+        assert {(t["topologyKey"], t["whenUnsatisfiable"]) for t in spread} == {
+            ("kubernetes.io/hostname", "DoNotSchedule"), ("topology.kubernetes.io/zone", "ScheduleAnyway")}
+        assert all(t["maxSkew"] == 1 and selects(t["labelSelector"], labels) for t in spread)
+        pdb = pick(manifests, "PodDisruptionBudget")["spec"]
+        assert pdb["maxUnavailable"] == 1 and selects(pdb["selector"], labels)
+
+    def test_overlays_change_only_the_store(self) -> None:
+        """dev runs the base config; prod the same config with a Redis store whose secrets come from secretless-store."""
+        base = config_of(rendered("base"))
+        assert config_of(rendered("overlays/dev")) == base
+        prod_objects = rendered("overlays/prod")
+        prod = config_of(prod_objects)
+        assert base.pop("store") == "memory://"
+        store = prod.pop("store")
+        assert prod == base
+        assert store["url"].startswith("redis://")
+        volumes = {v["name"]: v for v in pod_of(prod_objects)["spec"]["volumes"]}
+        (mount,) = [m for m in proxy_container(prod_objects)["volumeMounts"] if m["name"] == "store"]
+        assert volumes["store"]["secret"]["secretName"] == "secretless-store"
+        assert all(r.startswith(f"file:{mount['mountPath']}/") for r in [*store["encryption_keys"].values(), store["password"]])
+
+    @pytest.mark.parametrize("source", [*KUSTOMIZATIONS, "examples/client.yaml"])
+    def test_openapi_schemas(self, source: str) -> None:
+        """Every object, rendered, passes kubernetes-validate's strict OpenAPI schema check (unknown fields fail)."""
+        import kubernetes_validate
+
+        path = K8S / source
+        objects = rendered(source) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+        assert objects
+        for obj in objects:
+            try:
+                kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{source}: {obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+    def test_client_example(self) -> None:
+        """The client pod's namespace is admitted by the policy, its SVID's SPIFFE ID is one the rules name,
+        and it reaches the proxy's Service with HTTPS_PROXY and trusts a mounted CA file."""
+        objects = [d for d in yaml.safe_load_all((K8S / "examples" / "client.yaml").read_text()) if d]
+        base = rendered("base")
+        (app,) = [d for d in objects if d["kind"] == "Deployment"]
+        ns = app["metadata"]["namespace"]
+        (namespace,) = [d for d in objects if d["kind"] == "Namespace" and d["metadata"]["name"] == ns]
+        assert namespace["metadata"]["labels"]["secretless-proxy/client"] == "true"
+        pod = app["spec"]["template"]["spec"]
+        spiffe_id = f"spiffe://example.org/ns/{ns}/sa/{pod['serviceAccountName']}"
+        assert any(spiffe_id in r["workloads"] for r in config_of(base)["rules"]), spiffe_id
+        (c,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        svc = pick(base, "Service")
+        proxy_url = f"http://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc:{svc['spec']['ports'][0]['port']}"
+        assert env["HTTPS_PROXY"] == env["https_proxy"] == proxy_url
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            assert Path(env[var]).parent == Path(mounts["interception-ca"]), var
+        assert "configMap" in volumes["interception-ca"]  # the public certificate: never the CA's Secret
+        assert volumes["spiffe"]["csi"]["driver"] in ("spiffe.csi.cert-manager.io", "csi.spiffe.io")
+        command = " ".join(c["args"])
+        assert f"--cert {mounts['spiffe']}/tls.crt --key {mounts['spiffe']}/tls.key" in command
+
+    @pytest.mark.slow  # runs an external checker (kubectl)
+    def test_kubectl_kustomize_agrees(self) -> None:
+        """kubectl kustomize renders each kustomization as helpers/kustomize.py does (skipped without kubectl)."""
         kubectl = shutil.which("kubectl")
         if kubectl is None:
             pytest.skip("kubectl is not installed")
-        out = subprocess.run([kubectl, "kustomize", str(K8S)], check=False, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        kinds = sorted(d["kind"] for d in yaml.safe_load_all(out.stdout) if d)
-        assert kinds == ["ConfigMap", "Deployment", "Namespace", "Service"]
+        for name in KUSTOMIZATIONS:
+            out = subprocess.run([kubectl, "kustomize", str(K8S / name)], check=False, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+            assert sorted((d for d in yaml.safe_load_all(out.stdout) if d), key=key) == sorted(rendered(name), key=key)
 
 
 @pytest.mark.slow  # runs an external checker (promtool, kubectl, systemd-analyze)
 class TestSystemd:
     def test_exec_start_parses(self) -> None:
         """ExecStart is a command line the CLI accepts."""
-        (line,) = [ln for ln in UNIT.read_text().splitlines() if ln.startswith("ExecStart=")]
+        (line,) = [x for x in UNIT.read_text().splitlines() if x.startswith("ExecStart=")]
         argv = shlex.split(line.removeprefix("ExecStart="))
         assert argv[0].endswith("/secretless-proxy")
         args = build_parser().parse_args(argv[1:])
@@ -365,5 +613,5 @@ class TestSystemd:
         unit = tmp_path / UNIT.name
         unit.write_text(UNIT.read_text().replace("/opt/secretless-proxy/bin/secretless-proxy", "/bin/true"))
         out = subprocess.run([tool, "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60)
-        problems = [ln for ln in (out.stdout + out.stderr).splitlines() if UNIT.name in ln]
+        problems = [x for x in (out.stdout + out.stderr).splitlines() if UNIT.name in x]
         assert not problems, problems

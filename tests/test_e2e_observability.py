@@ -24,6 +24,7 @@ from pathlib import Path
 import jwt
 import requests
 import yaml
+from helpers.kubelet import KubeletVolume
 from helpers.net import free_port
 from helpers.net import wait_for as _wait_for
 from helpers.proxy import SECRET, base_config
@@ -680,3 +681,54 @@ class TestHostileReload:
         with client(proxy, pki, pki.svid(BILLING)) as s:
             assert s.get(f"{upstream.url}/v1/charges", timeout=10).status_code == 200
         assert proxy.alive and "Traceback" not in proxy.output()
+
+
+
+class TestConfigMapVolume:
+    """The config as the kubelet mounts a ConfigMap directory (helpers/kubelet.py), updated by symlink swap."""
+
+    def _start(self, proxy_factory, volume: KubeletVolume, port: int) -> Proxy:
+        p = proxy_factory({}, config_file=volume.path("config.yaml"))
+        return Proxy(proc=p, admin=Admin(f"http://127.0.0.1:{port}"), config_path=volume.path("config.yaml"))
+
+    def test_kubelet_symlink_swap_reloads(self, proxy_factory, pki, upstream, tmp_path):
+        """A ConfigMap update (new ..<timestamp> dir, ..data renamed onto it, old dir removed) is
+        reloaded: the added rule admits, and the next swap removes it again."""
+        port = free_port()
+
+        def files(rules: list[dict]) -> dict[str, str]:
+            cfg = base_config(pki, rules=rules, admin={"listen": f"127.0.0.1:{port}"})
+            return {"config.yaml": yaml.safe_dump(cfg, sort_keys=False)}
+
+        volume = KubeletVolume(tmp_path / "configmap", files([inject_rule(upstream)]))
+        proxy = self._start(proxy_factory, volume, port)
+        with client(proxy, pki, pki.svid(BILLING)) as s:
+            get = lambda: s.get(f"{upstream.url}/v2/refunds", timeout=10)  # noqa: E731
+            refusal(get(), 403, "path")
+            added = files([inject_rule(upstream), inject_rule(upstream, name="refunds", paths=["/v2/**"])])
+            volume.update(added)
+            proxy.admin.wait_config(hashlib.sha256(added["config.yaml"].encode()).hexdigest())
+            assert get().status_code == 200
+            again = files([inject_rule(upstream)])
+            volume.update(again)
+            proxy.admin.wait_config(hashlib.sha256(again["config.yaml"].encode()).hexdigest())
+            assert refusal(get(), 403, "path")["rule"] == "billing-to-api"
+        assert proxy.output().count("config reloaded") == 2
+        assert proxy.admin.scrape().value("secretless_config_reloads_total", outcome="success") == 3
+
+    def test_rejected_update_keeps_relative_files_readable(self, proxy_factory, pki, upstream, tmp_path):
+        """After a rejected update the previous config still serves, and its relative file: reference
+        (a key beside config.yaml, as in a projected volume) reads through ..data, not the removed version."""
+        port = free_port()
+        cfg = base_config(pki, rules=[inject_rule(upstream)], admin={"listen": f"127.0.0.1:{port}"},
+                          credentials={"stripe": {"kind": "static", "secret": "file:stripe-key"}})
+        good = {"config.yaml": yaml.safe_dump(cfg, sort_keys=False), "stripe-key": SECRET + "\n"}
+        volume = KubeletVolume(tmp_path / "projected", good)
+        proxy = self._start(proxy_factory, volume, port)
+        volume.update({**good, "config.yaml": "version: 1\nrules: [}\n"})
+        wait_for(lambda: proxy.admin.scrape().value("secretless_config_reloads_total", outcome="error") >= 1,
+                 what="the broken update rejected")
+        with client(proxy, pki, pki.svid(BILLING)) as s:
+            r = s.get(f"{upstream.url}/v1/charges", timeout=10)
+        assert r.status_code == 200, r.text
+        assert auth_headers(upstream) == [[f"Bearer {SECRET}"]]

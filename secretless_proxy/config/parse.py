@@ -11,6 +11,7 @@ destinations), ``storeconfig`` (store), each credential kind's ``parse`` (``cred
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -70,7 +71,12 @@ def load_config(path: str | Path, *, resolve_secrets: bool = True) -> Config:
         )]) from exc
     src = yamlsource.load(text, file=path.name)
     try:
-        cfg = _parse(src, path.resolve().parent, path, hashlib.sha256(raw).hexdigest(),
+        # Relative paths are relative to the directory the file is named in, symlinks not followed:
+        # in a Kubernetes ConfigMap or projected volume config.yaml -> ..data/config.yaml ->
+        # ..<timestamp>/config.yaml, and that timestamped directory is deleted at the next update,
+        # even one this process rejects. Through <dir>/<name> -> ..data the references follow it.
+        base = Path(os.path.abspath(path)).parent
+        cfg = _parse(src, base, path, hashlib.sha256(raw).hexdigest(),
                      resolve_secrets=resolve_secrets)
     except ConfigError:
         raise
