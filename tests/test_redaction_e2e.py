@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import json
 import os
 import re
 import ssl
+import time
 from pathlib import Path
 from urllib.parse import unquote, unquote_plus
 
@@ -34,12 +36,13 @@ from helpers.echo_forms import (
     bad_status_line_response,
     trailers_response,
 )
-from helpers.net import free_port
+from helpers.net import TlsListener, free_port, recv_head
 from helpers.proxy import SECRET, base_config
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong
 
 from secretless_proxy.dev import certs
+from secretless_proxy.dev.echoserver import tls_server_context
 
 BILLING = "spiffe://example.org/ns/prod/sa/billing"
 INJECTIONS = {
@@ -365,3 +368,54 @@ class TestUpstreamProtocolErrors:
         """An upstream that closes before its response head is complete gets the client a 502 in the error contract."""
         r = self._get_twice(proxy_factory, pki, respond, hang_up=True)
         assert "could not be read" in r.json()["error"]
+
+
+class _EarlyAnswer(TlsListener):
+    """Answers each connection's first request at once, before its body is in, then writes ``extra``
+    (a stray CRLF, a second response) while the body still streams; then reads until the peer closes."""
+
+    def __init__(self, server_cert, extra: bytes) -> None:
+        super().__init__(tls_server_context(server_cert))
+        self.extra = extra
+        self.connections = 0
+
+    def handle(self, conn: ssl.SSLSocket) -> None:
+        self.connections += 1
+        if not recv_head(conn):
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+        time.sleep(0.3)
+        conn.sendall(self.extra)
+        while conn.recv(65536):
+            pass
+
+
+class TestUpstreamAfterItsResponse:
+    @pytest.mark.parametrize("extra", [b"\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSPOOF", b"\x00garbage"],
+                             ids=["crlf", "second_response", "raw_bytes"])
+    def test_bytes_after_an_early_response_are_dropped_and_never_answer_the_next_request(self, proxy_factory, pki,
+                                                                                       extra):
+        """An upstream that answers before the upload is in and then writes more: the client gets the
+        response and finishes its upload, the proxy logs no traceback (hostile review 4.02: mitmproxy's
+        layer crashed once per request), and the next request on the connection is not answered with
+        what the upstream wrote after its response (that upstream connection is never reused)."""
+        up = _EarlyAnswer(certs.make_server_cert(ca=pki.upstream_ca), extra)
+        up.start()
+        try:
+            rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                    "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+            p = proxy_factory(base_config(pki, rules=[rule]))
+            t = tunnel(p.port, ("localhost", up.port), sni="localhost", ca=pki.interception_ca_cert, cert=pki.svid(BILLING))
+            for n in range(2):
+                t.sendall(f"POST /v1/up{n} HTTP/1.1\r\nHost: localhost:{up.port}\r\nContent-Length: 100\r\n\r\nabc".encode())
+                time.sleep(0.6)  # the early answer and the extra bytes arrive while the body is unsent
+                t.sendall(b"d" * 97)
+                resp = http.client.HTTPResponse(t)
+                resp.begin()
+                assert (resp.status, resp.read()) == (200, b"early")
+            t.close()
+        finally:
+            up.close()
+        assert up.connections == 2  # the second request went over a new upstream connection
+        out = p.output()
+        assert "Traceback" not in out and "has crashed" not in out

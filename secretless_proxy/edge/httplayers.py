@@ -342,6 +342,9 @@ class GuardedHttp1Server(Http1Server):
         self.state = self.done
 
 
+_RESPONSE_EVENTS = (ResponseHeaders, ResponseData, ResponseTrailers, ResponseEndOfMessage)
+
+
 class GuardedHttpStream(HttpStream):
     # The state overrides that only look at an event before mitmproxy's handler return that
     # handler's generator (or the refusal's) instead of delegating with ``yield from``: one
@@ -354,6 +357,7 @@ class GuardedHttpStream(HttpStream):
         self._discarded = 0
         self._answered = False  # withheld while the request body was still streaming (_withhold)
         self._body_clock: commands.RequestWakeup | None = None
+        self._spoiled = False  # the upstream sent more after its response (_after_the_response)
         self._body_seen = 0.0  # when the last request body bytes arrived (time.monotonic)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
@@ -361,7 +365,28 @@ class GuardedHttpStream(HttpStream):
             return self._refuse_unreadable(event)
         if isinstance(event, events.Wakeup) and event.command is self._body_clock:
             return self._body_clock_rang()
+        if self.server_state == self.state_done and isinstance(event, _RESPONSE_EVENTS):
+            return self._after_the_response(event)
         return super()._handle_event(event)
+
+    def _after_the_response(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """The upstream went on after a complete response (a stray CRLF, a second response, raw bytes),
+        typically while the client's body was still streaming: mitmproxy's done state asserted and its
+        layer crashed with a traceback per request (hostile review 4.02). Dropped: the client already
+        has the whole response, and the upload it is still sending goes on to its end. That upstream
+        connection is closed once the request is over, never reused: what it sent could be taken as
+        the response to the next request."""
+        self._spoiled = True
+        if self.client_state in (self.state_done, self.state_errored) and self.context.server.connected:
+            yield commands.CloseConnection(self.context.server)
+
+    def flow_done(self) -> layer.CommandGenerator[None]:
+        return self._done_and_closed() if self._spoiled else super().flow_done()
+
+    def _done_and_closed(self) -> layer.CommandGenerator[None]:
+        yield from super().flow_done()
+        if self.context.server.connected:
+            yield commands.CloseConnection(self.context.server)
 
     # -- the request body's deadline (hostile review 35) -----------------------------------------
     # A client that sends a head and then stalls inside its body held the connection, and on a
