@@ -419,3 +419,27 @@ class TestUpstreamAfterItsResponse:
         assert up.connections == 2  # the second request went over a new upstream connection
         out = p.output()
         assert "Traceback" not in out and "has crashed" not in out
+
+
+class TestInterimResponses:
+    @pytest.mark.parametrize("interim", [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\nX-Echo: %s\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-Echo: %s\r\n\r\n",
+    ], ids=["early_hints", "continue_and_processing"])
+    def test_interim_heads_are_dropped_and_the_final_response_arrives(self, proxy_factory, pki, interim):
+        """1xx heads before the final response (hostile review 4.03: the 103 became the answer, the 200 was
+        dropped and the client hung): the client gets the final response, and the echo in the 1xx never."""
+        def respond(auth: bytes) -> bytes:
+            return interim.replace(b"%s", auth) + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+
+        with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond) as up:
+            rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                    "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+            p = proxy_factory(base_config(pki, rules=[rule]))
+            ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+            ctx.load_cert_chain(*pki.svid(BILLING))
+            with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
+                r = c.get(f"{up.url}/v1/x")
+        assert (r.status_code, r.text) == (200, "final")
+        assert not leaks(str(r.headers), {SECRET})
+        assert any('"credential.used"' in line and '"status":200' in line.replace(" ", "") for line in p.output().splitlines())

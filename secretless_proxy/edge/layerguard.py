@@ -54,6 +54,13 @@
    buffered (an upstream such as S3 refuses chunked uploads), ``Transfer-Encoding: chunked``
    when it is streamed.
 
+8. **Interim responses.** ``Http1Client.read_headers`` takes the first head an upstream sends as its
+   response: a ``103 Early Hints`` (or an unsolicited ``100 Continue``) became the client's answer,
+   the final response was dropped as unexpected data and the client waited until it gave up (hostile
+   review 4.03). Interim 1xx heads (not ``101 Switching Protocols``) are dropped whole before
+   mitmproxy's reader sees them; the client gets the final response. RFC 9110 §15.2 asks a proxy
+   to forward them; this one does not, so their headers are never a place an echo can hide.
+
 ``install()`` wraps these methods once per process; they are pinned to mitmproxy 12.2
 (``pyproject.toml``), and ``tests/test_redaction.py`` fails if the wrapped code changes shape.
 """
@@ -111,7 +118,7 @@ def install(response_head_limit: Callable[[], int] | None = None) -> None:
     if _installed:
         return
     _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
-    _http1.Http1Client.read_headers = _bounded_head(_guarded(_http1.Http1Client.read_headers))  # type: ignore[method-assign]
+    _http1.Http1Client.read_headers = _bounded_head(_without_interim(_guarded(_http1.Http1Client.read_headers)))  # type: ignore[method-assign]
     _http1.Http1Client.send = _framed_requests(_http1.Http1Client.send)  # type: ignore[method-assign]
     websocket.WebsocketLayer.relay_messages = _guarded(websocket.WebsocketLayer.relay_messages, trailers=False, ends=_killed_ending)  # type: ignore[method-assign]
     websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
@@ -212,6 +219,25 @@ def _bounded_head(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[.
                 yield ReceiveHttp(ResponseProtocolError(self.stream_id, RESPONSE_HEAD_TOO_LARGE,
                                                         ErrorCode.GENERIC_SERVER_ERROR))
                 return None
+        return (yield from method(self, event))
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+_INTERIM = re.compile(rb"HTTP/1\.[01] 1(?!01)\d\d[ \r\n]")  # 1xx but 101 Switching Protocols
+
+
+def _without_interim(method: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+    @functools.wraps(method)
+    def wrapper(self: _http1.Http1Client, event: Any) -> Generator[Any, Any, Any]:
+        # Interim responses (103 Early Hints, an unsolicited 100 Continue) are dropped whole, before
+        # mitmproxy's reader takes the first head it finds for the final response (point 8).
+        if isinstance(event, events.DataReceived) and self.request is not None:
+            while _INTERIM.match(head := bytes(self.buf)) and (end := _BLANK_LINE.search(head)):
+                self.buf.maybe_extract_at_most(end.end())
+            if not self.buf or _INTERIM.match(bytes(self.buf)):
+                return None  # nothing after them yet, or the rest of an interim head is still to come
         return (yield from method(self, event))
 
     wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
