@@ -61,6 +61,14 @@ FETCH_BUCKETS = (1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3
                  10.0, 30.0)
 
 
+class Degraded(str):
+    """A readiness check's finding that does not make the proxy unready: it serves correctly on
+    what it has (the last good config after a rejected reload). ``/readyz`` stays 200 and names it
+    under ``degraded``; ``secretless_ready`` stays 1; alerts watch the counters instead."""
+
+    __slots__ = ()
+
+
 def decision_for(reason: str) -> str:
     """The ``decision`` label of a refused request: ``error`` for the proxy's failures, else ``denied``."""
     return "error" if reason in ERROR_REASONS else "denied"
@@ -283,10 +291,11 @@ class Metrics:
         self.audit_errors.labels(sink).inc()
 
     def track_readiness(self, checks: Callable[[], Mapping[str, str | None]]) -> None:
-        """Make ``secretless_ready`` evaluate ``checks`` at scrape time (1 when every value is None)."""
+        """Make ``secretless_ready`` evaluate ``checks`` at scrape time (1 when every value is None
+        or ``Degraded``)."""
         def ready() -> float:
             try:
-                return 1.0 if all(v is None for v in checks().values()) else 0.0
+                return 1.0 if all(v is None or isinstance(v, Degraded) for v in checks().values()) else 0.0
             except Exception as exc:  # noqa: BLE001 - a failing check means not ready, never a failed scrape
                 log.warning("readiness check raised %s", type(exc).__name__)
                 return 0.0

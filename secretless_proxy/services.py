@@ -25,6 +25,7 @@ from secretless_proxy.config.model import Config
 from secretless_proxy.credentials.base import ProviderDeps
 from secretless_proxy.errors import ConfigError
 from secretless_proxy.grants import Grant
+from secretless_proxy.metrics import Degraded
 from secretless_proxy.reload import FileWatcher
 from secretless_proxy.runtime import Runtime, changed_credentials
 from secretless_proxy.signing import JwtSigner
@@ -197,14 +198,18 @@ class Services:
         return signer.jwks(), signer.openid_configuration()
 
     def readiness(self) -> dict[str, str | None]:
-        """Ready only with a loaded config, a valid trust bundle and interception CA."""
-        checks: dict[str, str | None] = {"config": self.reload_error and f"last reload failed: {self.reload_error}"}
+        """Ready with a loaded config, its trust bundles and the interception CA. A rejected reload, or
+        a bundle file that no longer loads, leaves the last good one serving: ``Degraded``, not unready
+        (every replica reads the same ConfigMap; the reload counter and its alert report it)."""
+        checks: dict[str, str | None] = {
+            "config": Degraded(f"last reload failed, the previous config serves: {self.reload_error}")
+            if self.reload_error else None}
         checks["trust_bundle"] = None
         for td, source in self.config.identity.bundles.items():
             try:
                 load_bundle(source)
             except ValueError as exc:
-                checks["trust_bundle"] = f"trust domain {td}: {exc}"
+                checks["trust_bundle"] = Degraded(f"trust domain {td}: {exc} (the bundle loaded before serves)")
                 break
         ca = self.confdir / "mitmproxy-ca-cert.pem"
         try:

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from secretless_proxy.admin.exchange import MAX_HEAD
 from secretless_proxy.admin.health import AdminServer
-from secretless_proxy.metrics import Metrics
+from secretless_proxy.metrics import Degraded, Metrics
 
 JWKS = {"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": "x", "y": "y", "use": "sig", "alg": "ES256"}]}
 OPENID = {"issuer": "https://proxy.example", "jwks_uri": "https://proxy.example/.well-known/jwks.json"}
@@ -103,13 +103,25 @@ class TestAdminServer:
         """/readyz is 200 while all checks pass, then 503 naming the failing check."""
         r = await client.get(admin.url + "/readyz")
         assert r.status_code == 200
-        assert r.json() == {"ready": True, "failing": [], "checks": {"audit": "ok", "config": "ok"}}
+        assert r.json() == {"ready": True, "failing": [], "degraded": [], "checks": {"audit": "ok", "config": "ok"}}
         admin.checks["audit"] = "audit sink failing: file:/var/log/a.log"
         r = await client.get(admin.url + "/readyz")
         assert r.status_code == 503
-        assert r.json() == {"ready": False, "failing": ["audit"],
+        assert r.json() == {"ready": False, "failing": ["audit"], "degraded": [],
                             "checks": {"audit": "audit sink failing: file:/var/log/a.log", "config": "ok"}}
         assert admin.registry.get_sample_value("secretless_ready") == 0
+
+    async def test_a_degraded_check_is_named_but_keeps_the_proxy_ready(self, admin: Admin,
+                                                                       client: httpx.AsyncClient) -> None:
+        """A Degraded finding (a rejected reload, the previous config serving) keeps /readyz 200 and
+        secretless_ready 1, and is named under degraded: one bad ConfigMap edit would otherwise take
+        every replica out of the Service at once."""
+        admin.checks["config"] = Degraded("last reload failed, the previous config serves: 1 error(s)")
+        r = await client.get(admin.url + "/readyz")
+        assert r.status_code == 200
+        assert r.json() == {"ready": True, "failing": [], "degraded": ["config"], "checks": {
+            "audit": "ok", "config": "last reload failed, the previous config serves: 1 error(s)"}}
+        assert admin.registry.get_sample_value("secretless_ready") == 1
 
     async def test_readyz_check_raising(self, client: httpx.AsyncClient) -> None:
         """A readiness callable that raises makes the proxy not ready instead of crashing the listener."""

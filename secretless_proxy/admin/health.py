@@ -17,7 +17,9 @@ Endpoints:
 
 - ``/metrics``  Prometheus exposition of the ``Metrics`` registry (OpenMetrics when asked for)
 - ``/healthz``  200 ``ok``: the process and its event loop are alive
-- ``/readyz``   200 when every readiness check passes, else 503; the JSON body lists each check
+- ``/readyz``   200 when every readiness check passes, else 503; the JSON body lists each check.
+  A ``Degraded`` finding (the last reload was rejected; the previous config serves) keeps it 200
+  and is listed under ``degraded``: one bad ConfigMap edit must not take every replica out.
 - ``/.well-known/jwks.json`` and ``/.well-known/openid-configuration``: from ``oidc()``, or 404
   when no signer is configured
 """
@@ -42,7 +44,7 @@ from secretless_proxy.admin.exchange import (
     refused_text,
     text,
 )
-from secretless_proxy.metrics import Metrics
+from secretless_proxy.metrics import Degraded, Metrics
 from secretless_proxy.reasons import Reason
 from secretless_proxy.refusal import Refusal
 
@@ -117,8 +119,9 @@ class AdminServer(Listener):
 
     def _readyz(self, accept: str) -> Response:
         checks = self._checks()
-        failing = sorted(name for name, problem in checks.items() if problem is not None)
-        body = {"ready": not failing, "failing": failing,
+        failing = sorted(name for name, problem in checks.items() if problem is not None and not isinstance(problem, Degraded))
+        degraded = sorted(name for name, problem in checks.items() if isinstance(problem, Degraded))
+        body = {"ready": not failing, "failing": failing, "degraded": degraded,
                 "checks": {name: "ok" if problem is None else str(problem) for name, problem in sorted(checks.items())}}
         return json_doc(200 if not failing else 503, body, cache="no-store")
 
