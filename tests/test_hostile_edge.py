@@ -410,6 +410,24 @@ class TestRequestTarget:
         assert nginx.probe() == before + 1  # no connection between the two probes
         assert SECRET not in nginx.log("attacker") + nginx.log("localhost")
 
+    @pytest.mark.parametrize("path", ["https://attacker-app.example/steal", "attacker-app.example:443",
+                                      "v1/x", "/v1/x"])
+    def test_http2_path_not_in_origin_form_is_refused(self, nginx_proxy, pki, nginx, path):
+        """An HTTP/2 :path in absolute or authority form with an allowed :authority: 400, and nginx gets no
+        connection (hostile review 4.08: it went to the HTTP/1.1 upstream as that request line, which
+        nginx routes by, to the attacker's virtual host, with the credential)."""
+        before = nginx.probe()
+        s = svid_tunnel(nginx_proxy, pki, nginx.port, alpn=["h2", "http/1.1"])  # as real clients offer
+        status, data = h2_request(s, nginx.port, path)
+        s.close()
+        if path == "/v1/x":  # the control: origin form over HTTP/2 reaches the localhost virtual host
+            assert (status, data) == (b"200", b"vhost=localhost\n"), data
+            return
+        assert (status, json.loads(data)["reason"]) == (b"400", "protocol_refused"), data
+        assert "origin form" in json.loads(data)["error"]
+        assert nginx.probe() == before + 1  # no connection between the two probes
+        assert SECRET not in nginx.log("attacker") + nginx.log("localhost")
+
     def test_absolute_form_naming_the_destination_goes_in_origin_form(self, nginx_proxy, pki, nginx):
         """An absolute-form target naming the tunnel is forwarded in origin form with the decided Host:
         the credential reaches only the localhost virtual host."""

@@ -92,6 +92,10 @@ def framing(request: http.Request, *, end_stream: bool) -> str | None:
     return None
 
 
+ORIGIN_FORM_MESSAGE = ("the request target's path must start with / (origin form; HTTP/2 :path too), "
+                       "or be * for OPTIONS; the destination is the tunnel's or the absolute-form authority")
+
+
 def parsed_refusal(request: http.Request, metadata: dict | None = None) -> Refusal | None:
     """The same control-character rule on a parsed request (HTTP/1 or HTTP/2), or None; and a
     request target with a fragment, which no client sends (RFC 9112 §3.2, RFC 9113 §8.3.1): the
@@ -105,6 +109,12 @@ def parsed_refusal(request: http.Request, metadata: dict | None = None) -> Refus
             return Refusal(400, Reason.HEADER_INVALID, CTL_MESSAGE)
     if b"#" in data.path:
         return Refusal(400, Reason.PROTOCOL_REFUSED, FRAGMENT_MESSAGE)
+    if not data.path.startswith(b"/") and not (data.path == b"*" and data.method == b"OPTIONS"):
+        # An HTTP/2 :path in absolute form (https://other.example/x) or authority form went to the
+        # HTTP/1.1 upstream as that request line, which an upstream routes by, over Host (RFC 9112
+        # §3.2.2): the credential decided for :authority reached another virtual host (hostile
+        # review 4.08). RFC 9113 §8.3.1: :path is origin form, or * for OPTIONS.
+        return Refusal(400, Reason.PROTOCOL_REFUSED, ORIGIN_FORM_MESSAGE)
     if metadata and (why := metadata.get(MALFORMED)):
         return Refusal(400, Reason.PROTOCOL_REFUSED, why)
     for name, value in data.headers.fields:
