@@ -660,6 +660,12 @@ class Secretless:
             refusal = decoded_too_large(self._limits().max_response_scan_bytes, injected.rule)
             self._report_refusal(flow, refusal)
             flow.response = error_response(flow.id, refusal)
+        except bodydecode.Undecodable:  # it cannot be checked, so it is withheld (hostile review 4.11)
+            refusal = Refusal(502, Reason.RESPONSE_UNDECODABLE, "the upstream's response body does not decode for "
+                              "its Content-Encoding (unknown, stacked or damaged), so it cannot be checked for an "
+                              "echoed credential; it was withheld", injected.rule)
+            self._report_refusal(flow, refusal)
+            flow.response = error_response(flow.id, refusal)
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
             flow.response = error_response(flow.id, Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to process the response"))

@@ -19,6 +19,7 @@ module that defines it. ``tests/test_reasons.py`` holds this tree to the code.
     ├── NotAFile (OSError)       config.safefile: the path is a FIFO, device, directory or socket, never read
     ├── TooLarge (OSError)       config.safefile: the file is larger than its reader allows
     ├── TooLarge                 edge.bodydecode: a body decodes to more than the scan window
+    ├── Undecodable (ValueError) edge.bodydecode: a body its Content-Encoding does not decode whole
     ├── _Failure                 admin.client: internal, one sentence for stderr, exit status 1
     ├── _TooLarge                config.yamlsource: internal, a document that expands past MAX_VALUES
     └── _TooDeep                 config.yamlsource: internal, aliases that nest past MAX_DEPTH

@@ -63,6 +63,7 @@ class Reason(StrEnum):
     RESPONSE_HEAD_TOO_LARGE = "response_head_too_large"  # 502: upstream head over limits.max_response_head_bytes
     TRANSFER_ENCODING_REFUSED = "transfer_encoding_refused"  # 502: upstream Transfer-Encoding other than chunked
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"  # 502: the upstream's response could not be read (malformed, cut)
+    RESPONSE_UNDECODABLE = "response_undecodable"  # 502: inject-rule body whose Content-Encoding the echo check cannot decode
 
     # The admin API only (admin/api.py): an origin server's refusals of an admin's request.
     NOT_ADMIN = "not_admin"  # 403: a verified workload not under admin.workloads
@@ -96,6 +97,7 @@ PROXY_FAILURES = frozenset({
     Reason.INTERNAL_ERROR, Reason.DNS_FAILED, Reason.DNS_TIMEOUT, Reason.UPSTREAM_UNREACHABLE,
     Reason.UPSTREAM_TLS_FAILED, Reason.UPSTREAM_TIMEOUT, Reason.RESPONSE_TOO_LARGE,
     Reason.RESPONSE_HEAD_TOO_LARGE, Reason.TRANSFER_ENCODING_REFUSED, Reason.UPSTREAM_PROTOCOL_ERROR,
+    Reason.RESPONSE_UNDECODABLE,
 })
 
 # Not a refusal: why a cached credential was dropped (broker.Broker.revoke), which is also the label

@@ -145,7 +145,7 @@ def redact_message(message: http.Message, needles: Needles, *, max_body: int = 1
     """Redact the status line (reason), every header and trailer and the decoded body in place.
 
     The body is decoded by ``bodydecode`` (every gzip member, at most ``max_body`` decoded bytes).
-    Raises ValueError when the body's Content-Encoding cannot be decoded and ``bodydecode.TooLarge``
+    Raises ``bodydecode.Undecodable`` when the body's Content-Encoding cannot be decoded and ``bodydecode.TooLarge``
     when it decodes to more than ``max_body``: it cannot be checked, so the caller withholds the
     response (fail closed).
     """

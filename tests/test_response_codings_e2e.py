@@ -166,15 +166,22 @@ def test_echo_in_a_later_member_is_redacted(proxy_factory, pki, coding):
     assert any(b"ok\nyou sent: Bearer [REDACTED]" in d for d in _inflated(got))
 
 
-def test_trailing_bytes_after_the_last_member_are_withheld(proxy_factory, pki):
-    """Bytes after the last gzip member that are not another member: the body cannot be checked
-    whole, so it is withheld (502), never relayed."""
+@pytest.mark.parametrize(("coding", "make"), [
+    ("gzip", lambda auth: gzip.compress(b"ok") + b"\x1f\x8b\x08garbage" + auth),  # trailing bytes, not a member
+    ("compress", lambda auth: b"ok " + auth),  # a coding the check does not know
+    ("gzip, identity", lambda auth: gzip.compress(b"ok " + auth)),  # stacked codings
+])
+def test_a_body_the_check_cannot_decode_is_withheld_audited_and_counted(proxy_factory, pki, coding, make):
+    """A body that does not decode whole for its Content-Encoding cannot be checked, so it is withheld
+    with 502 response_undecodable, for the rule that decided it, audited and counted (hostile review
+    4.11: internal_error, rule null, no audit record of the refusal)."""
     def respond(auth: bytes) -> bytes:
-        body = gzip.compress(b"ok") + b"\x1f\x8b\x08garbage" + auth
-        return b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    [got], _ = _exchange(proxy_factory, pki, respond)
-    assert_no_secret(got)
-    assert _json(got)[0] == 502
+        body = make(auth)
+        return b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            coding.encode(), len(body), body)
+    [got], p = _exchange(proxy_factory, pki, respond)
+    assert_refused(got, "response_undecodable", "does not decode")
+    assert audited(p, "response_undecodable")
 
 
 # -- 08: decompression bombs --------------------------------------------------------------------

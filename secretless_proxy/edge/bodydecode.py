@@ -9,7 +9,7 @@ mitmproxy's ``get_content`` is the wrong tool for a check that must see what the
 
 ``decode(raw, content_encoding, limit)`` decodes incrementally with a maximum output of ``limit``
 bytes (over it: ``TooLarge``), decodes every gzip member, deflate stream and zstd frame in the body,
-and raises ``ValueError`` for anything it cannot decode whole (a truncated stream, trailing bytes
+and raises ``Undecodable`` (a ``ValueError``) for anything it cannot decode whole (a truncated stream, trailing bytes
 that are not another member, an unknown or stacked coding): the caller withholds the response.
 """
 
@@ -23,7 +23,7 @@ import zstandard
 
 from secretless_proxy.errors import SecretlessError
 
-__all__ = ["TooLarge", "decode"]
+__all__ = ["TooLarge", "Undecodable", "decode"]
 
 # RFC 9659 (zstd in HTTP) asks decoders for windows up to 8 MiB; a larger window only costs memory.
 _ZSTD_MAX_WINDOW = 8 * 1024 * 1024
@@ -32,6 +32,10 @@ _READ = 64 * 1024
 
 class TooLarge(SecretlessError):
     """The decoded body is larger than the bound."""
+
+
+class Undecodable(SecretlessError, ValueError):
+    """The body cannot be decoded whole for its Content-Encoding (unknown, stacked, truncated, trailing bytes)."""
 
 
 def decode(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
@@ -52,7 +56,7 @@ def decode(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
     elif enc == "zstd":
         out = _zstd(raw, limit)
     else:
-        raise ValueError("unsupported content-encoding")  # includes stacked codings ("gzip, gzip")
+        raise Undecodable("unsupported content-encoding")  # includes stacked codings ("gzip, gzip")
     if len(out) > limit:
         raise TooLarge
     return out
@@ -71,10 +75,10 @@ def _zlib_members(raw: bytes, wbits: int, limit: int) -> bytes:
                 if len(out) > limit:
                     raise TooLarge
                 if not chunk and len(d.unconsumed_tail) == len(buf):
-                    raise ValueError("truncated compressed body")
+                    raise Undecodable("truncated compressed body")
                 buf = d.unconsumed_tail
         except zlib.error as exc:
-            raise ValueError("undecodable compressed body") from exc
+            raise Undecodable("undecodable compressed body") from exc
         data = d.unused_data
         if not data.strip(b"\0"):  # the end (zero padding is what gzip tools tolerate too)
             return bytes(out)
@@ -93,9 +97,9 @@ def _brotli(raw: bytes, limit: int) -> bytes:
                 break
             chunk = d.process(b"", output_buffer_limit=_READ)
     except brotli.error as exc:
-        raise ValueError("undecodable brotli body") from exc
+        raise Undecodable("undecodable brotli body") from exc
     if not d.is_finished():
-        raise ValueError("truncated brotli body")
+        raise Undecodable("truncated brotli body")
     return bytes(out)
 
 
@@ -109,5 +113,5 @@ def _zstd(raw: bytes, limit: int) -> bytes:
                 if len(out) > limit:
                     raise TooLarge
     except zstandard.ZstdError as exc:
-        raise ValueError("undecodable zstd body") from exc
+        raise Undecodable("undecodable zstd body") from exc
     return bytes(out)
