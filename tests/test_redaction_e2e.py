@@ -324,6 +324,15 @@ class TestUpstreamProtocolErrors:
         r = self._get_twice(proxy_factory, pki, respond)
         assert "does not parse" in r.json()["error"]
 
+    @pytest.mark.parametrize("upgrade", [b"h2c", b"websocket"])
+    def test_a_switch_the_request_did_not_ask_for_is_a_json_502(self, proxy_factory, pki, upgrade):
+        """101 Switching Protocols to a plain GET that asked for no upgrade: 502 in the error contract,
+        nothing after the switch relayed (hostile review 4.10: the bare 101 was relayed, then closed)."""
+        def respond(auth: bytes) -> bytes:
+            return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\necho %s" % (upgrade, auth)
+        r = self._get_twice(proxy_factory, pki, respond)
+        assert "switched protocols without being asked" in r.json()["error"]
+
     def test_response_with_conflicting_framing_is_a_json_502(self, proxy_factory, pki):
         """Content-Length with Transfer-Encoding in the upstream's head (smuggling-shaped): 502 in the error
         contract, audited (hostile review 4.01: mitmproxy's HTML page, unaudited)."""

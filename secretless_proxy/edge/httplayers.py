@@ -345,6 +345,12 @@ class GuardedHttp1Server(Http1Server):
 _RESPONSE_EVENTS = (ResponseHeaders, ResponseData, ResponseTrailers, ResponseEndOfMessage)
 
 
+def _websocket_switch(request: http.Request, response: http.Response) -> bool:
+    """Whether a 101 answers the WebSocket upgrade this request asked for."""
+    return request.headers.get("upgrade", "").strip().lower() == "websocket" \
+        and response.headers.get("upgrade", "").strip().lower() == "websocket"
+
+
 class GuardedHttpStream(HttpStream):
     # The state overrides that only look at an event before mitmproxy's handler return that
     # handler's generator (or the refusal's) instead of delegating with ``yield from``: one
@@ -581,6 +587,15 @@ class GuardedHttpStream(HttpStream):
 
     @expect(ResponseHeaders)
     def state_wait_for_response_headers(self, event: ResponseHeaders) -> layer.CommandGenerator[None]:
+        if event.response.status_code == 101 and not _websocket_switch(self.flow.request, event.response):
+            # A switch the request did not ask for (Upgrade: h2c to a plain GET): mitmproxy relayed the
+            # bare 101 and closed; the only upgrade this proxy relays is the WebSocket it judged
+            # (hostile review 4.10). The upstream connection is closed: it speaks something else now.
+            self.flow.response = event.response
+            return self._withhold_and_close(Refusal(
+                502, Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response could not be read (it switched "
+                "protocols without being asked: only a requested WebSocket upgrade is relayed); nothing of "
+                "it was relayed", self.flow.metadata.get("secretless.rule")))
         codings = [c.strip().lower() for v in event.response.headers.get_all("transfer-encoding") for c in v.split(",")]
         if codings and codings != ["chunked"]:
             self.flow.response = event.response
@@ -678,6 +693,10 @@ class GuardedHttpStream(HttpStream):
             502, Reason.RESPONSE_TOO_LARGE, f"the response is larger than limits.max_response_scan_bytes ({limit} bytes), the "
             "most this rule checks for an echoed credential; it was withheld (see inject.echo_check)",
             self.flow.metadata.get("secretless.rule")))
+
+    def _withhold_and_close(self, refusal: Refusal) -> layer.CommandGenerator[None]:
+        yield commands.CloseConnection(self.context.server)
+        yield from self._withhold(refusal, abort_upstream=False)
 
     def _withhold(self, refusal: Refusal, *, abort_upstream: bool = True) -> layer.CommandGenerator[None]:
         """Answer the client with ``refusal`` instead of the upstream's response, of which it gets nothing."""
