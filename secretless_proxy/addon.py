@@ -301,7 +301,9 @@ class Secretless:
         broker = self.services.broker if self.services else None
         if broker is None:
             return 0
+        broker.stop_issuing()  # a fetch that lands from now on is revoked, never injected
         n = await broker.evict(None, reason="shutdown")
+        await broker.fetches_settled()
         await broker.revocations_settled()  # awaited here, not abandoned when the loop stops
         return n
 

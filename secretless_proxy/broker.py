@@ -130,6 +130,8 @@ class Broker:
         self._revoking: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._issuing = True  # False once stop_issuing() ran (shutdown revocation): nothing new goes out
+        self._last_fills: set[asyncio.Task[IssuedCredential]] = set()
         self._shared: Store | None = None
         self._breakers = Breakers(base=self.breaker_base, cap=self.breaker_cap, rng=rng, clock=now,
                                   on_change=lambda name, n: self._emit("breaker", credential=name, failing=n))
@@ -180,7 +182,7 @@ class Broker:
 
     async def get(self, name: str, ctx: RequestContext) -> IssuedCredential:
         """A credential valid for at least ``skew`` more seconds; CredentialError when there is none."""
-        if self._closed:
+        if self._closed or not self._issuing:
             raise CredentialError(Reason.CREDENTIAL_UNAVAILABLE, "the credential broker is shut down; no credential can be issued")
         provider = self._providers.get(name)
         if provider is None:
@@ -268,7 +270,7 @@ class Broker:
             raise
         else:
             breakers.succeeded(key)
-            return cred
+            return self._issued_while_issuing(name, provider, cred)
         raise Backoff(detail, retry_after=breakers.failed(key))
 
     def _backoff(self, name: str, provider: Provider, wait: float) -> Backoff:
@@ -415,9 +417,31 @@ class Broker:
                 del self._inflight[key]
         self._breakers.succeeded(key)
         self._emit("issued", cred)
-        if generation == (self._epoch, self._gen.get(name, 0)) and not self._closed:
+        if generation == (self._epoch, self._gen.get(name, 0)) and not self._closed and self._issuing:
             self._store(key, cred, provider)
-        return cred
+        return self._issued_while_issuing(name, provider, cred)
+
+    def _issued_while_issuing(self, name: str, provider: Provider, cred: IssuedCredential) -> IssuedCredential:
+        """``cred``, unless it arrived after ``stop_issuing()``: then it is revoked (where the provider
+        can) and never handed out, so no credential outlives the shutdown revocation (hostile review
+        4.13: a fetch under way while the cache was revoked returned a fresh token, never revoked)."""
+        if self._issuing:
+            return cred
+        if provider.revocable:
+            self._spawn_revoke(provider, cred)
+        raise ProviderError(f"credential '{name}': the broker stopped issuing for shutdown during the fetch")
+
+    def stop_issuing(self) -> None:
+        """Shutdown with revocation: no credential is handed out from now on, fetched or cached. The
+        fetches under way are remembered (``evict`` forgets them) for ``fetches_settled``."""
+        self._issuing = False
+        self._last_fills = set(self._inflight.values())
+
+    async def fetches_settled(self) -> None:
+        """Wait for the fetches that were under way at ``stop_issuing``, at most ``broker.timeout_seconds``:
+        what they bring is revoked, and that revocation is then awaited by ``revocations_settled``."""
+        if self._last_fills:
+            await asyncio.wait(self._last_fills, timeout=self._config.timeout)
 
     def _store(self, key: _Key, cred: IssuedCredential, provider: Provider) -> None:
         now = self._now()

@@ -439,6 +439,28 @@ class TestEvict:
         await until(lambda: len(rev.revoked) == 1)
         assert sorted(e[2] for e in events.of("revoked")) == ["manual", "manual"]
 
+    async def test_a_fetch_landing_after_stop_issuing_is_revoked_and_never_handed_out(self, make) -> None:
+        """Shutdown revocation (hostile review 4.13): a fetch under way when the broker stops issuing
+        brings a fresh token; it is revoked at the provider, the waiting request is refused, and
+        fetches_settled() then revocations_settled() wait for both, so the process never exits with a
+        live token it issued. After stop_issuing, get() refuses without calling the provider."""
+        p = RevocableProvider(clock=time.time)
+        broker = make(p)
+        p.gate = asyncio.Event()
+        waiting = asyncio.create_task(broker.get("api", context()))
+        await until(lambda: p.calls == 1)  # the fetch is under way
+        broker.stop_issuing()
+        assert await broker.evict(reason="shutdown") == 0
+        p.gate.set()
+        await broker.fetches_settled()
+        await broker.revocations_settled()
+        assert [c.secret.reveal() for c in p.revoked] == ["tok-1"]
+        with pytest.raises(ProviderError, match="stopped issuing"):
+            await waiting
+        with pytest.raises(CredentialError, match="shut down"):
+            await broker.get("api", context())
+        assert p.calls == 1
+
     async def test_revoke_failure_is_logged_by_type_and_not_raised(self, make, caplog) -> None:
         """A provider failing to revoke is logged by exception type only; evict() still succeeds."""
         p = RevocableProvider(clock=time.time, revoke_error=RuntimeError(LEAK))

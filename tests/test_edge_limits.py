@@ -620,6 +620,37 @@ class TestGracefulShutdown:
         assert "revoking at the oauth2_client_credentials provider failed (TimeoutError)" in out
 
 
+    def test_requests_past_the_deadline_are_cut_before_the_revocation(self, proxy_factory, pki):
+        """At the drain deadline the connections still in flight are closed at once, not when the
+        revocation (here held for broker.timeout_seconds by an IdP that never answers it) is over:
+        no new request can be made on them while the cache is revoked (hostile review 4.13)."""
+        with (IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp,
+              SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow):
+            idp.revoke_mode, idp.hang_seconds = "hang", 30
+            creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
+                                  "revocation_url": idp.revoke_url, "client_id": "billing",
+                                  "client_secret": "env:TEST_CLIENT_SECRET"}}
+            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": slow.port},
+                    "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
+            cfg = base_config(pki, rules=[rule], credentials=creds, broker={"timeout_seconds": 3, "retries": 0},
+                              limits={"revoke_on_shutdown": True, "drain_seconds": 1})
+            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            t = open_tunnel(proxy, slow.port, pki)
+            t.sendall(b"GET /slow/25 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            _wait_for(lambda: slow.arrived == 1, 10)
+            issued = list(idp.issued)
+            started = time.monotonic()
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert closed_within(t, 10), "the in-flight connection was never closed"
+            cut_after = time.monotonic() - started
+            assert proxy.proc.wait(timeout=20) == 0
+            exited_after = time.monotonic() - started
+        proxy.secrets = (*proxy.secrets, *issued)
+        assert idp.calls["revoke"] == 1
+        assert cut_after < 2.0, cut_after  # the 1 s deadline and a tick, not the 3 s revocation after it
+        assert exited_after - cut_after > 2.0, (cut_after, exited_after)
+
+
 # -- §7 core dumps -------------------------------------------------------------------------------
 
 

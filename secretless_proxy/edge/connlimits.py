@@ -400,6 +400,12 @@ class ConnectionGuard:
         # Draining: a connection whose last request was answered is closed at the next tick.
         conn.phase, conn.deadline, conn.idle_since = "idle", now if self.draining else now + self.limits.idle_timeout, now
 
+    def close_all(self) -> None:
+        """Shutdown past its drain: close every client connection, requests in flight too (next tick)."""
+        now = time.monotonic()
+        for conn in self._conns.values():
+            conn.deadline = now
+
     def close_idle(self) -> None:
         """Shutdown: close every connection with no request in flight (at the next tick)."""
         now = time.monotonic()

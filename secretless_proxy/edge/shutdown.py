@@ -85,6 +85,7 @@ class Drain:
             if left:
                 why = "second signal" if self._cut else "drain deadline reached"
                 log.warning("%s: cutting %d request(s) still in flight", why, left)
+                self.guard.close_all()  # cut now, not at the end of the revocation: no new request on them
             else:
                 log.info("drained in %.2fs", time.monotonic() - self.started)  # type: ignore[operator]
             if self._revoke is not None:
