@@ -82,6 +82,52 @@ class _Form:
         return self._spat.sub(MARKER, text)
 
 
+# An echo cut short (a 404 quoting the first 100 characters of the request target) brought all but
+# the last character of a credential back, the workload sliding the cut by padding what precedes the
+# value (hostile review 4.12). So every aligned block of a secret (and its last ``block`` characters)
+# is a form too, matched with as much of the secret around it as the echo holds: a piece that starts
+# or ends with the value and is at least ``block`` long holds a whole block, and so does any piece
+# of ``2 * block - 1`` characters or more. What can come back is at most ``block - 1`` characters
+# from either end, or ``2 * block - 2`` from the middle (an upstream that cuts both ends).
+_MIN_FRAGMENTED = 16  # shorter secrets: their whole-value forms only
+_BLOCKS = 8  # blocks per secret at most: the block is max(8, len / 8) characters
+_FRAGMENT_REACH = 64  # characters matched beyond a block on either side
+
+
+class _Fragment(_Form):
+    """Any substring of ``value`` that holds ``value[start:end]`` (one block), with ``_char`` escapes."""
+
+    __slots__ = ("_value", "_start", "_end")
+
+    def __init__(self, value: str, start: int, end: int) -> None:
+        self._value, self._start, self._end = value, start, end
+        super().__init__(value[start:end])  # anchor and length: the block
+        self.max_bytes = sum(_max_escaped(c) for c in value)
+
+    def __repr__(self) -> str:
+        return f"_Fragment(length={self._end - self._start})"
+
+    def _pattern(self) -> str:
+        left = ""
+        for c in self._value[max(0, self._start - _FRAGMENT_REACH):self._start]:  # any suffix of it: (?:(?:a)?b)?
+            left = f"(?:{left}{_char(c)})?"
+        right = ""
+        for c in reversed(self._value[self._end:self._end + _FRAGMENT_REACH]):  # any prefix of it: (?:c(?:d)?)?
+            right = f"(?:{_char(c)}{right})?"
+        return left + "".join(_char(c) for c in self._value[self._start:self._end]) + right
+
+
+def _forms(value: str) -> list[_Form]:
+    forms: list[_Form] = [_Form(t) for t in _templates(value)]
+    if len(value) >= _MIN_FRAGMENTED:
+        block = max(_MIN_DERIVED, -(-len(value) // _BLOCKS))
+        starts = list(range(0, len(value) - block + 1, block))
+        if starts[-1] + block < len(value):
+            starts.append(len(value) - block)  # the tail too: an echo that keeps the end of a value
+        forms += [_Fragment(value, i, i + block) for i in starts]
+    return forms
+
+
 class Needles:
     """The compiled forms of the secrets a flow carries. ``repr`` shows only how many."""
 
@@ -137,7 +183,7 @@ def needles_for(*values: str, per_request: Iterable[str] = ()) -> Needles:
             forms.extend(_cached_forms(v))
     for v in per_request:
         if v:
-            forms.extend(_Form(t) for t in _templates(v))
+            forms.extend(_forms(v))
     return Needles(forms)
 
 
@@ -194,7 +240,7 @@ def _cached_forms(value: str) -> tuple[_Form, ...]:
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    forms = tuple(_Form(t) for t in _templates(value))
+    forms = tuple(_forms(value))
     with _cache_lock:
         _cache[key] = forms
         while len(_cache) > _CACHE_SIZE:

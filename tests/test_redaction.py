@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import dataclasses
 import gzip
 import inspect
@@ -85,6 +86,34 @@ class TestForms:
         """Text without the secret comes back byte for byte (no false positives on short forms)."""
         body = b'{"id": 1, "items": ["a", "b"], "note": "c2tfdGVzdA== is not it", "hex": "deadbeef"}'
         assert needles_for(SECRETS["stripe"]).redact_bytes(body) == body
+
+    @pytest.mark.parametrize("length", [16, 39, 64, 200])
+    def test_an_echo_cut_short_brings_back_at_most_a_block_less_one(self, length):
+        """A piece of the secret that starts or ends with it (an upstream quoting the first or last N
+        characters of what it got, the workload choosing the cut: hostile review 4.12) comes back with
+        at most block - 1 of its characters (2 * block - 2 for a value longer than a block and the 64
+        characters a match reaches past it); any piece of 2 * block - 1 or more is redacted."""
+        secret = ("sk_live_" + hashlib.sha512(b"a").hexdigest() + hashlib.sha512(b"b").hexdigest())[:length]
+        n = needles_for(secret)
+        block = max(8, -(-length // 8))
+        bound = block - 1 if length <= block + 64 else 2 * block - 2
+
+        def left(text: str) -> int:  # the longest run of the secret's characters still in text
+            return max((j - i for i in range(len(text)) for j in range(i + 1, len(text) + 1) if text[i:j] in secret),
+                       default=0)
+
+        for k in range(1, length + 1):  # '#' frames the echo: a character no secret here holds
+            assert left(n.redact_str(f"#{secret[:k]}#")) <= min(k, bound), k
+            assert left(n.redact_str(f"#{secret[-k:]}#")) <= min(k, bound), k
+        for a in range(0, length - (2 * block - 1) + 1, 3):
+            piece = secret[a:a + 2 * block - 1]
+            assert piece not in n.redact_str(f"x{piece}y"), a
+
+    def test_a_piece_in_an_escaped_echo_is_redacted_too(self):
+        """The fragment forms take the same escapes as the whole value (JSON \\/, percent-encoding)."""
+        secret = "tok/" + "A1b2C3d4E5f6G7h8" + "+end=="
+        echo = secret[:18].replace("/", "\\/")
+        assert echo not in needles_for(secret).redact_str(f'{{"seen": "{echo}"}}')
 
     def test_repr_and_cache_show_no_secret(self):
         """Needles print only a count, and the cache is keyed by a keyed digest, not the value."""

@@ -452,3 +452,42 @@ class TestInterimResponses:
         assert (r.status_code, r.text) == (200, "final")
         assert not leaks(str(r.headers), {SECRET})
         assert any('"credential.used"' in line and '"status":200' in line.replace(" ", "") for line in p.output().splitlines())
+
+
+class _QuotesTheTarget(TlsListener):
+    """Answers 404 quoting the first ``cut`` characters of the request target, as many APIs do."""
+
+    def __init__(self, server_cert, cut: int = 100) -> None:
+        super().__init__(tls_server_context(server_cert))
+        self.cut = cut
+
+    def handle(self, conn: ssl.SSLSocket) -> None:
+        head = recv_head(conn)
+        if not head:
+            return
+        target = head.split(b" ")[1]
+        body = b'{"error": "no route for ' + target[:self.cut] + b'"}'
+        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), body))
+
+
+def test_an_echo_cut_short_gives_back_at_most_a_block_of_the_credential(proxy_factory, pki):
+    """An upstream quoting the first 100 characters of the target, with the credential injected as a
+    query parameter: the workload pads the path to slide the cut across the whole credential, and no
+    response carries more than block - 1 (here 7) of its characters (hostile review 4.12: 38 of 39)."""
+    up = _QuotesTheTarget(certs.make_server_cert(ca=pki.upstream_ca))
+    up.start()
+    try:
+        rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                "inject": {"credential": "stripe", "query": "api_key"}}
+        p = proxy_factory(base_config(pki, rules=[rule]))
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+        longest = 0
+        with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
+            for pad in range(40, 100):
+                text = c.get(f"https://localhost:{up.port}/" + "p" * pad).text
+                longest = max([longest] + [k for k in range(1, len(SECRET) + 1) if SECRET[:k] in text])
+    finally:
+        up.close()
+    assert longest <= 7, longest
