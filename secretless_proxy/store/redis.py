@@ -116,6 +116,7 @@ class RedisStore:
         self._subscribers = base.Subscribers()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self._epoch = 0  # counts subscriptions: events published between two of them were missed
         self._healthy = False
         self._probe_at = 0.0
         self._closed = False
@@ -126,6 +127,10 @@ class RedisStore:
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def event_epoch(self) -> int | None:
+        return self._epoch if self._subscribed.is_set() else None
 
     async def start(self) -> None:
         if self._client is not None or self._closed:
@@ -399,6 +404,7 @@ class RedisStore:
                         pass
                     await self._resync()
                 self._set_healthy(True)
+                self._epoch += 1
                 self._subscribed.set()
                 if ever:
                     self._subscribers.deliver({"type": "resync", "origin": self.origin})

@@ -1,0 +1,110 @@
+"""A per-replica cache of grant lookups: a grant rule's request without a store round trip (issue 12 §2).
+
+``find_grant(workload, rule)`` on a Redis store is one ``EVALSHA`` per request. ``GrantCache``
+keeps a *found* grant in memory and serves it until the earliest of:
+
+- the grant's own ``expires_at`` (wall clock, as the store compares it: grants carry epoch times
+  shared by every replica);
+- ``ttl`` seconds after the store last confirmed it (monotonic clock: a clock step never stretches
+  it). This is the bound on a revocation whose event never arrives: the entry was confirmed before
+  the revocation, so it is served at most ``ttl`` after it. The default (``DEFAULT_TTL``, 0.5 s)
+  keeps "a revocation reaches every replica in under a second" even for a missed event, with room
+  for the request in flight; at ~1,000 req/s it leaves one ``EVALSHA`` per pair per half second;
+- a ``grant_revoked`` event for its id;
+- a ``grant_created`` event (a new grant may be the better answer for its pair: the event names
+  only an id, so every entry goes) or a ``resync`` (events may have been missed: every entry goes).
+
+It fails closed: the cache is dropped and bypassed while the store is not ``healthy`` or its event
+subscription is down (``event_epoch`` is None), and after every (re)subscription (a new epoch),
+because events published in the gap are lost. A lookup that started before an invalidation (an
+event, a new epoch) does not fill the cache with its answer. Only found grants are cached: a
+refusal always asks the store, so a grant just created is honoured at once. ``ttl=0`` turns the
+cache off (the memory store needs none: its lookup never leaves the process).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from secretless_proxy.grants import Grant
+from secretless_proxy.store.base import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 0.5
+MAX_ENTRIES = 10_000  # (workload, rule) pairs with a grant in use; beyond it the cache starts over
+
+
+class GrantCache:
+    """``find`` = ``store.find_grant`` served from memory within the bounds of the module docstring."""
+
+    def __init__(self, store: Store, *, ttl: float = DEFAULT_TTL,
+                 now: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 on_lookup: Callable[[str], None] | None = None) -> None:
+        self._store = store
+        self.ttl = ttl
+        self._now = now
+        self._monotonic = monotonic
+        self._on_lookup = on_lookup
+        self._entries: dict[tuple[str, str], tuple[Grant, float]] = {}  # pair -> (grant, confirmed at, monotonic)
+        self._generation = 0  # bumped by every invalidation: an answer read across one is not kept
+        self._epoch: int | None = None  # the store's event epoch the entries were read under
+
+    def __repr__(self) -> str:
+        return f"GrantCache(ttl={self.ttl:g}, entries={len(self._entries)})"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def find(self, workload: str, rule: str) -> Grant | None:
+        """The active grant for (workload, rule), or None; raises ``StoreError`` like the store."""
+        if self.ttl <= 0:
+            self._count("miss")
+            return await self._store.find_grant(workload, rule)
+        epoch = self._store.event_epoch if self._store.healthy else None
+        if epoch is None or epoch != self._epoch:
+            self._drop()  # events may be missed now, or were in the gap: nothing held is trusted
+            self._epoch = epoch
+        key = (workload, rule)
+        entry = self._entries.get(key)
+        if entry is not None and epoch is not None:
+            grant, confirmed = entry
+            if self._monotonic() - confirmed < self.ttl and self._now() < grant.expires_at:
+                self._count("hit")
+                return grant
+            del self._entries[key]
+        self._count("miss" if epoch is not None else "bypass")
+        generation, started = self._generation, self._monotonic()
+        grant = await self._store.find_grant(workload, rule)
+        if (grant is not None and epoch is not None and generation == self._generation
+                and self._store.healthy and self._store.event_epoch == epoch):
+            if len(self._entries) >= MAX_ENTRIES:
+                self._drop()
+            self._entries[key] = (grant, started)  # confirmed no later than when the lookup was sent
+        return grant
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        """A store event (subscribe this): drop what it could change. Synchronous: no await between
+        the event's arrival and the invalidation."""
+        kind = event.get("type")
+        if kind == "grant_revoked":
+            self._generation += 1
+            gid = event.get("id")
+            for key in [k for k, (g, _) in self._entries.items() if g.id == gid]:
+                del self._entries[key]
+        elif kind in ("grant_created", "resync"):
+            self._drop()
+
+    def _drop(self) -> None:
+        self._generation += 1
+        self._entries.clear()
+
+    def _count(self, result: str) -> None:
+        if self._on_lookup is not None:
+            try:
+                self._on_lookup(result)
+            except Exception as exc:  # noqa: BLE001 - a metrics hook must not break a grant check
+                log.warning("grant cache on_lookup hook raised %s", type(exc).__name__)
