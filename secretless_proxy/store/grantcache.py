@@ -18,12 +18,14 @@ It fails closed: the cache is dropped and bypassed while the store is not ``heal
 subscription is down (``event_epoch`` is None), and after every (re)subscription (a new epoch),
 because events published in the gap are lost. A lookup that started before an invalidation (an
 event, a new epoch) does not fill the cache with its answer. Only found grants are cached: a
-refusal always asks the store, so a grant just created is honoured at once. ``ttl=0`` turns the
+refusal always asks the store, so a grant just created is honoured at once. Concurrent misses for
+one pair share one lookup (single flight). ``ttl=0`` turns the
 cache off (the memory store needs none: its lookup never leaves the process).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -52,6 +54,7 @@ class GrantCache:
         self._entries: dict[tuple[str, str], tuple[Grant, float]] = {}  # pair -> (grant, confirmed at, monotonic)
         self._generation = 0  # bumped by every invalidation: an answer read across one is not kept
         self._epoch: int | None = None  # the store's event epoch the entries were read under
+        self._inflight: dict[tuple[str, str], tuple[int, asyncio.Task[Grant | None]]] = {}  # single flight
 
     def __repr__(self) -> str:
         return f"GrantCache(ttl={self.ttl:g}, entries={len(self._entries)})"
@@ -77,14 +80,34 @@ class GrantCache:
                 return grant
             del self._entries[key]
         self._count("miss" if epoch is not None else "bypass")
+        if epoch is None:
+            return await self._store.find_grant(workload, rule)
+        # Single flight: when an entry goes stale under load, every request in flight for the pair
+        # would send its own EVALSHA; they share one lookup instead, if it started after the last
+        # invalidation (an older one may predate a revocation or a new grant).
+        flight = self._inflight.get(key)
+        if flight is None or flight[0] != self._generation:
+            task = asyncio.ensure_future(self._lookup(key, epoch))
+            flight = self._inflight[key] = (self._generation, task)
+            task.add_done_callback(lambda t, key=key: self._landed(key, t))
+        return await asyncio.shield(flight[1])
+
+    async def _lookup(self, key: tuple[str, str], epoch: int) -> Grant | None:
         generation, started = self._generation, self._monotonic()
-        grant = await self._store.find_grant(workload, rule)
-        if (grant is not None and epoch is not None and generation == self._generation
+        grant = await self._store.find_grant(*key)
+        if (grant is not None and generation == self._generation
                 and self._store.healthy and self._store.event_epoch == epoch):
             if len(self._entries) >= MAX_ENTRIES:
                 self._drop()
             self._entries[key] = (grant, started)  # confirmed no later than when the lookup was sent
         return grant
+
+    def _landed(self, key: tuple[str, str], task: asyncio.Task[Grant | None]) -> None:
+        flight = self._inflight.get(key)
+        if flight is not None and flight[1] is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter got it already (or there is none left)
 
     def on_event(self, event: dict[str, Any]) -> None:
         """A store event (subscribe this): drop what it could change. Synchronous: no await between
