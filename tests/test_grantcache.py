@@ -126,6 +126,37 @@ class TestHits:
         assert await evalsha_calls(raw) - before == 1
         assert results == ["miss"] * 21
 
+    async def test_an_old_hit_refreshes_ahead_in_the_background(self, stores, raw: Redis) -> None:
+        """A hit at 80 % of the bound is served at once and starts one lookup; its answer renews the entry."""
+        a, _ = stores
+        g = grant()
+        assert await a.put_grant(g)
+        mono = Clock(0.0)
+        cache, results = cache_on(a, ttl=1.0, monotonic=mono)
+        await a.find_grant(W, RULE)  # the script loaded
+        assert (await cache.find(W, RULE)).id == g.id
+        before = await evalsha_calls(raw)
+        mono.t = 0.85
+        assert (await cache.find(W, RULE)).id == g.id  # served from memory, not after the lookup
+        await until(lambda: not cache._inflight)
+        assert await evalsha_calls(raw) - before == 1
+        mono.t = 1.5  # past the first lookup's bound, within the refresh's (confirmed at 0.85)
+        assert (await cache.find(W, RULE)).id == g.id
+        assert results == ["miss", "hit", "hit"]
+
+    async def test_a_refresh_ahead_that_finds_nothing_ends_the_entry(self, stores) -> None:
+        """The background lookup finds the grant gone (an event this cache did not hear): the entry goes with it."""
+        a, b = stores
+        g = grant()
+        assert await a.put_grant(g)
+        mono = Clock(0.0)
+        cache = GrantCache(a, ttl=1.0, monotonic=mono)  # not subscribed: only the refresh can tell it
+        assert await cache.find(W, RULE) is not None
+        await b.revoke_grant(g.id, reason="gone")
+        mono.t = 0.9
+        assert await cache.find(W, RULE) is not None  # a hit (the addon's revoked-id check refuses it), the refresh starts
+        await until(lambda: len(cache) == 0)
+
     async def test_no_grant_is_never_cached(self, stores, raw: Redis) -> None:
         """A refusal asks the store every time, so a grant created anywhere is honoured at the next request."""
         a, b = stores

@@ -19,7 +19,8 @@ subscription is down (``event_epoch`` is None), and after every (re)subscription
 because events published in the gap are lost. A lookup that started before an invalidation (an
 event, a new epoch) does not fill the cache with its answer. Only found grants are cached: a
 refusal always asks the store, so a grant just created is honoured at once. Concurrent misses for
-one pair share one lookup (single flight). ``ttl=0`` turns the
+one pair share one lookup (single flight), and a hit older than ``REFRESH_AT`` of ``ttl`` starts
+that lookup in the background, so under load no request waits for the store. ``ttl=0`` turns the
 cache off (the memory store needs none: its lookup never leaves the process).
 """
 
@@ -37,6 +38,7 @@ from secretless_proxy.store.base import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 0.5
+REFRESH_AT = 0.8  # of ttl: a hit this old also starts a lookup in the background
 MAX_ENTRIES = 10_000  # (workload, rule) pairs with a grant in use; beyond it the cache starts over
 
 
@@ -75,8 +77,11 @@ class GrantCache:
         entry = self._entries.get(key)
         if entry is not None and epoch is not None:
             grant, confirmed = entry
-            if self._monotonic() - confirmed < self.ttl and self._now() < grant.expires_at:
+            age = self._monotonic() - confirmed
+            if age < self.ttl and self._now() < grant.expires_at:
                 self._count("hit")
+                if age >= REFRESH_AT * self.ttl:
+                    self._flight(key, epoch)  # refresh ahead: no request waits when the entry runs out
                 return grant
             del self._entries[key]
         self._count("miss" if epoch is not None else "bypass")
@@ -85,18 +90,27 @@ class GrantCache:
         # Single flight: when an entry goes stale under load, every request in flight for the pair
         # would send its own EVALSHA; they share one lookup instead, if it started after the last
         # invalidation (an older one may predate a revocation or a new grant).
+        return await asyncio.shield(self._flight(key, epoch))
+
+    def _flight(self, key: tuple[str, str], epoch: int) -> asyncio.Task[Grant | None]:
+        """The lookup in flight for ``key`` that started after the last invalidation, or a new one."""
         flight = self._inflight.get(key)
         if flight is None or flight[0] != self._generation:
             task = asyncio.ensure_future(self._lookup(key, epoch))
             flight = self._inflight[key] = (self._generation, task)
             task.add_done_callback(lambda t, key=key: self._landed(key, t))
-        return await asyncio.shield(flight[1])
+        return flight[1]
 
     async def _lookup(self, key: tuple[str, str], epoch: int) -> Grant | None:
         generation, started = self._generation, self._monotonic()
-        grant = await self._store.find_grant(*key)
-        if (grant is not None and generation == self._generation
-                and self._store.healthy and self._store.event_epoch == epoch):
+        try:
+            grant = await self._store.find_grant(*key)
+        except BaseException:
+            self._entries.pop(key, None)  # a refresh ahead that fails ends the entry too: fail closed
+            raise
+        if grant is None:
+            self._entries.pop(key, None)  # a refresh ahead that finds nothing ends the entry at once
+        elif (generation == self._generation and self._store.healthy and self._store.event_epoch == epoch):
             if len(self._entries) >= MAX_ENTRIES:
                 self._drop()
             self._entries[key] = (grant, started)  # confirmed no later than when the lookup was sent
