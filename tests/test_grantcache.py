@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from helpers.redis_server import RedisServer
 from redis.asyncio import Redis
+from test_store import raw, redis_server
 
 from secretless_proxy.grants import Grant, new_grant
 from secretless_proxy.store import MemoryStore, StoreError
@@ -62,19 +63,6 @@ async def evalsha_calls(raw: Redis) -> int:
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def stores(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
     """Replica A's and replica B's store clients, subscribed."""
     a, b = RedisStore(redis_server.url, sealer=SEALER), RedisStore(redis_server.url, sealer=SEALER)
@@ -86,12 +74,25 @@ async def stores(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, R
     await b.close()
 
 
+__all__ = ["raw", "redis_server"]  # fixtures shared with test_store.py
+
+
 def cache_on(store: RedisStore, **kw: Any) -> tuple[GrantCache, list[str]]:
     """A subscribed GrantCache on ``store`` and the list of its lookup results (hit, miss, bypass)."""
     results: list[str] = []
     cache = GrantCache(store, on_lookup=results.append, **kw)
     store.subscribe(cache.on_event)
     return cache, results
+
+
+async def cached(store: RedisStore, *, start: float = 0.0,
+                 **kw: Any) -> tuple[Grant, GrantCache, list[str], Clock]:
+    """A grant put through ``store`` and a subscribed cache on it whose monotonic clock a test moves."""
+    g = grant()
+    assert await store.put_grant(g)
+    mono = Clock(start)
+    cache, results = cache_on(store, monotonic=mono, **kw)
+    return g, cache, results, mono
 
 
 class TestHits:
@@ -113,10 +114,7 @@ class TestHits:
     async def test_concurrent_misses_share_one_lookup(self, stores, raw: Redis) -> None:
         """20 checks arriving together when the entry is stale send one EVALSHA, not 20 (single flight)."""
         a, _ = stores
-        g = grant()
-        assert await a.put_grant(g)
-        mono = Clock(0.0)
-        cache, results = cache_on(a, ttl=DEFAULT_TTL, monotonic=mono)
+        g, cache, results, mono = await cached(a, ttl=DEFAULT_TTL)
         await a.find_grant(W, RULE)  # the script loaded
         assert (await cache.find(W, RULE)).id == g.id
         mono.t += DEFAULT_TTL  # stale
@@ -129,10 +127,7 @@ class TestHits:
     async def test_an_old_hit_refreshes_ahead_in_the_background(self, stores, raw: Redis) -> None:
         """A hit at 80 % of the bound is served at once and starts one lookup; its answer renews the entry."""
         a, _ = stores
-        g = grant()
-        assert await a.put_grant(g)
-        mono = Clock(0.0)
-        cache, results = cache_on(a, ttl=1.0, monotonic=mono)
+        g, cache, results, mono = await cached(a, ttl=1.0)
         await a.find_grant(W, RULE)  # the script loaded
         assert (await cache.find(W, RULE)).id == g.id
         before = await evalsha_calls(raw)
@@ -188,10 +183,7 @@ class TestBounds:
     async def test_a_missed_revocation_is_honoured_after_the_staleness_bound(self, stores, raw: Redis) -> None:
         """Revoked in Redis with no event (a lost message): served until the bound, refused from then on."""
         a, _ = stores
-        g = grant()
-        assert await a.put_grant(g)
-        mono = Clock(1000.0)
-        cache, results = cache_on(a, ttl=DEFAULT_TTL, monotonic=mono)
+        g, cache, results, mono = await cached(a, start=1000.0, ttl=DEFAULT_TTL)
         assert (await cache.find(W, RULE)).id == g.id
         # What revoke_grant writes, minus its PUBLISH: no replica hears of it.
         ms = int(time.time() * 1000)

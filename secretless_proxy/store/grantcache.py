@@ -48,11 +48,8 @@ class GrantCache:
     def __init__(self, store: Store, *, ttl: float = DEFAULT_TTL,
                  now: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
                  on_lookup: Callable[[str], None] | None = None) -> None:
-        self._store = store
-        self.ttl = ttl
-        self._now = now
-        self._monotonic = monotonic
-        self._on_lookup = on_lookup
+        self._store, self.ttl, self._on_lookup = store, ttl, on_lookup
+        self._now, self._monotonic = now, monotonic  # wall: a grant's expiry; monotonic: staleness
         self._entries: dict[tuple[str, str], tuple[Grant, float]] = {}  # pair -> (grant, confirmed at, monotonic)
         self._generation = 0  # bumped by every invalidation: an answer read across one is not kept
         self._epoch: int | None = None  # the store's event epoch the entries were read under
