@@ -193,7 +193,8 @@ class Secretless:
             return
         try:
             services = Services(path, events=self.observer, on_store_error=self.metrics.store_error,
-                                on_event_rejected=self.metrics.store_event_rejected)
+                                on_event_rejected=self.metrics.store_event_rejected,
+                                on_grant_lookup=self.metrics.grant_lookup)
         except ConfigError as exc:
             raise exceptions.OptionsError(f"secretless_config={path} is invalid:\n{exc}") from None
         except (ValueError, OSError) as exc:
@@ -522,10 +523,10 @@ class Secretless:
         services.last_used[cred.name] = time.time()
 
     async def _require_grant(self, services: Services, rule: Rule, workload: Workload) -> str:
-        """The id of an active grant for (workload, rule), read from the store on every request so
-        that a revocation anywhere stops this replica at once. No store answer: fail closed."""
+        """The id of an active grant for (workload, rule): from the store, or from this replica's grant
+        cache within its bounds (store/grantcache.py: events, expiry, staleness). No store answer: fail closed."""
         try:
-            grant = await services.store.find_grant(workload.spiffe_id, rule.name)
+            grant = await services.grants.find(workload.spiffe_id, rule.name)
         except StoreError:
             raise Refusal(503, Reason.STORE_UNAVAILABLE, "grants cannot be checked right now; this rule fails closed", rule.name) from None
         if grant is None or grant.id in services.store.revoked_grant_ids():

@@ -50,6 +50,7 @@ CONN_TIMEOUT_REASONS = frozenset({"handshake", "request_head", "idle"})
 # verified identity, or too many streams reset by the client (HTTP/2 rapid reset).
 CONN_CLOSE_REASONS = frozenset({"anonymous_refusals", "stream_resets"})
 STORE_EVENT_REJECTIONS = frozenset({"malformed", "unsigned", "forged", "stale", "replayed"})  # store/events.py
+GRANT_CACHE_RESULTS = frozenset({"hit", "miss", "bypass"})  # store/grantcache.py
 # Why a grant was revoked, as a label: the admin API's free-text reason goes to the audit log only.
 GRANT_REVOCATION_REASONS = frozenset({"manual", "config_changed"})
 
@@ -198,6 +199,10 @@ class Metrics:
         self.store_events_rejected = Counter(
             "secretless_store_events_rejected_total", "Shared-store events refused before any effect, by "
             "reason: malformed, unsigned, forged, stale or replayed.", ["reason"], registry=r)
+        self.grant_cache = Counter(
+            "secretless_grant_cache_total", "Grant checks of requires_grant rules: hit (served from this "
+            "replica's memory), miss (asked the store) or bypass (asked the store: its events are not arriving).",
+            ["result"], registry=r)
         self.build_info.labels(*_versions()).set(1)
         # Zero-valued series for the closed vocabularies: rate() and alerts see a 0, not "no data".
         for reason in DENY_REASONS:
@@ -213,6 +218,8 @@ class Metrics:
             self.conn_closed.labels("proxy", reason)
         for reason in STORE_EVENT_REJECTIONS:
             self.store_events_rejected.labels(reason)
+        for result in GRANT_CACHE_RESULTS:
+            self.grant_cache.labels(result)
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -254,6 +261,10 @@ class Metrics:
     def store_event_rejected(self, reason: str) -> None:
         """A store event was refused (``store/events.py``); ``reason`` is one of its closed set."""
         self.store_events_rejected.labels(self._closed("reason", reason, STORE_EVENT_REJECTIONS)).inc()
+
+    def grant_lookup(self, result: str) -> None:
+        """A grant check (``store/grantcache.py``): hit, miss or bypass."""
+        self.grant_cache.labels(self._closed("result", result, GRANT_CACHE_RESULTS)).inc()
 
     def store_error(self, op: str) -> None:
         """A shared-store operation failed (``op`` is the store's bounded operation name)."""

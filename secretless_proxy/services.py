@@ -30,6 +30,7 @@ from secretless_proxy.reload import FileWatcher
 from secretless_proxy.runtime import Runtime, changed_credentials
 from secretless_proxy.signing import JwtSigner
 from secretless_proxy.store import Store, open_store
+from secretless_proxy.store.grantcache import GrantCache
 from secretless_proxy.trust import tlsfiles
 from secretless_proxy.trust.bundles import load_bundle
 
@@ -39,7 +40,8 @@ log = logging.getLogger("secretless")
 class Services:
     def __init__(self, config_path: str, *, events: BrokerEvents | None = None,
                  on_store_error: Callable[[str], None] | None = None,
-                 on_event_rejected: Callable[[str], None] | None = None) -> None:
+                 on_event_rejected: Callable[[str], None] | None = None,
+                 on_grant_lookup: Callable[[str], None] | None = None) -> None:
         self.config_path = config_path
         self.events = events or BrokerEvents()
         self.deps = ProviderDeps()
@@ -55,9 +57,14 @@ class Services:
         self.confdir = tlsfiles.confdir(self.config)  # fixed for the process: mitmproxy's certstore
         self.store: Store = open_store(self.config.store, on_error=on_store_error,  # fixed for the process
                                        on_event_rejected=on_event_rejected)
+        # Grant checks without a round trip per request; the memory store's lookup never leaves the
+        # process, so it goes uncached (ttl 0).
+        self.grants = GrantCache(self.store, on_lookup=on_grant_lookup,
+                                 ttl=0.0 if self.config.store.kind == "memory" else self.config.store.grant_cache)
         self._grant_expiry: dict[str, float] = {}  # grants in use → when their credentials must go
         self.last_used: dict[str, float] = {}  # credential name → last injection (for the inventory)
         self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe_grants: Callable[[], None] | None = None
 
     @property
     def config(self) -> Config:
@@ -69,6 +76,7 @@ class Services:
         if self.config.store.kind != "memory":
             broker.attach_store(self.store)
         self._unsubscribe = self.store.subscribe(self._on_store_event)
+        self._unsubscribe_grants = self.store.subscribe(self.grants.on_event)
         # Published only once wired: mitmproxy already accepts connections while running() awaits,
         # and a request seeing a broker must never see one without its shared store.
         self.broker = broker
@@ -82,6 +90,8 @@ class Services:
     async def stop(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._unsubscribe_grants is not None:
+            self._unsubscribe_grants()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.broker is not None:

@@ -78,8 +78,10 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-def fleet_config(pki: Pki, upstream: Any, idp: TimedIdP, redis_url: str, *, audit_file: Path | None = None) -> dict:
-    """Every replica runs this config; only the audit file differs. Rules are told apart by path."""
+def fleet_config(pki: Pki, upstream: Any, idp: TimedIdP, redis_url: str, *, audit_file: Path | None = None,
+                 store: dict[str, Any] | None = None) -> dict:
+    """Every replica runs this config; only the audit file differs. Rules are told apart by path.
+    ``store`` adds settings to the store section (e.g. grant_cache_seconds)."""
 
     def rule(name: str, path: str, credential: str, **extra: Any) -> dict:
         return {"name": name, "workloads": [BILLING],
@@ -91,7 +93,8 @@ def fleet_config(pki: Pki, upstream: Any, idp: TimedIdP, redis_url: str, *, audi
         "identity": {"trust_bundle": str(pki.trust_bundle), "trust_domains": ["example.org"]},
         "interception_ca": str(pki.interception_dir),
         "upstream": {"ca_bundle": str(pki.upstream_ca_file), "allow_private": list(LOOPBACK_NETS)},  # loopback upstreams
-        "store": {"url": redis_url, "encryption_keys": {"k1": "env:SECRETLESS_STORE_KEY"}, "active_key": "k1"},
+        "store": {"url": redis_url, "encryption_keys": {"k1": "env:SECRETLESS_STORE_KEY"}, "active_key": "k1",
+                  **(store or {})},
         "credentials": {
             "stripe": {"kind": "static", "secret": "env:TEST_STRIPE_KEY"},
             "payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url, "client_id": "billing",
@@ -125,13 +128,13 @@ class Fleet:
         self.replicas: list[Replica] = []
         self._admins: list[Admin] = []
 
-    def start(self, n: int, *, audit: bool = False) -> list[Replica]:
+    def start(self, n: int, *, audit: bool = False, store: dict[str, Any] | None = None) -> list[Replica]:
         out = []
         for _ in range(n):
             name = "ABCDEFG"[len(self.replicas)]
             audit_file = self._tmp / f"audit-{name}.log" if audit else None
             proxy = self._factory(fleet_config(self.pki, self.upstream, self.idp, self.redis.url,
-                                               audit_file=audit_file), env=ENV)
+                                               audit_file=audit_file, store=store), env=ENV)
             replica = started_replica(name, proxy)
             self.replicas.append(replica)
             out.append(replica)

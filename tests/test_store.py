@@ -834,6 +834,7 @@ class TestConfig:
         assert issues == []
         assert cfg.kind == "redis" and cfg.active_key == "k2" and set(cfg.encryption_keys) == {"k1", "k2"}
         assert cfg.tls == TlsFiles(ca_bundle=tmp_path / "ca.pem") and cfg.key_prefix == "prod:" and cfg.timeout == 1.0
+        assert cfg.grant_cache == 0.5  # the default bound (store/grantcache.py)
         store = open_store(cfg)
         assert isinstance(store, RedisStore) and store._sealer.active_key_id == "k2"
 
@@ -856,6 +857,12 @@ class TestConfig:
          "store.key_prefx: unknown key 'key_prefx' \\(did you mean 'key_prefix'"),
         ("store: {url: redis://localhost, encryption_keys: {k1: env:STORE_K}, timeout_seconds: 60}\n",
          "store.timeout_seconds: must be a number of seconds from 0.05 to 10"),
+        ("store: {url: redis://localhost, encryption_keys: {k1: env:STORE_K}, grant_cache_seconds: 61}\n",
+         "store.grant_cache_seconds: must be a number of seconds from 0 to 60, got 61"),
+        ("store: {url: redis://localhost, encryption_keys: {k1: env:STORE_K}, grant_cache_seconds: -1}\n",
+         "store.grant_cache_seconds: must be a number of seconds from 0 to 60, got -1"),
+        ("store: {url: memory://, grant_cache_seconds: 1}\n",
+         "store.grant_cache_seconds: memory:// keeps everything in this process"),
     ])
     def test_invalid(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, message: str) -> None:
         """Each mistake is an issue naming file, line and key path, never a key's value."""
@@ -866,6 +873,15 @@ class TestConfig:
         assert cfg is None
         assert any(re.search(message, i) for i in issues), issues
         assert not any("hunter2" in i for i in issues)
+
+    @pytest.mark.parametrize(("value", "expected"), [(0, 0.0), (0.25, 0.25), (60, 60.0)])
+    def test_grant_cache_seconds(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: float,
+                                 expected: float) -> None:
+        """grant_cache_seconds takes 0 (the cache off) to 60; the store section keeps it as grant_cache."""
+        monkeypatch.setenv("STORE_K", self.KEY)
+        cfg, issues = self.parse("store: {url: redis://localhost, encryption_keys: {k1: env:STORE_K}, "
+                                 f"grant_cache_seconds: {value}}}\n", tmp_path)
+        assert issues == [] and cfg is not None and cfg.grant_cache == expected
 
     def test_open_unresolvable(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Opening a store whose key vanished since the config check says which key."""

@@ -165,6 +165,7 @@ class StoreConfig:
     tls: TlsFiles | None = None
     key_prefix: str = "secretless:"
     timeout: float = 0.5
+    grant_cache: float = 0.5  # seconds a found grant is served from memory (store/grantcache.py); 0: off
 
     @property
     def kind(self) -> str:

@@ -14,6 +14,8 @@ Configuration::
       tls: {ca_bundle: /etc/secretless/redis-ca.pem, cert: /run/tls/client.pem, key: /run/tls/client-key.pem}
       key_prefix: "secretless:"             # optional: several deployments on one Redis
       timeout_seconds: 0.5                  # optional: socket timeouts; an outage fails this fast
+      grant_cache_seconds: 0.5              # optional: how long a found grant is served from memory
+                                            # (store/grantcache.py); 0 turns the cache off
 
 ``parse_store_section(src, value, base_dir)`` records issues on the ``Source`` like every other
 section reader. It checks the URL and the key format with the store's own rules
@@ -46,7 +48,8 @@ def parse_store_section(src: Source, value: Any, base_dir: Path, *, resolve_secr
         value = {"url": value}
         src.lines.setdefault(p + ("url",), src.line(p) or 0)
     m = src.mapping(p, value, required=("url",), optional=(
-        "encryption_keys", "active_key", "password", "tls", "key_prefix", "timeout_seconds"))
+        "encryption_keys", "active_key", "password", "tls", "key_prefix", "timeout_seconds",
+        "grant_cache_seconds"))
     if m is None or "url" not in m or len(src.issues) > issues_before:
         return None
     url = src.string(p + ("url",), m["url"])
@@ -98,10 +101,17 @@ def parse_store_section(src: Source, value: Any, base_dir: Path, *, resolve_secr
         t = fields.seconds(src, p + ("timeout_seconds",), m["timeout_seconds"], lo=0.05, hi=10)
         ok = ok and t is not None
         timeout = t or timeout
+    grant_cache = StoreConfig.grant_cache
+    if "grant_cache_seconds" in m:
+        # Above 1 s a revocation whose event is lost outlives the fleet's "under a second" promise:
+        # allowed (up to a minute), and said so in the docs, not refused.
+        g = fields.seconds(src, p + ("grant_cache_seconds",), m["grant_cache_seconds"], lo=0, hi=60)
+        ok = ok and g is not None
+        grant_cache = grant_cache if g is None else g
     if not ok or keys is None or len(src.issues) > issues_before:
         return None
     return StoreConfig(url=url, encryption_keys=keys, active_key=active, password=password, tls=tls,
-                       key_prefix=prefix, timeout=timeout)
+                       key_prefix=prefix, timeout=timeout, grant_cache=grant_cache)
 
 
 def _keys(src: Source, p: Path_, m: dict[str, Any], base_dir: Path, resolve: bool) -> dict[str, SecretRef] | None:

@@ -18,7 +18,8 @@ dependencies) and ``redis.RedisStore`` (shared by replicas). Both keep these sem
   a store that lost its tombstones (a restored snapshot, a failover) cannot revive one.
 - **Events** (``publish``/``subscribe``) tell every replica to drop what it holds in process:
   ``credential_evicted{key}``, ``grant_revoked{id}``, ``grant_created{id}``, and ``resync{}``
-  after a store reconnects (events may have been missed: drop the in-process cache). Mutations
+  after a store reconnects (events may have been missed: drop the in-process cache); ``event_epoch``
+  says whether events are arriving now and changes with every reconnect (``grantcache.py``). Mutations
   publish their own events; every subscriber receives every event, its own included
   (``origin`` names the publishing store). Callbacks may be sync or async and must be idempotent.
 - **Errors**: every failure to reach the shared store is ``StoreError`` (reason
@@ -68,6 +69,13 @@ class Store(Protocol):
     @property
     def healthy(self) -> bool:
         """Whether the last contact with the store worked (always True in memory)."""
+        ...
+
+    @property
+    def event_epoch(self) -> int | None:
+        """None while the event subscription is down; else a number that changes with every
+        (re)subscription, so a holder of in-process state can tell that events may have been missed
+        in between (always 0 in memory). No I/O; never raises."""
         ...
 
     async def start(self) -> None:

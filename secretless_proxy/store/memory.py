@@ -53,6 +53,10 @@ class MemoryStore:
     def healthy(self) -> bool:
         return True
 
+    @property
+    def event_epoch(self) -> int:
+        return 0  # events never leave the process: none can be missed
+
     async def start(self) -> None:
         pass
 

@@ -116,6 +116,8 @@ class RedisStore:
         self._subscribers = base.Subscribers()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self._epoch = 0  # counts subscriptions: events published between two of them were missed
+        self._pubsub: Any = None  # the live subscription (redis-py PubSub), while there is one
         self._healthy = False
         self._probe_at = 0.0
         self._closed = False
@@ -126,6 +128,12 @@ class RedisStore:
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def event_epoch(self) -> int | None:
+        # The subscription's socket is checked too: the loop reads a server's EOF or reset some turns
+        # before the listener task runs; a request in between must already see the link as down.
+        return self._epoch if self._subscribed.is_set() and _link_open(self._pubsub) else None
 
     async def start(self) -> None:
         if self._client is not None or self._closed:
@@ -399,6 +407,8 @@ class RedisStore:
                         pass
                     await self._resync()
                 self._set_healthy(True)
+                self._epoch += 1
+                self._pubsub = pubsub
                 self._subscribed.set()
                 if ever:
                     self._subscribers.deliver({"type": "resync", "origin": self.origin})
@@ -413,6 +423,7 @@ class RedisStore:
                 log.error("store event listener failed (%s); reconnecting", type(exc).__name__)
             finally:
                 self._subscribed.clear()
+                self._pubsub = None
                 try:
                     await pubsub.aclose()
                 except Exception:  # noqa: BLE001, S110 - the connection is already gone
@@ -524,6 +535,18 @@ class RedisStore:
         if grant_id in self._revoked:
             grant = grant.revoked_as(at=self._revoked[grant_id], reason="revoked")
         return grant
+
+
+def _link_open(pubsub: Any) -> bool:
+    """Whether the subscription's connection is open as far as the event loop has read.
+
+    redis-py has no public call for it: this reads its connection's ``_reader`` (an
+    ``asyncio.StreamReader``). A redis-py without one answers False: the grant cache then stays
+    off (fails closed) and tests/test_e2e_grantcache.py says so."""
+    reader = getattr(getattr(pubsub, "connection", None), "_reader", None)
+    if not isinstance(reader, asyncio.StreamReader):
+        return False
+    return not reader.at_eof() and reader.exception() is None
 
 
 async def _scan(client: Any, pattern: str) -> list[bytes]:
