@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import dataclasses
 import gzip
+import hashlib
 import inspect
 import zlib
 
