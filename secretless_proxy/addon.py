@@ -356,6 +356,9 @@ class Secretless:
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         self.gate.clienthello(data)
 
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        protocols.only_http_alpn(data)  # after mitmproxy's tlsconfig: never h3 over TCP
+
     def _limits(self) -> LimitsConfig:
         return self.services.config.limits if self.services is not None else LimitsConfig()
 

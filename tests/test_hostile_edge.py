@@ -234,6 +234,21 @@ class TestNoRawRelay:
         assert any(json.loads(line).get("request_id") == body["request_id"] for line in proxy.output().splitlines()
                    if line.startswith("{") and '"request.denied"' in line)
 
+    @pytest.mark.parametrize(("offers", "chosen"), [(["h3"], None), (["h3", "h2"], "h2"), (["h3", "http/1.1"], "http/1.1")])
+    def test_alpn_h3_is_never_negotiated_over_tcp(self, proxy, pki, allow_up, offers, chosen):
+        """A client offering h3 inside a TCP tunnel (no certificate): the proxy negotiates h2 or HTTP/1.1
+        or nothing, never h3, whose mitmproxy layer crashed on TCP with no answer (hostile review 4.15)."""
+        s = svid_tunnel(proxy, pki, allow_up.port, alpn=offers, cert=False)
+        assert s.selected_alpn_protocol() == chosen
+        if chosen == "h2":
+            status, data = h2_request(s, allow_up.port, "/")
+            assert (status, json.loads(data)["reason"]) == (b"407", "identity_missing")
+        else:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: localhost:{allow_up.port}\r\n\r\n".encode())
+            status, body = read_response(s)
+            assert (status, body["reason"]) == (407, "identity_missing")
+        assert "has crashed" not in proxy.output()
+
     def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
         """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""
         s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")

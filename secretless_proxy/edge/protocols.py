@@ -226,6 +226,25 @@ class RefuseLayer(layer.Layer):
         yield commands.CloseConnection(self.context.client)
 
 
+_HTTP1_ALPNS = (b"http/1.1", b"http/1.0")
+
+
+def only_http_alpn(tls_start) -> None:
+    """Let the client's TLS negotiate HTTP/2 or HTTP/1.x only (the ``tls_start_client`` hook, after
+    mitmproxy's tlsconfig): its ALPN choice takes any HTTP protocol the client offers, ``h3`` too,
+    and an ``h3`` inside a TCP tunnel started mitmproxy's HTTP/3 layer there, which crashed on the
+    first event, unanswered (hostile review 4.15). A client that offers no other protocol gets no
+    ALPN; what it then sends is judged like any other bytes (``Gate``)."""
+    conn = tls_start.ssl_conn
+    data = conn.get_app_data() if conn is not None else None
+    if not isinstance(data, dict) or data.get("client_alpn") is not None:
+        return  # mitmproxy already chose (HTTP/1.1 on the proxy hop)
+    offers = tls_start.context.client.alpn_offers or ()
+    allowed = (b"h2", *_HTTP1_ALPNS) if data.get("http2") else _HTTP1_ALPNS
+    if offers:
+        data["client_alpn"] = next((a for a in offers if a in allowed), b"")  # b"": no protocol in common
+
+
 def connect_refusal(flow: http.HTTPFlow) -> Refusal | None:
     """Why a CONNECT must not open a tunnel, or None.
 
