@@ -249,6 +249,16 @@ class TestNoRawRelay:
             assert (status, body["reason"]) == (407, "identity_missing")
         assert "has crashed" not in proxy.output()
 
+    def test_control_characters_from_a_client_never_reach_the_log_raw(self, proxy, pki, allow_up):
+        """An anonymous HTTP/2 :path with ESC, FF and VT is refused, and its log line carries them escaped
+        (\\x1b): no terminal sequence, no forged line (hostile review 4.17: they were written raw)."""
+        s = svid_tunnel(proxy, pki, allow_up.port, alpn=["h2"], cert=False)
+        status, _ = h2_request(s, allow_up.port, "/x\x1b[2J\x0c2026-12-04 00:00:00,000 INFO secretless: forged\x0bz")
+        assert status == b"400"
+        out = proxy.output()
+        assert "\\x1b[2J\\x0c2026-12-04" in out
+        assert not any(c in out for c in "\x1b\x0c\x0b")
+
     def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
         """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""
         s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
