@@ -159,7 +159,9 @@ class Secretless:
 
     def load(self, loader) -> None:
         logging.getLogger("asyncio").addFilter(_SHUTDOWN_FILTER)  # idempotent: same object
-        layerguard.install(response_head_limit=lambda: self._limits().max_response_head_bytes)  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
+        layerguard.install(response_head_limit=lambda: self._limits().max_response_head_bytes,
+                           websocket_limit=lambda from_client: self._limits().max_request_body_bytes if from_client
+                           else self._limits().max_response_scan_bytes)  # mitmproxy's trailers, quoted parse errors, WS control frames (idempotent)
         # Before any secret is loaded: no core dumps, no ptrace (issue 8 §7). `secretless-proxy run`
         # does it before it builds its master (server.run); here it is for mitmdump/mitmweb -s.
         # Never for a bare Master, which is also what mitmproxy's in-process test helpers build:
@@ -680,6 +682,9 @@ class Secretless:
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
             return
+        # mitmproxy keeps every message of an open WebSocket (for its UI): only the one judged now is
+        # kept, so memory is one message, not the connection's history (hostile review 4.13).
+        del flow.websocket.messages[:-1]
         try:  # judged on the trust and rules loaded now (edge/wsjudge.py); a killed flow is closed (edge/layerguard.py)
             st = self._conns.get(flow.client_conn)
             refusal = self._ws_rejudge.refusal(flow, st.proof if st else None, self.runtime)

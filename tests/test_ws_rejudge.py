@@ -193,3 +193,68 @@ class TestWebSocketRejudged:
         assert ws_upstream.messages == ["before", "after-reload"]
         assert _denied(proxy) == []
         client.close()
+
+
+class TestMessageBounds:
+    """Everything a WebSocket buffers is bounded (hostile review 4.13): a message assembled from
+    fragments past its bound, and a backlog written while a message is judged, close both sides with
+    1009 instead of growing the proxy by what was sent; nothing of the over-bound message is relayed."""
+
+    @pytest.fixture
+    def proxy(self, proxy_factory, pki, bundle, ws_upstream):
+        cfg = _config(pki, bundle, ws_upstream.port, free_port(), rules=["ws"])
+        cfg["limits"] = {"max_request_body_bytes": 65536, "max_response_scan_bytes": 65536}
+        return proxy_factory(cfg)
+
+    @staticmethod
+    def _close_code(c: WsClient) -> int | None:
+        """The code of the close frame the proxy sends (None if the connection ends without one)."""
+        c.sock.settimeout(10)
+        while True:
+            try:
+                data = c.sock.recv(65536)
+            except (TimeoutError, OSError):
+                return None
+            c.ws.receive_data(data or None)
+            for event in c.ws.events():
+                if isinstance(event, CloseConnection):
+                    return event.code
+            if not data:
+                return None
+
+    def test_fragments_past_the_bound_close_both_sides(self, proxy, pki, ws_upstream):
+        from wsproto.frame_protocol import FrameProtocol
+
+        c = WsClient(proxy, pki, ws_upstream.port)
+        fp = FrameProtocol(client=True, extensions=[])
+        try:
+            c.sock.sendall(fp.send_data("x" * 16384, fin=False))
+            for _ in range(16):  # 272 KiB of continuation frames, never FIN
+                c.sock.sendall(fp.send_data("x" * 16384, fin=False))
+        except OSError:
+            pass  # the proxy may close while we still write
+        code = self._close_code(c)
+        c.close()
+        assert code == 1009
+        assert ws_upstream.messages == []
+        assert "over its size bound: both sides closed (1009)" in proxy.output()
+
+    def test_a_backlog_written_while_a_message_is_judged_closes_both_sides(self, proxy, pki, ws_upstream):
+        c = WsClient(proxy, pki, ws_upstream.port)
+        batch = b"".join(c.ws.send(TextMessage(data="m" * 1024)) for _ in range(2048))  # 2 MiB in one write
+        try:
+            c.sock.sendall(batch)
+        except OSError:
+            pass
+        code = self._close_code(c)
+        c.close()
+        assert code == 1009
+        assert len(ws_upstream.messages) < 2048
+        assert "while a message was judged: both sides closed (1009)" in proxy.output()
+
+    def test_messages_within_the_bounds_pass(self, proxy, pki, ws_upstream):
+        c = WsClient(proxy, pki, ws_upstream.port)
+        for n in range(50):
+            [echo] = c.say(f"hello {n}")
+            assert echo.data == f"echo: hello {n}"
+        c.close()

@@ -61,6 +61,13 @@
    mitmproxy's reader sees them; the client gets the final response. RFC 9110 §15.2 asks a proxy
    to forward them; this one does not, so their headers are never a place an echo can hide.
 
+9. **WebSocket messages.** mitmproxy assembles a fragmented message in ``frame_buf`` without bound
+   (and keeps every message of the connection in ``flow.websocket.messages``: the addon trims that
+   list to the message being judged). A message whose fragments pass ``websocket_limit`` (a
+   client's: ``limits.max_request_body_bytes``; an upstream's: ``limits.max_response_scan_bytes``)
+   closes both sides with ``1009`` (message too big); nothing more of it is buffered or relayed
+   (hostile review 4.13).
+
 ``install()`` wraps these methods once per process; they are pinned to mitmproxy 12.2
 (``pyproject.toml``), and ``tests/test_redaction.py`` fails if the wrapped code changes shape.
 """
@@ -69,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
 import time
 import types
@@ -96,6 +104,7 @@ RESPONSE_HEAD_TOO_LARGE = "the upstream's response head is larger than limits.ma
 _DEFAULT_HEAD_LIMIT = 64 * 1024
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # the end of a head, as h11's ReceiveBuffer finds it
 _head_limit: Callable[[], int] = lambda: _DEFAULT_HEAD_LIMIT  # noqa: E731 - replaced by install()
+_ws_limit: Callable[[bool], int] = lambda from_client: 16 * 1024 * 1024  # noqa: E731 - replaced by install()
 _QUOTED = re.compile(r"""(?::\s*)?b?['"].*""", re.S)
 _installed = False
 
@@ -109,19 +118,24 @@ def clean_message(message: str) -> str:
     return _PEER_DATA.sub("additional_data:(withheld)", _QUOTED.sub("", message)) or "protocol error"
 
 
-def install(response_head_limit: Callable[[], int] | None = None) -> None:
+def install(response_head_limit: Callable[[], int] | None = None,
+            websocket_limit: Callable[[bool], int] | None = None) -> None:
     """Wrap mitmproxy's HTTP/1 body and response-head readers (idempotent); ``response_head_limit``
-    gives the current bound on an upstream's response head (the proxy has one config per process)."""
-    global _installed, _head_limit
+    gives the current bound on an upstream's response head, ``websocket_limit(from_client)`` the
+    bound on one WebSocket message (the proxy has one config per process)."""
+    global _installed, _head_limit, _ws_limit
     if response_head_limit is not None:
         _head_limit = response_head_limit
+    if websocket_limit is not None:
+        _ws_limit = websocket_limit
     if _installed:
         return
     _http1.Http1Connection.read_body = _guarded(_http1.Http1Connection.read_body)  # type: ignore[method-assign]
     _http1.Http1Client.read_headers = _bounded_head(_without_interim(_guarded(_http1.Http1Client.read_headers)))  # type: ignore[method-assign]
     _http1.Http1Client.send = _framed_requests(_http1.Http1Client.send)  # type: ignore[method-assign]
-    websocket.WebsocketLayer.relay_messages = _guarded(websocket.WebsocketLayer.relay_messages, trailers=False, ends=_killed_ending)  # type: ignore[method-assign]
+    websocket.WebsocketLayer.relay_messages = _bounded_messages(_guarded(websocket.WebsocketLayer.relay_messages, trailers=False, ends=_killed_ending))  # type: ignore[method-assign]
     websocket.WebsocketConnection.events = _recording_client_pings(websocket.WebsocketConnection.events)  # type: ignore[method-assign]
+    websocket.WebsocketLayer.handle_event = _bounded_backlog(websocket.WebsocketLayer.handle_event)  # type: ignore[method-assign]
     websocket.WebsocketConnection.send2 = _control_frames_scrubbed(websocket.WebsocketConnection.send2)  # type: ignore[method-assign]
     hooks.Hook.args = _hook_args  # type: ignore[method-assign]
     if hasattr(mhttp.MessageData, "__post_init__"):  # absent under python -O: nothing to speed up
@@ -294,6 +308,9 @@ def _recording_client_pings(events: Callable[..., Any]) -> Callable[..., Any]:
         for event in events(self):
             if not self.client and isinstance(event, wsproto.events.Ping):  # a ping from the workload
                 self.__dict__.setdefault("_secretless_pings", deque(maxlen=_PINGS_KEPT)).append(bytes(event.payload))
+            elif isinstance(event, wsproto.events.Message) and not event.message_finished and _over_message_limit(self, event):
+                self.__dict__["_secretless_too_big"] = True  # relay_messages closes both sides (point 9)
+                return
             yield event
 
     wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
@@ -320,6 +337,59 @@ def _control_frames_scrubbed(send2: Callable[..., commands.SendData]) -> Callabl
     return wrapper
 
 
+def _over_message_limit(conn: websocket.WebsocketConnection, event: wsproto.events.Message) -> bool:
+    """Whether the fragments of the message under way (``frame_buf``) and this one pass the bound of
+    the side they come from: the client's is a request body's, the upstream's the scan window's."""
+    data = event.data
+    size = sum(len(b) for b in conn.frame_buf) + (len(data.encode()) if isinstance(data, str) else len(data))
+    return size > _ws_limit(not conn.client)
+
+
+MESSAGE_TOO_BIG = 1009  # RFC 6455 §7.4.1
+
+
+def _bounded_messages(relay: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+    @functools.wraps(relay)
+    def wrapper(self: websocket.WebsocketLayer, event: Any) -> Generator[Any, Any, Any]:
+        yield from relay(self, event)
+        if self._handle_event != self.done and any(  # type: ignore[comparison-overlap]
+                ws.__dict__.get("_secretless_too_big") for ws in (self.client_ws, self.server_ws)):
+            side = "client" if self.client_ws.__dict__.get("_secretless_too_big") else "upstream"
+            yield commands.Log(f"a WebSocket message from the {side} is over its size bound: both sides closed (1009)",
+                               logging.WARNING)
+            yield from _close_both(self, MESSAGE_TOO_BIG)
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _bounded_backlog(handle_event: Callable[..., Generator[Any, Any, Any]]) -> Callable[..., Generator[Any, Any, Any]]:
+    """While a ``websocket_message`` hook runs the layer is paused, and mitmproxy goes on reading: what
+    the peers send meanwhile waits in ``_paused_event_queue`` without bound (a client writing 1 KiB
+    messages faster than each is judged grew the proxy by what it sent). Past the larger of the two
+    message bounds, both sides are closed (1009) and nothing queued is relayed."""
+    @functools.wraps(handle_event)
+    def wrapper(self: websocket.WebsocketLayer, event: Any) -> Generator[Any, Any, Any]:
+        if self.__dict__.get("_secretless_closed"):
+            return None  # closed below: the hook's reply and anything else still in flight are dropped
+        if self._paused is not None and isinstance(event, events.DataReceived):
+            queued = self.__dict__.get("_secretless_queued", 0) + len(event.data)
+            self.__dict__["_secretless_queued"] = queued
+            if queued > max(_ws_limit(True), _ws_limit(False)) and self._handle_event != self.done:  # type: ignore[comparison-overlap]
+                self._paused_event_queue.clear()
+                self.__dict__["_secretless_closed"] = True
+                yield commands.Log("a WebSocket peer sent more than the message bound while a message was judged: "
+                                   "both sides closed (1009)", logging.WARNING)
+                yield from _close_both(self, MESSAGE_TOO_BIG)
+                return None
+        elif self._paused is None:
+            self.__dict__["_secretless_queued"] = 0
+        return (yield from handle_event(self, event))
+
+    wrapper.__secretless_guard__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 # -- killed WebSocket flows ----------------------------------------------------------------------
 
 POLICY_VIOLATION = 1008  # RFC 6455 §7.4.1
@@ -337,14 +407,14 @@ def _killed(flow: Any) -> bool:
     return bool(flow.error and flow.error.msg == flow.error.KILLED_MESSAGE)
 
 
-def _close_both(layer: websocket.WebsocketLayer) -> Generator[Any, Any, None]:
+def _close_both(layer: websocket.WebsocketLayer, code: int = POLICY_VIOLATION) -> Generator[Any, Any, None]:
     ws_data = layer.flow.websocket
     if ws_data is not None:
         ws_data.timestamp_end = time.time()
-        ws_data.close_code = POLICY_VIOLATION
+        ws_data.close_code = code
     for ws in (layer.server_ws, layer.client_ws):
         if ws.state in (wsproto.connection.ConnectionState.OPEN, wsproto.connection.ConnectionState.REMOTE_CLOSING):
-            yield ws.send2(wsproto.events.CloseConnection(code=POLICY_VIOLATION))
+            yield ws.send2(wsproto.events.CloseConnection(code=code))
         yield commands.CloseConnection(ws.conn)
     yield websocket.WebsocketEndHook(layer.flow)
     layer._handle_event = layer.done  # type: ignore[method-assign]
