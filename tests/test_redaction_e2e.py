@@ -491,3 +491,71 @@ def test_an_echo_cut_short_gives_back_at_most_a_block_of_the_credential(proxy_fa
     finally:
         up.close()
     assert longest <= 7, longest
+
+
+class _SlowLargeBody(TlsListener):
+    """Answers each request with ``size`` bytes, 64 KiB every 30 ms, so responses overlap in time."""
+
+    def __init__(self, server_cert, size: int) -> None:
+        super().__init__(tls_server_context(server_cert))
+        self.size = size
+
+    def handle(self, conn: ssl.SSLSocket) -> None:
+        while recv_head(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.size)
+            for sent in range(0, self.size, 65536):
+                conn.sendall(b"x" * min(65536, self.size - sent))
+                time.sleep(0.03)
+
+
+def _h2_statuses(sock: ssl.SSLSocket, authority: str, paths: list[str]) -> list[int]:
+    """The status of each path, opened as concurrent streams of one HTTP/2 connection (bodies read and acked)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    for i, path in enumerate(paths):
+        conn.send_headers(1 + 2 * i, [(":method", "GET"), (":scheme", "https"), (":authority", authority),
+                                      (":path", path)], end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status: dict[int, int] = {}
+    done: set[int] = set()
+    sock.settimeout(20)
+    while len(done) < len(paths):
+        data = sock.recv(65535)
+        assert data, "connection closed"
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status[ev.stream_id] = int(dict(ev.headers)[":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                done.add(ev.stream_id)
+        sock.sendall(conn.data_to_send())
+    return [status.get(1 + 2 * i, 0) for i in range(len(paths))]
+
+
+def test_concurrent_http2_responses_share_one_scan_window(proxy_factory, pki):
+    """The scan window bounds what one connection buffers at once, its HTTP/2 streams together (hostile
+    review 4.14: 40 streams of 12 MiB, each under the 16 MiB window, grew the proxy by 190 MiB and on):
+    three concurrent 700 KiB responses against a 1 MiB window are not all buffered; alone, one passes."""
+    up = _SlowLargeBody(certs.make_server_cert(ca=pki.upstream_ca), 700 * 1024)
+    up.start()
+    try:
+        rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+        p = proxy_factory(base_config(pki, rules=[rule], limits={"max_response_scan_bytes": 1024 * 1024}))
+        authority = f"localhost:{up.port}"
+        results = []
+        for paths in (["/v1/one"], ["/v1/a", "/v1/b", "/v1/c"]):
+            with tunnel(p.port, ("localhost", up.port), sni="localhost", ca=pki.interception_ca_cert,
+                        cert=pki.svid(BILLING), alpn=["h2"]) as s:
+                results.append(_h2_statuses(s, authority, paths))
+        alone, together = results
+    finally:
+        up.close()
+    assert alone == [200]
+    assert 502 in together, together
+    assert any('"request.denied"' in line and '"response_too_large"' in line for line in p.output().splitlines())

@@ -69,8 +69,8 @@ def svid_tunnel(proxy_port: int, port: int, *, pki, cert: bool = True, alpn: lis
 
 
 def tunnel(proxy_port: int, target: tuple[str, int], *, sni: str, ca: str,
-           cert: tuple[str, str] | None = None) -> ssl.SSLSocket:
-    """CONNECT through the proxy, then TLS with the given SNI (and client cert)."""
+           cert: tuple[str, str] | None = None, alpn: list[str] | None = None) -> ssl.SSLSocket:
+    """CONNECT through the proxy, then TLS with the given SNI (and client cert, ALPN offers)."""
     raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
     head = send_connect(raw, f"{target[0]}:{target[1]}")
     assert head.startswith(b"HTTP/1.1 200"), head
@@ -78,6 +78,8 @@ def tunnel(proxy_port: int, target: tuple[str, int], *, sni: str, ca: str,
     ctx.check_hostname = False  # the SNI under test may deliberately differ from the target
     if cert:
         ctx.load_cert_chain(*cert)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
     return ctx.wrap_socket(raw, server_hostname=sni)
 
 
