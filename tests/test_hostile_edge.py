@@ -634,6 +634,18 @@ class TestOwnedHeaders:
                             "proxy-connection", "te", "x-drop", "connection"}
         assert "x-keep" in names
 
+    def test_range_never_reaches_an_echo_checked_upstream(self, proxy, pki, upstream, allow_up):
+        """Range and If-Range are dropped on an inject rule whose responses are checked for echoes: slices
+        at chosen offsets would each hold less than a block of the credential and rebuild it together
+        (hostile review 4.12). An allow rule keeps them."""
+        for target, kept in ((upstream, False), (allow_up, True)):
+            s = svid_tunnel(proxy, pki, target.port)
+            s.sendall(f"GET /v1/echo HTTP/1.1\r\nHost: localhost:{target.port}\r\nRange: bytes=20-33\r\n"
+                      'If-Range: "etag"\r\n\r\n'.encode())
+            assert read_response(s)[0] == 200
+            names = {k.lower() for k, _ in target.requests[-1]["headers"]}
+            assert ({"range", "if-range"} <= names) is kept and not ({"range", "if-range"} & names and not kept)
+
     def test_client_connection_close_is_honoured(self, proxy, pki, allow_up):
         """`Connection: close, X-Drop` from the client: the answer comes and then the proxy closes the
         connection; upstream only `Connection: close` is left of it (X-Drop is stripped)."""
