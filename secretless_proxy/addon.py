@@ -659,6 +659,8 @@ class Secretless:
                 flow.metadata[SCAN_LIMIT] = self._limits().max_response_scan_bytes
             else:
                 flow.response.stream = True  # inject.echo_check: false (APIs that never echo)
+        except bodydecode.Undecodable:  # a body already here (in-process callers) that cannot be checked
+            flow.response = error_response(flow.id, self._undecodable(flow, injected.rule))
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
             flow.response = error_response(flow.id, Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to process the response"))
@@ -675,15 +677,18 @@ class Secretless:
             self._report_refusal(flow, refusal)
             flow.response = error_response(flow.id, refusal)
         except bodydecode.Undecodable:  # it cannot be checked, so it is withheld (hostile review 4.11)
-            refusal = Refusal(502, Reason.RESPONSE_UNDECODABLE, "the upstream's response body does not decode for "
-                              "its Content-Encoding (unknown, stacked or damaged), so it cannot be checked for an "
-                              "echoed credential; it was withheld", injected.rule)
-            self._report_refusal(flow, refusal)
-            flow.response = error_response(flow.id, refusal)
+            flow.response = error_response(flow.id, self._undecodable(flow, injected.rule))
         except Exception as exc:  # noqa: BLE001
             log.error("redaction failed for %s (%s); response withheld", flow.id, type(exc).__name__)
             flow.response = error_response(flow.id, Refusal(502, Reason.INTERNAL_ERROR, "the proxy failed to process the response"))
         self._audit_used(flow, injected, flow.response.status_code)
+
+    def _undecodable(self, flow: http.HTTPFlow, rule: str) -> Refusal:
+        refusal = Refusal(502, Reason.RESPONSE_UNDECODABLE, "the upstream's response body does not decode for "
+                          "its Content-Encoding (unknown, stacked or damaged), so it cannot be checked for an "
+                          "echoed credential; it was withheld", rule)
+        self._report_refusal(flow, refusal)
+        return refusal
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is None:
