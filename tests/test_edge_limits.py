@@ -701,3 +701,39 @@ class TestCoreDumps:
         code = ("import os, sys; from secretless_proxy.edge import hardening; "
                 "sys.exit(3) if hardening.set_non_dumpable() != 0 else os.abort()")
         assert not _aborts_leave_core(tmp_path / "non-dumpable", code)
+
+
+def _peak_rss_kib(pid: int) -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+class TestBodyWhileTheCredentialIsFetched:
+    def test_a_body_sent_while_the_hook_waits_is_not_held_whole(self, proxy_factory, pki, upstream):
+        """While the request hook waits 3 s for a slow IdP, the client sends 64 MiB: the proxy keeps no
+        more than the body limit of it (mitmproxy queued every event of a paused stream), then answers
+        413 body_too_large; its peak memory grows by far less than what was sent."""
+        with IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp:
+            idp.mode, idp.hang_seconds = "hang", 3
+            creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
+                                  "client_id": "billing", "client_secret": "env:TEST_CLIENT_SECRET"}}
+            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": upstream.port},
+                    "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
+            cfg = base_config(pki, rules=[rule], credentials=creds, broker={"timeout_seconds": 10},
+                              limits={"max_request_body_bytes": 1024 * 1024})
+            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            before = _peak_rss_kib(proxy.proc.pid)
+            t = open_tunnel(proxy, upstream.port, pki)
+            t.sendall(b"POST /v1/upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (1024 * 1024, b"z" * 1024 * 1024)
+            try:
+                for _ in range(64):
+                    t.sendall(chunk)
+            except OSError:
+                pass
+            t.settimeout(15)
+            status, _ = http_exchange(t, "")
+            grown = _peak_rss_kib(proxy.proc.pid) - before
+            issued = list(idp.issued)
+        proxy.secrets = (*proxy.secrets, *issued)
+        assert status == 413
+        assert grown < 24 * 1024, f"peak RSS grew by {grown} KiB for 64 MiB sent"

@@ -357,6 +357,10 @@ class GuardedHttp1Server(Http1Server):
 _RESPONSE_EVENTS = (ResponseHeaders, ResponseData, ResponseTrailers, ResponseEndOfMessage)
 
 
+def _nothing() -> layer.CommandGenerator[None]:
+    yield from ()
+
+
 def _websocket_switch(request: http.Request, response: http.Response) -> bool:
     """Whether a 101 answers the WebSocket upgrade this request asked for."""
     return request.headers.get("upgrade", "").strip().lower() == "websocket" \
@@ -378,7 +382,21 @@ class GuardedHttpStream(HttpStream):
         self._answered = False  # withheld while the request body was still streaming (_withhold)
         self._body_clock: commands.RequestWakeup | None = None
         self._spoiled = False  # the upstream sent more after its response (_after_the_response)
+        self._queued = 0  # request body bytes queued while a hook runs (handle_event)
         self._body_seen = 0.0  # when the last request body bytes arrived (time.monotonic)
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # While a request hook runs (the credential may take seconds), the stream is paused and
+        # mitmproxy queues every body event that arrives: without a bound, a body sent meanwhile was
+        # held whole in memory. Past the body limit the rest is dropped here: it is over the limit
+        # already, which the queued part shows when the hook returns (start_request_stream: 413).
+        if self._paused is not None and isinstance(event, RequestData):
+            if self._queued > self.guard.limits().max_request_body_bytes:
+                return _nothing()  # what is queued is over the limit already (the event that crossed it included)
+            self._queued += len(event.data)
+        elif self._queued and self._paused is None:
+            self._queued = 0
+        return super().handle_event(event)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, UnreadableRequestBody):
