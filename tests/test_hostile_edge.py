@@ -259,6 +259,31 @@ class TestNoRawRelay:
         assert "\\x1b[2J\\x0c2026-12-04" in out
         assert not any(c in out for c in "\x1b\x0c\x0b")
 
+    def test_http2_scheme_other_than_https_is_refused_without_a_crash(self, proxy, pki, allow_up):
+        """HTTP/2 streams with :scheme ftp and END_STREAM on their HEADERS (no certificate): each gets its 400
+        in the error contract, and the layer does not crash on the end of message that follows (hostile
+        review 4.07: a traceback per stream after the 400)."""
+        s = svid_tunnel(proxy, pki, allow_up.port, alpn=["h2"], cert=False)
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, validate_outbound_headers=False))
+        conn.initiate_connection()
+        for sid in (1, 3, 5):
+            conn.send_headers(sid, [(":method", "GET"), (":scheme", "ftp"), (":authority", f"localhost:{allow_up.port}"),
+                                    (":path", "/")], end_stream=True)
+        s.sendall(conn.data_to_send())
+        statuses, ended = {}, set()
+        while len(ended) < 3:
+            data = s.recv(65536)
+            assert data, "connection closed"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    statuses[ev.stream_id] = dict(ev.headers)[b":status"]
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended.add(ev.stream_id)
+            s.sendall(conn.data_to_send())
+        assert statuses == {1: b"400", 3: b"400", 5: b"400"}
+        settle()
+        assert "has crashed" not in proxy.output() and "Traceback" not in proxy.output()
+
     def test_http2_prior_knowledge_in_plain_tunnel_refused(self, proxy, plain_target):
         """h2c with prior knowledge (the HTTP/2 preface in clear text) is refused, never relayed."""
         s = open_tunnel(proxy.port, f"127.0.0.1:{plain_target.port}")
