@@ -498,6 +498,17 @@ def _wait_for(cond, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def _oauth2_proxy(proxy_factory, pki, idp, port: int, *, broker: dict, limits: dict):
+    """A proxy whose one rule injects an OAuth2 token from ``idp`` (revocable) for the upstream on ``port``."""
+    creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
+                          "revocation_url": idp.revoke_url, "client_id": "billing",
+                          "client_secret": "env:TEST_CLIENT_SECRET"}}
+    rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": port},
+            "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
+    cfg = base_config(pki, rules=[rule], credentials=creds, broker=broker, limits=limits)
+    return proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+
+
 class TestGracefulShutdown:
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
     def test_signal_drains_in_flight_requests(self, proxy_factory, pki, sig):
@@ -590,14 +601,8 @@ class TestGracefulShutdown:
         with (IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp,
               SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow):
             idp.revoke_mode, idp.hang_seconds = "hang", 30
-            creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
-                                  "revocation_url": idp.revoke_url, "client_id": "billing",
-                                  "client_secret": "env:TEST_CLIENT_SECRET"}}
-            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": slow.port},
-                    "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
-            cfg = base_config(pki, rules=[rule], credentials=creds, broker={"timeout_seconds": 1, "retries": 0},
-                              limits={"revoke_on_shutdown": True, "drain_seconds": 30})
-            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            proxy = _oauth2_proxy(proxy_factory, pki, idp, slow.port, broker={"timeout_seconds": 1, "retries": 0},
+                                  limits={"revoke_on_shutdown": True, "drain_seconds": 30})
             with session(pki, proxy, pki.svid(BILLING)) as s:
                 assert s.get(f"{slow.url}/v1/x", timeout=10).status_code == 200
             issued = list(idp.issued)
@@ -627,14 +632,8 @@ class TestGracefulShutdown:
         with (IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp,
               SlowUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca)) as slow):
             idp.revoke_mode, idp.hang_seconds = "hang", 30
-            creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
-                                  "revocation_url": idp.revoke_url, "client_id": "billing",
-                                  "client_secret": "env:TEST_CLIENT_SECRET"}}
-            rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": slow.port},
-                    "inject": {"credential": "payments", "header": "Authorization", "format": "Bearer {secret}"}}
-            cfg = base_config(pki, rules=[rule], credentials=creds, broker={"timeout_seconds": 3, "retries": 0},
-                              limits={"revoke_on_shutdown": True, "drain_seconds": 1})
-            proxy = proxy_factory(cfg, env={"TEST_CLIENT_SECRET": "idp-client-secret"})
+            proxy = _oauth2_proxy(proxy_factory, pki, idp, slow.port, broker={"timeout_seconds": 3, "retries": 0},
+                                  limits={"revoke_on_shutdown": True, "drain_seconds": 1})
             t = open_tunnel(proxy, slow.port, pki)
             t.sendall(b"GET /slow/25 HTTP/1.1\r\nHost: localhost\r\n\r\n")
             _wait_for(lambda: slow.arrived == 1, 10)
