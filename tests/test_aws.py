@@ -67,6 +67,7 @@ def sts_error_xml(code: str) -> bytes:
 
 class _StsHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall between them
     server: _StsServer
 
     def log_message(self, format: str, *args: Any) -> None:

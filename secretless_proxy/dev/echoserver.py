@@ -33,6 +33,7 @@ class _EchoHandler(BaseHTTPRequestHandler):
     """Answers any method with a JSON echo of the request."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, so tests can check connection reuse
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall between them
     server: _EchoServer
 
     def __getattr__(self, name: str) -> Any:

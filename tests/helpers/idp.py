@@ -305,6 +305,7 @@ def _json(status: int, obj: Any) -> tuple[int, dict[str, str], bytes]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall between them
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
