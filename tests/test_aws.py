@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from hashlib import sha256
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -24,6 +24,7 @@ from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 from helpers.moto_server import ROLE_ARN, MotoServer
+from helpers.net import QuietHandler
 from helpers.providers import config_head, load_example, load_text, request_context
 from mitmproxy import http
 
@@ -65,13 +66,8 @@ def sts_error_xml(code: str) -> bytes:
             ).encode()
 
 
-class _StsHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall between them
+class _StsHandler(QuietHandler):
     server: _StsServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced."""
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))

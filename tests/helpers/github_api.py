@@ -27,13 +27,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from helpers.net import FakeHttps
+from helpers.net import FakeHttps, QuietHandler
 from secretless_proxy.dev.certs import Issued
 from secretless_proxy.dev.echoserver import TlsHttpServer
 
@@ -55,13 +54,8 @@ class TokenRequest:
     token: str
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall between them
+class _Handler(QuietHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced."""
 
     def do_POST(self) -> None:
         self.server.api.handle_post(self)

@@ -29,13 +29,12 @@ import traceback
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
 import jwt
 
-from helpers.net import FakeHttps
+from helpers.net import FakeHttps, QuietHandler
 from secretless_proxy.dev.certs import Issued
 from secretless_proxy.dev.echoserver import TlsHttpServer
 
@@ -303,13 +302,8 @@ def _json(status: int, obj: Any) -> tuple[int, dict[str, str], bytes]:
     return status, {"Content-Type": "application/json", "Cache-Control": "no-store"}, json.dumps(obj).encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # head and body are two writes: no 40 ms delayed-ACK stall between them
+class _Handler(QuietHandler):
     server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced."""
 
     def do_GET(self) -> None:
         self._serve()

@@ -10,8 +10,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from secretless_proxy.dev.certs import Issued
 from secretless_proxy.dev.echoserver import TlsHttpServer, tls_server_context
@@ -181,3 +182,14 @@ class LoopbackServer:
 
     def _serve(self) -> None:
         raise NotImplementedError
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """The base of the test upstreams built on http.server: HTTP/1.1 keep-alive, silent, and no
+    Nagle delay (head and body are two writes: the body waited 40 ms for the peer's delayed ACK)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        """Silenced."""
