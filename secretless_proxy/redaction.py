@@ -53,7 +53,7 @@ class _Form:
     credential's forms costs microseconds and a response without an echo never compiles one.
     """
 
-    __slots__ = ("length", "max_bytes", "anchor", "_template", "_bpat", "_spat")
+    __slots__ = ("length", "max_bytes", "anchor", "anchor_s", "_template", "_bpat", "_spat")
 
     def __init__(self, template: str) -> None:
         self.length = len(template)
@@ -61,6 +61,7 @@ class _Form:
         runs = [r for r in _ALNUM.findall(template) if len(r) >= _MIN_ANCHOR]
         # 16 bytes of the longest literal run: CPython's short-needle search is the fastest.
         self.anchor: bytes | None = max(runs, key=len)[:16].encode() if runs else None
+        self.anchor_s: str | None = self.anchor.decode() if self.anchor is not None else None
         self._template = template
         self._bpat: re.Pattern[bytes] | None = None
         self._spat: re.Pattern[str] | None = None
@@ -84,58 +85,53 @@ class _Form:
 
 # An echo cut short (a 404 quoting the first 100 characters of the request target) brought all but
 # the last character of a credential back, the workload sliding the cut by padding what precedes the
-# value (hostile review 4.12). So every aligned block of a secret (and its last ``block`` characters)
-# is a form too, matched with as much of the secret around it as the echo holds: a piece that starts
-# or ends with the value and is at least ``block`` long holds a whole block, and so does any piece
-# of ``2 * block - 1`` characters or more. What can come back is at most ``block - 1`` characters
-# from either end, or ``2 * block - 2`` from the middle (an upstream that cuts both ends).
-_MIN_FRAGMENTED = 16  # shorter secrets: their whole-value forms only
-_BLOCKS = 8  # blocks per secret at most: the block is max(8, len / 8) characters
-_FRAGMENT_REACH = 64  # characters matched beyond a block on either side
+# value (hostile review 4.12); hex or base64 of it cut short the same (review 5.01). So each form
+# longer than 12 characters is also cut into blocks of ``max(12, len / 8)`` characters that tile it
+# (the last one ends with it), and every block is a form of its own. A piece that starts or ends with the
+# form and holds at least a block has every whole block in it redacted, so at most ``block - 1``
+# characters come back from either end, and ``2 * block - 2`` from the middle (an upstream that cuts
+# both ends). Blocks are plain forms (no optional groups): the scan stays linear (review 5.02: a
+# pattern with optional context reaching 64 characters stalled the loop for seconds on near-matches).
+_MIN_BLOCK = 12  # shorter blocks match public prefixes: "sk_live_", or base64 of "sk_test" in a docs text
+_BLOCKS = 8  # blocks per form at most
 
 
-class _Fragment(_Form):
-    """Any substring of ``value`` that holds ``value[start:end]`` (one block), with ``_char`` escapes."""
-
-    __slots__ = ("_value", "_start", "_end")
-
-    def __init__(self, value: str, start: int, end: int) -> None:
-        self._value, self._start, self._end = value, start, end
-        super().__init__(value[start:end])  # anchor and length: the block
-        self.max_bytes = sum(_max_escaped(c) for c in value)
-
-    def __repr__(self) -> str:
-        return f"_Fragment(length={self._end - self._start})"
-
-    def _pattern(self) -> str:
-        left = ""
-        for c in self._value[max(0, self._start - _FRAGMENT_REACH):self._start]:  # any suffix of it: (?:(?:a)?b)?
-            left = f"(?:{left}{_char(c)})?"
-        right = ""
-        for c in reversed(self._value[self._end:self._end + _FRAGMENT_REACH]):  # any prefix of it: (?:c(?:d)?)?
-            right = f"(?:{_char(c)}{right})?"
-        return left + "".join(_char(c) for c in self._value[self._start:self._end]) + right
+def _blocks(template: str) -> list[str]:
+    if len(template) <= _MIN_BLOCK:
+        return []  # the form itself is as short as a block
+    block = max(_MIN_BLOCK, -(-len(template) // _BLOCKS))
+    starts = list(range(0, len(template) - block + 1, block))
+    if starts[-1] + block < len(template):
+        starts.append(len(template) - block)  # the tail too: an echo that keeps the end of a form
+    return [template[i:i + block] for i in starts]
 
 
 def _forms(value: str) -> list[_Form]:
-    forms: list[_Form] = [_Form(t) for t in _templates(value)]
-    if len(value) >= _MIN_FRAGMENTED:
-        block = max(_MIN_DERIVED, -(-len(value) // _BLOCKS))
-        starts = list(range(0, len(value) - block + 1, block))
-        if starts[-1] + block < len(value):
-            starts.append(len(value) - block)  # the tail too: an echo that keeps the end of a value
-        forms += [_Fragment(value, i, i + block) for i in starts]
-    return forms
+    templates = _templates(value)
+    # The value, its hex (both cases) and its base64 (both alphabets) in blocks; the base64 of the
+    # value inside a larger blob (the alignment forms) only whole.
+    pieces = [b for t in templates[:5] for b in _blocks(t)]
+    return [_Form(t) for t in dict.fromkeys(templates + pieces)]
+
+
+_PREFILTER_MAX = 4096  # texts up to this long are checked with one alternation of every anchor
 
 
 class Needles:
     """The compiled forms of the secrets a flow carries. ``repr`` shows only how many."""
 
-    __slots__ = ("_forms",)
+    __slots__ = ("_forms", "_prefilter", "_prefilter_b")
 
     def __init__(self, forms: Iterable[_Form] = ()) -> None:
         # Longest first: a whole padded token goes before the unpadded prefix it contains.
         self._forms: tuple[_Form, ...] = tuple(sorted(forms, key=lambda f: -f.length))
+        # One search for any anchor decides whether a short text (a header) needs the per-form loop.
+        # (Beyond _PREFILTER_MAX an alternation of every anchor is slower than one memmem per form.)
+        anchors = {f.anchor_s for f in self._forms}
+        alternation = None if None in anchors or not anchors else \
+            "|".join(re.escape(a) for a in sorted(anchors, key=len, reverse=True))  # type: ignore[arg-type]
+        self._prefilter = re.compile(alternation) if alternation else None
+        self._prefilter_b = re.compile(alternation.encode()) if alternation else None
 
     def __repr__(self) -> str:
         return f"Needles({len(self._forms)} forms)"
@@ -154,6 +150,8 @@ class Needles:
 
     def redact_bytes(self, data: bytes) -> bytes:
         """``data`` with every form of every secret replaced by ``[REDACTED]``."""
+        if self._prefilter_b is not None and len(data) < _PREFILTER_MAX and self._prefilter_b.search(data) is None:
+            return data
         for f in self._forms:
             if f.anchor is None or f.anchor in data:
                 data = f.sub_bytes(data)
@@ -161,13 +159,17 @@ class Needles:
 
     def redact_str(self, text: str) -> str:
         """``text`` with every form of every secret replaced by ``[REDACTED]``."""
+        if self._prefilter is not None and len(text) < _PREFILTER_MAX and self._prefilter.search(text) is None:
+            return text
         for f in self._forms:
-            if f.anchor is None or f.anchor.decode() in text:
+            if f.anchor_s is None or f.anchor_s in text:
                 text = f.sub_str(text)
         return text
 
     def may_occur_in(self, data: bytes) -> bool:
         """False when no form can occur in ``data`` (no anchor is there): the fast path."""
+        if self._prefilter_b is not None and len(data) < _PREFILTER_MAX:
+            return self._prefilter_b.search(data) is not None
         return any(f.anchor is None or f.anchor in data for f in self._forms)
 
 
