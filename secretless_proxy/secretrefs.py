@@ -24,6 +24,7 @@ from secretless_proxy.errors import SecretUnavailable
 MAX_SECRET_BYTES = 1024 * 1024
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SCHEME_WORD = re.compile(r"[a-z][a-z0-9+.-]{0,15}")  # vault, https, ...
 # A value that would end up in an HTTP header must not be able to start a new header line.
 _FORBIDDEN_CHARS = re.compile(r"[\r\n\x00]")
 
@@ -84,14 +85,20 @@ class SecretRef:
     @classmethod
     def parse(cls, text: str, *, base_dir: Path | None = None) -> SecretRef:
         """Parse ``env:NAME`` or ``file:PATH`` (relative paths resolve against ``base_dir``)."""
+        # The text is never quoted back: an operator who pasted the secret itself here would find it
+        # in the log and in /readyz (hostile review 5.10). A short word before the colon is named.
         scheme, sep, target = text.partition(":")
         if not sep or scheme not in ("env", "file") or not target:
-            raise ValueError(
-                f"invalid secret reference {text!r}: use env:NAME or file:/path"
-            )
+            if scheme in ("env", "file"):
+                what = f"nothing after {scheme}:"
+            elif sep and _SCHEME_WORD.fullmatch(scheme):
+                what = f"scheme {scheme!r} is not env or file"
+            else:
+                what = "not a reference (the value is not shown: a literal secret does not belong in the config)"
+            raise ValueError(f"invalid secret reference, {what}: use env:NAME or file:/path")
         if scheme == "env":
             if not _ENV_NAME.match(target):
-                raise ValueError(f"invalid environment variable name {target!r} in {text!r}")
+                raise ValueError("invalid environment variable name after env: (not shown): use letters, digits and _")
             return cls(scheme="env", target=target)
         path = expand_user(target)
         if not path.is_absolute() and base_dir is not None:

@@ -750,7 +750,7 @@ class TestConfig:
          "aws.yaml:9 credentials.aws.base_credentials", "missing required key 'secret_access_key'"),
         (BASE.replace("env:TEST_AWS_ACCESS_KEY_ID", "AKIAINLINE"),
          "aws.yaml:10 credentials.aws.base_credentials.access_key_id",
-         "invalid secret reference 'AKIAINLINE': use env:NAME or file:/path"),
+         "invalid secret reference, not a reference (the value is not shown"),
         (f"    role_arn: {ROLE}\n    web_identity: {{audiense: x}}\n", "aws.yaml:9 credentials.aws.web_identity.audiense",
          "unknown key 'audiense' (did you mean 'audience'?"),
         (f"    role_arn: {ROLE}\n    web_identity: {{audience: ''}}\n",

@@ -405,7 +405,7 @@ MALFORMED = [
         + one_line_rule("{host: a.example.com}"),
         7,
         "credentials.stripe.secret",
-        "invalid secret reference 'vault:kv/stripe': use env:NAME or file:/path",
+        "invalid secret reference, scheme 'vault' is not env or file: use env:NAME or file:/path",
     ),
     (
         "unknown-credential-kind",

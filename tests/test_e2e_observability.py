@@ -667,6 +667,24 @@ class TestHostileReload:
         output = proxy.output()
         assert "Traceback" not in output and "RecursionError" not in output
 
+    def test_a_secret_pasted_into_the_config_is_never_shown(self, proxy_factory, pki, upstream):
+        """A literal secret where a reference belongs (`secret: sk_live_…`, a common slip) is a rejected
+        reload whose error names the key and the mistake but never the value: not in /readyz, whose
+        admin listener has no authentication, nor in the log (hostile review 5.10)."""
+        config = base_config(pki, rules=[inject_rule(upstream)])
+        proxy = start(proxy_factory, config)
+        pasted = "sk_live_51PastedByMistake0123456789abcdef"
+        bad = with_admin(proxy, config)
+        bad["credentials"] = {name: {**cred, "secret": pasted} for name, cred in bad["credentials"].items()}
+        before = proxy.admin.scrape().value("secretless_config_reloads_total", outcome="error")
+        proxy.rewrite(bad)
+        wait_for(lambda: proxy.admin.scrape().value("secretless_config_reloads_total", outcome="error") > before,
+                 what="the pasted secret rejected")
+        ready = proxy.admin.get("/readyz").text
+        assert "invalid secret reference, not a reference" in ready
+        assert pasted not in ready and pasted not in proxy.output()
+        assert pasted[:16] not in ready and pasted[:16] not in proxy.output()
+
     def test_config_replaced_by_a_fifo_never_freezes_the_proxy(self, proxy_factory, pki, upstream, tmp_path):
         """A config file swapped for a FIFO (an atomic mv) is a failed reload; the event loop never blocks on it."""
         proxy = start(proxy_factory, base_config(pki, rules=[inject_rule(upstream)]))

@@ -340,7 +340,7 @@ class TestConfig:
         (VALID.replace("installation_id: 2", "installation_id: 0"), "github.yaml:9 credentials.gh.installation_id",
          "must be an integer from 1 to"),
         (VALID.replace("file:app.pem", "vault:gh"), "github.yaml:10 credentials.gh.private_key",
-         "invalid secret reference 'vault:gh': use env:NAME or file:/path"),
+         "invalid secret reference, scheme 'vault' is not env or file: use env:NAME or file:/path"),
         (VALID.replace("private_key", "privat_key"), "github.yaml:10 credentials.gh.privat_key",
          "unknown key 'privat_key' (did you mean 'private_key'?"),
         (VALID + "    base_url: http://ghe.example.com/api/v3\n", "github.yaml:11 credentials.gh.base_url",

@@ -463,7 +463,7 @@ MALFORMED = [
     ("plaintext-revocation", CC + "client_secret: env:X\nrevocation_url: http://idp.example/revoke\n", 12,
      "pay.revocation_url", "would send credentials in plaintext"),
     ("bad-secret-ref", CC + "client_secret: vault:x\n", 11, "pay.client_secret",
-     "invalid secret reference 'vault:x'"),
+     "invalid secret reference, scheme 'vault' is not env or file"),
     ("assertion-audience-with-secret", CC + "client_secret: env:X\nassertion_audience: x\n", 12,
      "pay.assertion_audience", "only applies with client_auth: private_key_jwt"),
     ("cc-without-client-id", ("kind: oauth2_client_credentials\ntoken_url: https://idp.example/token\n"
