@@ -670,6 +670,17 @@ class Secretless:
         injected = self._injected.get(flow) if flow.websocket else self._injected.pop(flow, None)
         if injected is None or flow.response is None:
             return
+        if injected.echo_check and flow.response.status_code == 206:
+            # A part of a representation is checked alone: parts at chosen offsets, each shorter than a
+            # block of the credential, rebuild it (hostile review 5.12: x-ms-range, answered 206). Range
+            # itself is never sent on these rules (_inject); a vendor's own range header may be.
+            refusal = Refusal(502, Reason.RESPONSE_TOO_LARGE, "the upstream answered with a part of the response "
+                              "(206), which cannot be checked for an echoed credential; it was withheld (ranges "
+                              "need inject.echo_check: false)", injected.rule)
+            self._report_refusal(flow, refusal)
+            flow.response = error_response(flow.id, refusal)
+            self._audit_used(flow, injected, flow.response.status_code)
+            return
         try:
             redaction.redact_message(flow.response, injected.needles, max_body=self._limits().max_response_scan_bytes)
         except bodydecode.TooLarge:  # a compressed body that inflates past the scan window

@@ -260,6 +260,25 @@ class TestLayerGuard:
         assert layerguard.clean_message(msg) == ("HTTP/2 connection closed: <ConnectionTerminated error_code:1, "
                                                  "last_stream_id:1, additional_data:(withheld)>")
 
+    def test_websocket_message_size_is_a_running_count(self):
+        """The message bound is checked in constant time per fragment, never by summing what is buffered
+        (hostile review 5.07: 60,000 one-byte fragments held the event loop 40 s)."""
+        import wsproto.events
+
+        class Conn:
+            client = False  # the side facing the workload: the client's bound
+            @property
+            def frame_buf(self):
+                raise AssertionError("the buffered fragments were read")
+
+        conn, limit = Conn(), 16 * 1024 * 1024
+        layerguard.install()
+        over = [layerguard._over_message_limit(conn, wsproto.events.TextMessage(data="x", message_finished=False))
+                for _ in range(1000)]
+        assert not any(over)
+        assert layerguard._over_message_limit(conn, wsproto.events.BytesMessage(data=b"y" * limit, message_finished=False))
+        assert not layerguard._over_message_limit(Conn(), wsproto.events.TextMessage(data="z", message_finished=True))
+
     def test_wraps_the_readers_that_raise_on_trailers(self):
         """The wrapped mitmproxy readers are the ones that raise on trailers (fails if mitmproxy changes shape)."""
         layerguard.install()

@@ -559,3 +559,24 @@ def test_concurrent_http2_responses_share_one_scan_window(proxy_factory, pki):
     assert alone == [200]
     assert 502 in together, together
     assert any('"request.denied"' in line and '"response_too_large"' in line for line in p.output().splitlines())
+
+
+def test_a_partial_response_on_an_echo_checked_rule_is_withheld(proxy_factory, pki):
+    """206 Partial Content on an inject rule whose responses are checked: a part is checked alone, and
+    parts at chosen offsets (a vendor's own range header, x-ms-range) rebuilt the credential from
+    slices shorter than a block (hostile review 5.12). Withheld: 502 response_too_large."""
+    def respond(auth: bytes) -> bytes:
+        body = b"request log: authorization=" + auth
+        return b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-%d/99\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(body) - 1, len(body), body)
+
+    with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond) as up:
+        rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+        p = proxy_factory(base_config(pki, rules=[rule]))
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+        with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
+            r = c.get(f"{up.url}/v1/log", headers={"x-ms-range": "bytes=27-33"})
+    assert (r.status_code, r.json()["reason"]) == (502, "response_too_large")
+    assert "(206)" in r.json()["error"] and SECRET[:6] not in r.text

@@ -258,3 +258,43 @@ class TestMessageBounds:
             [echo] = c.say(f"hello {n}")
             assert echo.data == f"echo: hello {n}"
         c.close()
+
+
+class TestNoExtensions:
+    def test_the_client_offer_is_dropped_and_an_unasked_extension_refused(self, proxy_factory, pki, bundle):
+        """The handshake goes upstream without Sec-WebSocket-Extensions, and a 101 that enables one anyway
+        (permessage-deflate: a compressed frame inflated 148 MiB before the message bound, hostile
+        review 5.08) is refused with 502 upstream_protocol_error; no WebSocket opens."""
+        class DeflatingUpstream(WsUpstream):
+            def handle(self, conn):
+                head = recv_head(conn)
+                self.heads.append(head)
+                key = head_field(head, b"sec-websocket-key") or b""
+                accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Extensions: permessage-deflate\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                conn.recv(1)
+
+        up = DeflatingUpstream(tls_server_context(certs.make_server_cert(ca=pki.upstream_ca)))
+        try:
+            proxy = proxy_factory(_config(pki, bundle, up.port, free_port(), rules=["ws"]))
+            raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            raw.sendall(f"CONNECT localhost:{up.port} HTTP/1.1\r\nHost: localhost:{up.port}\r\n\r\n".encode())
+            assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+            ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+            ctx.load_cert_chain(*pki.svid(BILLING))
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(f"GET /ws HTTP/1.1\r\nHost: localhost:{up.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                          "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode())
+                answer = b""
+                while b"}" not in answer:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+        finally:
+            up.close()
+        assert answer.startswith(b"HTTP/1.1 502"), answer[:100]
+        assert b"upstream_protocol_error" in answer
+        assert b"sec-websocket-extensions" not in up.heads[0].lower()

@@ -365,9 +365,12 @@ def _nothing() -> layer.CommandGenerator[None]:
 
 
 def _websocket_switch(request: http.Request, response: http.Response) -> bool:
-    """Whether a 101 answers the WebSocket upgrade this request asked for."""
+    """Whether a 101 answers the WebSocket upgrade this request asked for, with no extension: the
+    proxy offers none (``ownheaders.strip``), and a compressed frame inflated past the message bound
+    before it was judged (hostile review 5.08)."""
     return request.headers.get("upgrade", "").strip().lower() == "websocket" \
-        and response.headers.get("upgrade", "").strip().lower() == "websocket"
+        and response.headers.get("upgrade", "").strip().lower() == "websocket" \
+        and "sec-websocket-extensions" not in response.headers
 
 
 class GuardedHttpStream(HttpStream):
@@ -644,7 +647,7 @@ class GuardedHttpStream(HttpStream):
             self.flow.response = event.response
             return self._withhold_and_close(Refusal(
                 502, Reason.UPSTREAM_PROTOCOL_ERROR, "the upstream's response could not be read (it switched "
-                "protocols without being asked: only a requested WebSocket upgrade is relayed); nothing of "
+                "protocols without being asked: only a requested WebSocket upgrade, with no extension, is relayed); nothing of "
                 "it was relayed", self.flow.metadata.get("secretless.rule")))
         codings = [c.strip().lower() for v in event.response.headers.get_all("transfer-encoding") for c in v.split(",")]
         if codings and codings != ["chunked"]:
