@@ -25,6 +25,8 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 import requests
 from helpers.clients import curl, http_exchange, svid_tunnel, tunnel
@@ -736,3 +738,39 @@ class TestBodyWhileTheCredentialIsFetched:
         proxy.secrets = (*proxy.secrets, *issued)
         assert status == 413
         assert grown < 24 * 1024, f"peak RSS grew by {grown} KiB for 64 MiB sent"
+
+    def test_http2_streams_together_queue_at_most_twice_the_body_limit(self, proxy_factory, pki, upstream):
+        """HTTP/2: 12 streams each sending 1 MiB while their hooks wait for a slow IdP (hostile review 5.06:
+        48 streams queued 189 MiB, the bound was per stream). Past twice the 1 MiB body limit for the
+        connection it is closed, and the proxy's peak memory grows by far less than what was sent."""
+        with IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp:
+            idp.mode, idp.hang_seconds = "hang", 3
+            proxy = _oauth2_proxy(proxy_factory, pki, idp, upstream.port, broker={"timeout_seconds": 10},
+                                  limits={"max_request_body_bytes": 1024 * 1024})
+            before = _peak_rss_kib(proxy.proc.pid)
+            s = svid_tunnel(proxy.port, upstream.port, pki=pki, alpn=["h2"])
+            _OPEN.append(s)
+            conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            s.sendall(conn.data_to_send())
+            s.settimeout(5)
+            while conn.outbound_flow_control_window < 16 * 1024 * 1024:  # the proxy's SETTINGS and WINDOW_UPDATE
+                conn.receive_data(s.recv(65536))
+            closed = False
+            try:
+                for i in range(12):
+                    sid = 1 + 2 * i
+                    conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":path", "/v1/up"),
+                                            (":authority", f"localhost:{upstream.port}")])
+                    for _ in range(16):
+                        conn.send_data(sid, b"q" * 65536)
+                    s.sendall(conn.data_to_send())
+            except (OSError, h2.exceptions.FlowControlError):
+                closed = True
+            closed = closed or closed_within(s, 10)
+            grown = _peak_rss_kib(proxy.proc.pid) - before
+            issued = list(idp.issued)
+        proxy.secrets = (*proxy.secrets, *issued)
+        assert closed, "the connection was not closed"
+        assert grown < 16 * 1024, f"peak RSS grew by {grown} KiB for 12 MiB sent"
+        assert "while their heads were decided" in proxy.output()
