@@ -224,11 +224,11 @@ class TestRequestBodyDeadline:
         assert any('"body_timeout"' in line for line in proxy.output().splitlines() if '"request.denied"' in line)
 
     def test_a_body_that_keeps_arriving_is_not_cut(self, proxy, pki, upstream):
-        """The deadline is between two reads: 12 bytes 0.4 s apart (about 5 s in all) against 1 s still pass."""
+        """The deadline is between two reads: 12 bytes 0.25 s apart (3 s in all) against 1 s still pass."""
         t = open_tunnel(proxy, upstream.port, pki)
         t.sendall(b"POST /v1/trickled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 12\r\n\r\n")
         for byte in b"hello, world":
-            time.sleep(0.4)
+            time.sleep(0.25)
             t.sendall(bytes([byte]))
         resp = http.client.HTTPResponse(t)
         resp.begin()
@@ -710,11 +710,11 @@ def _peak_rss_kib(pid: int) -> int:
 
 class TestBodyWhileTheCredentialIsFetched:
     def test_a_body_sent_while_the_hook_waits_is_not_held_whole(self, proxy_factory, pki, upstream):
-        """While the request hook waits 3 s for a slow IdP, the client sends 64 MiB: the proxy keeps no
+        """While the request hook waits 2 s for a slow IdP, the client sends 64 MiB: the proxy keeps no
         more than the body limit of it (mitmproxy queued every event of a paused stream), then answers
         413 body_too_large; its peak memory grows by far less than what was sent."""
         with IdP(server_cert=certs.make_server_cert(ca=pki.upstream_ca), clients={"billing": "idp-client-secret"}) as idp:
-            idp.mode, idp.hang_seconds = "hang", 3
+            idp.mode, idp.hang_seconds = "hang", 2
             creds = {"payments": {"kind": "oauth2_client_credentials", "token_url": idp.token_url,
                                   "client_id": "billing", "client_secret": "env:TEST_CLIENT_SECRET"}}
             rule = {"name": "billing-to-api", "workloads": [BILLING], "to": {"host": "localhost", "port": upstream.port},

@@ -430,6 +430,18 @@ class TestUpstreamAfterItsResponse:
         assert "Traceback" not in out and "has crashed" not in out
 
 
+def _get_through_inject_rule(proxy_factory, pki, respond, path: str, **kw):
+    """One GET through a proxy whose rule injects the static credential for a ``RawUpstream(respond)``."""
+    with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond) as up:
+        rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+        p = proxy_factory(base_config(pki, rules=[rule]))
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+        with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
+            return c.get(f"{up.url}{path}", **kw), p
+
+
 class TestInterimResponses:
     @pytest.mark.parametrize("interim", [
         b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\nX-Echo: %s\r\n\r\n",
@@ -441,14 +453,7 @@ class TestInterimResponses:
         def respond(auth: bytes) -> bytes:
             return interim.replace(b"%s", auth) + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
 
-        with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond) as up:
-            rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
-                    "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
-            p = proxy_factory(base_config(pki, rules=[rule]))
-            ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
-            ctx.load_cert_chain(*pki.svid(BILLING))
-            with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
-                r = c.get(f"{up.url}/v1/x")
+        r, p = _get_through_inject_rule(proxy_factory, pki, respond, "/v1/x")
         assert (r.status_code, r.text) == (200, "final")
         assert not leaks(str(r.headers), {SECRET})
         assert any('"credential.used"' in line and '"status":200' in line.replace(" ", "") for line in p.output().splitlines())
@@ -570,13 +575,6 @@ def test_a_partial_response_on_an_echo_checked_rule_is_withheld(proxy_factory, p
         return b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-%d/99\r\nContent-Length: %d\r\n\r\n%s" % (
             len(body) - 1, len(body), body)
 
-    with RawUpstream(server_cert=certs.make_server_cert(ca=pki.upstream_ca), respond=respond) as up:
-        rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
-                "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
-        p = proxy_factory(base_config(pki, rules=[rule]))
-        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
-        ctx.load_cert_chain(*pki.svid(BILLING))
-        with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=10) as c:
-            r = c.get(f"{up.url}/v1/log", headers={"x-ms-range": "bytes=27-33"})
+    r, _ = _get_through_inject_rule(proxy_factory, pki, respond, "/v1/log", headers={"x-ms-range": "bytes=27-33"})
     assert (r.status_code, r.json()["reason"]) == (502, "response_too_large")
     assert "(206)" in r.json()["error"] and SECRET[:6] not in r.text
