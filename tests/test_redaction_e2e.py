@@ -578,3 +578,32 @@ def test_a_partial_response_on_an_echo_checked_rule_is_withheld(proxy_factory, p
     r, _ = _get_through_inject_rule(proxy_factory, pki, respond, "/v1/log", headers={"x-ms-range": "bytes=27-33"})
     assert (r.status_code, r.json()["reason"]) == (502, "response_too_large")
     assert "(206)" in r.json()["error"] and SECRET[:6] not in r.text
+
+
+def test_the_process_checks_at_most_its_total_of_responses_at_once(proxy_factory, pki):
+    """Responses buffered for the echo check count against one process-wide total too (hostile review
+    5.11: 32 connections of one scan window each grew the proxy by 602 MiB): with a 1 MiB total, three
+    700 KiB responses over three connections at once are not all buffered; one alone passes."""
+    up = _SlowLargeBody(certs.make_server_cert(ca=pki.upstream_ca), 700 * 1024)
+    up.start()
+    try:
+        rule = {"name": "t", "workloads": [BILLING], "to": {"host": "localhost", "port": up.port},
+                "inject": {"credential": "stripe", "header": "Authorization", "format": "Bearer {secret}"}}
+        p = proxy_factory(base_config(pki, rules=[rule], limits={"max_response_scan_bytes": 1024 * 1024,
+                                                                 "max_response_scan_total_bytes": 1024 * 1024}))
+        ctx = ssl.create_default_context(cafile=pki.interception_ca_cert)
+        ctx.load_cert_chain(*pki.svid(BILLING))
+
+        def get(path: str) -> int:
+            with httpx.Client(proxy=p.url, verify=ctx, trust_env=False, timeout=20) as c:
+                return c.get(f"https://localhost:{up.port}{path}").status_code
+
+        alone = get("/v1/one")
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(get, ["/v1/a", "/v1/b", "/v1/c"]))
+        again = get("/v1/two")  # the total was given back: the proxy serves on
+    finally:
+        up.close()
+    assert alone == 200 and again == 200
+    assert 502 in together, together

@@ -150,6 +150,7 @@ _LIMIT_SIZES = {
     "max_request_head_bytes": (1024, 1024 * 1024),
     "max_request_body_bytes": (0, 64 * 1024**3),
     "max_response_scan_bytes": (0, 1024**3),
+    "max_response_scan_total_bytes": (0, 64 * 1024**3),
     "max_response_head_bytes": (1024, 1024 * 1024),
 }
 _LIMIT_TIMES = {

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -132,6 +133,18 @@ class Buffered:
     def __init__(self) -> None:
         self.total = 0
         self.queued = 0  # request body bytes its streams queued while their hooks ran
+
+
+# Response bytes every stream of the process holds for the echo check: bounded by
+# limits.max_response_scan_total_bytes (hostile review 5.11: 32 connections of one window each grew
+# the proxy by 602 MiB; the per-connection bound times the connection caps is no bound).
+PROCESS = Buffered()
+
+
+def _release_process(box: list[int]) -> None:
+    if box[0]:
+        PROCESS.total -= box[0]
+        box[0] = 0
 
 
 class GuardedHttpLayer(HttpLayer):
@@ -381,7 +394,8 @@ class GuardedHttpStream(HttpStream):
         super().__init__(context, stream_id)
         self.guard = guard
         self._buffered = buffered if buffered is not None else Buffered()
-        self._held = 0  # this stream's part of self._buffered.total
+        self._held = 0  # this stream's part of self._buffered.total (and of PROCESS.total)
+        self._held_box: list[int] = [0]  # the same, for the finalizer that returns it to PROCESS
         self._request_bytes = 0
         self._response_bytes = 0
         self._discarded = 0
@@ -744,16 +758,35 @@ class GuardedHttpStream(HttpStream):
                 # The scan window bounds one response; HTTP/2 streams buffer side by side, so one
                 # connection holds at most one window in all, as an HTTP/1.1 one does (hostile review 4.14: 40 streams of
                 # 12 MiB grew the proxy by 190 MiB and on).
-                self._held += len(event.data)
-                self._buffered.total += len(event.data)
+                n = len(event.data)
+                if not self._held:
+                    # Released when the stream goes, whatever path it takes: a count the process never
+                    # got back would refuse every inject-rule response in the end.
+                    self._held_box = box = [0]
+                    weakref.finalize(self, _release_process, box)
+                self._held += n
+                self._held_box[0] += n
+                self._buffered.total += n
+                PROCESS.total += n
                 if self._buffered.total > CONNECTION_WINDOWS * limit:
                     return self._withhold_connection_budget(limit)
+                if PROCESS.total > self.guard.limits().max_response_scan_total_bytes:
+                    return self._withhold_process_budget()
         return super().state_consume_response_body(event)
 
     def _release(self) -> None:
         if self._held:
             self._buffered.total -= self._held
             self._held = 0
+            _release_process(self._held_box)
+
+    def _withhold_process_budget(self) -> layer.CommandGenerator[None]:
+        self._release()
+        total = self.guard.limits().max_response_scan_total_bytes
+        yield from self._withhold(Refusal(
+            502, Reason.RESPONSE_TOO_LARGE, f"the responses this proxy is checking for echoed credentials at once are "
+            f"together larger than limits.max_response_scan_total_bytes ({total} bytes); this one was withheld",
+            self.flow.metadata.get("secretless.rule")))
 
     def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
         self._release()  # the buffered body is the client's now (or was withheld)
