@@ -83,7 +83,7 @@ class LimitsConfig:
     max_request_head_bytes: int = 64 * 1024  # request line + headers; over it: 431
     max_request_body_bytes: int = 16 * 1024 * 1024  # over it: 413 (bodies are streamed, not buffered)
     max_response_scan_bytes: int = 16 * 1024 * 1024  # inject-rule responses checked for echoes up to this
-    max_response_scan_total_bytes: int = 256 * 1024 * 1024  # all responses being checked at once, the process
+    max_response_scan_total_bytes: int = 64 * 1024 * 1024  # all responses being checked at once, the process
     max_response_head_bytes: int = 64 * 1024  # upstream status line + headers; over it: 502
     handshake_timeout: float = 10.0  # TLS handshake / CONNECT head, from accept
     request_head_timeout: float = 15.0  # from the first byte of a request to the end of its head
