@@ -426,7 +426,9 @@ class ConnectionGuard:
     def _expire(self, now: float) -> None:
         ps = ctx.master.addons.get("proxyserver")
         handlers = getattr(ps, "connections", {})
+        pending = 0
         for client, conn in list(self._conns.items()):
+            pending += _unsent_bytes(handlers.get(client.id), client)
             if not self.draining and conn.phase == "idle" and self._head_started(conn, handlers.get(client.id), client):
                 # Bytes of the next request are buffered: its head has request_head_timeout from now.
                 conn.phase, conn.deadline = "request_head", now + self.limits.request_head_timeout
@@ -439,6 +441,11 @@ class ConnectionGuard:
             self.metrics.connection_timed_out("proxy", conn.phase)
             self.rlog.warning("timeout:" + conn.phase, f"closed a client connection: {conn.phase} timeout")
             close_connection(handlers.get(client.id), client, f"{conn.phase} timeout")
+        from secretless_proxy.edge import httplayers  # (the HTTP layers never import this module)
+
+        # What clients have not read yet counts against the echo check's process-wide total: a checked
+        # body is written whole, and one a client never reads stays in memory (hostile review 5.11).
+        httplayers.PROCESS.pending = pending
 
 
     @staticmethod
@@ -478,6 +485,16 @@ def _unmapped(host: str) -> str:
 
 def _peer(client: Client) -> str:
     return _unmapped(str(client.peername[0])) if client.peername else "?"  # IPv4-mapped IPv6 is the IPv4 client
+
+
+def _unsent_bytes(handler, client: Client) -> int:
+    """Bytes written to ``client`` that its socket has not taken yet (the transport's write buffer)."""
+    io = getattr(handler, "transports", {}).get(client) if handler is not None else None
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    try:
+        return transport.get_write_buffer_size() if transport is not None else 0
+    except Exception:  # noqa: BLE001 - a closing transport: nothing to count
+        return 0
 
 
 def close_connection(handler, client: Client, why: str) -> None:

@@ -128,11 +128,12 @@ class Buffered:
     """What the streams of one client connection hold: response bytes for the echo check
     (``SCAN_LIMIT``) and request body bytes queued while a hook runs."""
 
-    __slots__ = ("total", "queued")
+    __slots__ = ("total", "queued", "pending")
 
     def __init__(self) -> None:
         self.total = 0
         self.queued = 0  # request body bytes its streams queued while their hooks ran
+        self.pending = 0  # PROCESS only: bytes written to clients they have not read (connlimits, every tick)
 
 
 # Response bytes every stream of the process holds for the echo check: bounded by
@@ -770,12 +771,14 @@ class GuardedHttpStream(HttpStream):
                 PROCESS.total += n
                 if self._buffered.total > CONNECTION_WINDOWS * limit:
                     return self._withhold_connection_budget(limit)
-                if PROCESS.total > self.guard.limits().max_response_scan_total_bytes:
+                if PROCESS.total + PROCESS.pending > self.guard.limits().max_response_scan_total_bytes:
                     return self._withhold_process_budget()
         return super().state_consume_response_body(event)
 
-    def _release(self) -> None:
+    def _release(self, *, sent: bool = False) -> None:
         if self._held:
+            if sent:  # written to the client now: it waits there until the client reads it (next tick measures)
+                PROCESS.pending += self._held
             self._buffered.total -= self._held
             self._held = 0
             _release_process(self._held_box)
@@ -789,7 +792,7 @@ class GuardedHttpStream(HttpStream):
             self.flow.metadata.get("secretless.rule")))
 
     def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
-        self._release()  # the buffered body is the client's now (or was withheld)
+        self._release(sent=True)  # the buffered body is the client's now (or was withheld)
         return super().send_response(already_streamed)
 
     def _withhold_connection_budget(self, limit: int) -> layer.CommandGenerator[None]:
