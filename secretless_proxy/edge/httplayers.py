@@ -632,6 +632,7 @@ class GuardedHttpStream(HttpStream):
             refusal = Refusal(413, Reason.BODY_TOO_LARGE, f"the request body is larger than limits.max_request_body_bytes "
                               f"({limit} bytes)", self.flow.metadata.get("secretless.rule"))
         self.request_body_buf.clear()
+        self._release()  # any response buffered so far is dropped, not written
         if streaming:  # the head (and part of the body) went upstream: abort that request there
             yield SendHttp(RequestProtocolError(self.stream_id, "request body refused", abort), self.context.server)
         else:
@@ -770,9 +771,16 @@ class GuardedHttpStream(HttpStream):
                 self._buffered.total += n
                 PROCESS.total += n
                 if self._buffered.total > CONNECTION_WINDOWS * limit:
-                    return self._withhold_connection_budget(limit)
-                if PROCESS.total + PROCESS.pending > self.guard.limits().max_response_scan_total_bytes:
-                    return self._withhold_process_budget()
+                    return self._withhold_over_budget(
+                        f"the responses this connection receives at once are together larger than "
+                        f"limits.max_response_scan_bytes ({CONNECTION_WINDOWS * limit} bytes), the most one "
+                        "connection may have checked for an echoed credential at a time; this one was withheld "
+                        "(send fewer at once)")
+                total = self.guard.limits().max_response_scan_total_bytes
+                if PROCESS.total + PROCESS.pending > total:
+                    return self._withhold_over_budget(
+                        f"the responses this proxy is checking for echoed credentials at once are together larger "
+                        f"than limits.max_response_scan_total_bytes ({total} bytes); this one was withheld")
         return super().state_consume_response_body(event)
 
     def _release(self, *, sent: bool = False) -> None:
@@ -783,25 +791,12 @@ class GuardedHttpStream(HttpStream):
             self._held = 0
             _release_process(self._held_box)
 
-    def _withhold_process_budget(self) -> layer.CommandGenerator[None]:
-        self._release()
-        total = self.guard.limits().max_response_scan_total_bytes
-        yield from self._withhold(Refusal(
-            502, Reason.RESPONSE_TOO_LARGE, f"the responses this proxy is checking for echoed credentials at once are "
-            f"together larger than limits.max_response_scan_total_bytes ({total} bytes); this one was withheld",
-            self.flow.metadata.get("secretless.rule")))
+    def _withhold_over_budget(self, message: str) -> layer.CommandGenerator[None]:
+        return self._withhold(Refusal(502, Reason.RESPONSE_TOO_LARGE, message, self.flow.metadata.get("secretless.rule")))
 
     def send_response(self, already_streamed: bool = False) -> layer.CommandGenerator[None]:
-        self._release(sent=True)  # the buffered body is the client's now (or was withheld)
+        self._release(sent=True)  # the buffered body is the client's now (a withheld one was released before)
         return super().send_response(already_streamed)
-
-    def _withhold_connection_budget(self, limit: int) -> layer.CommandGenerator[None]:
-        self._release()
-        yield from self._withhold(Refusal(
-            502, Reason.RESPONSE_TOO_LARGE, f"the responses this connection receives at once are together larger than "
-            f"limits.max_response_scan_bytes ({CONNECTION_WINDOWS * limit} bytes), the most one connection may have "
-            "checked for an echoed credential at a time; this one was withheld (send fewer at once)",
-            self.flow.metadata.get("secretless.rule")))
 
     def _withhold_response(self, limit: int) -> layer.CommandGenerator[None]:
         yield from self._withhold(Refusal(
@@ -815,6 +810,7 @@ class GuardedHttpStream(HttpStream):
 
     def _withhold(self, refusal: Refusal, *, abort_upstream: bool = True) -> layer.CommandGenerator[None]:
         """Answer the client with ``refusal`` instead of the upstream's response, of which it gets nothing."""
+        self._release()  # what was buffered of it is dropped, not written: it counts as nothing sent
         self.response_body_buf.clear()
         if abort_upstream:
             yield SendHttp(RequestProtocolError(self.stream_id, "response withheld", ErrorCode.RESPONSE_TOO_LARGE),
