@@ -169,3 +169,19 @@ class TestCheckCommand:
         assert expected in out.stderr
         if "trust_bundle" not in expected:
             assert "trust_bundle" not in out.stderr
+
+
+def test_a_yaml_error_never_quotes_a_pasted_secret() -> None:
+    """PyYAML quotes what it cannot read: `secret: *sk_live_...` (an undefined alias) came back whole in
+    the error, which the log and /readyz show (hostile review 6.04). Quoted runs are not shown; a single
+    quoted character (a tab) still is."""
+    from secretless_proxy.config import yamlsource
+    from secretless_proxy.errors import ConfigError
+
+    pasted = "sk_live_51PastedByMistake0123456789"
+    with pytest.raises(ConfigError) as info:
+        yamlsource.load(f"version: 1\ncredentials:\n  x:\n    secret: *{pasted}\n", file="c.yaml")
+    assert pasted not in str(info.value) and "undefined alias (not shown)" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        yamlsource.load("a:\t\tb\n  c", file="c.yaml")
+    assert "found character '\\t'" in str(info.value)

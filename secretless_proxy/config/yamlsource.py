@@ -227,6 +227,16 @@ def _check_depth(text: str, *, file: str) -> None:
             depth -= 1
 
 
+# PyYAML quotes what it could not read: an alias, an anchor, a token. A secret pasted into the file
+# (`secret: *a1b2...`) would come back in the log and in /readyz (hostile review 6.04). A quoted run
+# longer than a character or two is not shown; a single quoted character still is ('\t').
+_QUOTED_RUN = re.compile(r"'[^']{3,}'|\"[^\"]{3,}\"")
+
+
+def _unquoted(problem: str) -> str:
+    return _QUOTED_RUN.sub("(not shown)", problem)
+
+
 def load(text: str, *, file: str) -> Source:
     """Parse one YAML document; syntax errors, duplicate keys and hostile shapes become ConfigError."""
     if len(text) > MAX_BYTES:
@@ -244,10 +254,10 @@ def load(text: str, *, file: str) -> Source:
             context += f" that starts on line {start.line + 1}"  # where the mistake usually is
         raise ConfigError([ConfigIssue(
             file=file, line=mark.line + 1 if mark else None, path="",
-            message=f"invalid YAML: {exc.problem}" + (f" ({context})" if context else ""),
+            message=f"invalid YAML: {_unquoted(exc.problem or '')}" + (f" ({context})" if context else ""),
         )]) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError([ConfigIssue(file=file, line=None, path="", message=f"invalid YAML: {exc}")]) from exc
+        raise ConfigError([ConfigIssue(file=file, line=None, path="", message=f"invalid YAML: {_unquoted(str(exc))}")]) from exc
     src = Source(file=file, data=None, lines={})
     if node is None:
         src.error((), "the file is empty")
